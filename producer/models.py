@@ -1,0 +1,139 @@
+"""The request contract: what callers send, what they get back, and job records.
+
+`LLMRequest` and `LLMResponse` carry exactly the fields of ADR-0015. They are
+validated at the edge (before anything is enqueued) so a bad request fails in
+the caller's process with a message that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: Roles every adapter knows how to carry.
+Role = Literal["system", "user", "assistant"]
+
+MAX_METADATA_BYTES = 16 * 1024
+MAX_MESSAGE_CHARS = 2_000_000
+MAX_MESSAGES = 10_000
+MAX_OUTPUT_TOKENS = 1_000_000
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Role
+    content: str = Field(max_length=MAX_MESSAGE_CHARS)
+
+
+class LLMRequest(BaseModel):
+    """One generation request (ADR-0015's `LLMRequest`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    model: str = Field(min_length=1, max_length=256)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    max_tokens: int = Field(default=2000, ge=1, le=MAX_OUTPUT_TOKENS)
+    stream: bool = False
+    provider: str | None = Field(default=None, min_length=1, max_length=128)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("model must name a model, e.g. 'gpt-4o-mini'")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_json_and_bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            encoded = json.dumps(value, allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"metadata must be JSON-serializable (strings, numbers, booleans, lists, objects): {exc}"
+            ) from None
+        if len(encoded.encode()) > MAX_METADATA_BYTES:
+            raise ValueError(
+                f"metadata is {len(encoded.encode())} bytes as JSON; keep it under "
+                f"{MAX_METADATA_BYTES} bytes (store large payloads elsewhere and pass a reference)"
+            )
+        return value
+
+    def prompt_text(self) -> str:
+        """All message contents joined: what token estimators and cache keys read."""
+        return "\n".join(message.content for message in self.messages)
+
+
+class Usage(BaseModel):
+    """Token counts for one call. Behaves like the ADR's `Dict[str, int]` for reads."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    total_tokens: int = Field(default=0, ge=0)
+    #: Prompt tokens served from the provider's prompt cache (billed cheaper).
+    cached_read_tokens: int = Field(default=0, ge=0)
+    #: Prompt tokens written to the provider's prompt cache (billed dearer).
+    cache_write_tokens: int = Field(default=0, ge=0)
+    #: Completion tokens spent on hidden reasoning (part of completion_tokens).
+    reasoning_tokens: int = Field(default=0, ge=0)
+
+    @classmethod
+    def of(cls, prompt_tokens: int = 0, completion_tokens: int = 0, **extra: int) -> Usage:
+        """Build usage, deriving the total when the provider does not send one."""
+        total = extra.pop("total_tokens", None) or prompt_tokens + completion_tokens
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=total,
+            **extra,
+        )
+
+    def __getitem__(self, key: str) -> int:
+        return getattr(self, key)
+
+    def get(self, key: str, default: int | None = None) -> int | None:
+        return getattr(self, key, default)
+
+    def keys(self) -> list[str]:
+        return list(type(self).model_fields)
+
+
+class LLMResponse(BaseModel):
+    """One answer, or one chunk of a streamed answer (ADR-0015's `LLMResponse`).
+
+    Streaming yields chunks whose `content` is the new text only; the last chunk
+    has `metadata["final"] = True` and carries the usage of the whole call.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    content: str
+    model: str
+    provider: str
+    usage: Usage = Field(default_factory=Usage)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    RATE_LIMITED = "rate_limited"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})

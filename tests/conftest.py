@@ -1,0 +1,39 @@
+"""Fixtures that start the real parts every test needs: redis-server, fakes, configs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer.embedded import RedisServer
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+AGENT_REQUESTS = REPO_ROOT.parent / "shared" / "data" / "agent_requests.jsonl"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"), persistence=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """A clean database on the session's redis-server."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    yield redis_server.url
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never reach a real provider, even on a machine with keys in its environment."""
+    for name in list(os.environ):
+        if name.endswith("_API_KEY") or name.startswith(("AWS_", "LLMQ_")):
+            monkeypatch.delenv(name, raising=False)

@@ -1,0 +1,170 @@
+"""Every error llmq raises about a provider call, in one tree.
+
+Adapters translate provider failures once, into these classes (`raise X from
+exc`). Retry and fallback decide on the class alone, never on message text::
+
+    LLMQError
+     ├── ProviderError                      a provider call failed
+     │    ├── AuthenticationError      401  key missing/invalid          -> next provider
+     │    ├── PermissionDeniedError    403  key lacks access             -> next provider
+     │    ├── ModelNotFoundError       404  model/deployment unknown     -> next provider
+     │    ├── BadRequestError          400  the request itself is wrong  -> fail at once
+     │    │    ├── ContextWindowExceededError  prompt too long  -> larger-context model
+     │    │    └── ContentFilteredError        refused by a filter -> next provider
+     │    ├── RateLimitedError         429  carries retry_after_s        -> same provider, later
+     │    ├── OverloadedError     503/529  provider busy                 -> same provider, later
+     │    ├── ServerError              5xx                               -> same provider, later
+     │    │    └── MalformedResponseError  unparseable body / stream cut short
+     │    ├── TimeoutError                  no answer within the timeout -> same provider, later
+     │    └── ConnectionError               could not connect / reset    -> same provider, later
+     ├── JobCancelledError                  the caller cancelled the job
+     └── DeadlineExceededError              the job's deadline passed
+
+`retryable` means the same provider may succeed if asked again later;
+`fallback` means another provider on the route may succeed where this one failed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class LLMQError(Exception):
+    retryable: ClassVar[bool] = False
+    fallback: ClassVar[bool] = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "message": self.message, "retryable": self.retryable}
+
+
+class ProviderError(LLMQError):
+    retryable = False
+    fallback = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str | None = None,
+        model: str | None = None,
+        status_code: int | None = None,
+        request_id: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.model = model
+        self.status_code = status_code
+        self.request_id = request_id
+        self.retry_after_s = retry_after_s
+
+    def __str__(self) -> str:
+        where = "/".join(part for part in (self.provider, self.model) if part)
+        status = f" HTTP {self.status_code}" if self.status_code else ""
+        return f"{type(self).__name__}{status}{' from ' + where if where else ''}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **super().to_dict(),
+            "provider": self.provider,
+            "model": self.model,
+            "status_code": self.status_code,
+            "request_id": self.request_id,
+            "retry_after_s": self.retry_after_s,
+        }
+
+
+class AuthenticationError(ProviderError):
+    pass
+
+
+class PermissionDeniedError(ProviderError):
+    pass
+
+
+class ModelNotFoundError(ProviderError):
+    pass
+
+
+class BadRequestError(ProviderError):
+    # A malformed request fails the same way everywhere: no retry, no fallback.
+    fallback = False
+
+
+class ContextWindowExceededError(BadRequestError):
+    # Only a larger-context model can help; routing decides whether one exists.
+    fallback = True
+
+
+class ContentFilteredError(BadRequestError):
+    fallback = True
+
+
+class RateLimitedError(ProviderError):
+    retryable = True
+
+
+class OverloadedError(ProviderError):
+    retryable = True
+
+
+class ServerError(ProviderError):
+    retryable = True
+
+
+class MalformedResponseError(ServerError):
+    pass
+
+
+class TimeoutError(ProviderError):  # noqa: A001 - deliberate, mirrors httpx naming
+    retryable = True
+
+
+class ConnectionError(ProviderError):  # noqa: A001
+    retryable = True
+
+
+class JobCancelledError(LLMQError):
+    pass
+
+
+class DeadlineExceededError(LLMQError):
+    pass
+
+
+ERRORS_BY_NAME: dict[str, type[LLMQError]] = {
+    cls.__name__: cls
+    for cls in (
+        LLMQError, ProviderError, AuthenticationError, PermissionDeniedError, ModelNotFoundError,
+        BadRequestError, ContextWindowExceededError, ContentFilteredError, RateLimitedError,
+        OverloadedError, ServerError, MalformedResponseError, TimeoutError, ConnectionError,
+        JobCancelledError, DeadlineExceededError,
+    )
+}
+
+
+def error_for_status(status_code: int) -> type[ProviderError]:
+    """The class for an HTTP status when the body says nothing more specific."""
+    if status_code == 400 or status_code == 422:
+        return BadRequestError
+    if status_code == 401:
+        return AuthenticationError
+    if status_code == 403:
+        return PermissionDeniedError
+    if status_code == 404:
+        return ModelNotFoundError
+    if status_code == 408:
+        return TimeoutError
+    if status_code == 413:
+        return ContextWindowExceededError
+    if status_code == 429:
+        return RateLimitedError
+    if status_code in (503, 529):
+        return OverloadedError
+    if status_code >= 500:
+        return ServerError
+    return BadRequestError
