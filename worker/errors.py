@@ -159,6 +159,8 @@ def error_for_status(status_code: int) -> type[ProviderError]:
         return ModelNotFoundError
     if status_code == 408:
         return TimeoutError
+    if status_code == 409:  # a conflicting request in flight: the SDKs retry it
+        return OverloadedError
     if status_code == 413:
         return ContextWindowExceededError
     if status_code == 429:

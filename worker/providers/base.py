@@ -12,7 +12,7 @@ import email.utils
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
@@ -102,6 +102,16 @@ class HTTPProvider(LLMProvider):
             transport=transport,
             headers={"user-agent": "llmq/0.1"},
         )
+        #: Called with the headers of every provider response (success or error), so the
+        #: shared limiter can read rate-limit headers without adapters knowing of it.
+        self.header_observer: Callable[[str | None, httpx.Headers], None] | None = None
+
+    def observe(self, model: str | None, response: httpx.Response) -> None:
+        if self.header_observer is not None:
+            try:
+                self.header_observer(model, response.headers)
+            except Exception:  # telemetry never breaks a call
+                pass
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -118,6 +128,7 @@ class HTTPProvider(LLMProvider):
     ) -> tuple[dict[str, Any], httpx.Response]:
         async with self.translate_errors(model):
             response = await self.client.post(url, json=body, headers=headers)
+        self.observe(model, response)
         if response.status_code >= 400:
             raise self.error_from_response(response, model)
         return self.parse_json(response, model), response
@@ -136,6 +147,7 @@ class HTTPProvider(LLMProvider):
         """POST and hold the response open; a non-2xx status raises before any chunk."""
         async with self.translate_errors(model):
             async with self.client.stream("POST", url, json=body, headers=headers) as response:
+                self.observe(model, response)
                 if response.status_code >= 400:
                     await response.aread()
                     raise self.error_from_response(response, model)
