@@ -1,0 +1,394 @@
+"""Anthropic's Messages API (`POST /v1/messages`), with streaming and model listing.
+
+Wire format, checked against Anthropic's reference (docs.claude.com / platform.claude.com:
+api/messages, api/errors, api/versioning, api/models-list, api/rate-limits,
+build-with-claude/streaming, build-with-claude/prompt-caching) and the official
+Python SDK's types:
+
+- Headers `x-api-key`, `anthropic-version: 2023-06-01`, `content-type: application/json`;
+  ids come back in the `request-id` header (errors also carry `request_id` in the body).
+- There is no "system" role: system prompts go in the top-level `system` field.
+  Turns alternate user/assistant; we merge consecutive same-role turns ourselves so the
+  request is valid however the caller split them. `max_tokens` is required.
+- `temperature` ranges 0.0..1.0 (OpenAI's reaches 2.0). A request above 1.0 is refused
+  here with a BadRequestError naming the field, rather than silently clamped: the caller
+  asked for something this provider cannot do and should know.
+- Errors: `{"type": "error", "error": {"type": ..., "message": ...}, "request_id": ...}`.
+  A stream may also carry `event: error` after its 200 (e.g. `overloaded_error`).
+
+Options (under `options:` in the provider's config entry):
+
+- `api_version` (str, default "2023-06-01"): the `anthropic-version` header
+- `beta` (list of str, default none): sent as the `anthropic-beta` header
+- `models_page_size` (1..1000, default 1000): page size for `GET /v1/models`
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from producer.config import ProviderConfig
+from producer.models import LLMRequest, LLMResponse, Message, Usage
+from worker import errors
+from worker.providers.base import HTTPProvider, sse_events
+
+API_VERSION = "2023-06-01"
+MESSAGES_PATH = "/v1/messages"
+MODELS_PATH = "/v1/models"
+
+#: The `error.type` values of Anthropic's error bodies and in-stream error events.
+ERROR_TYPES: dict[str, type[errors.ProviderError]] = {
+    "invalid_request_error": errors.BadRequestError,
+    "authentication_error": errors.AuthenticationError,
+    # Out of credit: another provider can still serve the job, retrying here cannot.
+    "billing_error": errors.PermissionDeniedError,
+    "permission_error": errors.PermissionDeniedError,
+    "not_found_error": errors.ModelNotFoundError,
+    "request_too_large": errors.ContextWindowExceededError,
+    "rate_limit_error": errors.RateLimitedError,
+    "api_error": errors.ServerError,
+    "timeout_error": errors.TimeoutError,
+    "overloaded_error": errors.OverloadedError,
+}
+
+#: Anthropic's `stop_reason` -> the finish reason every llmq adapter reports.
+FINISH_REASONS: dict[str, str] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "pause_turn": "pause",
+    "refusal": "content_filter",
+}
+
+#: The one message text that tells a too-long prompt from any other 400 (Anthropic sends
+#: no distinct error type for it): "prompt is too long: 208310 tokens > 200000 maximum".
+CONTEXT_WINDOW_MESSAGE = "prompt is too long"
+
+
+class AnthropicOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    api_version: str = Field(default=API_VERSION, min_length=1)
+    beta: list[str] = Field(default_factory=list)
+    models_page_size: int = Field(default=1000, ge=1, le=1000)
+
+
+class AnthropicProvider(HTTPProvider):
+    type_name = "anthropic"
+    description = "Anthropic Messages API (Claude)"
+    requires_api_key = True
+    supports_streaming = True
+    default_base_url = "https://api.anthropic.com"
+    request_id_headers = ("request-id",)
+    #: Inclusive temperature range the API accepts; routing may read it before choosing us.
+    temperature_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
+
+    def __init__(self, config: ProviderConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        super().__init__(config, transport=transport)
+        self.options = AnthropicOptions.model_validate(config.options)
+
+    # --- requests -------------------------------------------------------------
+
+    def headers(self, model: str | None) -> dict[str, str]:
+        key = self.api_key
+        if key is None:
+            raise errors.AuthenticationError(
+                f"provider {self.name!r} has no api_key; set it in the config, "
+                'e.g. api_key: "${ANTHROPIC_API_KEY}"',
+                provider=self.name, model=model,
+            )
+        headers = {"x-api-key": key, "anthropic-version": self.options.api_version}
+        if self.options.beta:
+            headers["anthropic-beta"] = ",".join(self.options.beta)
+        return headers
+
+    def build_body(self, request: LLMRequest, *, stream: bool) -> dict[str, Any]:
+        self.check_temperature(request)
+        system, turns = to_anthropic_messages(request.messages)
+        if not turns:
+            raise errors.BadRequestError(
+                "Anthropic needs at least one user or assistant message besides the system prompt; "
+                "add a user message to `messages`",
+                provider=self.name, model=request.model,
+            )
+        body: dict[str, Any] = {
+            "model": request.model,
+            "max_tokens": request.max_tokens,
+            "messages": turns,
+            "temperature": request.temperature,
+        }
+        if system:
+            body["system"] = system
+        if stream:
+            body["stream"] = True
+        return body
+
+    def check_temperature(self, request: LLMRequest) -> None:
+        low, high = self.temperature_range
+        if not low <= request.temperature <= high:
+            raise errors.BadRequestError(
+                f"temperature {request.temperature:g} is outside Anthropic's range {low:g}..{high:g}; "
+                f"send a temperature between {low:g} and {high:g} for provider {self.name!r}",
+                provider=self.name, model=request.model,
+            )
+
+    # --- generate -------------------------------------------------------------
+
+    async def generate(self, request: LLMRequest, *, job_id: str | None = None) -> LLMResponse:
+        body = self.build_body(request, stream=False)
+        headers = self.headers(request.model)
+        payload, response = await self.post_json(MESSAGES_PATH, body, model=request.model, headers=headers)
+        return self.parse_message(request, payload, response)
+
+    def parse_message(self, request: LLMRequest, payload: Any, response: httpx.Response) -> LLMResponse:
+        request_id = self.request_id(response)
+        if not _is_message(payload):
+            raise errors.MalformedResponseError(
+                f"response is not an Anthropic message (needs content and usage): {str(payload)[:200]!r}",
+                provider=self.name, model=request.model, status_code=response.status_code, request_id=request_id,
+            )
+        stop_reason = payload.get("stop_reason")
+        self.raise_if_refused(stop_reason, request.model, request_id)
+        # Thinking, tool_use and other blocks are not answer text.
+        text = "".join(
+            str(block.get("text") or "")
+            for block in payload["content"]
+            if isinstance(block, dict) and block.get("type") == "text"
+        )
+        return self.response(
+            request, text, anthropic_usage(payload["usage"]),
+            model=payload.get("model"), finish_reason=finish_reason(stop_reason), stop_reason=stop_reason,
+            request_id=request_id, response_id=payload.get("id"),
+        )
+
+    def raise_if_refused(self, stop_reason: Any, model: str | None, request_id: str | None) -> None:
+        """A refusal arrives as a 200 with stop_reason "refusal": a filter's verdict, not an answer."""
+        if stop_reason == "refusal":
+            raise errors.ContentFilteredError(
+                "Claude declined to answer (stop_reason 'refusal'); another provider or a reworded prompt may succeed",
+                provider=self.name, model=model, request_id=request_id,
+            )
+
+    # --- streaming ------------------------------------------------------------
+
+    async def stream_generate(self, request: LLMRequest, *, job_id: str | None = None) -> AsyncIterator[LLMResponse]:
+        body = self.build_body(request, stream=True)
+        state = StreamState(model=request.model)
+        headers = self.headers(request.model)
+        async with self.open_stream(MESSAGES_PATH, body, model=request.model, headers=headers) as response:
+            state.request_id = self.request_id(response)
+            async with self.translate_errors(request.model):
+                async for event, data in sse_events(response):
+                    text = self.on_event(event, data, state, request.model)
+                    if text:
+                        yield self.response(request, text, Usage(), model=state.model)
+                    if state.finished:
+                        break
+        yield self.finish_stream(request, state)
+
+    def on_event(self, event: str | None, data: str, state: StreamState, model: str) -> str | None:
+        """Apply one server-sent event to the stream's state; returns new answer text, if any."""
+        payload = self.event_payload(data, state, model)
+        kind = payload.get("type") or event
+        if kind == "error":
+            raise self.stream_error(payload, state, model)
+        if kind == "message_start":
+            state.on_message_start(payload.get("message") or {})
+        elif kind == "content_block_start":
+            return state.on_block_start(payload.get("content_block") or {})
+        elif kind == "content_block_delta":
+            return state.on_block_delta(payload.get("delta") or {})
+        elif kind == "message_delta":
+            state.on_message_delta(payload)
+        elif kind == "message_stop":
+            state.finished = True
+        # `ping`, `content_block_stop` and event types added later (the versioning policy
+        # allows new ones) carry nothing the answer needs.
+        return None
+
+    def event_payload(self, data: str, state: StreamState, model: str) -> dict[str, Any]:
+        try:
+            payload = json.loads(data)
+        except json.JSONDecodeError:
+            payload = None
+        if not isinstance(payload, dict):
+            raise errors.MalformedResponseError(
+                f"stream event is not a JSON object: {data[:200]!r}",
+                provider=self.name, model=model, request_id=state.request_id,
+            )
+        return payload
+
+    def stream_error(self, payload: Mapping[str, Any], state: StreamState, model: str) -> errors.ProviderError:
+        """An `event: error` inside a 200 stream, as the same typed error its HTTP status would give."""
+        error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
+        error_type = str(error.get("type") or "")
+        message = self.redact(str(error.get("message") or error_type or "error event in stream"))
+        error_class = self.classify_error(0, payload, message)
+        return error_class(
+            f"stream broke with {error_type or 'an error'}: {message}",
+            provider=self.name, model=model, request_id=state.request_id or payload.get("request_id"),
+        )
+
+    def finish_stream(self, request: LLMRequest, state: StreamState) -> LLMResponse:
+        if not state.finished:
+            raise errors.MalformedResponseError(
+                "stream ended before message_stop; the answer is incomplete",
+                provider=self.name, model=request.model, request_id=state.request_id,
+            )
+        self.raise_if_refused(state.stop_reason, request.model, state.request_id)
+        return self.final_chunk(
+            request, anthropic_usage(state.usage),
+            model=state.model, finish_reason=finish_reason(state.stop_reason), stop_reason=state.stop_reason,
+            request_id=state.request_id, response_id=state.message_id,
+        )
+
+    # --- models and health ----------------------------------------------------
+
+    async def get_available_models(self) -> list[str]:
+        """Every model id, newest first, following `has_more` / `last_id` pagination."""
+        models: list[str] = []
+        after_id: str | None = None
+        while True:
+            params = {"limit": str(self.options.models_page_size)}
+            if after_id:
+                params["after_id"] = after_id
+            page = await self.get_json(f"{MODELS_PATH}?{httpx.QueryParams(params)}", headers=self.headers(None))
+            if not isinstance(page, dict) or not isinstance(page.get("data"), list):
+                raise errors.MalformedResponseError(
+                    f"model list has no data array: {str(page)[:200]!r}", provider=self.name
+                )
+            models += [str(item["id"]) for item in page["data"] if isinstance(item, dict) and "id" in item]
+            after_id = page.get("last_id")
+            if not page.get("has_more") or not after_id:
+                return models
+
+    async def health_check(self) -> bool:
+        try:
+            await self.get_json(f"{MODELS_PATH}?limit=1", headers=self.headers(None))
+        except Exception:  # a health check reports, it never raises
+            return False
+        return True
+
+    # --- errors ---------------------------------------------------------------
+
+    def classify_error(self, status_code: int, body: Any, message: str) -> type[errors.ProviderError]:
+        """The body's `error.type` where the status alone is generic; the status otherwise."""
+        if CONTEXT_WINDOW_MESSAGE in message.lower() and status_code in (0, 400):
+            return errors.ContextWindowExceededError
+        error = body.get("error") if isinstance(body, dict) else None
+        by_type = ERROR_TYPES.get(str(error.get("type"))) if isinstance(error, dict) else None
+        if status_code == 0:  # an in-stream error event has no status of its own
+            return by_type or errors.ServerError
+        by_status = errors.error_for_status(status_code)
+        if by_type is not None and by_status in (errors.BadRequestError, errors.ServerError):
+            return by_type
+        return by_status
+
+    def request_id(self, response: httpx.Response) -> str | None:
+        header_id = super().request_id(response)
+        if header_id or response.status_code < 400:
+            return header_id
+        try:  # error bodies repeat the id, which survives proxies that drop headers
+            body = response.json()
+        except Exception:
+            return None
+        return str(body["request_id"]) if isinstance(body, dict) and body.get("request_id") else None
+
+
+@dataclass
+class StreamState:
+    """What a stream has told us so far: the model, the usage, the stop reason."""
+
+    model: str
+    request_id: str | None = None
+    message_id: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    stop_reason: str | None = None
+    finished: bool = False
+
+    def on_message_start(self, message: Mapping[str, Any]) -> None:
+        self.model = str(message.get("model") or self.model)
+        self.message_id = message.get("id")
+        self.usage.update(_known(message.get("usage")))
+
+    def on_block_start(self, block: Mapping[str, Any]) -> str | None:
+        # A text block normally starts empty, but the API may put text in it.
+        return str(block.get("text") or "") or None if block.get("type") == "text" else None
+
+    def on_block_delta(self, delta: Mapping[str, Any]) -> str | None:
+        # Only text_delta is answer text: thinking_delta and signature_delta belong to hidden
+        # reasoning, input_json_delta to tool calls, citations_delta to sources.
+        return str(delta.get("text") or "") or None if delta.get("type") == "text_delta" else None
+
+    def on_message_delta(self, payload: Mapping[str, Any]) -> None:
+        delta = payload.get("delta") or {}
+        self.stop_reason = delta.get("stop_reason") or self.stop_reason
+        # message_delta's usage counts are cumulative, so they replace (never add to) earlier ones.
+        self.usage.update(_known(payload.get("usage")))
+
+
+def to_anthropic_messages(messages: list[Message]) -> tuple[str | None, list[dict[str, str]]]:
+    """Split out the system prompt and merge consecutive same-role turns."""
+    system = [message.content for message in messages if message.role == "system" and message.content]
+    turns: list[dict[str, str]] = []
+    for message in messages:
+        if message.role == "system" or not message.content:
+            continue  # an empty turn adds nothing, and the API rejects empty content
+        if turns and turns[-1]["role"] == message.role:
+            turns[-1]["content"] += "\n\n" + message.content
+        else:
+            turns.append({"role": message.role, "content": message.content})
+    return ("\n\n".join(system) or None), turns
+
+
+def anthropic_usage(usage: Mapping[str, Any]) -> Usage:
+    """Anthropic's usage object as llmq's Usage.
+
+    Anthropic's `input_tokens` counts only the prompt tokens after the last cache
+    breakpoint; the whole prompt is input + cache_read + cache_creation (prompt-caching
+    docs, "Tracking cache performance"). prompt_tokens holds that whole, like every other
+    provider's, so cost math prices (prompt - cached_read - cache_write) at the base rate
+    and each cache share at its own rate, with nothing counted twice or missed.
+    """
+    input_tokens = _count(usage, "input_tokens")
+    cache_read = _count(usage, "cache_read_input_tokens")
+    cache_write = _count(usage, "cache_creation_input_tokens")
+    details = usage.get("output_tokens_details")
+    thinking = _count(details, "thinking_tokens") if isinstance(details, Mapping) else 0
+    return Usage.of(
+        input_tokens + cache_read + cache_write,
+        _count(usage, "output_tokens"),
+        cached_read_tokens=cache_read,
+        cache_write_tokens=cache_write,
+        reasoning_tokens=thinking,
+    )
+
+
+def _is_message(payload: Any) -> bool:
+    return (
+        isinstance(payload, dict)
+        and isinstance(payload.get("content"), list)
+        and isinstance(payload.get("usage"), dict)
+    )
+
+
+def finish_reason(stop_reason: Any) -> str | None:
+    return FINISH_REASONS.get(stop_reason, stop_reason) if stop_reason else None
+
+
+def _known(usage: Any) -> dict[str, Any]:
+    """The counts a usage object states (null means "not reported here", not zero)."""
+    return {key: value for key, value in usage.items() if value is not None} if isinstance(usage, dict) else {}
+
+
+def _count(usage: Mapping[str, Any], key: str) -> int:
+    value = usage.get(key)
+    return int(value) if isinstance(value, (int, float)) and value > 0 else 0
