@@ -129,10 +129,11 @@ class ProviderConfig(_Strict):
             return self.stand_ins[requested_model]
         if requested_model in self.models or not self.models:
             return requested_model
-        return self.default_model or self.models[0]
+        # No silent swap to an arbitrary model: only a stand-in or an explicit default.
+        return self.default_model
 
     def serves(self, model: str) -> bool:
-        return model in self.models or model in self.stand_ins.values()
+        return model in self.models
 
 
 class RetrySettings(_Strict):

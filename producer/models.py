@@ -137,3 +137,54 @@ class JobState(str, enum.Enum):
 
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+class Hop(BaseModel):
+    """One step of a job's route: which provider entry runs it, with which model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    provider: str
+    model: str
+
+
+class JobRecord(BaseModel):
+    """What `poll` returns: a job's state, route, attempts and result or error."""
+
+    job_id: str
+    state: JobState
+    request: LLMRequest
+    route: list[Hop]
+    route_index: int = 0
+    attempt: int = 0
+    batch_id: str | None = None
+    custom_id: str | None = None
+    created_at: float | None = None
+    updated_at: float | None = None
+    finished_at: float | None = None
+    deadline_at: float | None = None
+    result: LLMResponse | None = None
+    error: dict[str, Any] | None = None
+    attempts: list[dict[str, Any]] = Field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.state.terminal
+
+
+class BatchRecord(BaseModel):
+    """A batch's counts by state, like the big providers' batch APIs."""
+
+    batch_id: str
+    total: int
+    counts: dict[JobState, int]
+    created_at: float | None = None
+    cancelled: bool = False
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts.get(state, 0) for state in TERMINAL_STATES)
+
+    @property
+    def done(self) -> bool:
+        return self.finished >= self.total

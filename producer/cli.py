@@ -1,0 +1,270 @@
+"""The `llmq` command. Errors are one clear line; `--verbose` adds the detail.
+
+The CLI is where the two packages are composed: commands that run worker code
+(`worker`, `up`, `demo`, `providers --check`) import it inside the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from producer.config import ConfigError, load_config
+from producer.models import BatchRecord, JobRecord
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for people, the trace with --verbose
+        if args.verbose:
+            traceback.print_exc()
+        print(f"llmq: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, (ConfigError, ValueError)) else EXIT_ERROR
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) < 2000 else text[:2000] + "..."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmq", description="A centralized LLM service on a queue.")
+    parser.add_argument("--config", help="config file (default: $LLMQ_CONFIG or config/llm_service.yaml)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="show details and tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Any, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("providers", cmd_providers, "list every provider adapter and entry, and whether it is configured")
+    command("models", cmd_models, "list the models of configured providers")
+
+    worker = command("worker", cmd_worker, "run a worker on provider queues")
+    worker.add_argument("--queues", "-Q", help="comma-separated provider names or llm.<name> queues (default: all configured)")
+    worker.add_argument("--concurrency", "-c", type=int, default=200, help="job slots in this process (default 200)")
+    worker.add_argument("--pool", default="threads", choices=["threads", "prefork", "solo"], help="Celery pool (default threads)")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--hostname", "-n", help="Celery node name")
+
+    submit = command("submit", cmd_submit, "enqueue a JSONL batch file; prints the batch id")
+    submit.add_argument("file", help="JSONL: one {\"custom_id\": ..., \"body\": {LLMRequest}} per line")
+    submit.add_argument("--wait", action="store_true", help="show progress and wait for every job")
+    submit.add_argument("--output", "-o", help="with --wait: write one result line per job here")
+    submit.add_argument("--batch-id", help="reuse a batch id (re-submitting never runs a custom_id twice)")
+    submit.add_argument("--deadline", type=float, help="seconds each job may take before it fails")
+
+    for name, handler, help_text in (
+        ("status", cmd_status, "show a job or batch"),
+        ("results", cmd_results, "print results of a job or batch as JSONL"),
+        ("cancel", cmd_cancel, "cancel a job or every unfinished job of a batch"),
+    ):
+        sub = command(name, handler, help_text)
+        sub.add_argument("id", help="job id or batch id")
+        if name == "results":
+            sub.add_argument("--output", "-o", help="write to this file instead of stdout")
+
+    from producer import stack
+
+    up = command("up", stack.cmd_up, "run the whole stack on this machine until Ctrl-C")
+    up.add_argument("--no-flower", action="store_true")
+    up.add_argument("--flower-port", type=int, default=5555)
+    demo = command("demo", stack.cmd_demo, "bring the stack up, run a batch like the agent's, show results and costs")
+    demo.add_argument("--requests", type=int, default=60, help="how many requests to send (default 60)")
+    return parser
+
+
+def _service(args: argparse.Namespace) -> Any:
+    from producer.service import LLMService
+
+    return LLMService(load_config(args.config))
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def cmd_providers(args: argparse.Namespace) -> int:
+    from worker.providers.registry import adapter_class, adapter_types
+
+    config = load_config(args.config)
+    print(f"Adapters ({len(adapter_types())}):")
+    for type_name in adapter_types():
+        adapter = adapter_class(type_name)
+        traits = [t for t, on in (("streaming", adapter.supports_streaming), ("local", adapter.local), ("simulated", adapter.simulated)) if on]
+        print(f"  {type_name:<14} {adapter.description}  [{', '.join(traits)}]")
+    print(f"\nProviders in {config.path}:")
+    for name, entry in config.providers.items():
+        status = "configured" if entry.configured else f"not configured: {entry.not_configured_reason}"
+        limits = entry.rate_limits
+        limit_text = ", ".join(
+            f"{value} {unit}" for value, unit in ((limits.requests_per_minute, "req/min"), (limits.tokens_per_minute, "tok/min")) if value
+        )
+        print(f"  {name:<14} type={entry.adapter_type:<13} {status}")
+        print(f"  {'':<14} models: {', '.join(entry.models) or '(any)'}" + (f"; limits: {limit_text}" if limit_text else ""))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    for name, entry in config.providers.items():
+        if entry.configured:
+            for model in entry.models:
+                print(f"{model}\t{name}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from producer import keys
+    from worker.app import create_app
+
+    config = load_config(args.config)
+    app = create_app(config)
+    names = [name.strip() for name in (args.queues or "").split(",") if name.strip()] or config.configured_providers()
+    queues = [name if name.startswith(keys.QUEUE_PREFIX) else keys.queue_name(name) for name in names]
+    worker_args = ["worker", f"--pool={args.pool}", f"--concurrency={args.concurrency}", f"--queues={','.join(queues)}",
+                   f"--loglevel={args.loglevel}", "--events", "--without-gossip", "--without-mingle"]
+    if args.hostname:
+        worker_args.append(f"--hostname={args.hostname}")
+    app.worker_main(worker_args)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from producer.batchfile import read_batch_file
+
+    service = _service(args)
+    items = read_batch_file(args.file, service)
+    if args.output and not args.wait:
+        raise ValueError("--output needs --wait (results are written when the jobs finish)")
+    return asyncio.run(_submit(service, items, args))
+
+
+async def _submit(service: Any, items: list[Any], args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    try:
+        with tqdm(total=len(items), desc="enqueue", unit="job", disable=not sys.stderr.isatty()) as bar:
+            batch_id = await service.submit_batch(items, batch_id=args.batch_id, deadline_s=args.deadline, on_progress=bar.update)
+        print(batch_id)
+        if not args.wait:
+            return 0
+        batch = await wait_with_bar(service, batch_id)
+        lines = [result_line(job) for job in await service.results(batch_id)]
+        write_lines(lines, args.output)
+        failed = batch.counts.get("failed", 0) + batch.counts.get("cancelled", 0)
+        print(summary_line(batch), file=sys.stderr)
+        return EXIT_ERROR if failed else 0
+    finally:
+        await service.aclose()
+
+
+async def wait_with_bar(service: Any, batch_id: str) -> BatchRecord:
+    from tqdm import tqdm
+
+    with tqdm(desc="jobs", unit="job", file=sys.stderr) as bar:
+        def progress(batch: BatchRecord) -> None:
+            bar.total = batch.total
+            bar.n = batch.finished
+            bar.set_postfix_str(", ".join(f"{s.value} {n}" for s, n in batch.counts.items() if n), refresh=False)
+            bar.refresh()
+
+        record = await service.wait(batch_id, on_progress=progress)
+    assert isinstance(record, BatchRecord)
+    return record
+
+
+def summary_line(batch: BatchRecord) -> str:
+    counts = ", ".join(f"{state.value} {count}" for state, count in batch.counts.items() if count)
+    return f"batch {batch.batch_id}: {batch.total} jobs: {counts}"
+
+
+def result_line(job: JobRecord) -> str:
+    return json.dumps({
+        "custom_id": job.custom_id,
+        "job_id": job.job_id,
+        "status": job.state.value,
+        "response": job.result.model_dump(mode="json") if job.result else None,
+        "error": job.error if not job.result else None,
+    })
+
+
+def write_lines(lines: list[str], output: str | None) -> None:
+    text = "".join(line + "\n" for line in lines)
+    if output:
+        Path(output).write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    service = _service(args)
+
+    async def run() -> int:
+        try:
+            record = await service.status(args.id)
+        finally:
+            await service.aclose()
+        if record is None:
+            raise KeyError(f"no job or batch {args.id!r} in Redis (expired, or never submitted)")
+        if isinstance(record, BatchRecord):
+            print(summary_line(record))
+        else:
+            print(json.dumps(record.model_dump(mode="json", exclude={"request"}), indent=2))
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    service = _service(args)
+
+    async def run() -> int:
+        try:
+            if await service.batch(args.id) is not None:
+                jobs = await service.results(args.id)
+            else:
+                job = await service.poll(args.id)
+                if job is None:
+                    raise KeyError(f"no job or batch {args.id!r} in Redis (expired, or never submitted)")
+                jobs = [job]
+        finally:
+            await service.aclose()
+        write_lines([result_line(job) for job in jobs], args.output)
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    service = _service(args)
+
+    async def run() -> int:
+        try:
+            cancelled = await service.cancel(args.id)
+        finally:
+            await service.aclose()
+        print(f"cancelled {cancelled} job(s)")
+        return 0
+
+    return asyncio.run(run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

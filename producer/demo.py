@@ -1,0 +1,98 @@
+"""`llmq demo`: the life of a batch, end to end, on the embedded default.
+
+Brings the stack up, submits curriculum and skill-description requests like
+those an agent that learns skills sends, shows progress, shows jobs retried and
+falling back when a provider fails, prints results and the usage/cost summary
+from the SQL ledger, and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from producer.batchfile import read_batch_file
+from producer.cli import summary_line, wait_with_bar
+from producer.config import LLMConfig
+from producer.models import JobRecord
+from producer.routing import plan_route
+from producer.service import LLMService
+from producer.stack import llmq_home, redact_url, running_stack
+
+
+def run_demo(config: LLMConfig, requests_path: Path, *, flower_port: int | None) -> int:
+    started = datetime.now(timezone.utc)
+    print(f"llmq demo: config {config.path}, data in {llmq_home()}")
+    _print_providers(config)
+    with running_stack(config, flower_port=flower_port) as stack:
+        print(f"\nStack up: redis {redact_url(stack.redis_url)}, {len(stack.processes)} processes"
+              + (f", Flower at http://127.0.0.1:{flower_port}" if flower_port else ""))
+        service = LLMService(config, redis_url_=stack.redis_url)
+        items = read_batch_file(requests_path, service)
+        for model in sorted({item.request.model for item in items}):
+            sample = next(item.request for item in items if item.request.model == model)
+            route = " -> ".join(f"{hop.provider}({hop.model})" for hop in plan_route(sample, config))
+            print(f"  route for {model}: {route}")
+        jobs = asyncio.run(_run_batch(service, items))
+        _print_fallbacks(jobs)
+        _print_samples(jobs)
+        _print_usage(stack.redis_url, started)
+        print("\nStopping the stack...")
+    failed = [job for job in jobs if job.state.value != "succeeded"]
+    print(f"Done: {len(jobs) - len(failed)} of {len(jobs)} jobs succeeded.")
+    return 1 if failed else 0
+
+
+def _print_providers(config: LLMConfig) -> None:
+    for name, entry in config.providers.items():
+        status = "configured" if entry.configured else f"skipped ({entry.not_configured_reason})"
+        print(f"  provider {name:<13} {status}")
+
+
+async def _run_batch(service: LLMService, items: list) -> list[JobRecord]:
+    try:
+        began = time.monotonic()
+        batch_id = await service.submit_batch(items)
+        print(f"\nSubmitted batch {batch_id} ({len(items)} jobs)")
+        batch = await wait_with_bar(service, batch_id)
+        print(f"{summary_line(batch)} in {time.monotonic() - began:.1f}s")
+        return await service.results(batch_id)
+    finally:
+        await service.aclose()
+
+
+def _print_fallbacks(jobs: list[JobRecord]) -> None:
+    retried = [job for job in jobs if len(job.attempts) > 1]
+    moved = [job for job in jobs if job.result and job.route and job.result.provider != job.route[0].provider]
+    print(f"\nRetries and fallback: {len(retried)} jobs needed more than one attempt; "
+          f"{len(moved)} fell back to another provider.")
+    for job in moved[:3]:
+        trail = " -> ".join(
+            f"{attempt['provider']}:{attempt.get('error_type') or attempt['outcome']}" for attempt in job.attempts
+        )
+        print(f"  {job.custom_id}: {trail}")
+
+
+def _print_samples(jobs: list[JobRecord]) -> None:
+    print("\nSample results:")
+    for job in [job for job in jobs if job.result][:3]:
+        assert job.result is not None
+        label = " (simulated)" if job.result.metadata.get("simulated") else ""
+        text = job.result.content.replace("\n", " | ")
+        print(f"  {job.custom_id} [{job.result.provider}/{job.result.model}{label}]: {text[:110]}")
+
+
+def _print_usage(redis_url: str, since: datetime) -> None:
+    from worker.outbox import OutboxFlusher
+
+    flusher = OutboxFlusher(redis_url)
+    flusher.drain(timeout_s=30)
+    rows = flusher.store.usage_report(since=since, by="provider")
+    print(f"\nUsage and cost from the SQL ledger ({flusher.store.url.split('://')[0]}):")
+    print(f"  {'provider':<14}{'requests':>9}{'prompt tok':>12}{'output tok':>12}{'cost USD':>14}")
+    for row in rows:
+        print(f"  {row['provider']:<14}{row['requests']:>9}{row['prompt_tokens']:>12}{row['completion_tokens']:>12}"
+              f"{row['cost_usd']:>14.6f}")
+    flusher.stop()

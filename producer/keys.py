@@ -1,0 +1,69 @@
+"""Every Redis key llmq uses, in one place. Producer and worker meet here.
+
+Durations in names carry units; every key starts with `PREFIX` so a shared Redis
+can hold several deployments (set LLMQ_REDIS_PREFIX).
+"""
+
+from __future__ import annotations
+
+import os
+
+PREFIX = os.environ.get("LLMQ_REDIS_PREFIX", "llmq")
+
+#: Celery task name and queue names: the producer sends by name, never importing worker code.
+TASK_GENERATE = "llmq.generate"
+QUEUE_PREFIX = "llm."
+
+
+def queue_name(provider: str) -> str:
+    return f"{QUEUE_PREFIX}{provider}"
+
+
+def job(job_id: str) -> str:
+    """Hash: state, request, route, route_index, attempt, dispatch, result, error, timestamps."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_attempts(job_id: str) -> str:
+    """List of JSON attempt records, oldest first."""
+    return f"{PREFIX}:job:{job_id}:attempts"
+
+
+def job_stream(job_id: str) -> str:
+    """Redis Stream of output chunks for a streamed job."""
+    return f"{PREFIX}:job:{job_id}:stream"
+
+
+def batch(batch_id: str) -> str:
+    """Hash: total, one counter per state, created_at, cancelled."""
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_jobs(batch_id: str) -> str:
+    """List of job ids in submission order."""
+    return f"{PREFIX}:batch:{batch_id}:jobs"
+
+
+def batch_custom_ids(batch_id: str) -> str:
+    """Hash custom_id -> job_id: one job per custom_id in a batch."""
+    return f"{PREFIX}:batch:{batch_id}:custom"
+
+
+#: Sorted set job_id -> epoch ms when the job is due to be (re)published to its queue.
+DELAYED = f"{PREFIX}:delayed"
+#: Sorted set job_id -> epoch ms when a running job's lease runs out.
+LEASES = f"{PREFIX}:leases"
+#: Sorted set job_id -> epoch ms of the job's deadline (non-terminal jobs only).
+DEADLINES = f"{PREFIX}:deadlines"
+#: List of JSON ledger rows waiting to be written to SQL.
+OUTBOX = f"{PREFIX}:outbox"
+#: Lock held by the one process flushing the outbox at a time.
+OUTBOX_LOCK = f"{PREFIX}:outbox:lock"
+#: Lock held by the one process sweeping leases and deadlines at a time.
+REAPER_LOCK = f"{PREFIX}:reaper:lock"
+#: Hash provider -> JSON health record; and per-provider history lists.
+HEALTH = f"{PREFIX}:health"
+#: Prefix of rate-limit keys (see worker/ratelimit.lua).
+RATE_LIMIT_PREFIX = f"{PREFIX}:rl"
+#: Prefix of response-cache keys.
+CACHE_PREFIX = f"{PREFIX}:cache"

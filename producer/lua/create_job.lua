@@ -1,0 +1,39 @@
+-- Create a job record once; a second submit of the same job id, or of the same
+-- custom_id within a batch, is refused and returns the existing job id.
+--
+-- KEYS[1] job hash            KEYS[2] batch hash         KEYS[3] batch job-id list
+-- KEYS[4] batch custom_id map KEYS[5] delayed zset       KEYS[6] deadlines zset
+-- KEYS[7] outbox list
+-- ARGV[1] job id              ARGV[2] batch id or ""     ARGV[3] custom id or ""
+-- ARGV[4] deadline_ms (relative)                         ARGV[5] publish_grace_ms
+-- ARGV[6] record ttl_s        ARGV[7..] field, value pairs for the job hash
+-- Returns {1, job_id} when created, {0, existing_job_id} when a duplicate.
+local job_id, batch_id, custom_id = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {0, job_id}
+end
+if batch_id ~= '' and custom_id ~= '' then
+  local existing = redis.call('HGET', KEYS[4], custom_id)
+  if existing then
+    return {0, existing}
+  end
+  redis.call('HSET', KEYS[4], custom_id, job_id)
+end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local fields = {}
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'dispatch', '1', 'attempt', '0',
+  'route_index', '0', 'hop_attempt', '0', 'created_at', now_ms, 'updated_at', now_ms,
+  'deadline_at', now_ms + tonumber(ARGV[4]), unpack(fields))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+if batch_id ~= '' then
+  redis.call('RPUSH', KEYS[3], job_id)
+  redis.call('HINCRBY', KEYS[2], 'total', 1)
+  redis.call('HINCRBY', KEYS[2], 'queued', 1)
+end
+-- Published by the caller right away; if it dies first, the promoter publishes after the grace.
+redis.call('ZADD', KEYS[5], now_ms + tonumber(ARGV[5]), job_id)
+redis.call('ZADD', KEYS[6], now_ms + tonumber(ARGV[4]), job_id)
+redis.call('RPUSH', KEYS[7], cjson.encode({kind = 'job', job_id = job_id}))
+return {1, job_id}

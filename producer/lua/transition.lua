@@ -1,0 +1,70 @@
+-- Move a job from one state to another in one atomic step, keeping its batch's
+-- counts, the lease / delayed / deadline sets and the SQL outbox in step.
+--
+-- KEYS[1] job hash   KEYS[2] job attempts list   KEYS[3] batch hash (any name when no batch)
+-- KEYS[4] leases zset  KEYS[5] delayed zset  KEYS[6] deadlines zset  KEYS[7] outbox list
+-- ARGV[1] expected dispatch ("" = any)
+-- ARGV[2] allowed current states, comma-separated
+-- ARGV[3] new state
+-- ARGV[4] delay_ms: >= 0 schedules a (re)publish that many ms from now; -1 does not
+-- ARGV[5] 1 to start a new dispatch (the next message for this job), else 0
+-- ARGV[6] ttl_s applied when the new state is terminal
+-- ARGV[7] attempt record JSON to append ("" = none)
+-- ARGV[8] outbox rows, a JSON array pushed whatever the outcome ("" = none)
+-- ARGV[9..] field, value pairs to set on the job hash
+-- Returns {1, old_state, dispatch} when moved, {0, current_state or "missing", dispatch} when not.
+local function terminal(state)
+  return state == 'succeeded' or state == 'failed' or state == 'cancelled'
+end
+if ARGV[8] ~= '' then
+  for _, row in ipairs(cjson.decode(ARGV[8])) do
+    redis.call('RPUSH', KEYS[7], cjson.encode(row))
+  end
+end
+local current = redis.call('HMGET', KEYS[1], 'state', 'dispatch', 'batch_id', 'job_id')
+local state, dispatch, batch_id, job_id = current[1], current[2], current[3], current[4]
+if not state then
+  return {0, 'missing', '0'}
+end
+if ARGV[1] ~= '' and ARGV[1] ~= dispatch then
+  return {0, state, dispatch}
+end
+local allowed = false
+for name in string.gmatch(ARGV[2], '[^,]+') do
+  if name == state then allowed = true end
+end
+if not allowed then
+  return {0, state, dispatch}
+end
+local new_state = ARGV[3]
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local fields = {}
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], 'state', new_state, 'updated_at', now_ms, unpack(fields))
+if ARGV[5] == '1' then
+  dispatch = tostring(redis.call('HINCRBY', KEYS[1], 'dispatch', 1))
+end
+if ARGV[7] ~= '' then
+  redis.call('RPUSH', KEYS[2], ARGV[7])
+end
+if batch_id and batch_id ~= '' and new_state ~= state then
+  redis.call('HINCRBY', KEYS[3], state, -1)
+  redis.call('HINCRBY', KEYS[3], new_state, 1)
+end
+if new_state ~= 'running' then
+  redis.call('ZREM', KEYS[4], job_id)
+end
+if tonumber(ARGV[4]) >= 0 then
+  redis.call('ZADD', KEYS[5], now_ms + tonumber(ARGV[4]), job_id)
+else
+  redis.call('ZREM', KEYS[5], job_id)
+end
+if terminal(new_state) then
+  redis.call('HSET', KEYS[1], 'finished_at', now_ms)
+  redis.call('ZREM', KEYS[6], job_id)
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[6]))
+  redis.call('RPUSH', KEYS[7], cjson.encode({kind = 'job', job_id = job_id}))
+end
+return {1, state, dispatch}

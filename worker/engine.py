@@ -1,0 +1,239 @@
+"""One attempt of one job: claim -> provider -> record -> next hop.
+
+The retry layer lives here and only here. On an error the class decides:
+retryable -> the same provider again after backoff (waiting in the delayed set,
+never in worker memory); context window -> a larger model when the config names
+one; fallback -> the same job id on the next provider's queue; otherwise the job
+fails with the typed error and every attempt on record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from producer import keys
+from producer.models import Hop, LLMRequest, LLMResponse
+from producer.routing import larger_context_hop
+from worker import errors
+from worker.pricing import cost_usd
+from worker.runtime import Runtime
+
+log = logging.getLogger("llmq.worker")
+
+@dataclass
+class Attempt:
+    job_id: str
+    dispatch: int
+    request: LLMRequest
+    route: list[Hop]
+    route_index: int
+    attempt: int
+    hop_attempt: int
+    batch_id: str | None
+    deadline_at_s: float
+    started_at_s: float
+
+    @property
+    def hop(self) -> Hop:
+        return self.route[self.route_index]
+
+    @classmethod
+    def from_claim(cls, job: dict[str, str], dispatch: int) -> Attempt:
+        return cls(
+            job_id=job["job_id"],
+            dispatch=dispatch,
+            request=LLMRequest.model_validate_json(job["request"]),
+            route=[Hop.model_validate(hop) for hop in json.loads(job["route"])],
+            route_index=int(job.get("route_index", 0)),
+            attempt=int(job["attempt"]),
+            hop_attempt=int(job["hop_attempt"]),
+            batch_id=job.get("batch_id") or None,
+            deadline_at_s=int(job["deadline_at"]) / 1000.0,
+            started_at_s=time.time(),
+        )
+
+    def record(self, outcome: str, error: errors.LLMQError | None = None) -> dict[str, Any]:
+        finished = time.time()
+        record: dict[str, Any] = {
+            "kind": "attempt",
+            "job_id": self.job_id,
+            "attempt": self.attempt,
+            "provider": self.hop.provider,
+            "model": self.hop.model,
+            "outcome": outcome,
+            "started_at": self.started_at_s,
+            "finished_at": finished,
+            "latency_ms": round((finished - self.started_at_s) * 1000, 3),
+        }
+        if error is not None:
+            details = error.to_dict()
+            record.update(
+                error_type=details["type"], error_message=details["message"],
+                status_code=details.get("status_code"), provider_request_id=details.get("request_id"),
+            )
+        return record
+
+
+async def execute(runtime: Runtime, job_id: str, dispatch: int) -> None:
+    lease_ms = int(runtime.config.service.jobs.lease_s * 1000)
+    claim = await runtime.jobs.claim(job_id, dispatch, runtime.worker_id, lease_ms)
+    if claim.outcome == "skip":
+        log.debug("job %s: message for dispatch %s dropped (state %s)", job_id, dispatch, claim.state)
+        return
+    if claim.outcome == "expired":
+        await _fail_expired(runtime, job_id)
+        return
+    attempt = Attempt.from_claim(claim.job, dispatch)
+    runtime.running.add(job_id)
+    try:
+        await _run(runtime, attempt)
+    finally:
+        runtime.running.discard(job_id)
+
+
+async def _run(runtime: Runtime, attempt: Attempt) -> None:
+    provider = runtime.provider(attempt.hop.provider)
+    request = attempt.request.model_copy(update={"model": attempt.hop.model})
+    remaining_s = attempt.deadline_at_s - time.time()
+    try:
+        async with asyncio.timeout(max(0.001, remaining_s)):
+            response = await provider.generate(request, job_id=attempt.job_id)
+    except errors.ProviderError as error:
+        await _after_error(runtime, attempt, error)
+    except TimeoutError:
+        await _fail(runtime, attempt, errors.DeadlineExceededError(
+            f"job did not finish before its deadline (ran out during attempt {attempt.attempt} "
+            f"on {attempt.hop.provider}); raise jobs.deadline_s or the request's deadline"
+        ))
+    except Exception as exc:  # a bug in an adapter must not lose the job
+        log.exception("job %s: unexpected error from provider %s", attempt.job_id, attempt.hop.provider)
+        error = errors.ServerError(
+            f"unexpected {type(exc).__name__} in adapter: {exc}", provider=attempt.hop.provider, model=attempt.hop.model
+        )
+        await _after_error(runtime, attempt, error)
+    else:
+        await _succeed(runtime, attempt, response)
+
+
+async def _succeed(runtime: Runtime, attempt: Attempt, response: LLMResponse) -> None:
+    usage_row = usage_record(runtime, attempt, response)
+    await runtime.jobs.transition(
+        attempt.job_id, new_state="succeeded", allowed=("running",), expected_dispatch=attempt.dispatch,
+        ttl_s=runtime.config.service.jobs.result_ttl_s, attempt=_public(attempt.record("succeeded")),
+        rows=[attempt.record("succeeded"), usage_row], fields={"result": response.model_dump_json()},
+    )
+
+
+def usage_record(runtime: Runtime, attempt: Attempt, response: LLMResponse, *, cached: bool = False) -> dict[str, Any]:
+    entry = runtime.config.provider(attempt.hop.provider)
+    provider = runtime.provider(attempt.hop.provider)
+    cost, priced = (0, True) if cached else cost_usd(
+        entry.adapter_type, response.model, response.usage, overrides=entry.pricing, local=provider.local
+    )
+    return {
+        "kind": "usage",
+        "job_id": attempt.job_id,
+        "attempt": attempt.attempt,
+        "provider": attempt.hop.provider,
+        "provider_type": entry.adapter_type,
+        "model": response.model,
+        **response.usage.model_dump(),
+        "cost_usd": None if cost is None else str(cost),
+        "priced": priced,
+        "cached": cached,
+        "simulated": bool(response.metadata.get("simulated")),
+        "caller": attempt.request.metadata.get("caller"),
+        "batch_id": attempt.batch_id,
+        "latency_ms": round((time.time() - attempt.started_at_s) * 1000, 3),
+        "created_at": time.time(),
+    }
+
+
+async def _after_error(runtime: Runtime, attempt: Attempt, error: errors.ProviderError) -> None:
+    settings = runtime.config.service.retry
+    log.info("job %s attempt %d on %s failed: %s", attempt.job_id, attempt.attempt, attempt.hop.provider, error)
+    if error.retryable and attempt.hop_attempt < settings.max_attempts_per_provider:
+        delay_s = backoff_s(attempt.hop_attempt, error.retry_after_s, settings)
+        state = "rate_limited" if isinstance(error, errors.RateLimitedError) else "retrying"
+        await _requeue(runtime, attempt, error, state=state, delay_s=delay_s)
+        return
+    if isinstance(error, errors.ContextWindowExceededError):
+        bigger = larger_context_hop(attempt.hop, runtime.config)
+        if bigger is not None and bigger not in attempt.route:
+            route = [*attempt.route[: attempt.route_index + 1], bigger, *attempt.route[attempt.route_index + 1 :]]
+            await _requeue(runtime, attempt, error, state="queued", route=route, route_index=attempt.route_index + 1)
+            return
+    next_index = _next_hop(runtime, attempt) if error.fallback else None
+    if next_index is not None:
+        await _requeue(runtime, attempt, error, state="queued", route_index=next_index)
+        return
+    await _fail(runtime, attempt, error)
+
+
+def _next_hop(runtime: Runtime, attempt: Attempt) -> int | None:
+    for index in range(attempt.route_index + 1, len(attempt.route)):
+        if runtime.config.provider(attempt.route[index].provider).configured:
+            return index
+    return None
+
+
+async def _requeue(
+    runtime: Runtime,
+    attempt: Attempt,
+    error: errors.LLMQError,
+    *,
+    state: str,
+    delay_s: float = 0.0,
+    route: list[Hop] | None = None,
+    route_index: int | None = None,
+) -> None:
+    """Send the same job id on: later to the same provider, or now to another hop's queue."""
+    fields: dict[str, Any] = {"error": json.dumps(error.to_dict())}
+    if route is not None:
+        fields["route"] = json.dumps([hop.model_dump() for hop in route])
+    if route_index is not None:
+        hop = (route or attempt.route)[route_index]
+        fields.update(route_index=route_index, hop_attempt=0, queue=keys.queue_name(hop.provider))
+    record = attempt.record("error", error)
+    await runtime.jobs.transition(
+        attempt.job_id, new_state=state, allowed=("running",), expected_dispatch=attempt.dispatch,
+        delay_ms=int(delay_s * 1000), new_dispatch=True, attempt=_public(record), rows=[record], fields=fields,
+    )
+    # delay 0: the promoter publishes within its next tick (< 0.1 s); its safety net covers a crash here.
+
+
+async def _fail(runtime: Runtime, attempt: Attempt, error: errors.LLMQError) -> None:
+    record = attempt.record("error", error)
+    await runtime.jobs.transition(
+        attempt.job_id, new_state="failed", allowed=("running",), expected_dispatch=attempt.dispatch,
+        new_dispatch=True, ttl_s=runtime.config.service.jobs.result_ttl_s, attempt=_public(record), rows=[record],
+        fields={"error": json.dumps(error.to_dict())},
+    )
+
+
+async def _fail_expired(runtime: Runtime, job_id: str) -> None:
+    error = errors.DeadlineExceededError(
+        "job did not start before its deadline; raise jobs.deadline_s or the request's deadline, or add workers"
+    )
+    await runtime.jobs.transition(
+        job_id, new_state="failed", allowed=("queued", "retrying", "rate_limited"), new_dispatch=True,
+        ttl_s=runtime.config.service.jobs.result_ttl_s, fields={"error": json.dumps(error.to_dict())},
+    )
+
+
+def backoff_s(hop_attempt: int, retry_after_s: float | None, settings: Any) -> float:
+    """Exponential backoff with jitter; a provider's retry-after wins, up to the cap."""
+    if retry_after_s is not None:
+        return min(retry_after_s, settings.retry_after_cap_s) * random.uniform(1.0, 1.1)
+    ceiling = min(settings.backoff_max_s, settings.backoff_base_s * 2 ** max(0, hop_attempt - 1))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def _public(record: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in record.items() if key not in {"kind", "job_id"}}

@@ -1,0 +1,158 @@
+"""Drains the Redis outbox into the SQL ledger.
+
+Rows enter the outbox in the same Lua step as the state change they describe,
+so a result in Redis always has its ledger rows queued. One process at a time
+holds the flush lock, reads a chunk from the head without removing it, writes
+it to SQL (idempotent: one row per job, per (job, attempt)), and only then trims
+the chunk, and only while it still holds the lock. A crash between write and
+trim re-writes the same rows, which the idempotent writes absorb. While SQL is
+down the rows simply wait in Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+import redis
+
+from producer import keys
+
+log = logging.getLogger("llmq.outbox")
+
+CHUNK_ROWS = 500
+LOCK_TTL_MS = 30_000
+IDLE_SLEEP_S = 0.25
+MAX_BACKOFF_S = 30.0
+
+_TRIM_IF_HELD = """
+-- KEYS[1] outbox list  KEYS[2] lock key  ARGV[1] our lock token  ARGV[2] rows to trim
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('LTRIM', KEYS[1], tonumber(ARGV[2]), -1)
+  return 1
+end
+return 0
+"""
+
+
+class OutboxFlusher:
+    def __init__(self, redis_url: str, database_url: str | None = None) -> None:
+        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.database_url = database_url
+        self.token = uuid.uuid4().hex
+        self._trim = self.redis.register_script(_TRIM_IF_HELD)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._store: Any = None
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from worker.store import Store
+
+            self._store = Store(self.database_url)
+        return self._store
+
+    def start(self) -> OutboxFlusher:
+        self._thread = threading.Thread(target=self._loop, name="llmq-outbox", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._store is not None:
+            self._store.close()
+
+    def _loop(self) -> None:
+        backoff_s = IDLE_SLEEP_S
+        while not self._stop.is_set():
+            try:
+                flushed = self.flush_once()
+                backoff_s = IDLE_SLEEP_S
+                if flushed:
+                    continue
+            except Exception as exc:  # SQL or Redis down: rows stay in Redis, try again later
+                log.warning("outbox: %s: %s (retrying in %.1fs)", type(exc).__name__, exc, backoff_s)
+                backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
+            self._stop.wait(backoff_s)
+
+    def flush_once(self) -> int:
+        """Write one chunk if this process can take the lock; returns rows written."""
+        if not self.redis.set(keys.OUTBOX_LOCK, self.token, nx=True, px=LOCK_TTL_MS):
+            if self.redis.get(keys.OUTBOX_LOCK) != self.token:
+                return 0
+            self.redis.pexpire(keys.OUTBOX_LOCK, LOCK_TTL_MS)
+        try:
+            raw = self.redis.lrange(keys.OUTBOX, 0, CHUNK_ROWS - 1)
+            if not raw:
+                return 0
+            rows = self._expand([json.loads(item) for item in raw])
+            self.store.write(rows)
+            self._trim(keys=[keys.OUTBOX, keys.OUTBOX_LOCK], args=[self.token, len(raw)])
+            return len(raw)
+        finally:
+            self._release()
+
+    def drain(self, timeout_s: float = 30.0) -> bool:
+        """Flush until the outbox is empty (the demo and tests call this); True when it is."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.redis.llen(keys.OUTBOX) == 0:
+                return True
+            if not self.flush_once():
+                time.sleep(0.05)
+        return self.redis.llen(keys.OUTBOX) == 0
+
+    def _release(self) -> None:
+        script = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+        self.redis.eval(script, 1, keys.OUTBOX_LOCK, self.token)
+
+    def _expand(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Job rows are queued as references; write the job's state as it is now."""
+        refs = [row["job_id"] for row in rows if row.get("kind") == "job"]
+        if not refs:
+            return rows
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in refs:
+            pipe.hgetall(keys.job(job_id))
+        found = {job_id: raw for job_id, raw in zip(refs, pipe.execute()) if raw}
+        expanded = []
+        for row in rows:
+            if row.get("kind") != "job":
+                expanded.append(row)
+            elif row["job_id"] in found:
+                expanded.append(job_row(found[row["job_id"]]))
+        return expanded
+
+
+def job_row(raw: dict[str, str]) -> dict[str, Any]:
+    request = json.loads(raw["request"])
+    result = json.loads(raw["result"]) if raw.get("result") else None
+    # A job that recovered from an earlier error carries no error in the ledger.
+    error = json.loads(raw["error"]) if raw.get("error") and raw["state"] in ("failed", "cancelled") else None
+    route = json.loads(raw["route"])
+    hop = route[int(raw.get("route_index", 0))]
+    return {
+        "kind": "job",
+        "job_id": raw["job_id"],
+        "batch_id": raw.get("batch_id") or None,
+        "custom_id": raw.get("custom_id") or None,
+        "state": raw["state"],
+        "requested_model": request["model"],
+        "provider": result["provider"] if result else hop["provider"],
+        "model": result["model"] if result else hop["model"],
+        "caller": request.get("metadata", {}).get("caller"),
+        "metadata": request.get("metadata", {}),
+        "content": result["content"] if result else None,
+        "error_type": error["type"] if error else None,
+        "error_message": error["message"] if error else None,
+        "attempts": int(raw.get("attempt", 0)),
+        "created_at": int(raw["created_at"]) / 1000.0,
+        "finished_at": int(raw["finished_at"]) / 1000.0 if raw.get("finished_at") else None,
+    }

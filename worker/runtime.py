@@ -1,0 +1,156 @@
+"""One per worker process: an asyncio loop in a thread, shared clients, background loops.
+
+Celery's thread pool gives each message a slot; the slot hands its job to this
+loop and waits. Provider calls are coroutines on one shared `httpx.AsyncClient`
+per provider, so one process holds hundreds of calls in flight while Celery
+keeps doing what it is good at: late acks, redelivery, events for Flower.
+
+Background loops on the same event loop:
+- promoter: publishes delayed jobs (retries, rate-limited waits, fallbacks) when due
+- reaper: re-runs jobs whose worker stopped renewing its lease; fails jobs past their deadline
+- lease renewer: keeps this process's running jobs' leases fresh
+and a thread that drains the SQL outbox (worker/outbox.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from celery import Celery
+
+from producer import keys
+from producer.config import LLMConfig
+from producer.jobs import JobStore
+from producer.queueing import publish_messages
+from worker.providers.base import LLMProvider
+from worker.providers.registry import create_provider
+
+log = logging.getLogger("llmq.worker")
+T = TypeVar("T")
+
+PROMOTE_INTERVAL_S = 0.1
+REAP_INTERVAL_S = 1.0
+
+
+class Runtime:
+    def __init__(self, config: LLMConfig, redis_url: str, app: Celery, *, start_background: bool = True) -> None:
+        self.config = config
+        self.redis_url = redis_url
+        self.app = app
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.running: set[str] = set()
+        self.providers: dict[str, LLMProvider] = {}
+        self._publish_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llmq-publish")
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="llmq-loop", daemon=True)
+        self._thread.start()
+        self.redis: aioredis.Redis = self.run(self._connect())
+        self.jobs = JobStore(self.redis)
+        self._tasks: list[asyncio.Future[Any]] = []
+        self.outbox_flusher: Any = None
+        if start_background:
+            self.start_background()
+
+    async def _connect(self) -> aioredis.Redis:
+        return aioredis.from_url(self.redis_url, decode_responses=True, max_connections=2000, health_check_interval=25)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        """Run a coroutine on the loop from any thread and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def provider(self, name: str) -> LLMProvider:
+        """The adapter for a provider entry, created once per process (on the loop thread)."""
+        if name not in self.providers:
+            self.providers[name] = create_provider(self.config.provider(name))
+        return self.providers[name]
+
+    # --- publishing ------------------------------------------------------------------
+
+    async def publish(self, messages: list[tuple[str, int, str]]) -> None:
+        """Send (job_id, dispatch, queue) messages; kombu is blocking, so off the loop."""
+        if messages:
+            await self.loop.run_in_executor(self._publish_executor, publish_messages, self.app, messages)
+
+    # --- background ------------------------------------------------------------------
+
+    def start_background(self) -> None:
+        from worker.outbox import OutboxFlusher
+
+        for loop_function in (self._promote_loop, self._reap_loop, self._renew_loop):
+            self._tasks.append(asyncio.run_coroutine_threadsafe(loop_function(), self.loop))
+        self.outbox_flusher = OutboxFlusher(self.redis_url).start()
+
+    async def _promote_loop(self) -> None:
+        while True:
+            try:
+                due = await self.jobs.promote_due(500)
+                if due:
+                    await self.publish([(job_id, dispatch, queue) for job_id, dispatch, queue, _ in due])
+                    await self.jobs.unschedule([(job_id, score) for job_id, _, _, score in due])
+                    continue
+            except Exception as exc:  # Redis restarting: keep going, never die
+                log.warning("promoter: %s", exc)
+            await asyncio.sleep(PROMOTE_INTERVAL_S)
+
+    async def _reap_loop(self) -> None:
+        ttl_s = self.config.service.jobs.result_ttl_s
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_S)
+            try:
+                if await self.redis.set(keys.REAPER_LOCK, self.worker_id, nx=True, px=int(REAP_INTERVAL_S * 5000)):
+                    requeued, failed = await self.jobs.reap(500, ttl_s)
+                    if requeued or failed:
+                        log.warning("reaper: re-queued %d jobs of lost workers, failed %d past deadline", len(requeued), len(failed))
+            except Exception as exc:
+                log.warning("reaper: %s", exc)
+
+    async def _renew_loop(self) -> None:
+        lease_ms = int(self.config.service.jobs.lease_s * 1000)
+        while True:
+            await asyncio.sleep(self.config.service.jobs.lease_s / 3)
+            try:
+                await self.jobs.renew_leases(sorted(self.running), lease_ms)
+            except Exception as exc:
+                log.warning("lease renewal: %s", exc)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.outbox_flusher is not None:
+            self.outbox_flusher.stop()
+        for provider in self.providers.values():
+            try:
+                self.run(provider.aclose(), timeout_s=5)
+            except Exception:
+                pass
+        self.run(self.redis.aclose(), timeout_s=5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._publish_executor.shutdown(wait=False)
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime(config: LLMConfig, redis_url: str, app: Celery) -> Runtime:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None or _runtime.worker_id.split(":")[-1] != str(os.getpid()):
+            _runtime = Runtime(config, redis_url, app)
+        return _runtime
+
+
+def shutdown_runtime() -> None:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is not None:
+            _runtime.close()
+            _runtime = None
