@@ -1,0 +1,42 @@
+"""Local servers that speak OpenAI's Chat Completions: LM Studio, LocalAI, vLLM.
+
+Each is the OpenAI adapter with other class attributes: its own default base
+URL (ending in `/v1`, so chat is `/v1/chat/completions` and discovery is
+`/v1/models`), no key required (a configured key is still sent as Bearer, for
+servers started with one, e.g. `vllm serve --api-key`), and no OpenAI-only
+headers. Options: `max_tokens_field`, `stream_usage`, `send_temperature`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from worker.providers.openai import ChatCompletionsOptions, OpenAIProvider
+
+
+class OpenAICompatibleProvider(OpenAIProvider):
+    """A server on the team's own machines that copies OpenAI's wire format."""
+
+    requires_api_key = False
+    local = True
+    options_model: ClassVar[type[ChatCompletionsOptions]] = ChatCompletionsOptions
+    # OpenAI's client request id means nothing to these servers.
+    client_request_id_header: ClassVar[str | None] = None
+
+
+class LMStudioProvider(OpenAICompatibleProvider):
+    type_name = "lmstudio"
+    description = "LM Studio local server (OpenAI-compatible)"
+    default_base_url = "http://localhost:1234/v1"
+
+
+class LocalAIProvider(OpenAICompatibleProvider):
+    type_name = "localai"
+    description = "LocalAI server (OpenAI-compatible)"
+    default_base_url = "http://localhost:8080/v1"
+
+
+class VLLMProvider(OpenAICompatibleProvider):
+    type_name = "vllm"
+    description = "vLLM OpenAI-compatible server"
+    default_base_url = "http://localhost:8000/v1"
