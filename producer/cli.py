@@ -138,6 +138,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     app = create_app(config)
     names = [name.strip() for name in (args.queues or "").split(",") if name.strip()] or config.configured_providers()
     queues = [name if name.startswith(keys.QUEUE_PREFIX) else keys.queue_name(name) for name in names]
+    app.llmq_queues = queues
     worker_args = ["worker", f"--pool={args.pool}", f"--concurrency={args.concurrency}", f"--queues={','.join(queues)}",
                    f"--loglevel={args.loglevel}", "--events", "--without-gossip", "--without-mingle"]
     if args.hostname:

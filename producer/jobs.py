@@ -134,7 +134,7 @@ class JobStore:
         counts = {state: max(0, int(raw.get(state.value, 0))) for state in JobState}
         return BatchRecord(
             batch_id=batch_id, total=int(raw.get("total", 0)), counts=counts,
-            created_at=_seconds(raw.get("created_at")), cancelled=raw.get("cancelled") == "1",
+            created_at=_seconds(raw.get("created_at")), cancelled=raw.get("cancel_requested") == "1",
         )
 
     async def batch_job_ids(self, batch_id: str) -> list[str]:

@@ -35,7 +35,7 @@ def job_stream(job_id: str) -> str:
 
 
 def batch(batch_id: str) -> str:
-    """Hash: total, one counter per state, created_at, cancelled."""
+    """Hash: total, one counter per state, created_at, cancel_requested."""
     return f"{PREFIX}:batch:{batch_id}"
 
 
@@ -61,6 +61,8 @@ OUTBOX = f"{PREFIX}:outbox"
 OUTBOX_LOCK = f"{PREFIX}:outbox:lock"
 #: Lock held by the one process sweeping leases and deadlines at a time.
 REAPER_LOCK = f"{PREFIX}:reaper:lock"
+#: Per-process heartbeat of live workers: WORKER_PREFIX + worker id -> JSON, short TTL.
+WORKER_PREFIX = f"{PREFIX}:worker:"
 #: Hash provider -> JSON health record; and per-provider history lists.
 HEALTH = f"{PREFIX}:health"
 #: Prefix of rate-limit keys (see worker/ratelimit.lua).

@@ -229,10 +229,13 @@ class LLMService:
         """Cancel a job, or every unfinished job of a batch; returns how many were cancelled."""
         ttl_s = self.config.service.jobs.result_ttl_s
         if await self.jobs.batch(some_id) is not None:
-            await self.jobs.redis.hset(keys.batch(some_id), "cancelled", "1")
+            await self.jobs.redis.hset(keys.batch(some_id), "cancel_requested", "1")
             job_ids = await self.jobs.batch_job_ids(some_id)
-            cancelled = await asyncio.gather(*(self.jobs.cancel(job_id, ttl_s) for job_id in job_ids))
-            return sum(cancelled)
+            cancelled = 0
+            for start in range(0, len(job_ids), SUBMIT_CHUNK // 10):
+                chunk = job_ids[start : start + SUBMIT_CHUNK // 10]
+                cancelled += sum(await asyncio.gather(*(self.jobs.cancel(job_id, ttl_s) for job_id in chunk)))
+            return cancelled
         return int(await self.jobs.cancel(some_id, ttl_s))
 
 

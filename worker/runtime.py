@@ -15,6 +15,7 @@ and a thread that drains the SQL outbox (worker/outbox.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -84,7 +85,7 @@ class Runtime:
     def start_background(self) -> None:
         from worker.outbox import OutboxFlusher
 
-        for loop_function in (self._promote_loop, self._reap_loop, self._renew_loop):
+        for loop_function in (self._promote_loop, self._reap_loop, self._renew_loop, self._heartbeat_loop):
             self._tasks.append(asyncio.run_coroutine_threadsafe(loop_function(), self.loop))
         self.outbox_flusher = OutboxFlusher(self.redis_url).start()
 
@@ -120,6 +121,17 @@ class Runtime:
                 await self.jobs.renew_leases(sorted(self.running), lease_ms)
             except Exception as exc:
                 log.warning("lease renewal: %s", exc)
+
+    async def _heartbeat_loop(self) -> None:
+        """Say this process is alive (what `llmq up` and the tests wait for)."""
+        key = keys.WORKER_PREFIX + self.worker_id
+        while True:
+            try:
+                queues = sorted(getattr(self.app, "llmq_queues", []))
+                await self.redis.set(key, json.dumps({"pid": os.getpid(), "running": len(self.running), "queues": queues}), ex=10)
+            except Exception as exc:
+                log.warning("heartbeat: %s", exc)
+            await asyncio.sleep(2)
 
     def close(self) -> None:
         for task in self._tasks:

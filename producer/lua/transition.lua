@@ -9,7 +9,7 @@
 -- ARGV[4] delay_ms: >= 0 schedules a (re)publish that many ms from now; -1 does not
 -- ARGV[5] 1 to start a new dispatch (the next message for this job), else 0
 -- ARGV[6] ttl_s applied when the new state is terminal
--- ARGV[7] attempt record JSON to append ("" = none)
+-- ARGV[7] attempt record JSON to append whatever the outcome ("" = none)
 -- ARGV[8] outbox rows, a JSON array pushed whatever the outcome ("" = none)
 -- ARGV[9..] field, value pairs to set on the job hash
 -- Returns {1, old_state, dispatch} when moved, {0, current_state or "missing", dispatch} when not.
@@ -25,6 +25,11 @@ local current = redis.call('HMGET', KEYS[1], 'state', 'dispatch', 'batch_id', 'j
 local state, dispatch, batch_id, job_id = current[1], current[2], current[3], current[4]
 if not state then
   return {0, 'missing', '0'}
+end
+-- An attempt that happened is on record even when its outcome no longer moves the job
+-- (cancelled meanwhile, or superseded after its lease ran out).
+if ARGV[7] ~= '' then
+  redis.call('RPUSH', KEYS[2], ARGV[7])
 end
 if ARGV[1] ~= '' and ARGV[1] ~= dispatch then
   return {0, state, dispatch}
@@ -44,9 +49,6 @@ for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], 'state', new_state, 'updated_at', now_ms, unpack(fields))
 if ARGV[5] == '1' then
   dispatch = tostring(redis.call('HINCRBY', KEYS[1], 'dispatch', 1))
-end
-if ARGV[7] ~= '' then
-  redis.call('RPUSH', KEYS[2], ARGV[7])
 end
 if batch_id and batch_id ~= '' and new_state ~= state then
   redis.call('HINCRBY', KEYS[3], state, -1)

@@ -1,0 +1,139 @@
+"""Real worker processes, started the way the README starts them (`llmq worker`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from producer import keys
+from producer.config import LLMConfig, load_config
+from producer.embedded import RedisServer
+from producer.service import SyncLLMService
+
+
+def write_config(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path
+
+
+@dataclass
+class WorkerProcess:
+    config_path: Path
+    redis_url: str
+    database_url: str
+    log_path: Path
+    queues: str | None = None
+    concurrency: int = 50
+    pool: str = "threads"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    def env(self) -> dict[str, str]:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("LLMQ_")}
+        env.update(
+            LLMQ_REDIS_URL=self.redis_url, LLMQ_DATABASE_URL=self.database_url, LLMQ_CONFIG=str(self.config_path),
+            LLMQ_HOME=str(self.log_path.parent), PYTHONUNBUFFERED="1", **self.extra_env,
+        )
+        return env
+
+    def start(self) -> WorkerProcess:
+        command = [sys.executable, "-m", "producer.cli", "--config", str(self.config_path), "worker",
+                   "--concurrency", str(self.concurrency), "--pool", self.pool, "--loglevel", "INFO"]
+        if self.queues:
+            command += ["--queues", self.queues]
+        self.process = subprocess.Popen(
+            command, env=self.env(), stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the worker and any pool children."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def live_workers(redis_url: str) -> list[str]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        return [key for key in client.scan_iter(keys.WORKER_PREFIX + "*")]
+    finally:
+        client.close()
+
+
+def wait_for_workers(redis_url: str, count: int, workers: list[WorkerProcess], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(live_workers(redis_url)) < count:
+        for worker in workers:
+            if worker.process is not None and worker.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {worker.process.returncode}: {worker.log_path.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            logs = "\n".join(worker.log_path.read_text()[-2000:] for worker in workers)
+            raise TimeoutError(f"workers not ready after {timeout_s}s:\n{logs}")
+        time.sleep(0.1)
+
+
+@dataclass
+class Cluster:
+    """A redis-server, a SQL database and real worker processes for one config."""
+
+    root: Path
+    config_path: Path
+    database_url: str
+    redis: RedisServer
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url
+
+    @property
+    def config(self) -> LLMConfig:
+        return load_config(self.config_path)
+
+    def add_worker(self, **options: object) -> WorkerProcess:
+        index = len(self.workers)
+        worker = WorkerProcess(self.config_path, self.redis_url, self.database_url, self.root / f"worker-{index}.log", **options)  # type: ignore[arg-type]
+        self.workers.append(worker.start())
+        return worker
+
+    def start_workers(self, count: int = 1, **options: object) -> None:
+        before = len(live_workers(self.redis_url))
+        started = [self.add_worker(**options) for _ in range(count)]
+        wait_for_workers(self.redis_url, before + count, started)
+
+    def service(self) -> SyncLLMService:
+        return SyncLLMService(self.config, redis_url_=self.redis_url)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.redis.stop()
+
+
+def start_cluster(root: Path, config_text: str, *, database_url: str | None = None, persistence: bool = False) -> Cluster:
+    root.mkdir(parents=True, exist_ok=True)
+    config_path = write_config(root / "llm_service.yaml", config_text)
+    server = RedisServer(root / "redis", persistence=persistence).start()
+    return Cluster(root, config_path, database_url or f"sqlite:///{root / 'ledger.sqlite3'}", server)
