@@ -14,71 +14,18 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from producer import keys
-from producer.models import Hop, LLMRequest, LLMResponse
+from producer.models import Hop, LLMResponse
 from producer.routing import larger_context_hop
 from worker import errors
+from worker.attempt import Attempt
+from worker.middleware import Defer, Serve, Skip
 from worker.pricing import cost_usd
 from worker.runtime import Runtime
 
 log = logging.getLogger("llmq.worker")
-
-@dataclass
-class Attempt:
-    job_id: str
-    dispatch: int
-    request: LLMRequest
-    route: list[Hop]
-    route_index: int
-    attempt: int
-    hop_attempt: int
-    batch_id: str | None
-    deadline_at_s: float
-    started_at_s: float
-
-    @property
-    def hop(self) -> Hop:
-        return self.route[self.route_index]
-
-    @classmethod
-    def from_claim(cls, job: dict[str, str], dispatch: int) -> Attempt:
-        return cls(
-            job_id=job["job_id"],
-            dispatch=dispatch,
-            request=LLMRequest.model_validate_json(job["request"]),
-            route=[Hop.model_validate(hop) for hop in json.loads(job["route"])],
-            route_index=int(job.get("route_index", 0)),
-            attempt=int(job["attempt"]),
-            hop_attempt=int(job["hop_attempt"]),
-            batch_id=job.get("batch_id") or None,
-            deadline_at_s=int(job["deadline_at"]) / 1000.0,
-            started_at_s=time.time(),
-        )
-
-    def record(self, outcome: str, error: errors.LLMQError | None = None) -> dict[str, Any]:
-        finished = time.time()
-        record: dict[str, Any] = {
-            "kind": "attempt",
-            "job_id": self.job_id,
-            "attempt": self.attempt,
-            "provider": self.hop.provider,
-            "model": self.hop.model,
-            "outcome": outcome,
-            "started_at": self.started_at_s,
-            "finished_at": finished,
-            "latency_ms": round((finished - self.started_at_s) * 1000, 3),
-        }
-        if error is not None:
-            details = error.to_dict()
-            record.update(
-                error_type=details["type"], error_message=details["message"],
-                status_code=details.get("status_code"), provider_request_id=details.get("request_id"),
-            )
-        return record
-
 
 async def execute(runtime: Runtime, job_id: str, dispatch: int) -> None:
     lease_ms = int(runtime.config.service.jobs.lease_s * 1000)
@@ -98,35 +45,69 @@ async def execute(runtime: Runtime, job_id: str, dispatch: int) -> None:
 
 
 async def _run(runtime: Runtime, attempt: Attempt) -> None:
-    provider = runtime.provider(attempt.hop.provider)
-    request = attempt.request.model_copy(update={"model": attempt.hop.model})
-    remaining_s = attempt.deadline_at_s - time.time()
+    verdict = await runtime.middleware.before_attempt(attempt)
+    if isinstance(verdict, Defer):
+        await _defer(runtime, attempt, verdict)
+        return
+    if isinstance(verdict, Skip):
+        await _after_error(runtime, attempt, verdict.error)
+        return
+    if isinstance(verdict, Serve):
+        usage_row = usage_record(runtime, attempt, verdict.response, cached=verdict.cached)
+        await runtime.middleware.after_success(attempt, verdict.response, usage_row)
+        await _succeed(runtime, attempt, verdict.response, usage_row)
+        return
     try:
-        async with asyncio.timeout(max(0.001, remaining_s)):
-            response = await provider.generate(request, job_id=attempt.job_id)
+        response = await _call(runtime, attempt)
     except errors.ProviderError as error:
+        await runtime.middleware.after_error(attempt, error)
         await _after_error(runtime, attempt, error)
     except TimeoutError:
-        await _fail(runtime, attempt, errors.DeadlineExceededError(
+        error = errors.DeadlineExceededError(
             f"job did not finish before its deadline (ran out during attempt {attempt.attempt} "
             f"on {attempt.hop.provider}); raise jobs.deadline_s or the request's deadline"
-        ))
+        )
+        await runtime.middleware.after_error(attempt, error)
+        await _fail(runtime, attempt, error)
     except Exception as exc:  # a bug in an adapter must not lose the job
         log.exception("job %s: unexpected error from provider %s", attempt.job_id, attempt.hop.provider)
         error = errors.ServerError(
             f"unexpected {type(exc).__name__} in adapter: {exc}", provider=attempt.hop.provider, model=attempt.hop.model
         )
+        await runtime.middleware.after_error(attempt, error)
         await _after_error(runtime, attempt, error)
     else:
-        await _succeed(runtime, attempt, response)
+        usage_row = usage_record(runtime, attempt, response)
+        await runtime.middleware.after_success(attempt, response, usage_row)
+        await _succeed(runtime, attempt, response, usage_row)
+    finally:
+        await runtime.middleware.after_attempt(attempt)
 
 
-async def _succeed(runtime: Runtime, attempt: Attempt, response: LLMResponse) -> None:
-    usage_row = usage_record(runtime, attempt, response)
+async def _call(runtime: Runtime, attempt: Attempt) -> LLMResponse:
+    """The provider call itself, bounded by the job's deadline."""
+    provider = runtime.provider(attempt.hop.provider)
+    request = attempt.request.model_copy(update={"model": attempt.hop.model})
+    remaining_s = attempt.deadline_at_s - time.time()
+    async with asyncio.timeout(max(0.001, remaining_s)):
+        return await provider.generate(request, job_id=attempt.job_id)
+
+
+async def _succeed(runtime: Runtime, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
+    record = attempt.record("succeeded")
     await runtime.jobs.transition(
         attempt.job_id, new_state="succeeded", allowed=("running",), expected_dispatch=attempt.dispatch,
-        ttl_s=runtime.config.service.jobs.result_ttl_s, attempt=_public(attempt.record("succeeded")),
-        rows=[attempt.record("succeeded"), usage_row], fields={"result": response.model_dump_json()},
+        ttl_s=runtime.config.service.jobs.result_ttl_s, attempt=_public(record),
+        rows=[record, usage_row], fields={"result": response.model_dump_json()},
+    )
+
+
+async def _defer(runtime: Runtime, attempt: Attempt, verdict: Defer) -> None:
+    """Set the job aside without a call: it does not count as an attempt."""
+    await runtime.jobs.transition(
+        attempt.job_id, new_state=verdict.state, allowed=("running",), expected_dispatch=attempt.dispatch,
+        delay_ms=int(verdict.delay_s * 1000), new_dispatch=True,
+        fields={"attempt": attempt.attempt - 1, "hop_attempt": attempt.hop_attempt - 1, "waiting_for": verdict.reason},
     )
 
 

@@ -12,6 +12,7 @@ exc`). Retry and fallback decide on the class alone, never on message text::
      │    │    ├── ContextWindowExceededError  prompt too long  -> larger-context model
      │    │    └── ContentFilteredError        refused by a filter -> next provider
      │    ├── RateLimitedError         429  carries retry_after_s        -> same provider, later
+     │    ├── QuotaExceededError            llmq's daily quota/budget spent -> next provider
      │    ├── OverloadedError     503/529  provider busy                 -> same provider, later
      │    ├── ServerError              5xx                               -> same provider, later
      │    │    └── MalformedResponseError  unparseable body / stream cut short
@@ -108,6 +109,10 @@ class RateLimitedError(ProviderError):
     retryable = True
 
 
+class QuotaExceededError(ProviderError):
+    """A daily quota or budget set in llmq's config is spent (not the provider's 429)."""
+
+
 class OverloadedError(ProviderError):
     retryable = True
 
@@ -140,7 +145,7 @@ ERRORS_BY_NAME: dict[str, type[LLMQError]] = {
     cls.__name__: cls
     for cls in (
         LLMQError, ProviderError, AuthenticationError, PermissionDeniedError, ModelNotFoundError,
-        BadRequestError, ContextWindowExceededError, ContentFilteredError, RateLimitedError,
+        BadRequestError, ContextWindowExceededError, ContentFilteredError, RateLimitedError, QuotaExceededError,
         OverloadedError, ServerError, MalformedResponseError, TimeoutError, ConnectionError,
         JobCancelledError, DeadlineExceededError,
     )

@@ -31,6 +31,7 @@ from producer import keys
 from producer.config import LLMConfig
 from producer.jobs import JobStore
 from producer.queueing import publish_messages
+from worker.middleware import MiddlewareChain, default_middleware
 from worker.providers.base import LLMProvider
 from worker.providers.registry import create_provider
 
@@ -55,6 +56,8 @@ class Runtime:
         self._thread.start()
         self.redis: aioredis.Redis = self.run(self._connect())
         self.jobs = JobStore(self.redis)
+        self.middleware = MiddlewareChain(default_middleware())
+        self.run(self._start_middleware())
         self._tasks: list[asyncio.Future[Any]] = []
         self.outbox_flusher: Any = None
         if start_background:
@@ -63,6 +66,9 @@ class Runtime:
     async def _connect(self) -> aioredis.Redis:
         return aioredis.from_url(self.redis_url, decode_responses=True, max_connections=2000, health_check_interval=25)
 
+    async def _start_middleware(self) -> None:
+        self.middleware.start(self)
+
     def run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
         """Run a coroutine on the loop from any thread and wait for it."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
@@ -70,7 +76,9 @@ class Runtime:
     def provider(self, name: str) -> LLMProvider:
         """The adapter for a provider entry, created once per process (on the loop thread)."""
         if name not in self.providers:
-            self.providers[name] = create_provider(self.config.provider(name))
+            provider = create_provider(self.config.provider(name))
+            self.middleware.provider_created(provider)
+            self.providers[name] = provider
         return self.providers[name]
 
     # --- publishing ------------------------------------------------------------------

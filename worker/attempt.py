@@ -1,0 +1,70 @@
+"""One attempt of one job on one hop: what the engine and its middleware share."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from producer.models import Hop, LLMRequest
+from worker import errors
+
+
+@dataclass
+class Attempt:
+    job_id: str
+    dispatch: int
+    request: LLMRequest
+    route: list[Hop]
+    route_index: int
+    attempt: int
+    hop_attempt: int
+    batch_id: str | None
+    deadline_at_s: float
+    started_at_s: float
+    #: Per-job options from the caller (cache, ...).
+    options: dict[str, Any] = field(default_factory=dict)
+    #: Where middleware keeps what it needs between its hooks (a limiter's reservation, say).
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hop(self) -> Hop:
+        return self.route[self.route_index]
+
+    @classmethod
+    def from_claim(cls, job: dict[str, str], dispatch: int) -> Attempt:
+        return cls(
+            job_id=job["job_id"],
+            dispatch=dispatch,
+            request=LLMRequest.model_validate_json(job["request"]),
+            route=[Hop.model_validate(hop) for hop in json.loads(job["route"])],
+            route_index=int(job.get("route_index", 0)),
+            attempt=int(job["attempt"]),
+            hop_attempt=int(job["hop_attempt"]),
+            batch_id=job.get("batch_id") or None,
+            deadline_at_s=int(job["deadline_at"]) / 1000.0,
+            started_at_s=time.time(),
+            options=json.loads(job.get("options") or "{}"),
+        )
+
+    def record(self, outcome: str, error: errors.LLMQError | None = None) -> dict[str, Any]:
+        finished = time.time()
+        record: dict[str, Any] = {
+            "kind": "attempt",
+            "job_id": self.job_id,
+            "attempt": self.attempt,
+            "provider": self.hop.provider,
+            "model": self.hop.model,
+            "outcome": outcome,
+            "started_at": self.started_at_s,
+            "finished_at": finished,
+            "latency_ms": round((finished - self.started_at_s) * 1000, 3),
+        }
+        if error is not None:
+            details = error.to_dict()
+            record.update(
+                error_type=details["type"], error_message=details["message"],
+                status_code=details.get("status_code"), provider_request_id=details.get("request_id"),
+            )
+        return record

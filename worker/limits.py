@@ -1,0 +1,100 @@
+"""The shared rate limiter as engine middleware.
+
+Before a call: reserve one request and the estimated tokens (prompt estimate +
+max_tokens) from the fleet-wide limiter, or set the job aside (`rate_limited`)
+until the limiter says it fits, or, when a daily quota is spent and the provider
+is configured to fall back, move the job to the next provider. After it: settle
+to the real usage (returning what was not used), or release the slot; a 429
+pauses the provider for the whole fleet, and so do rate-limit headers saying a
+limit is spent (read by the adapter's header observer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+from producer import keys
+from producer.models import LLMResponse
+from worker import errors
+from worker.middleware import Defer, Middleware, Skip, Verdict
+from worker.providers.base import LLMProvider
+from worker.ratelimit import RateLimiter, estimate_request_tokens
+
+if TYPE_CHECKING:
+    from worker.attempt import Attempt
+    from worker.runtime import Runtime
+
+#: How long the fleet pauses a provider after a 429 that names no retry-after.
+DEFAULT_PENALTY_S = 1.0
+
+
+class RateLimitMiddleware(Middleware):
+    def start(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.limiter = RateLimiter(runtime.redis, key_prefix=keys.RATE_LIMIT_PREFIX)
+
+    def provider_created(self, provider: LLMProvider) -> None:
+        if hasattr(provider, "header_observer"):
+            provider.header_observer = self.limiter.observer_for(provider.name, self.runtime.loop)
+
+    def _limits(self, attempt: Attempt) -> Any:
+        return self.runtime.config.provider(attempt.hop.provider).rate_limits
+
+    def _key_id(self, attempt: Attempt) -> str | None:
+        entry = self.runtime.config.provider(attempt.hop.provider)
+        if not entry.rate_limits.per_api_key or entry.api_key is None:
+            return None
+        # A short digest names the key in Redis without the key itself ever being stored.
+        return hashlib.sha256(entry.api_key.get_secret_value().encode()).hexdigest()[:12]
+
+    async def before_attempt(self, attempt: Attempt) -> Verdict | None:
+        limits = self._limits(attempt)
+        if not _has_limits(limits):
+            return None
+        estimate = estimate_request_tokens(attempt.request.model_copy(update={"model": attempt.hop.model}))
+        decision = await self.limiter.acquire(
+            attempt.hop.provider, attempt.hop.model, limits, estimate,
+            api_key_id=self._key_id(attempt), lease_id=_lease_id(attempt),
+        )
+        if decision.granted:
+            attempt.scratch["rate_limit_reserved"] = estimate
+            return None
+        if decision.quota_exhausted and limits.on_quota_exhausted == "fallback":
+            return Skip(errors.QuotaExceededError(
+                f"daily quota {decision.limit} of provider {attempt.hop.provider!r} is spent",
+                provider=attempt.hop.provider, model=attempt.hop.model,
+            ))
+        return Defer(decision.wait_s, "rate_limited", reason=decision.limit or "rate limit")
+
+    async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
+        reserved = attempt.scratch.pop("rate_limit_reserved", None)
+        if reserved is None:
+            return
+        cost = usage_row.get("cost_usd")
+        await self.limiter.settle(
+            attempt.hop.provider, attempt.hop.model, self._limits(attempt), _lease_id(attempt), reserved,
+            response.usage.total_tokens, float(cost) if cost is not None else None, api_key_id=self._key_id(attempt),
+        )
+
+    async def after_error(self, attempt: Attempt, error: errors.LLMQError) -> None:
+        if isinstance(error, errors.RateLimitedError):
+            await self.limiter.penalize(attempt.hop.provider, error.retry_after_s or DEFAULT_PENALTY_S)
+
+    async def after_attempt(self, attempt: Attempt) -> None:
+        if attempt.scratch.pop("rate_limit_reserved", None) is not None:
+            await self.limiter.release(
+                attempt.hop.provider, attempt.hop.model, self._limits(attempt), _lease_id(attempt),
+                api_key_id=self._key_id(attempt),
+            )
+
+
+def _lease_id(attempt: Attempt) -> str:
+    return f"{attempt.job_id}:{attempt.attempt}"
+
+
+def _has_limits(limits: Any) -> bool:
+    return any((
+        limits.requests_per_minute, limits.tokens_per_minute, limits.max_concurrent, limits.per_model,
+        limits.daily_tokens, limits.daily_cost_usd,
+    ))
