@@ -1,0 +1,141 @@
+"""The in-process mock provider: deterministic, labelled as simulated, with seeded failures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import pytest
+from pydantic import ValidationError
+
+from producer.config import ProviderConfig
+from producer.models import LLMRequest, LLMResponse
+from worker import errors
+from worker.providers.mock import SIMULATED_LABEL, MockProvider
+from worker.providers.registry import create_provider
+from worker.tokens import estimate_prompt_tokens, estimate_tokens
+
+T = TypeVar("T")
+
+
+def mock(**options: Any) -> MockProvider:
+    provider = create_provider(ProviderConfig(name="demo_mock", type="mock", models=["mock-small"], options=options))
+    assert isinstance(provider, MockProvider)
+    return provider
+
+
+def request(**overrides: Any) -> LLMRequest:
+    fields: dict[str, Any] = {"messages": [{"role": "user", "content": "Plan my next Minecraft task"}],
+                              "model": "mock-small"}
+    return LLMRequest(**{**fields, **overrides})
+
+
+def run(action: Awaitable[T]) -> T:
+    return asyncio.run(action)  # type: ignore[arg-type]
+
+
+async def collect(provider: MockProvider, req: LLMRequest, into: list[LLMResponse] | None = None) -> list[LLMResponse]:
+    chunks = into if into is not None else []
+    async for chunk in provider.stream_generate(req):
+        chunks.append(chunk)
+    return chunks
+
+
+def outcomes(provider: MockProvider, calls: int) -> list[str]:
+    async def main() -> list[str]:
+        results = []
+        for _ in range(calls):
+            try:
+                await provider.generate(request())
+                results.append("ok")
+            except errors.ServerError:
+                results.append("fail")
+        return results
+
+    return run(main())
+
+
+def test_output_is_deterministic_and_labelled_simulated() -> None:
+    first = run(mock().generate(request()))
+    second = run(mock().generate(request()))
+    assert first == second
+    assert first.content.startswith(SIMULATED_LABEL)
+    assert "Plan my next Minecraft task" in first.content and "\nTask: " in first.content
+    assert first.metadata == {"simulated": True, "finish_reason": "stop"}
+    assert (first.provider, first.model) == ("demo_mock", "mock-small")
+
+
+def test_usage_estimates_prompt_and_completion() -> None:
+    req = request()
+    response = run(mock().generate(req))
+    messages: list[object] = list(req.messages)
+    assert response.usage.prompt_tokens == estimate_prompt_tokens(messages)
+    assert response.usage.completion_tokens == estimate_tokens(response.content)
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_completion_tokens_option_is_capped_by_max_tokens() -> None:
+    assert run(mock(completion_tokens=120).generate(request())).usage.completion_tokens == 120
+    assert run(mock(completion_tokens=120).generate(request(max_tokens=30))).usage.completion_tokens == 30
+
+
+def test_latency_delays_generate_and_stream() -> None:
+    started = time.monotonic()
+    run(mock(latency_s=0.2).generate(request()))
+    assert time.monotonic() - started >= 0.2
+    started = time.monotonic()
+    run(collect(mock(latency_s=0.2), request()))
+    assert time.monotonic() - started >= 0.19  # spread over the chunks
+
+
+def test_failure_rate_is_repeatable_for_a_seed() -> None:
+    first = outcomes(mock(failure_rate=0.5, seed=7), 30)
+    assert first == outcomes(mock(failure_rate=0.5, seed=7), 30)
+    assert {"ok", "fail"} == set(first)
+    assert first != outcomes(mock(failure_rate=0.5, seed=8), 30)
+    assert set(outcomes(mock(failure_rate=1.0), 5)) == {"fail"}
+    assert set(outcomes(mock(), 5)) == {"ok"}
+
+
+def test_fail_with_names_the_error_class() -> None:
+    with pytest.raises(errors.RateLimitedError) as caught:
+        run(mock(failure_rate=1.0, fail_with="RateLimitedError").generate(request()))
+    assert caught.value.provider == "demo_mock" and caught.value.model == "mock-small"
+    assert "simulated" in caught.value.message
+    with pytest.raises(errors.JobCancelledError):  # not a ProviderError: raised with its message alone
+        run(mock(failure_rate=1.0, fail_with="JobCancelledError").generate(request()))
+
+
+def test_bad_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="fail_with"):
+        mock(fail_with="NoSuchError")
+    with pytest.raises(ValidationError, match="latency"):
+        mock(latency=1)
+    with pytest.raises(ValidationError):
+        mock(failure_rate=1.5)
+
+
+def test_stream_chunks_join_to_the_generate_content() -> None:
+    full = run(mock().generate(request()))
+    *pieces, final = run(collect(mock(), request()))
+    assert len(pieces) > 1
+    assert "".join(chunk.content for chunk in pieces) == full.content
+    assert all(chunk.metadata.get("simulated") and not chunk.metadata.get("final") for chunk in pieces)
+    assert final.content == "" and final.metadata["final"] is True and final.metadata["simulated"] is True
+    assert final.usage == full.usage and final.metadata["finish_reason"] == "stop"
+
+
+def test_stream_failure_comes_part_way_not_as_a_short_answer() -> None:
+    received: list[LLMResponse] = []
+    with pytest.raises(errors.ServerError):
+        run(collect(mock(failure_rate=1.0), request(), received))
+    assert received and not any(chunk.metadata.get("final") for chunk in received)
+
+
+def test_models_and_health() -> None:
+    provider = mock()
+    assert run(provider.get_available_models()) == ["mock-small"]
+    assert run(provider.health_check()) is True
+    assert provider.local and provider.simulated and not provider.requires_api_key
