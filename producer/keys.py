@@ -69,3 +69,8 @@ HEALTH = f"{PREFIX}:health"
 RATE_LIMIT_PREFIX = f"{PREFIX}:rl"
 #: Prefix of response-cache keys.
 CACHE_PREFIX = f"{PREFIX}:cache"
+
+
+def cache_stats(provider: str) -> str:
+    """Hash hits/misses: the response cache's counters for one provider entry."""
+    return f"{CACHE_PREFIX}:stats:{provider}"

@@ -83,9 +83,29 @@ class LLMService:
             raise JobFailedError(job)
         return job.result
 
-    async def stream_generate(self, request: LLMRequest | Mapping[str, Any]) -> AsyncIterator[LLMResponse]:
-        raise NotImplementedError("streaming through the queue is not available yet")
-        yield  # pragma: no cover
+    async def stream_generate(
+        self, request: LLMRequest | Mapping[str, Any], *, deadline_s: float | None = None
+    ) -> AsyncIterator[LLMResponse]:
+        """Submit a request and yield its chunks as the worker receives them from the provider.
+
+        Each chunk's metadata carries `job_id` and `stream_id`; pass them to `stream_job`
+        to pick up after a disconnect. A chunk with metadata["reset"] means the provider
+        failed part-way and the job moved on: drop what came before it. The last chunk has
+        metadata["final"] and the usage of the whole answer.
+        """
+        parsed = self.prepare(request)
+        if not parsed.stream:
+            parsed = parsed.model_copy(update={"stream": True})
+        job_id = await self.submit(parsed, deadline_s=deadline_s)
+        async for chunk in self.stream_job(job_id):
+            yield chunk
+
+    async def stream_job(self, job_id: str, after_id: str = "0-0") -> AsyncIterator[LLMResponse]:
+        """Read a streamed job's chunks after `after_id`: none lost, none repeated, across reconnects."""
+        from producer.streams import read_stream
+
+        async for chunk in read_stream(self.jobs, job_id, after_id):
+            yield chunk
 
     def get_available_models(self) -> list[str]:
         models: list[str] = []
@@ -93,6 +113,16 @@ class LLMService:
             if entry.configured:
                 models += [model for model in entry.models if model not in models]
         return models
+
+    async def cache_stats(self) -> dict[str, dict[str, float]]:
+        """Response-cache hits, misses and hit ratio per provider entry (last 7 days)."""
+        stats: dict[str, dict[str, float]] = {}
+        for name in self.config.providers:
+            raw = await self.jobs.redis.hgetall(keys.cache_stats(name))
+            hits, misses = int(raw.get("hits", 0)), int(raw.get("misses", 0))
+            if hits or misses:
+                stats[name] = {"hits": hits, "misses": misses, "hit_ratio": round(hits / (hits + misses), 4)}
+        return stats
 
     def get_provider_status(self) -> dict[str, bool]:
         return {name: entry.configured for name, entry in self.config.providers.items()}
@@ -111,10 +141,16 @@ class LLMService:
         return parsed
 
     async def submit(
-        self, request: LLMRequest | Mapping[str, Any], *, job_id: str | None = None, deadline_s: float | None = None
+        self,
+        request: LLMRequest | Mapping[str, Any],
+        *,
+        job_id: str | None = None,
+        deadline_s: float | None = None,
+        cache: bool | None = None,
     ) -> str:
+        """Enqueue one request; returns its job id. `cache` overrides the provider's cache setting."""
         parsed = self.prepare(request)
-        new = self._new_job(parsed, job_id or new_id("job"), None, None, deadline_s)
+        new = self._new_job(parsed, job_id or new_id("job"), None, None, deadline_s, cache)
         created = await self._enqueue([new])
         return created[0]
 
@@ -124,6 +160,7 @@ class LLMService:
         *,
         batch_id: str | None = None,
         deadline_s: float | None = None,
+        cache: bool | None = None,
         on_progress: Callable[[int], None] | None = None,
     ) -> str:
         """Validate every item first, then create and publish in pipelined chunks."""
@@ -135,7 +172,10 @@ class LLMService:
         for start in range(0, len(prepared), SUBMIT_CHUNK):
             chunk = prepared[start : start + SUBMIT_CHUNK]
             job_ids = [_job_id_for(batch_id, item, start + index) for index, item in enumerate(chunk)]
-            new = [self._new_job(item.request, job_id, batch_id, item.custom_id, deadline_s) for job_id, item in zip(job_ids, chunk)]
+            new = [
+                self._new_job(item.request, job_id, batch_id, item.custom_id, deadline_s, cache)
+                for job_id, item in zip(job_ids, chunk)
+            ]
             await self._enqueue(new)
             if on_progress:
                 on_progress(len(chunk))
@@ -166,10 +206,16 @@ class LLMService:
             raise RequestError("batch refused: it holds no requests")
         return prepared
 
-    def _new_job(self, request: LLMRequest, job_id: str, batch_id: str | None, custom_id: str | None, deadline_s: float | None) -> NewJob:
+    def _new_job(
+        self, request: LLMRequest, job_id: str, batch_id: str | None, custom_id: str | None,
+        deadline_s: float | None, cache: bool | None = None,
+    ) -> NewJob:
+        if deadline_s is not None and deadline_s <= 0:
+            raise RequestError(f"deadline_s must be a positive number of seconds (got {deadline_s})")
         return NewJob(
             job_id=job_id, request=request, route=plan_route(request, self.config), batch_id=batch_id,
             custom_id=custom_id, deadline_s=deadline_s or self.config.service.jobs.deadline_s,
+            options={} if cache is None else {"cache": cache},
         )
 
     async def _enqueue(self, jobs: list[NewJob]) -> list[str]:

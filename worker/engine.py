@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from producer import keys
@@ -24,6 +25,7 @@ from worker.attempt import Attempt
 from worker.middleware import Defer, Serve, Skip
 from worker.pricing import cost_usd
 from worker.runtime import Runtime
+from worker.streaming import StreamWriter
 
 log = logging.getLogger("llmq.worker")
 
@@ -90,16 +92,42 @@ async def _call(runtime: Runtime, attempt: Attempt) -> LLMResponse:
     request = attempt.request.model_copy(update={"model": attempt.hop.model})
     remaining_s = attempt.deadline_at_s - time.time()
     async with asyncio.timeout(max(0.001, remaining_s)):
+        if request.stream and provider.supports_streaming:
+            return await _stream(runtime, attempt, provider.stream_generate(request, job_id=attempt.job_id))
         return await provider.generate(request, job_id=attempt.job_id)
+
+
+async def _stream(runtime: Runtime, attempt: Attempt, chunks: AsyncIterator[LLMResponse]) -> LLMResponse:
+    """Relay chunks to the job's Redis Stream as they arrive; return the whole answer."""
+    writer = _writer(runtime, attempt)
+    parts: list[str] = []
+    async for chunk in chunks:
+        if chunk.metadata.get("final"):
+            metadata = {key: value for key, value in chunk.metadata.items() if key != "final"}
+            return chunk.model_copy(update={"content": "".join(parts), "metadata": metadata})
+        if chunk.content:
+            parts.append(chunk.content)
+            await writer.chunk(chunk, attempt.attempt)
+    raise errors.MalformedResponseError(
+        "stream ended without its final chunk", provider=attempt.hop.provider, model=attempt.hop.model
+    )
+
+
+def _writer(runtime: Runtime, attempt: Attempt) -> StreamWriter:
+    if "stream" not in attempt.scratch:
+        attempt.scratch["stream"] = StreamWriter(runtime.redis, attempt.job_id, runtime.config.service.jobs.result_ttl_s)
+    return attempt.scratch["stream"]
 
 
 async def _succeed(runtime: Runtime, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
     record = attempt.record("succeeded")
-    await runtime.jobs.transition(
+    moved, _, _ = await runtime.jobs.transition(
         attempt.job_id, new_state="succeeded", allowed=("running",), expected_dispatch=attempt.dispatch,
         ttl_s=runtime.config.service.jobs.result_ttl_s, attempt=_public(record),
         rows=[record, usage_row], fields={"result": response.model_dump_json()},
     )
+    if moved and attempt.request.stream:
+        await _writer(runtime, attempt).final(response, attempt.attempt)
 
 
 async def _defer(runtime: Runtime, attempt: Attempt, verdict: Defer) -> None:
@@ -182,20 +210,25 @@ async def _requeue(
         hop = (route or attempt.route)[route_index]
         fields.update(route_index=route_index, hop_attempt=0, queue=keys.queue_name(hop.provider))
     record = attempt.record("error", error)
-    await runtime.jobs.transition(
+    moved, _, _ = await runtime.jobs.transition(
         attempt.job_id, new_state=state, allowed=("running",), expected_dispatch=attempt.dispatch,
         delay_ms=int(delay_s * 1000), new_dispatch=True, attempt=_public(record), rows=[record], fields=fields,
     )
+    if moved and attempt.request.stream and _writer(runtime, attempt).sent_chunks:
+        # Readers drop what this attempt streamed; the next attempt's chunks follow the marker.
+        await _writer(runtime, attempt).reset(attempt.attempt, attempt.hop.provider, attempt.hop.model, error.to_dict())
     # delay 0: the promoter publishes within its next tick (< 0.1 s); its safety net covers a crash here.
 
 
 async def _fail(runtime: Runtime, attempt: Attempt, error: errors.LLMQError) -> None:
     record = attempt.record("error", error)
-    await runtime.jobs.transition(
+    moved, _, _ = await runtime.jobs.transition(
         attempt.job_id, new_state="failed", allowed=("running",), expected_dispatch=attempt.dispatch,
         new_dispatch=True, ttl_s=runtime.config.service.jobs.result_ttl_s, attempt=_public(record), rows=[record],
         fields={"error": json.dumps(error.to_dict())},
     )
+    if moved and attempt.request.stream:
+        await _writer(runtime, attempt).error(error.to_dict())
 
 
 async def _fail_expired(runtime: Runtime, job_id: str) -> None:

@@ -120,6 +120,8 @@ class MiddlewareChain:
 
 def default_middleware() -> list[Middleware]:
     """The chain every worker runs, in order: the first verdict wins."""
+    from worker.cache import CacheMiddleware
     from worker.limits import RateLimitMiddleware
 
-    return [RateLimitMiddleware()]
+    # The cache answers before anything is reserved; the limiter reserves last, just before the call.
+    return [CacheMiddleware(), RateLimitMiddleware()]
