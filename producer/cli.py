@@ -38,8 +38,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE if isinstance(exc, (ConfigError, ValueError)) else EXIT_ERROR
 
 
+class NotFoundError(LookupError):
+    """An id that names no job or batch in Redis."""
+
+
 def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    # str(KeyError("x")) is "'x'": take the message itself.
+    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
     return text if len(text) < 2000 else text[:2000] + "..."
 
 
@@ -80,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("id", help="job id or batch id")
         if name == "results":
             sub.add_argument("--output", "-o", help="write to this file instead of stdout")
+
+    chat = command("chat", cmd_chat, "send one prompt through the queue and stream the answer to the terminal")
+    chat.add_argument("prompt", help="the user message")
+    chat.add_argument("--model", help="model (default: the first model of the default provider)")
+    chat.add_argument("--provider", help="pin a provider entry")
+    chat.add_argument("--system", help="a system message")
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--max-tokens", type=int, default=2000)
+    tail = command("tail", cmd_tail, "follow a streamed job's output (resumes from the start)")
+    tail.add_argument("id", help="job id")
 
     from producer import stack
 
@@ -123,10 +139,13 @@ def cmd_providers(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    for name, entry in config.providers.items():
-        if entry.configured:
-            for model in entry.models:
-                print(f"{model}\t{name}")
+    configured = config.configured_providers()
+    if not configured:
+        print(f"no provider is configured in {config.path}; see `llmq providers` for why", file=sys.stderr)
+        return EXIT_ERROR
+    for name in configured:
+        for model in config.providers[name].models or ["(any model)"]:
+            print(f"{model}\t{name}")
     return 0
 
 
@@ -135,9 +154,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.app import create_app
 
     config = load_config(args.config)
+    names = worker_providers(config, args.queues)
     app = create_app(config)
-    names = [name.strip() for name in (args.queues or "").split(",") if name.strip()] or config.configured_providers()
-    queues = [name if name.startswith(keys.QUEUE_PREFIX) else keys.queue_name(name) for name in names]
+    queues = [keys.queue_name(name) for name in names]
     app.llmq_queues = queues
     worker_args = ["worker", f"--pool={args.pool}", f"--concurrency={args.concurrency}", f"--queues={','.join(queues)}",
                    f"--loglevel={args.loglevel}", "--events", "--without-gossip", "--without-mingle"]
@@ -147,13 +166,35 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_providers(config: Any, queues_option: str | None) -> list[str]:
+    """Provider names from `--queues` (names or llm.<name>), checked against the config.
+
+    A misspelt name would make a worker wait forever on a queue nobody sends to, so
+    it is refused; a known but unconfigured provider only gets a warning, because
+    docker-compose runs one worker per queue whether or not its key is set.
+    """
+    from producer import keys
+
+    requested = [name.strip().removeprefix(keys.QUEUE_PREFIX) for name in (queues_option or "").split(",") if name.strip()]
+    if not requested:
+        requested = config.configured_providers()
+        if not requested:
+            raise ConfigError(f"{config.path}: no provider is configured, so a worker has no queue; see `llmq providers`")
+    for name in requested:
+        entry = config.provider(name)  # ConfigError naming the known providers
+        if not entry.configured:
+            print(f"llmq: warning: provider {name!r} is not configured ({entry.not_configured_reason}); "
+                  f"this worker stays idle until it is", file=sys.stderr)
+    return requested
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from producer.batchfile import read_batch_file
 
-    service = _service(args)
-    items = read_batch_file(args.file, service)
     if args.output and not args.wait:
         raise ValueError("--output needs --wait (results are written when the jobs finish)")
+    service = _service(args)
+    items = read_batch_file(args.file, service)
     return asyncio.run(_submit(service, items, args))
 
 
@@ -214,6 +255,10 @@ def write_lines(lines: list[str], output: str | None) -> None:
         sys.stdout.write(text)
 
 
+def not_found(some_id: str) -> str:
+    return f"no job or batch {some_id!r} in Redis (expired, or never submitted)"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     service = _service(args)
 
@@ -223,7 +268,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         finally:
             await service.aclose()
         if record is None:
-            raise KeyError(f"no job or batch {args.id!r} in Redis (expired, or never submitted)")
+            raise NotFoundError(not_found(args.id))
         if isinstance(record, BatchRecord):
             print(summary_line(record))
         else:
@@ -243,7 +288,7 @@ def cmd_results(args: argparse.Namespace) -> int:
             else:
                 job = await service.poll(args.id)
                 if job is None:
-                    raise KeyError(f"no job or batch {args.id!r} in Redis (expired, or never submitted)")
+                    raise NotFoundError(not_found(args.id))
                 jobs = [job]
         finally:
             await service.aclose()
@@ -258,13 +303,56 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         try:
+            if await service.status(args.id) is None:
+                raise NotFoundError(not_found(args.id))
             cancelled = await service.cancel(args.id)
         finally:
             await service.aclose()
-        print(f"cancelled {cancelled} job(s)")
+        print(f"cancelled {cancelled} job(s)" + ("" if cancelled else " (already finished)"))
         return 0
 
     return asyncio.run(run())
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    service = _service(args)
+    model = args.model or default_model(service.config)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+    request = {"messages": messages, "model": model, "temperature": args.temperature, "max_tokens": args.max_tokens,
+               "stream": True, "provider": args.provider, "metadata": {"caller": "llmq-chat"}}
+    return asyncio.run(_print_stream(service, service.stream_generate(request)))
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    service = _service(args)
+    return asyncio.run(_print_stream(service, service.stream_job(args.id)))
+
+
+async def _print_stream(service: Any, chunks: Any) -> int:
+    try:
+        async for chunk in chunks:
+            if chunk.metadata.get("reset"):
+                error = chunk.metadata.get("error", {})
+                print(f"\n[{error.get('provider') or chunk.provider} failed part-way ({error.get('type')}); "
+                      "falling back, the answer starts again]", file=sys.stderr)
+            elif chunk.metadata.get("final"):
+                usage = chunk.usage
+                print(f"\n[{chunk.provider}/{chunk.model}: {usage.prompt_tokens} prompt + "
+                      f"{usage.completion_tokens} completion tokens]", file=sys.stderr)
+            else:
+                print(chunk.content, end="", flush=True)
+    finally:
+        await service.aclose()
+    return 0
+
+
+def default_model(config: Any) -> str:
+    names = [config.service.default_provider, *config.service.fallback_chain, *config.providers]
+    for name in names:
+        entry = config.providers.get(name) if name else None
+        if entry is not None and entry.configured and entry.models:
+            return entry.models[0]
+    raise ValueError("no configured provider lists a model; pass --model")
 
 
 if __name__ == "__main__":

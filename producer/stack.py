@@ -92,11 +92,19 @@ class Stack:
 
 @contextmanager
 def running_stack(config: LLMConfig, *, flower_port: int | None) -> Iterator[Stack]:
-    stack = Stack(config, llmq_home(), flower_port=flower_port).start()
+    # SIGTERM / SIGHUP stop the stack like Ctrl-C does, so nothing is left running.
+    previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
+    stack = Stack(config, llmq_home(), flower_port=flower_port)
     try:
-        yield stack
+        yield stack.start()
     finally:
         stack.stop()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_up(args: argparse.Namespace) -> int:
