@@ -39,6 +39,8 @@ BUILTIN_PROVIDER_TYPES = (
 #: Names people use for an adapter that is served by another one.
 PROVIDER_TYPE_ALIASES = {"google": "gemini", "palm": "gemini", "azure": "azure_openai", "hf": "huggingface"}
 
+#: Adapter options that hold credentials (Bedrock's AWS secret key and session token, ...).
+_SECRET_OPTION = re.compile(r"(secret|password|session_token|api_key|access_key)", re.IGNORECASE)
 _VAR_PATTERN = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
 
 
@@ -203,12 +205,15 @@ class LLMConfig:
         return [name for name, entry in self.providers.items() if entry.configured]
 
     def secrets(self) -> list[str]:
-        """Every API key in the config: what log and error redaction must hide."""
-        return [
-            entry.api_key.get_secret_value()
-            for entry in self.providers.values()
-            if entry.api_key is not None and entry.api_key.get_secret_value()
-        ]
+        """Every API key and credential in the config: what log and error redaction must hide."""
+        found: list[str] = []
+        for entry in self.providers.values():
+            if entry.api_key is not None and entry.api_key.get_secret_value():
+                found.append(entry.api_key.get_secret_value())
+            for name, value in entry.options.items():
+                if _SECRET_OPTION.search(name) and isinstance(value, str) and value:
+                    found.append(value)
+        return found
 
 
 def known_provider_types() -> set[str]:
