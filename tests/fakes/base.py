@@ -201,6 +201,14 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 1024
     fake: FakeProviderServer
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up mid-stream (a timeout, a cancelled job) is normal here.
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
+
 
 class FakeProviderServer:
     """Base of every fake provider: lifecycle, recording, fault injection, limits."""
