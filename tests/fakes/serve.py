@@ -1,0 +1,75 @@
+"""Run one fake provider server in a process of its own (benchmarks, manual checks).
+
+    python -m tests.fakes.serve openai --port 8401 --latency-s 2
+
+A fake in its own process does not share the GIL with the client under test, so
+a benchmark measures the client, not the fake. The first line on stdout is JSON
+(`{"url": ..., "port": ..., "pid": ...}`) once the server accepts connections;
+the control API (`/_fake/stats`, `/_fake/latency`, ...) sets knobs from outside.
+SIGTERM or SIGINT stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from tests.fakes.base import FakeProviderServer, _Handler
+
+#: provider name -> "module:class", imported only when asked for.
+FAKES = {
+    "openai": "tests.fakes.openai:FakeOpenAI",
+    "anthropic": "tests.fakes.anthropic:FakeAnthropic",
+    "gemini": "tests.fakes.gemini:FakeGemini",
+    "ollama": "tests.fakes.ollama:FakeOllama",
+}
+
+
+class _NoDelayHandler(_Handler):
+    # The handler writes headers and body in two sends; with Nagle's algorithm on, the body
+    # waits for the ACK of the headers, which the client delays by ~40 ms: every reply would
+    # take >= 40 ms and a benchmark would measure TCP timers, not the client.
+    disable_nagle_algorithm = True
+
+
+def build_fake(provider: str, *, port: int = 0, latency_s: float = 0.0, api_key: str | None = None,
+               backlog: int = 4096) -> FakeProviderServer:
+    module_name, class_name = FAKES[provider].split(":")
+    fake_class = getattr(importlib.import_module(module_name), class_name)
+    options: dict[str, Any] = {"port": port, "latency_s": latency_s}
+    if api_key is not None:
+        options["api_key"] = api_key
+    fake: FakeProviderServer = fake_class(**options)
+    fake._server.RequestHandlerClass = _NoDelayHandler
+    # The base binds with a 1024 backlog; a thousand clients connecting at once need more.
+    fake._server.socket.listen(backlog)
+    return fake
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.fakes.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("provider", choices=sorted(FAKES))
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--latency-s", type=float, default=0.0, help="delay before every reply, in seconds")
+    parser.add_argument("--api-key", help="the key the fake accepts (default: the fake's own)")
+    parser.add_argument("--backlog", type=int, default=4096, help="listen backlog (pending connections)")
+    args = parser.parse_args(argv)
+    fake = build_fake(args.provider, port=args.port, latency_s=args.latency_s, api_key=args.api_key,
+                      backlog=args.backlog).start()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    print(json.dumps({"url": fake.url, "port": fake.port, "pid": os.getpid()}), flush=True)
+    stop.wait()
+    fake.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
