@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one line for people, the trace with --verbose
         if args.verbose:
             traceback.print_exc()
-        print(f"llmq: error: {one_line(exc)}", file=sys.stderr)
+        print(f"llmq: error: {one_line(exc)}{hint(exc)}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, (ConfigError, ValueError)) else EXIT_ERROR
 
 
@@ -49,6 +49,21 @@ def one_line(exc: BaseException) -> str:
     return text if len(text) < 2000 else text[:2000] + "..."
 
 
+def hint(exc: BaseException) -> str:
+    """What to do about an unreachable Redis (the URL shown without its password)."""
+    import redis
+    from kombu.exceptions import OperationalError
+
+    if isinstance(exc, (redis.exceptions.ConnectionError, OperationalError)) and not isinstance(
+        exc, redis.exceptions.AuthenticationError
+    ):
+        from producer.queueing import REDIS_URL_ENV, redis_url
+        from producer.stack import redact_url
+
+        return f" (is Redis running at {redact_url(redis_url())}? set {REDIS_URL_ENV}, or run `llmq up`)"
+    return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmq", description="A centralized LLM service on a queue.")
     parser.add_argument("--config", help="config file (default: $LLMQ_CONFIG or config/llm_service.yaml)")
@@ -58,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, handler: Any, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
+        # Also after the command (`llmq submit FILE -v`); SUPPRESS keeps a flag given before it.
+        sub.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="show details and tracebacks")
         return sub
 
     command("providers", cmd_providers, "list every provider adapter and entry, and whether it is configured")
@@ -217,17 +234,23 @@ async def _submit(service: Any, items: list[Any], args: argparse.Namespace) -> i
         await service.aclose()
 
 
-async def wait_with_bar(service: Any, batch_id: str) -> BatchRecord:
+async def wait_with_bar(
+    service: Any, batch_id: str, *, timeout_s: float | None = None, on_poll: Any = None
+) -> BatchRecord:
+    """Wait for a batch with a progress bar; `on_poll()` runs on every poll (and may raise
+    to stop waiting, e.g. when a process the caller started has died)."""
     from tqdm import tqdm
 
     with tqdm(desc="jobs", unit="job", file=sys.stderr) as bar:
         def progress(batch: BatchRecord) -> None:
+            if on_poll is not None:
+                on_poll()
             bar.total = batch.total
             bar.n = batch.finished
             bar.set_postfix_str(", ".join(f"{s.value} {n}" for s, n in batch.counts.items() if n), refresh=False)
             bar.refresh()
 
-        record = await service.wait(batch_id, on_progress=progress)
+        record = await service.wait(batch_id, timeout_s=timeout_s, on_progress=progress)
     assert isinstance(record, BatchRecord)
     return record
 

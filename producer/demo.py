@@ -19,7 +19,10 @@ from producer.config import LLMConfig
 from producer.models import JobRecord
 from producer.routing import plan_route
 from producer.service import LLMService
-from producer.stack import llmq_home, redact_url, running_stack
+from producer.stack import Stack, llmq_home, redact_url, running_stack
+
+#: The demo's batch is small; past this something is broken, and waiting longer will not help.
+WAIT_TIMEOUT_S = 600.0
 
 
 def run_demo(config: LLMConfig, requests_path: Path, *, flower_port: int | None) -> int:
@@ -35,7 +38,7 @@ def run_demo(config: LLMConfig, requests_path: Path, *, flower_port: int | None)
             sample = next(item.request for item in items if item.request.model == model)
             route = " -> ".join(f"{hop.provider}({hop.model})" for hop in plan_route(sample, config))
             print(f"  route for {model}: {route}")
-        jobs = asyncio.run(_run_batch(service, items))
+        jobs = asyncio.run(_run_batch(service, items, stack))
         _print_fallbacks(jobs)
         _print_samples(jobs)
         _print_usage(stack.redis_url, started)
@@ -51,12 +54,13 @@ def _print_providers(config: LLMConfig) -> None:
         print(f"  provider {name:<13} {status}")
 
 
-async def _run_batch(service: LLMService, items: list) -> list[JobRecord]:
+async def _run_batch(service: LLMService, items: list, stack: Stack) -> list[JobRecord]:
     try:
         began = time.monotonic()
         batch_id = await service.submit_batch(items)
         print(f"\nSubmitted batch {batch_id} ({len(items)} jobs)")
-        batch = await wait_with_bar(service, batch_id)
+        # A worker that died at start would leave the batch queued forever: stop waiting then.
+        batch = await wait_with_bar(service, batch_id, timeout_s=WAIT_TIMEOUT_S, on_poll=stack.check_alive)
         print(f"{summary_line(batch)} in {time.monotonic() - began:.1f}s")
         return await service.results(batch_id)
     finally:

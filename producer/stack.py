@@ -9,6 +9,7 @@ Ctrl-C (or the end of the demo) stops everything that was started, in order.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -83,7 +84,7 @@ class Stack:
             try:
                 process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)  # its own session: the whole group
                 process.wait()
         self.processes.clear()
         if self.redis is not None:
@@ -134,17 +135,20 @@ def redact_url(url: str) -> str:
 
 
 def demo_requests(limit: int) -> Path:
+    """`limit` lines of the agent's sample file, callers taken in turn (curriculum, skill
+    library, ...), so even a short demo shows every kind of request and every route."""
     source = Path(__file__).parent / "data" / "agent_requests.jsonl"
-    lines = source.read_text().splitlines()
+    lines = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    by_caller: dict[str, list[dict[str, object]]] = {}
+    for line in lines:
+        by_caller.setdefault(str(line["body"].get("metadata", {}).get("caller", "")), []).append(line)
+    interleaved = [group[index] for index in range(len(lines)) for group in by_caller.values() if index < len(group)]
+    chosen = [dict(interleaved[index % len(interleaved)]) for index in range(limit)]
+    if limit > len(interleaved):  # custom ids must stay unique
+        chosen = [{**line, "custom_id": f"{line['custom_id']}-{index}"} for index, line in enumerate(chosen)]
     target = llmq_home() / "demo_requests.jsonl"
     target.parent.mkdir(parents=True, exist_ok=True)
-    chosen = [lines[index % len(lines)] for index in range(limit)]
-    if limit > len(lines):  # custom ids must stay unique
-        import json
-
-        chosen = [json.dumps({**json.loads(line), "custom_id": f"{json.loads(line)['custom_id']}-{index}"})
-                  for index, line in enumerate(chosen)]
-    target.write_text("\n".join(chosen) + "\n")
+    target.write_text("".join(json.dumps(line) + "\n" for line in chosen))
     return target
 
 
