@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, SecretStr, ValidationError, model_validator
 
 CONFIG_ENV = "LLMQ_CONFIG"
 DEFAULT_CONFIG_PATHS = (Path("config/llm_service.yaml"), Path("llm_service.yaml"))
+#: A link to config/llm_service.yaml that the wheel carries as a file.
+PACKAGED_CONFIG = Path(__file__).parent / "data" / "llm_service.yaml"
 ENTRY_POINT_GROUP = "llmq.providers"
 
 #: Adapters that ship with llmq (the registry in worker.providers maps each to a class).
@@ -156,6 +158,32 @@ class JobSettings(_Strict):
     lease_s: float = Field(default=30.0, gt=0)
 
 
+class HealthSettings(_Strict):
+    """Health checks (Celery beat) and the circuit breaker each provider entry has."""
+
+    #: Seconds between two `health_check()` calls of a provider.
+    interval_s: float = Field(default=30.0, gt=0)
+    #: Consecutive failures (health checks or calls) that open the circuit.
+    failure_threshold: int = Field(default=5, ge=1)
+    #: Seconds an open circuit skips the provider before one probe is let through.
+    cooldown_s: float = Field(default=30.0, gt=0)
+
+
+class BudgetSettings(_Strict):
+    """Daily spend caps (UTC days), in USD; a caller is the request's metadata["caller"]."""
+
+    #: Caller name -> USD per day; "*" applies to every caller not named.
+    per_caller_daily_usd: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    #: Provider entry -> USD per day.
+    per_provider_daily_usd: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    #: What a job does once a budget is spent: wait for the next UTC day, or move to the next provider.
+    on_exhausted: Literal["hold", "reroute"] = "hold"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.per_caller_daily_usd or self.per_provider_daily_usd)
+
+
 class ServiceConfig(_Strict):
     default_provider: str | None = None
     fallback_chain: list[str] = Field(default_factory=list)
@@ -163,6 +191,8 @@ class ServiceConfig(_Strict):
     context_fallbacks: dict[str, str] = Field(default_factory=dict)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    budgets: BudgetSettings = Field(default_factory=BudgetSettings)
     providers: dict[str, ProviderConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -177,6 +207,12 @@ class ServiceConfig(_Strict):
             if name not in known:
                 raise ValueError(
                     f"fallback_chain names {name!r}, which is not under providers; "
+                    f"use only: {', '.join(sorted(known))}"
+                )
+        for name in self.budgets.per_provider_daily_usd:
+            if name not in known:
+                raise ValueError(
+                    f"budgets.per_provider_daily_usd names {name!r}, which is not under providers; "
                     f"use only: {', '.join(sorted(known))}"
                 )
         return self
@@ -252,6 +288,8 @@ def resolve_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     for candidate in DEFAULT_CONFIG_PATHS:
         if candidate.exists():
             return candidate
+    if PACKAGED_CONFIG.exists():  # installed without the checkout: the shipped config/llm_service.yaml
+        return PACKAGED_CONFIG
     raise ConfigError(
         f"no config file found: pass --config PATH, set {CONFIG_ENV}, "
         f"or create {DEFAULT_CONFIG_PATHS[0]} (see README, 'Configuration')"

@@ -8,6 +8,8 @@ configured (missing key, disabled) are skipped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from producer.config import LLMConfig
 from producer.models import Hop, LLMRequest
 
@@ -16,13 +18,20 @@ class RoutingError(ValueError):
     """No configured provider can take the request; the message says what to fix."""
 
 
-def plan_route(request: LLMRequest, config: LLMConfig) -> list[Hop]:
+def plan_route(request: LLMRequest, config: LLMConfig, workers_configured: frozenset[str] = frozenset()) -> list[Hop]:
+    """`workers_configured`: providers that live workers report configured (they hold the keys,
+    which the caller's own environment may not)."""
+
+    def usable(name: str) -> bool:
+        entry = config.providers[name]
+        return entry.configured or (entry.enabled and name in workers_configured)
+
     if request.provider is not None:
-        return [_pinned_hop(request, config)]
+        return [_pinned_hop(request, config, usable)]
     route: list[Hop] = []
     seen: set[str] = set()
     for name, entry in config.providers.items():
-        if entry.configured and entry.serves(request.model):
+        if usable(name) and entry.serves(request.model):
             route.append(Hop(provider=name, model=entry.model_for(request.model) or request.model))
             seen.add(name)
     chain = [config.service.default_provider, *config.service.fallback_chain]
@@ -32,7 +41,7 @@ def plan_route(request: LLMRequest, config: LLMConfig) -> list[Hop]:
         seen.add(name)
         entry = config.providers[name]
         model = entry.model_for(request.model)
-        if entry.configured and model:
+        if usable(name) and model:
             route.append(Hop(provider=name, model=model))
     if not route:
         configured = config.configured_providers()
@@ -44,13 +53,13 @@ def plan_route(request: LLMRequest, config: LLMConfig) -> list[Hop]:
     return route
 
 
-def _pinned_hop(request: LLMRequest, config: LLMConfig) -> Hop:
+def _pinned_hop(request: LLMRequest, config: LLMConfig, usable: Callable[[str], bool]) -> Hop:
     name = request.provider
     assert name is not None
     if name not in config.providers:
         raise RoutingError(f"provider {name!r} is not in the config; use one of: {', '.join(config.providers)}")
     entry = config.providers[name]
-    if not entry.configured:
+    if not usable(name):
         raise RoutingError(f"provider {name!r} is not configured ({entry.not_configured_reason})")
     return Hop(provider=name, model=entry.model_for(request.model) or request.model)
 

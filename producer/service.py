@@ -8,6 +8,7 @@ so a bad request never leaves half a batch in the queue.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 import uuid
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
@@ -26,6 +28,8 @@ from producer.queueing import make_celery, publish_messages, redis_url
 from producer.routing import RoutingError, plan_route
 
 SUBMIT_CHUNK = 500
+#: How long the providers that live workers report configured are trusted (seconds).
+WORKERS_CACHE_S = 5.0
 
 
 class RequestError(ValueError):
@@ -59,6 +63,8 @@ class LLMService:
         self.celery = make_celery(self.config, self.redis_url, name="llmq-producer")
         self._redis: aioredis.Redis | None = None
         self._jobs: JobStore | None = None
+        self._workers_configured: frozenset[str] = frozenset()
+        self._workers_seen_at = float("-inf")
 
     @property
     def jobs(self) -> JobStore:
@@ -107,6 +113,25 @@ class LLMService:
         async for chunk in read_stream(self.jobs, job_id, after_id):
             yield chunk
 
+    def workers_configured(self) -> frozenset[str]:
+        """Providers that live workers hold keys for, read from their heartbeats (cached a few seconds).
+
+        Keys belong in the workers' environment; a caller without them can still route there.
+        """
+        now = time.monotonic()
+        if now - self._workers_seen_at > WORKERS_CACHE_S:
+            self._workers_seen_at = now
+            try:
+                client = redis.Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=2)
+                with client:
+                    beats = [client.get(key) for key in client.scan_iter(keys.WORKER_PREFIX + "*", count=500)]
+                self._workers_configured = frozenset(
+                    name for beat in beats if beat for name in json.loads(beat).get("configured", [])
+                )
+            except redis.exceptions.RedisError:
+                self._workers_configured = frozenset()
+        return self._workers_configured
+
     def get_available_models(self) -> list[str]:
         models: list[str] = []
         for entry in self.config.providers.values():
@@ -125,7 +150,21 @@ class LLMService:
         return stats
 
     def get_provider_status(self) -> dict[str, bool]:
+        """The ADR's view: configured or not (no I/O); `provider_status()` has the live detail."""
         return {name: entry.configured for name, entry in self.config.providers.items()}
+
+    async def provider_status(self) -> dict[str, dict[str, Any]]:
+        """Live status per provider entry, from what the workers record in Redis.
+
+        Each: `configured` (and why not), `available` (routable now), `circuit`
+        (state closed/open/half_open, consecutive failures, opened_at, probe_at),
+        `last_check` and `recent_checks` (health checks: ok, at, latency_ms, error),
+        `last_error` with `last_error_at` and its source (job or health),
+        `last_success_at`, and `rate_limits` (the shared limiter's usage at the last check).
+        """
+        from producer.status import read_provider_status
+
+        return await read_provider_status(self.jobs.redis, self.config)
 
     # --- submitting ------------------------------------------------------------------
 
@@ -133,7 +172,7 @@ class LLMService:
         """Validate a request and its route; raises RequestError naming the field and the fix."""
         try:
             parsed = request if isinstance(request, LLMRequest) else LLMRequest.model_validate(request)
-            plan_route(parsed, self.config)
+            plan_route(parsed, self.config, self.workers_configured())
         except ValidationError as exc:
             raise RequestError(f"{where}: {describe_validation_error(exc)}") from None
         except RoutingError as exc:
@@ -213,7 +252,8 @@ class LLMService:
         if deadline_s is not None and deadline_s <= 0:
             raise RequestError(f"deadline_s must be a positive number of seconds (got {deadline_s})")
         return NewJob(
-            job_id=job_id, request=request, route=plan_route(request, self.config), batch_id=batch_id,
+            job_id=job_id, request=request, route=plan_route(request, self.config, self.workers_configured()),
+            batch_id=batch_id,
             custom_id=custom_id, deadline_s=deadline_s or self.config.service.jobs.deadline_s,
             options={} if cache is None else {"cache": cache},
         )

@@ -136,7 +136,10 @@ class Runtime:
         while True:
             try:
                 queues = sorted(getattr(self.app, "llmq_queues", []))
-                await self.redis.set(key, json.dumps({"pid": os.getpid(), "running": len(self.running), "queues": queues}), ex=10)
+                await self.redis.set(key, json.dumps({
+                    "pid": os.getpid(), "running": len(self.running), "queues": queues,
+                    "configured": self.config.configured_providers(),
+                }), ex=10)
             except Exception as exc:
                 log.warning("heartbeat: %s", exc)
             await asyncio.sleep(2)
