@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="show details and tracebacks")
         return sub
 
-    command("providers", cmd_providers, "list every provider adapter and entry, and whether it is configured")
+    from producer import reports
+
+    reports.add_commands(command)  # providers, usage
     command("models", cmd_models, "list the models of configured providers")
 
     worker = command("worker", cmd_worker, "run a worker on provider queues")
@@ -86,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--pool", default="threads", choices=["threads", "prefork", "solo"], help="Celery pool (default threads)")
     worker.add_argument("--loglevel", default="INFO")
     worker.add_argument("--hostname", "-n", help="Celery node name")
+    worker.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on this port (default $LLMQ_METRICS_PORT, else 0: off)")
 
     submit = command("submit", cmd_submit, "enqueue a JSONL batch file; prints the batch id")
     submit.add_argument("file", help="JSONL: one {\"custom_id\": ..., \"body\": {LLMRequest}} per line")
@@ -133,27 +137,6 @@ def _service(args: argparse.Namespace) -> Any:
 # --- commands ------------------------------------------------------------------------------
 
 
-def cmd_providers(args: argparse.Namespace) -> int:
-    from worker.providers.registry import adapter_class, adapter_types
-
-    config = load_config(args.config)
-    print(f"Adapters ({len(adapter_types())}):")
-    for type_name in adapter_types():
-        adapter = adapter_class(type_name)
-        traits = [t for t, on in (("streaming", adapter.supports_streaming), ("local", adapter.local), ("simulated", adapter.simulated)) if on]
-        print(f"  {type_name:<14} {adapter.description}  [{', '.join(traits)}]")
-    print(f"\nProviders in {config.path}:")
-    for name, entry in config.providers.items():
-        status = "configured" if entry.configured else f"not configured: {entry.not_configured_reason}"
-        limits = entry.rate_limits
-        limit_text = ", ".join(
-            f"{value} {unit}" for value, unit in ((limits.requests_per_minute, "req/min"), (limits.tokens_per_minute, "tok/min")) if value
-        )
-        print(f"  {name:<14} type={entry.adapter_type:<13} {status}")
-        print(f"  {'':<14} models: {', '.join(entry.models) or '(any)'}" + (f"; limits: {limit_text}" if limit_text else ""))
-    return 0
-
-
 def cmd_models(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configured = config.configured_providers()
@@ -175,6 +158,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     app = create_app(config)
     queues = [keys.queue_name(name) for name in names]
     app.llmq_queues = queues
+    if args.metrics_port is not None:
+        app.llmq_metrics_port = args.metrics_port  # read by worker/metrics.py when the runtime starts
     worker_args = ["worker", f"--pool={args.pool}", f"--concurrency={args.concurrency}", f"--queues={','.join(queues)}",
                    f"--loglevel={args.loglevel}", "--events", "--without-gossip", "--without-mingle"]
     if args.hostname:

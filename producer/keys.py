@@ -74,3 +74,29 @@ CACHE_PREFIX = f"{PREFIX}:cache"
 def cache_stats(provider: str) -> str:
     """Hash hits/misses: the response cache's counters for one provider entry."""
     return f"{CACHE_PREFIX}:stats:{provider}"
+
+
+#: Celery task that runs one provider's health check (sent by beat to the provider's queue).
+TASK_HEALTH_CHECK = "llmq.health_check"
+
+
+def health_history(provider: str) -> str:
+    """List of JSON health-check results for one provider entry, newest first, bounded."""
+    return f"{HEALTH}:history:{provider}"
+
+
+def circuit(provider: str) -> str:
+    """Hash: one provider entry's circuit breaker (state, failures, opened_at, probe, last error).
+
+    Written only by worker/circuit.lua; read by `provider_status()`.
+    """
+    return f"{PREFIX}:circuit:{provider}"
+
+
+def budget_spend(kind: str, name: str) -> str:
+    """Base of the daily spend counters (micro-USD) of a caller or provider entry.
+
+    `kind` is "caller" or "provider"; worker/budget.lua appends ":<UTC day number>"
+    (days since the epoch, on Redis's clock) and expires each counter after two days.
+    """
+    return f"{PREFIX}:budget:{kind}:{name}"

@@ -13,6 +13,10 @@ Reliability settings, chosen on purpose:
   text, no key, nothing secret reaches the broker, Flower or the logs.
 - No result backend: the job record in Redis is the source of truth.
 
+Beat (`celery -A worker.app beat`, started by `llmq up`) sends `llmq.health_check`
+for each provider entry to its queue (worker/health.py). Every log record of the
+process carries the running job's id and no secret (worker/logs.py).
+
 Start a worker with `llmq worker` (thread pool, many slots per process: each
 slot only waits on a coroutine on the process's shared event loop).
 """
@@ -27,6 +31,9 @@ from kombu import Queue
 from producer import keys
 from producer.config import LLMConfig, load_config
 from producer.queueing import make_celery, redis_url
+from worker.health import beat_schedule as health_beat_schedule
+from worker.logs import configure as configure_logging
+from worker.logs import with_job_id
 from worker.runtime import Runtime, get_runtime, shutdown_runtime
 
 log = logging.getLogger("llmq.worker")
@@ -48,13 +55,23 @@ def create_app(config: LLMConfig | None = None, broker_url: str | None = None) -
     app.llmq_config = config  # type: ignore[attr-defined]
     app.llmq_redis_url = url  # type: ignore[attr-defined]
     _created.append(app)
+    # Job ids on every log record, no secret in any (worker/logs.py); health checks from beat (worker/health.py).
+    configure_logging(config.secrets())
+    app.conf.beat_schedule = health_beat_schedule(config)
 
     @app.task(name=keys.TASK_GENERATE, ignore_result=True)
     def generate(job_id: str, dispatch: int) -> None:
         from worker.engine import execute
 
         runtime = runtime_for(app)
-        runtime.run(execute(runtime, job_id, int(dispatch)))
+        runtime.run(with_job_id(job_id, execute(runtime, job_id, int(dispatch))))
+
+    @app.task(name=keys.TASK_HEALTH_CHECK, ignore_result=True)
+    def health_check(provider: str) -> None:
+        from worker.health import run_health_check
+
+        runtime = runtime_for(app)
+        runtime.run(run_health_check(runtime, provider))
 
     return app
 

@@ -13,6 +13,7 @@ exc`). Retry and fallback decide on the class alone, never on message text::
      │    │    └── ContentFilteredError        refused by a filter -> next provider
      │    ├── RateLimitedError         429  carries retry_after_s        -> same provider, later
      │    ├── QuotaExceededError            llmq's daily quota/budget spent -> next provider
+     │    ├── ProviderUnavailableError      llmq's circuit breaker is open  -> next provider
      │    ├── OverloadedError     503/529  provider busy                 -> same provider, later
      │    ├── ServerError              5xx                               -> same provider, later
      │    │    └── MalformedResponseError  unparseable body / stream cut short
@@ -113,6 +114,10 @@ class QuotaExceededError(ProviderError):
     """A daily quota or budget set in llmq's config is spent (not the provider's 429)."""
 
 
+class ProviderUnavailableError(ProviderError):
+    """The provider's circuit is open (it kept failing): llmq skips it without a call."""
+
+
 class OverloadedError(ProviderError):
     retryable = True
 
@@ -146,6 +151,7 @@ ERRORS_BY_NAME: dict[str, type[LLMQError]] = {
     for cls in (
         LLMQError, ProviderError, AuthenticationError, PermissionDeniedError, ModelNotFoundError,
         BadRequestError, ContextWindowExceededError, ContentFilteredError, RateLimitedError, QuotaExceededError,
+        ProviderUnavailableError,
         OverloadedError, ServerError, MalformedResponseError, TimeoutError, ConnectionError,
         JobCancelledError, DeadlineExceededError,
     )

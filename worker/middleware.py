@@ -93,6 +93,8 @@ class MiddlewareChain:
         for index, item in enumerate(self.middleware):
             verdict = await item.before_attempt(attempt)
             if verdict is not None:
+                # Earlier middleware (metrics) learns in after_attempt why no call was made.
+                attempt.scratch["verdict"] = verdict
                 for earlier in reversed(self.middleware[:index]):
                     await self._quietly(earlier.after_attempt(attempt), earlier)
                 return verdict
@@ -119,9 +121,19 @@ class MiddlewareChain:
 
 
 def default_middleware() -> list[Middleware]:
-    """The chain every worker runs, in order: the first verdict wins."""
-    from worker.cache import CacheMiddleware
-    from worker.limits import RateLimitMiddleware
+    """The chain every worker runs, in order: the first verdict wins.
 
-    # The cache answers before anything is reserved; the limiter reserves last, just before the call.
-    return [CacheMiddleware(), RateLimitMiddleware()]
+    1. metrics: first, so it sees every verdict of the others and every outcome;
+    2. cache: a hit answers before any budget, circuit or limit is consulted (it costs nothing);
+    3. budget: a spent budget holds or reroutes the job before it takes a probe or a slot;
+    4. circuit breaker: an open circuit skips the provider before the limiter reserves for it;
+    5. rate limiter: reserves last, just before the call, so nothing it holds is wasted on a
+       verdict that came after it.
+    """
+    from worker.budget import BudgetMiddleware
+    from worker.cache import CacheMiddleware
+    from worker.circuit import CircuitBreakerMiddleware
+    from worker.limits import RateLimitMiddleware
+    from worker.metrics import MetricsMiddleware
+
+    return [MetricsMiddleware(), CacheMiddleware(), BudgetMiddleware(), CircuitBreakerMiddleware(), RateLimitMiddleware()]
