@@ -88,8 +88,9 @@ def test_a_batch_of_hundreds_completes_with_results_and_usage_in_redis_and_sql(c
     assert [job.request.messages[0].content for job in jobs] == [f"task {index}" for index in range(300)]
     assert all(job.result.provider == "primary" and "fake" in job.result.content for job in jobs)
     assert all(job.result.usage.total_tokens > 0 for job in jobs)
-    # One call per job, plus one per retry a loaded machine may cause (each on record as an attempt).
-    assert len(primary.requests) == sum(len(job.attempts) for job in jobs)
+    # At least one call per job; never a call without an attempt on record (a busy machine
+    # may time a call out, or fail to connect, and retry it).
+    assert len(jobs) <= len(primary.requests) <= sum(len(job.attempts) for job in jobs)
     store = ledger(cluster)
     usage = [row for row in store.usage_rows() if row["batch_id"] == batch_id]
     assert len(usage) == 300

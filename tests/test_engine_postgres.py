@@ -53,8 +53,9 @@ def test_a_batch_of_hundreds_lands_in_redis_and_in_postgresql(cluster: Cluster, 
     assert batch.total == BATCH_SIZE and batch.counts[JobState.SUCCEEDED] == BATCH_SIZE
     assert [job.request.messages[0].content for job in jobs] == [f"task {index}" for index in range(BATCH_SIZE)]
     assert all(job.result.provider == "primary" and job.result.usage.total_tokens > 0 for job in jobs)
-    # One provider call per recorded attempt (a busy machine may time one out and retry it).
-    assert len(primary.requests) == sum(len(job.attempts) for job in jobs)
+    # At least one call per job; never a call without an attempt on record (a busy machine
+    # may time a call out, or fail to connect, and retry it).
+    assert len(jobs) <= len(primary.requests) <= sum(len(job.attempts) for job in jobs)
 
     OutboxFlusher(cluster.redis_url, cluster.database_url).drain(timeout_s=30)
     store = Store(cluster.database_url)
