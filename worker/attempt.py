@@ -23,6 +23,8 @@ class Attempt:
     batch_id: str | None
     deadline_at_s: float
     started_at_s: float
+    #: When the job was submitted (epoch s): waiting jobs are served roughly in this order.
+    created_at_s: float = 0.0
     #: Per-job options from the caller (cache, ...).
     options: dict[str, Any] = field(default_factory=dict)
     #: Where middleware keeps what it needs between its hooks (a limiter's reservation, say).
@@ -44,6 +46,7 @@ class Attempt:
             hop_attempt=int(job["hop_attempt"]),
             batch_id=job.get("batch_id") or None,
             deadline_at_s=int(job["deadline_at"]) / 1000.0,
+            created_at_s=int(job.get("created_at") or 0) / 1000.0,
             started_at_s=time.time(),
             options=json.loads(job.get("options") or "{}"),
         )

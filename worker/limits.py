@@ -12,6 +12,7 @@ limit is spent (read by the adapter's header observer).
 from __future__ import annotations
 
 import hashlib
+import random
 from typing import TYPE_CHECKING, Any
 
 from producer import keys
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
 
 #: How long the fleet pauses a provider after a 429 that names no retry-after.
 DEFAULT_PENALTY_S = 1.0
+#: Seconds a concurrency slot outlives the provider call's timeout.
+LEASE_MARGIN_S = 30.0
+#: Up to this much is added to a limiter's wait.
+DEFER_JITTER_S = 0.02
 
 
 class RateLimitMiddleware(Middleware):
@@ -53,9 +58,12 @@ class RateLimitMiddleware(Middleware):
         if not _has_limits(limits):
             return None
         estimate = estimate_request_tokens(attempt.request.model_copy(update={"model": attempt.hop.model}))
+        timeout_s = self.runtime.config.provider(attempt.hop.provider).timeout_s
         decision = await self.limiter.acquire(
             attempt.hop.provider, attempt.hop.model, limits, estimate,
             api_key_id=self._key_id(attempt), lease_id=_lease_id(attempt),
+            # The slot outlives the longest call; a dead worker's slot frees itself after that.
+            lease_ttl_s=timeout_s + LEASE_MARGIN_S, waiting_since_s=attempt.created_at_s or None,
         )
         if decision.granted:
             attempt.scratch["rate_limit_reserved"] = estimate
@@ -65,7 +73,8 @@ class RateLimitMiddleware(Middleware):
                 f"daily quota {decision.limit} of provider {attempt.hop.provider!r} is spent",
                 provider=attempt.hop.provider, model=attempt.hop.model,
             ))
-        return Defer(decision.wait_s, "rate_limited", reason=decision.limit or "rate limit")
+        # A little jitter, so jobs told the same wait do not all come back in the same instant.
+        return Defer(decision.wait_s + random.uniform(0.0, DEFER_JITTER_S), "rate_limited", reason=decision.limit or "rate limit")
 
     async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
         reserved = attempt.scratch.pop("rate_limit_reserved", None)
@@ -79,7 +88,10 @@ class RateLimitMiddleware(Middleware):
 
     async def after_error(self, attempt: Attempt, error: errors.LLMQError) -> None:
         if isinstance(error, errors.RateLimitedError):
-            await self.limiter.penalize(attempt.hop.provider, error.retry_after_s or DEFAULT_PENALTY_S)
+            cap_s = self.runtime.config.service.retry.retry_after_cap_s
+            await self.limiter.penalize(
+                attempt.hop.provider, min(error.retry_after_s or DEFAULT_PENALTY_S, cap_s), model=attempt.hop.model
+            )
 
     async def after_attempt(self, attempt: Attempt) -> None:
         if attempt.scratch.pop("rate_limit_reserved", None) is not None:
