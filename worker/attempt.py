@@ -9,6 +9,7 @@ from typing import Any
 
 from producer.models import Hop, LLMRequest
 from worker import errors
+from worker.logs import redact
 
 
 @dataclass
@@ -65,9 +66,19 @@ class Attempt:
             "latency_ms": round((finished - self.started_at_s) * 1000, 3),
         }
         if error is not None:
-            details = error.to_dict()
+            details = public_error(error)
             record.update(
                 error_type=details["type"], error_message=details["message"],
                 status_code=details.get("status_code"), provider_request_id=details.get("request_id"),
             )
         return record
+
+
+def public_error(error: errors.LLMQError) -> dict[str, Any]:
+    """The error as it may be stored and shown: any configured secret in its message hidden.
+
+    Adapters hide their own key; this also hides another provider's, should a body echo it.
+    """
+    details = error.to_dict()
+    details["message"] = redact(details["message"])
+    return details

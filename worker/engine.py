@@ -21,7 +21,7 @@ from producer import keys
 from producer.models import Hop, LLMResponse
 from producer.routing import larger_context_hop
 from worker import errors
-from worker.attempt import Attempt
+from worker.attempt import Attempt, public_error
 from worker.middleware import Defer, Serve, Skip
 from worker.pricing import cost_usd
 from worker.runtime import Runtime
@@ -203,7 +203,7 @@ async def _requeue(
     route_index: int | None = None,
 ) -> None:
     """Send the same job id on: later to the same provider, or now to another hop's queue."""
-    fields: dict[str, Any] = {"error": json.dumps(error.to_dict())}
+    fields: dict[str, Any] = {"error": json.dumps(public_error(error))}
     if route is not None:
         fields["route"] = json.dumps([hop.model_dump() for hop in route])
     if route_index is not None:
@@ -216,7 +216,7 @@ async def _requeue(
     )
     if moved and attempt.request.stream and _writer(runtime, attempt).sent_chunks:
         # Readers drop what this attempt streamed; the next attempt's chunks follow the marker.
-        await _writer(runtime, attempt).reset(attempt.attempt, attempt.hop.provider, attempt.hop.model, error.to_dict())
+        await _writer(runtime, attempt).reset(attempt.attempt, attempt.hop.provider, attempt.hop.model, public_error(error))
     # delay 0: the promoter publishes within its next tick (< 0.1 s); its safety net covers a crash here.
 
 
@@ -225,10 +225,10 @@ async def _fail(runtime: Runtime, attempt: Attempt, error: errors.LLMQError) -> 
     moved, _, _ = await runtime.jobs.transition(
         attempt.job_id, new_state="failed", allowed=("running",), expected_dispatch=attempt.dispatch,
         new_dispatch=True, ttl_s=runtime.config.service.jobs.result_ttl_s, attempt=_public(record), rows=[record],
-        fields={"error": json.dumps(error.to_dict())},
+        fields={"error": json.dumps(public_error(error))},
     )
     if moved and attempt.request.stream:
-        await _writer(runtime, attempt).error(error.to_dict())
+        await _writer(runtime, attempt).error(public_error(error))
 
 
 async def _fail_expired(runtime: Runtime, job_id: str) -> None:
@@ -237,7 +237,7 @@ async def _fail_expired(runtime: Runtime, job_id: str) -> None:
     )
     await runtime.jobs.transition(
         job_id, new_state="failed", allowed=("queued", "retrying", "rate_limited"), new_dispatch=True,
-        ttl_s=runtime.config.service.jobs.result_ttl_s, fields={"error": json.dumps(error.to_dict())},
+        ttl_s=runtime.config.service.jobs.result_ttl_s, fields={"error": json.dumps(public_error(error))},
     )
 
 
