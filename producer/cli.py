@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = command("up", stack.cmd_up, "run the whole stack on this machine until Ctrl-C")
     up.add_argument("--no-flower", action="store_true")
     up.add_argument("--flower-port", type=int, default=5555)
+    up.add_argument("--metrics-port", type=int, help="Prometheus metrics: worker i serves on this port + i")
     demo = command("demo", stack.cmd_demo, "bring the stack up, run a batch like the agent's, show results and costs")
     demo.add_argument("--requests", type=int, default=60, help="how many requests to send (default 60)")
     return parser

@@ -37,6 +37,8 @@ class Stack:
     home: Path
     flower_port: int | None = None
     worker_concurrency: int = 100
+    #: First Prometheus port; worker i serves metrics on metrics_port + i (None: off).
+    metrics_port: int | None = None
     redis: RedisServer | None = None
     redis_url: str = ""
     processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
@@ -54,9 +56,12 @@ class Stack:
             self.redis_url = self.redis.url
         logs = self.home / "logs"
         logs.mkdir(exist_ok=True)
-        for name in self.config.configured_providers():
-            self._spawn(f"worker {name}", [sys.executable, "-m", "producer.cli", "worker", "--queues", name,
-                                          "--concurrency", str(self.worker_concurrency), "--hostname", f"{name}@%h"], logs)
+        for index, name in enumerate(self.config.configured_providers()):
+            command = [sys.executable, "-m", "producer.cli", "worker", "--queues", name,
+                       "--concurrency", str(self.worker_concurrency), "--hostname", f"{name}@%h"]
+            if self.metrics_port:
+                command += ["--metrics-port", str(self.metrics_port + index)]
+            self._spawn(f"worker {name}", command, logs)
         self._spawn("beat", [sys.executable, "-m", "celery", "-A", "worker.app", "beat",
                              "--schedule", str(self.home / "beat-schedule"), "--loglevel", "WARNING"], logs)
         if self.flower_port:
@@ -92,10 +97,10 @@ class Stack:
 
 
 @contextmanager
-def running_stack(config: LLMConfig, *, flower_port: int | None) -> Iterator[Stack]:
+def running_stack(config: LLMConfig, *, flower_port: int | None, metrics_port: int | None = None) -> Iterator[Stack]:
     # SIGTERM / SIGHUP stop the stack like Ctrl-C does, so nothing is left running.
     previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
-    stack = Stack(config, llmq_home(), flower_port=flower_port)
+    stack = Stack(config, llmq_home(), flower_port=flower_port, metrics_port=metrics_port)
     try:
         yield stack.start()
     finally:
@@ -110,7 +115,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    with running_stack(config, flower_port=None if args.no_flower else args.flower_port) as stack:
+    flower_port = None if args.no_flower else args.flower_port
+    with running_stack(config, flower_port=flower_port, metrics_port=args.metrics_port) as stack:
         print(f"llmq is up: redis {redact_url(stack.redis_url)}, data in {stack.home}")
         for name, process in stack.processes:
             print(f"  {name:<24} pid {process.pid}")
