@@ -21,6 +21,7 @@ from worker.store import Store
 CONFIG = """
 llm_service:
   fallback_chain: [primary, backup]
+  context_fallbacks: {{gpt-4o-mini: gpt-4o-mini-128k}}
   retry: {{max_attempts_per_provider: 2, backoff_base_s: 0.05, backoff_max_s: 0.2, retry_after_cap_s: 1.5}}
   jobs: {{deadline_s: 60, lease_s: 5}}
   # Each test here injects its own failures into one shared cluster: the circuit breaker
@@ -31,7 +32,7 @@ llm_service:
       type: openai
       api_key: "{key}"
       base_url: "{primary}/v1"
-      models: [gpt-4o-mini]
+      models: [gpt-4o-mini, gpt-4o-mini-128k]
       timeout: 1.5
     backup:
       type: openai
@@ -241,3 +242,17 @@ llm_service:
     finally:
         cluster.stop()
     assert job.state is JobState.SUCCEEDED and job.result.provider == "keyed"
+
+
+def test_a_context_window_error_hops_to_the_larger_model_named_in_config(cluster: Cluster, fakes) -> None:
+    from tests.fakes.openai import context_length_body
+
+    primary, backup = fakes
+    primary.fail_next(400, body=context_length_body())
+    with cluster.service() as service:
+        job = service.wait(service.submit(ask("a very long prompt")), timeout_s=60)
+    assert job.state is JobState.SUCCEEDED
+    assert [(a["provider"], a["model"]) for a in job.attempts] == [("primary", "gpt-4o-mini"), ("primary", "gpt-4o-mini-128k")]
+    assert job.attempts[0]["error_type"] == "ContextWindowExceededError"
+    assert [request.body["model"] for request in primary.requests] == ["gpt-4o-mini", "gpt-4o-mini-128k"]
+    assert backup.requests == []
