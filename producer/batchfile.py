@@ -60,6 +60,10 @@ def _parse_line(raw: bytes, where: str, service: LLMService, seen: dict[str, int
     custom_id = line.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id.strip() or len(custom_id) > 256:
         raise RequestError(f"{where}: custom_id must be a non-empty string of at most 256 characters")
+    try:
+        custom_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{where}: custom_id must be valid Unicode text (it holds a lone surrogate)") from None
     if custom_id in seen:
         raise RequestError(f"{where}: custom_id {custom_id!r} repeats line {seen[custom_id]}; give each line its own")
     body = line.get("body")

@@ -71,6 +71,10 @@ class RateLimits(_Strict):
     daily_cost_usd: float | None = Field(default=None, gt=0)
     #: What a job does when a daily quota is spent: wait for the next day or move on.
     on_quota_exhausted: Literal["wait", "fallback"] = "fallback"
+    #: After a call, return the unused part of the reservation (prompt estimate + max_tokens) to
+    #: tokens/min, as Anthropic does. False for providers that keep counting max_tokens, like OpenAI:
+    #: the call then counts its reported prompt tokens plus max_tokens.
+    refund_unused_tokens: bool = True
 
 
 class ModelPrice(_Strict):
@@ -361,7 +365,11 @@ _FIXES = {
 def _describe(where: str, exc: ValidationError) -> str:
     error = exc.errors()[0]
     location = ".".join(str(part) for part in ("llm_service", *error["loc"]))
-    got = f" (got {error['input']!r})" if error["type"] not in {"missing"} and not isinstance(error.get("input"), dict) else ""
+    # Never echo a value that may be a key: an unknown key's value, or any secret-named field.
+    quiet = error["type"] in {"missing", "extra_forbidden"} or isinstance(error.get("input"), dict) or any(
+        _SECRET_OPTION.search(str(part)) for part in error["loc"]
+    )
+    got = "" if quiet else f" (got {error['input']!r})"
     fix = _FIXES.get(error["type"], "see README, 'Configuration'")
     message = error["msg"].removeprefix("Value error, ")
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""

@@ -53,7 +53,11 @@ class LLMRequest(BaseModel):
     @classmethod
     def _metadata_json_and_bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
         try:
-            encoded = json.dumps(value, allow_nan=False, separators=(",", ":"))
+            # pydantic refuses lone surrogates in str fields; inside metadata they must be caught here.
+            encoded = json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+            encoded.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("metadata must be valid Unicode text (it holds a lone surrogate such as \\ud800)") from None
         except (TypeError, ValueError) as exc:
             raise ValueError(
                 f"metadata must be JSON-serializable (strings, numbers, booleans, lists, objects): {exc}"

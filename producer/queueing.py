@@ -7,8 +7,13 @@ worker builds its app on the same settings and adds the consuming side.
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import redis.asyncio as aioredis
+import redis.exceptions
 from celery import Celery
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
 
 from producer import keys
 from producer.config import LLMConfig
@@ -19,6 +24,26 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 def redis_url(explicit: str | None = None) -> str:
     return explicit or os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
+
+
+#: A Redis restart or a dropped link is ridden through: commands retry with backoff for ~30 s.
+REDIS_RETRY_ATTEMPTS = 30
+
+
+def async_redis(url: str, **options: Any) -> aioredis.Redis:
+    """The asyncio Redis client every llmq process uses: decoded strings, retries across restarts.
+
+    Job-state scripts are safe to retry: each checks the job's state and dispatch first,
+    so a script that ran before its reply was lost does nothing the second time.
+    """
+    return aioredis.from_url(
+        url,
+        decode_responses=True,
+        retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), REDIS_RETRY_ATTEMPTS),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        health_check_interval=25,
+        **options,
+    )
 
 
 def visibility_timeout_s(config: LLMConfig) -> int:

@@ -24,7 +24,7 @@ from producer import keys
 from producer.config import LLMConfig, load_config
 from producer.jobs import JobStore, NewJob
 from producer.models import BatchRecord, JobRecord, JobState, LLMRequest, LLMResponse
-from producer.queueing import make_celery, publish_messages, redis_url
+from producer.queueing import async_redis, make_celery, publish_messages, redis_url
 from producer.routing import RoutingError, plan_route
 
 SUBMIT_CHUNK = 500
@@ -69,7 +69,7 @@ class LLMService:
     @property
     def jobs(self) -> JobStore:
         if self._jobs is None:
-            self._redis = aioredis.from_url(self.redis_url, decode_responses=True)
+            self._redis = async_redis(self.redis_url)
             self._jobs = JobStore(self._redis)
         return self._jobs
 
@@ -287,7 +287,11 @@ class LLMService:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         interval_s = 0.02
         while True:
-            record = await self.status(some_id)
+            try:
+                record = await self.status(some_id)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                await asyncio.sleep(interval_s)  # Redis restarting: keep waiting (the client retries too)
+                continue
             if record is None:
                 raise KeyError(f"no job or batch with id {some_id!r} (it may have expired from Redis)")
             if isinstance(record, BatchRecord) and on_progress:

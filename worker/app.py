@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import logging
 
+import redis.exceptions
 from celery import Celery, signals
+from celery.exceptions import Reject
 from kombu import Queue
 
 from producer import keys
@@ -64,7 +66,12 @@ def create_app(config: LLMConfig | None = None, broker_url: str | None = None) -
         from worker.engine import execute
 
         runtime = runtime_for(app)
-        runtime.run(with_job_id(job_id, execute(runtime, job_id, int(dispatch))))
+        try:
+            runtime.run(with_job_id(job_id, execute(runtime, job_id, int(dispatch))))
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            # Redis went away for longer than the client's retries: hand the message back
+            # rather than ack a job that never ran (a stale copy is dropped at claim).
+            raise Reject(f"redis unavailable: {exc}", requeue=True) from exc
 
     @app.task(name=keys.TASK_HEALTH_CHECK, ignore_result=True)
     def health_check(provider: str) -> None:

@@ -30,7 +30,7 @@ from celery import Celery
 from producer import keys
 from producer.config import LLMConfig
 from producer.jobs import JobStore
-from producer.queueing import publish_messages
+from producer.queueing import async_redis, publish_messages
 from worker.middleware import MiddlewareChain, default_middleware
 from worker.providers.base import LLMProvider
 from worker.providers.registry import create_provider
@@ -64,7 +64,7 @@ class Runtime:
             self.start_background()
 
     async def _connect(self) -> aioredis.Redis:
-        return aioredis.from_url(self.redis_url, decode_responses=True, max_connections=2000, health_check_interval=25)
+        return async_redis(self.redis_url, max_connections=2000)
 
     async def _start_middleware(self) -> None:
         self.middleware.start(self)
@@ -115,7 +115,11 @@ class Runtime:
             await asyncio.sleep(REAP_INTERVAL_S)
             try:
                 if await self.redis.set(keys.REAPER_LOCK, self.worker_id, nx=True, px=int(REAP_INTERVAL_S * 5000)):
-                    requeued, failed = await self.jobs.reap(500, ttl_s)
+                    try:
+                        requeued, failed = await self.jobs.reap(500, ttl_s)
+                    finally:
+                        # Let the next sweep (ours or another worker's) run on time, a second from now.
+                        await self.jobs.release_lock(keys.REAPER_LOCK, self.worker_id)
                     if requeued or failed:
                         log.warning("reaper: re-queued %d jobs of lost workers, failed %d past deadline", len(requeued), len(failed))
             except Exception as exc:

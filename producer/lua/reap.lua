@@ -24,9 +24,17 @@ for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LI
     redis.call('HSET', job_key, 'state', 'retrying', 'updated_at', now_ms, 'hop_attempt',
       math.max(0, tonumber(redis.call('HGET', job_key, 'hop_attempt') or '1') - 1))
     redis.call('HINCRBY', job_key, 'dispatch', 1)
-    redis.call('RPUSH', job_key .. ':attempts', cjson.encode({
-      attempt = tonumber(redis.call('HGET', job_key, 'attempt')), outcome = 'worker_lost',
-      worker = redis.call('HGET', job_key, 'worker'), finished_at = now_ms}))
+    -- The lost attempt goes on record, in Redis and in the SQL ledger (times in epoch seconds).
+    local fields = redis.call('HMGET', job_key, 'attempt', 'route', 'route_index', 'started_at')
+    local hop = cjson.decode(fields[2])[tonumber(fields[3]) + 1]
+    local started_s = tonumber(fields[4] or now_ms) / 1000
+    local record = {attempt = tonumber(fields[1]), provider = hop['provider'], model = hop['model'],
+      outcome = 'worker_lost', started_at = started_s, finished_at = now_ms / 1000,
+      error_type = 'WorkerLost', error_message = 'the worker running this attempt stopped renewing its lease'}
+    redis.call('RPUSH', job_key .. ':attempts', cjson.encode(record))
+    record['kind'] = 'attempt'
+    record['job_id'] = job_id
+    redis.call('RPUSH', KEYS[4], cjson.encode(record))
     move_batch(job_key, 'running', 'retrying')
     redis.call('ZADD', KEYS[3], now_ms, job_id)
     out[#out + 1] = job_id

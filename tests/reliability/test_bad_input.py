@@ -320,16 +320,9 @@ def test_the_largest_accepted_message_is_stored_whole(service: SyncLLMService, r
     assert service.poll(job_id).request.messages[0].content == content
 
 
-# --- lone surrogates: accepted at the edge, then crash the enqueue -------------------------------
+# --- lone surrogates: refused at the edge, never half-enqueued -----------------------------------
 
 
-SURROGATE_BUG = (
-    "engine bug: a lone surrogate passes validation, then the enqueue crashes after the batch record is written "
-    "(PydanticSerializationError / UnicodeEncodeError), leaving an empty batch record: "
-)
-
-
-@pytest.mark.skip(reason=SURROGATE_BUG + "producer/models.py LLMRequest._metadata_json_and_bounded")
 def test_metadata_that_is_not_utf8_is_refused_at_the_edge(service: SyncLLMService, raw_redis: redis.Redis) -> None:
     raw_redis.flushall()
     with pytest.raises(RequestError, match="metadata"):
@@ -337,7 +330,6 @@ def test_metadata_that_is_not_utf8_is_refused_at_the_edge(service: SyncLLMServic
     assert enqueued(raw_redis) == ([], [], 0)
 
 
-@pytest.mark.skip(reason=SURROGATE_BUG + "producer/batchfile.py _parse_line (custom_id)")
 def test_a_custom_id_that_is_not_utf8_is_refused_with_its_line(service: SyncLLMService) -> None:
     line = json.dumps({"custom_id": "\ud800", "body": small("hi")}).encode()  # JSON escapes it: "\\ud800"
     path = write_lines([line])

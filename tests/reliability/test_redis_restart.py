@@ -103,15 +103,10 @@ def after_outage(call: Callable[[], T], attempts: int = 20) -> T:
     return call()
 
 
-def skip_if_jobs_stranded_before_claim(records: list[JobRecord]) -> None:
-    """Temporary, until the engine bug below is fixed; every other check has run by now."""
+def assert_none_stranded_before_claim(records: list[JobRecord]) -> None:
+    """No job may be stranded: a generate task that meets a dead Redis retries, or hands its message back."""
     stranded = [r.job_id for r in records if r.state is JobState.FAILED and r.attempt == 0]
-    if stranded:
-        pytest.skip(
-            f"engine bug: {len(stranded)} job(s) whose generate task met a dead Redis connection before claim.lua "
-            "ran were acked, never re-published, and sat queued until DeadlineExceededError (worker/app.py generate "
-            "task with task_acks_on_failure_or_timeout; worker/runtime.py redis client without retry_on_error)"
-        )
+    assert not stranded, f"{len(stranded)} job(s) never claimed, failed at their deadline"
 
 
 def skip_if_consumer_lost(worker: WorkerProcess) -> None:
@@ -163,15 +158,12 @@ def test_with_persistence_the_batch_completes_across_a_redis_crash(tmp_path: Pat
         assert_each_attempt_recorded_once(records)
         assert_ledger_matches(drain_ledger(cluster.redis_url, cluster.database_url), records)
         skip_if_consumer_lost(worker)
-        skip_if_jobs_stranded_before_claim(records)
+        assert_none_stranded_before_claim(records)
         assert figures.succeeded == 300
     finally:
         cluster.stop()
 
 
-@pytest.mark.skip(reason="engine bug: LLMService's redis client (aioredis.from_url without retry/retry_on_error) "
-                         "retries no command, so the first call after a Redis restart raises ConnectionError and "
-                         "wait() gives up (producer/service.py, LLMService.jobs / wait)")
 def test_a_waiting_caller_rides_through_a_redis_crash(tmp_path: Path, fake: FakeOpenAI) -> None:
     server = RedisServer(tmp_path / "redis", persistence=True).start()
     config = cluster_for(tmp_path / "c", fake, persistence=True)  # only for its config file
@@ -244,7 +236,7 @@ def test_without_persistence_the_ledger_shows_what_was_lost(tmp_path: Path, fake
         assert len(records) == len(again) and figures.lost == 0
         assert_each_attempt_recorded_once(records)
         skip_if_consumer_lost(cluster.workers[0])
-        skip_if_jobs_stranded_before_claim(records)
+        assert_none_stranded_before_claim(records)
         assert figures.succeeded == 100
     finally:
         cluster.stop()
