@@ -20,6 +20,8 @@ MAX_METADATA_BYTES = 16 * 1024
 MAX_MESSAGE_CHARS = 2_000_000
 MAX_MESSAGES = 10_000
 MAX_OUTPUT_TOKENS = 1_000_000
+#: All message text of one request together; larger input is refused, never truncated.
+MAX_REQUEST_CHARS = 8 * 1024 * 1024
 
 
 class Message(BaseModel):
@@ -66,6 +68,17 @@ class LLMRequest(BaseModel):
             raise ValueError(
                 f"metadata is {len(encoded.encode())} bytes as JSON; keep it under "
                 f"{MAX_METADATA_BYTES} bytes (store large payloads elsewhere and pass a reference)"
+            )
+        return value
+
+    @field_validator("messages")
+    @classmethod
+    def _request_bounded(cls, value: list[Message]) -> list[Message]:
+        total = sum(len(message.content) for message in value)
+        if total > MAX_REQUEST_CHARS:
+            raise ValueError(
+                f"messages hold {total} characters in all; the limit is {MAX_REQUEST_CHARS} "
+                "(shorten the prompt or split the work into several requests)"
             )
         return value
 

@@ -42,6 +42,7 @@ class Stack:
     redis: RedisServer | None = None
     redis_url: str = ""
     processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    commands: dict[str, tuple[list[str], Path]] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -70,9 +71,19 @@ class Stack:
         return self
 
     def _spawn(self, name: str, command: list[str], logs: Path) -> None:
+        self.commands[name] = (command, logs)
         log_file = (logs / f"{name.replace(' ', '-')}.log").open("ab")
         process = subprocess.Popen(command, env=self.env(), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append((name, process))
+
+    def restart_dead(self) -> list[str]:
+        """Start again any process that exited (a supervisor's job: `llmq up` is one)."""
+        dead = [(name, process) for name, process in self.processes if process.poll() is not None]
+        for name, process in dead:
+            self.processes.remove((name, process))
+            command, logs = self.commands[name]
+            self._spawn(name, command, logs)
+        return [f"{name} (exit code {process.returncode})" for name, process in dead]
 
     def check_alive(self) -> None:
         for name, process in self.processes:
@@ -126,7 +137,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("Ctrl-C stops everything.")
         try:
             while True:
-                stack.check_alive()
+                for restarted in stack.restart_dead():
+                    print(f"restarted {restarted}; see {stack.home / 'logs'}", file=sys.stderr)
                 time.sleep(1)
         except KeyboardInterrupt:
             print("\nstopping...")
