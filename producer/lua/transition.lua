@@ -9,36 +9,50 @@
 -- ARGV[4] delay_ms: >= 0 schedules a (re)publish that many ms from now; -1 does not
 -- ARGV[5] 1 to start a new dispatch (the next message for this job), else 0
 -- ARGV[6] ttl_s applied when the new state is terminal
--- ARGV[7] attempt record JSON to append whatever the outcome ("" = none)
--- ARGV[8] outbox rows, a JSON array pushed whatever the outcome ("" = none)
+-- ARGV[7] attempt record JSON, recorded whatever the outcome ("" = none); when the job does
+--         not move, its outcome becomes "cancelled" or "superseded"
+-- ARGV[8] outbox rows, a JSON array pushed whatever the outcome ("" = none; attempt rows
+--         are marked the same way)
 -- ARGV[9..] field, value pairs to set on the job hash
 -- Returns {1, old_state, dispatch} when moved, {0, current_state or "missing", dispatch} when not.
 local function terminal(state)
   return state == 'succeeded' or state == 'failed' or state == 'cancelled'
 end
+local current = redis.call('HMGET', KEYS[1], 'state', 'dispatch', 'batch_id', 'job_id')
+local state, dispatch, batch_id, job_id = current[1], current[2], current[3], current[4]
+local moves = state ~= nil and (ARGV[1] == '' or ARGV[1] == dispatch)
+if moves then
+  moves = false
+  for name in string.gmatch(ARGV[2], '[^,]+') do
+    if name == state then moves = true end
+  end
+end
+-- What happened is on record whatever the outcome; an attempt whose result no longer
+-- moves the job (cancelled meanwhile, or superseded after its lease ran out) says so.
+local late_outcome = (state == 'cancelled') and 'cancelled' or 'superseded'
 if ARGV[8] ~= '' then
   for _, row in ipairs(cjson.decode(ARGV[8])) do
+    if not moves and row['kind'] == 'attempt' then row['outcome'] = late_outcome end
     redis.call('RPUSH', KEYS[7], cjson.encode(row))
   end
 end
-local current = redis.call('HMGET', KEYS[1], 'state', 'dispatch', 'batch_id', 'job_id')
-local state, dispatch, batch_id, job_id = current[1], current[2], current[3], current[4]
+if state and ARGV[7] ~= '' then
+  -- One record per attempt number: a late result replaces the reaper's worker_lost record.
+  local record = cjson.decode(ARGV[7])
+  if not moves then record['outcome'] = late_outcome end
+  local replaced = false
+  for index, item in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+    if cjson.decode(item)['attempt'] == record['attempt'] then
+      redis.call('LSET', KEYS[2], index - 1, cjson.encode(record))
+      replaced = true
+    end
+  end
+  if not replaced then redis.call('RPUSH', KEYS[2], cjson.encode(record)) end
+end
 if not state then
   return {0, 'missing', '0'}
 end
--- An attempt that happened is on record even when its outcome no longer moves the job
--- (cancelled meanwhile, or superseded after its lease ran out).
-if ARGV[7] ~= '' then
-  redis.call('RPUSH', KEYS[2], ARGV[7])
-end
-if ARGV[1] ~= '' and ARGV[1] ~= dispatch then
-  return {0, state, dispatch}
-end
-local allowed = false
-for name in string.gmatch(ARGV[2], '[^,]+') do
-  if name == state then allowed = true end
-end
-if not allowed then
+if not moves then
   return {0, state, dispatch}
 end
 local new_state = ARGV[3]

@@ -99,11 +99,11 @@ def recovery_figures(records: list[JobRecord], victims: list[str], killed_at_ms:
     noticed = [entry["finished_at"] for job_id in victims for entry in by_id[job_id].attempts
                if entry["outcome"] == "worker_lost"]
     finished = [by_id[job_id].finished_at for job_id in victims]
-    # The reaper stamps worker_lost records in Redis milliseconds (the engine's records use seconds).
+    # Attempt records are stamped in epoch seconds, the reaper's worker_lost records too.
     return {
         "jobs_in_flight_at_kill": len(victims),
         "worker_lost_records": len(noticed),
-        "kill_to_requeue_max_s": round((max(noticed) - killed_at_ms) / 1000, 2),
+        "kill_to_requeue_max_s": round(max(noticed) - killed_at_ms / 1000, 2),
         "kill_to_success_max_s": round(max(finished) - killed_at_ms / 1000, 2),
     }
 
