@@ -37,7 +37,8 @@ def test_serves_chat_completions_and_reports_max_in_flight(served_openai: tuple[
 
     async def three_at_once() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url) as client:
-            return await asyncio.gather(*(client.post("/v1/chat/completions", json=body, headers=headers) for _ in range(3)))
+            calls = [client.post("/v1/chat/completions", json=body, headers=headers) for _ in range(3)]
+            return await asyncio.gather(*calls)
 
     replies = asyncio.run(three_at_once())
     assert [reply.status_code for reply in replies] == [200, 200, 200]
