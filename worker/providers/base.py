@@ -98,7 +98,9 @@ class HTTPProvider(LLMProvider):
         self.client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(config.timeout_s, connect=min(10.0, config.timeout_s)),
-            limits=httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=200),
+            # Keep every connection alive: a keep-alive cap below the pool size makes httpcore
+            # close and reopen connections under load (bench/RESULTS.md, "overhead").
+            limits=httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections),
             transport=transport,
             headers={"user-agent": "llmq/0.1"},
         )
