@@ -219,6 +219,25 @@ def test_settle_returns_unused_tokens_keeps_them_or_charges_more(redis_url: str)
     run_with_limiter(redis_url, body, token_burst_s=30)
 
 
+def test_settle_to_what_a_provider_without_refunds_counted(redis_url: str) -> None:
+    # OpenAI keeps max_tokens counted but counts the prompt its own way: settling to its count
+    # (prompt tokens it reported + max_tokens) returns a high local estimate's excess, or charges more.
+    limits = RateLimits(tokens_per_minute=2_400, refund_unused_tokens=False)
+
+    async def body(limiter: RateLimiter) -> None:
+        assert (await limiter.acquire("p", "m", limits, 1000, lease_id="a")).granted
+        await limiter.settle("p", "m", limits, "a", 1000, 150, refund_unused=False, counted_tokens=600)
+        assert (await limiter.acquire("p", "m", limits, 550, lease_id="b")).granted  # 200 + 400 returned
+        assert not (await limiter.acquire("p", "m", limits, 100, lease_id="c")).granted
+
+        assert (await limiter.acquire("q", "m", limits, 500, lease_id="a")).granted
+        await limiter.settle("q", "m", limits, "a", 500, 150, refund_unused=False, counted_tokens=900)
+        assert (await limiter.acquire("q", "m", limits, 290, lease_id="b")).granted  # 1200 - 900
+        assert not (await limiter.acquire("q", "m", limits, 20, lease_id="c")).granted
+
+    run_with_limiter(redis_url, body, token_burst_s=30)
+
+
 def test_a_refused_large_request_is_not_starved_by_small_ones(redis_url: str) -> None:
     limits = RateLimits(tokens_per_minute=12_000)  # a 200-token bucket refilling at ~197 tokens/s
 
@@ -287,7 +306,7 @@ def test_token_bound_holds_for_any_interleaving_on_a_simulated_clock(redis_url: 
 
 def test_estimate_is_prompt_plus_max_tokens() -> None:
     request = LLMRequest(messages=[Message(role="user", content="x" * 400)], model="m", max_tokens=300)
-    assert estimate_request_tokens(request) == 100 + 4 + 300
+    assert estimate_request_tokens(request) == 3 + 100 + 4 + 300
 
 
 def test_max_concurrent_holds_across_processes(pool: ProcessPoolExecutor, redis_url: str) -> None:
@@ -378,7 +397,10 @@ def test_openai_and_anthropic_headers() -> None:
     limits = {limit.name: limit for limit in parse_rate_limit_headers(spent)}
     assert limits["requests"].exhausted and limits["requests"].reset_s == pytest.approx(0.012)
     assert limits["tokens"].exhausted and limits["tokens"].reset_s == 360.0
-    assert pause_from_headers(spent) == 360.0
+    # Both refill continuously and the reset is the time to a whole limit again: the pause lasts
+    # until the spent limit has its headroom (1% of 160,000) back: 600 of the 159,000 missing.
+    assert pause_from_headers(spent) == pytest.approx(360.0 * 600 / 159_000)
+    assert limits["requests"].refill_s() == pytest.approx(0.012 / 5000)
     roomy = {**spent, "x-ratelimit-remaining-requests": "4999", "x-ratelimit-remaining-tokens": "159976"}
     assert pause_from_headers(roomy) is None
     # Azure answers -1 when it does not say; that is not "spent".
@@ -399,7 +421,8 @@ def test_openai_and_anthropic_headers() -> None:
     }
     limits = {limit.name: limit for limit in parse_rate_limit_headers(headers, now_s)}
     assert set(limits) == {"requests", "input-tokens", "output-tokens"}
-    assert limits["input-tokens"].reset_s == 7.5 and pause_from_headers(headers, now_s) == 7.5
+    assert limits["input-tokens"].reset_s == 7.5
+    assert pause_from_headers(headers, now_s) == pytest.approx(7.5 * 300 / 30_000)
     headers["anthropic-ratelimit-input-tokens-remaining"] = "15000"
     assert pause_from_headers(headers, now_s) is None
 

@@ -4,7 +4,9 @@ Before a call: reserve one request and the estimated tokens (prompt estimate +
 max_tokens) from the fleet-wide limiter, or set the job aside (`rate_limited`)
 until the limiter says it fits, or, when a daily quota is spent and the provider
 is configured to fall back, move the job to the next provider. After it: settle
-to the real usage (returning what was not used), or release the slot; a 429
+to the real usage (returning what was not used), or, for a provider that keeps
+counting max_tokens (`refund_unused_tokens: false`, OpenAI), to what it counted:
+its reported prompt tokens plus max_tokens; or release the slot; a 429
 pauses the provider for the whole fleet, and so do rate-limit headers saying a
 limit is spent (read by the adapter's header observer).
 """
@@ -81,9 +83,12 @@ class RateLimitMiddleware(Middleware):
         if reserved is None:
             return
         cost = usage_row.get("cost_usd")
+        limits = self._limits(attempt)
         await self.limiter.settle(
-            attempt.hop.provider, attempt.hop.model, self._limits(attempt), _lease_id(attempt), reserved,
+            attempt.hop.provider, attempt.hop.model, limits, _lease_id(attempt), reserved,
             response.usage.total_tokens, float(cost) if cost is not None else None, api_key_id=self._key_id(attempt),
+            refund_unused=limits.refund_unused_tokens,
+            counted_tokens=_counted_tokens(attempt, response),
         )
 
     async def after_error(self, attempt: Attempt, error: errors.LLMQError) -> None:
@@ -99,6 +104,14 @@ class RateLimitMiddleware(Middleware):
                 attempt.hop.provider, attempt.hop.model, self._limits(attempt), _lease_id(attempt),
                 api_key_id=self._key_id(attempt),
             )
+
+
+def _counted_tokens(attempt: Attempt, response: LLMResponse) -> int | None:
+    """What a provider that keeps the reservation counted: its own prompt count plus max_tokens
+    (None when it reported no prompt tokens: the reservation then stands)."""
+    if response.usage.prompt_tokens <= 0:
+        return None
+    return response.usage.prompt_tokens + attempt.request.max_tokens
 
 
 def _lease_id(attempt: Attempt) -> str:

@@ -32,7 +32,7 @@
 --   ARGV[14] daily tokens quota (0: none)           ARGV[15] daily cost quota (USD, 0: none)
 --   ARGV[16] retry after (seconds) to answer while every concurrency slot is taken
 --   ARGV[17] actual tokens (settle)                 ARGV[18] cost (USD, settle)
---   ARGV[19] refund unused tokens to the buckets (settle): 1 or 0
+--   ARGV[19] tokens the per-minute buckets settle to (settle): what the provider counted
 --   ARGV[20] claim grace (seconds): how late a refused caller may come back and still find
 --            the tokens it waits for held for it (acquire)
 --   ARGV[21] waiting since (epoch seconds; 0: now): the longest-waiting refused caller holds
@@ -253,8 +253,7 @@ end
 
 if op == 'settle' then
   local actual = tonumber(ARGV[17])
-  local delta = actual - tokens
-  if ARGV[19] ~= '1' and delta < 0 then delta = 0 end
+  local delta = tonumber(ARGV[19]) - tokens
   bucket_adjust(KEYS[7], tonumber(ARGV[8]), tonumber(ARGV[9]), delta)
   bucket_adjust(KEYS[9], tonumber(ARGV[12]), tonumber(ARGV[13]), delta)
   if delta ~= 0 then

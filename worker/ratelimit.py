@@ -23,7 +23,9 @@ the tokens it needs are held back from the others until it comes back (within it
 Tokens are reserved before a call (`estimate_request_tokens`: prompt estimate plus `max_tokens`)
 and settled to the real usage after it. Anthropic adjusts its count to the real output at the end
 of a request (docs.anthropic.com/.../api/rate-limits), so `settle` returns the unused part; for a
-provider that keeps counting the reservation pass `refund_unused=False`. A failed call (`release`)
+provider that keeps counting the reservation pass `refund_unused=False`, with `counted_tokens`
+(the prompt tokens it reported plus `max_tokens`) when known: the local estimate leans high so it
+is never below the provider's count, and settling to that count returns the excess. A failed call (`release`)
 keeps its request and tokens counted, as the provider counted them. Daily quotas count real tokens
 and cost at `settle` and are checked at `acquire`, so calls in flight when one fills may pass it
 by their own size. Concurrency slots are a sorted set of lease ids scored by expiry: a worker that
@@ -62,7 +64,7 @@ LUA_SOURCE = Path(__file__).with_name("ratelimit.lua").read_text()
 
 #: Limits a daily quota binds: waiting means waiting for the next UTC day.
 QUOTA_LIMITS = frozenset({"daily_tokens", "daily_cost_usd"})
-#: A tokens limit with no more than this share of its size left counts as spent
+#: A tokens limit with less than this share of its size left counts as spent
 #: (Anthropic rounds remaining tokens to the nearest thousand).
 NEARLY_EXHAUSTED_FRACTION = 0.01
 
@@ -183,12 +185,25 @@ class RateLimiter:
         *,
         api_key_id: str | None = None,
         refund_unused: bool = True,
+        counted_tokens: int | None = None,
     ) -> bool:
         """A call finished: count its real tokens and cost, return the unused reservation, free its slot.
 
+        Daily quotas count `actual_tokens`. The per-minute buckets settle to what the provider
+        counted: `actual_tokens` when it refunds unused output (`refund_unused`); else
+        `counted_tokens` when known (OpenAI: the prompt tokens it reports plus max_tokens; this
+        also returns a local estimate's excess over the provider's own count), else the
+        reservation, or the real usage if that was more.
+
         Returns False when the lease had already expired (its slot was freed without us).
         """
-        extra = (actual_tokens, cost_usd or 0.0, 1 if refund_unused else 0)
+        if refund_unused:
+            bucket_tokens = actual_tokens
+        elif counted_tokens is not None:
+            bucket_tokens = max(counted_tokens, actual_tokens)
+        else:
+            bucket_tokens = max(reserved_tokens, actual_tokens)
+        extra = (actual_tokens, cost_usd or 0.0, bucket_tokens)
         reply = await self._run(
             "settle", provider, model, limits, api_key_id, lease_id, tokens=reserved_tokens, extra=extra
         )
@@ -387,7 +402,7 @@ class RateLimiter:
             _num(self.concurrency_retry_s),
             str(int(extra[0])),
             _num(extra[1]),
-            str(extra[2]),
+            str(int(extra[2])),
             _num(self.claim_grace_s),
             _num(waiting_since_s or 0.0),
         ]
@@ -409,9 +424,25 @@ class HeaderLimit:
 
     @property
     def exhausted(self) -> bool:
+        return self.remaining < self.headroom
+
+    @property
+    def headroom(self) -> float:
+        """Below this much left the limit counts as spent: one request, or 1% of a tokens limit."""
         if self.name == "requests" or not self.limit:
-            return self.remaining <= 0
-        return self.remaining <= self.limit * NEARLY_EXHAUSTED_FRACTION
+            return 1.0
+        return max(1.0, self.limit * NEARLY_EXHAUSTED_FRACTION)
+
+    def refill_s(self) -> float | None:
+        """Seconds until the headroom is back. Both OpenAI and Anthropic refill continuously and
+        report the reset as the time until the limit is whole again, so a spent limit has its
+        headroom back after that share of the reset, not after all of it (the whole reset would
+        idle the fleet for up to a minute each time a client running at the limit sees it spent)."""
+        if self.reset_s is None:
+            return None
+        if not self.limit or self.limit <= self.remaining:
+            return self.reset_s
+        return self.reset_s * min(1.0, (self.headroom - self.remaining) / (self.limit - self.remaining))
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
@@ -470,12 +501,13 @@ def parse_rate_limit_headers(headers: Mapping[str, str], now_s: float | None = N
 
 
 def pause_from_headers(headers: Mapping[str, str], now_s: float | None = None) -> float | None:
-    """How long the fleet should hold off (s) by these headers: until the reset of any spent limit,
-    or for `retry-after`, whichever is longer. None when the provider has room."""
+    """How long the fleet should hold off (s) by these headers: until any spent limit has its
+    headroom back (`HeaderLimit.refill_s`), or for `retry-after`, whichever is longer. None when
+    the provider has room."""
     pauses = [
-        limit.reset_s
+        refill_s
         for limit in parse_rate_limit_headers(headers, now_s)
-        if limit.exhausted and limit.reset_s is not None
+        if limit.exhausted and (refill_s := limit.refill_s()) is not None
     ]
     retry_after = retry_after_seconds(httpx.Headers({key.lower(): value for key, value in headers.items()}))
     if retry_after is not None:

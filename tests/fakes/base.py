@@ -5,13 +5,15 @@ Each provider's fake subclasses `FakeProviderServer` and implements `route`
 `error_reply` (the provider's real error body and headers for a status).
 The base gives every fake the same knobs:
 
-- `latency_s`: delay before each reply (and between stream chunks, `chunk_delay_s`)
+- `latency_s`: delay before each reply (and between stream chunks, `chunk_delay_s`);
+  `latency_jitter_s`: up to this much more, at random, after the request is admitted
 - `fail_next(status, times)`: the next calls get that status with the provider's error body
 - `inject(fault, times)`: transport faults: "reset" (close without a reply), "hang"
   (never answer), "malformed" (200 with a body that is not JSON), "truncate"
   (a stream cut off part-way), "stream_error" (the provider's in-stream error
   event after a 200), "trickle" (a stream that sends very slowly)
-- `rate_limit(rpm, tpm)`: enforce limits the way the large providers do (429 + retry-after)
+- `rate_limit(rpm, tpm)`: enforce limits the way the large providers do (429 + retry-after),
+  counting each request's tokens at admission as the provider it imitates does (`tokens_for`)
 - `requests`: every request received (method, path, query, headers, body)
 
 A control API at `/_fake/*` sets the same knobs from another process (benchmarks).
@@ -20,6 +22,7 @@ A control API at `/_fake/*` sets the same knobs from another process (benchmarks
 from __future__ import annotations
 
 import json
+import random
 import socket
 import threading
 import time
@@ -95,6 +98,9 @@ class RateLimitPolicy:
         self.lock = threading.Lock()
         self.rejected = 0
         self.accepted = 0
+        self.accepted_tokens = 0
+        #: Every admission (monotonic s, tokens), for the busiest-window figures.
+        self.admitted: list[tuple[float, int]] = []
 
     def admit(self, tokens: int) -> float | None:
         """None when admitted, else seconds until the request would fit."""
@@ -111,8 +117,30 @@ class RateLimitPolicy:
                 oldest = self.events[0][0] if self.events else now
                 return max(0.05, oldest + self.window_s - now)
             self.events.append((now, tokens))
+            self.admitted.append((now, tokens))
             self.accepted += 1
+            self.accepted_tokens += tokens
             return None
+
+    def busiest(self, window_s: float | None = None) -> tuple[int, int]:
+        """The most requests and the most tokens admitted in any window of `window_s` (default: the policy's)."""
+        span_s = self.window_s if window_s is None else window_s
+        with self.lock:
+            admitted = list(self.admitted)
+        most_requests = most_tokens = tokens = start = 0
+        for end, (at, count) in enumerate(admitted):
+            tokens += count
+            while admitted[start][0] <= at - span_s:
+                tokens -= admitted[start][1]
+                start += 1
+            most_requests, most_tokens = max(most_requests, end - start + 1), max(most_tokens, tokens)
+        return most_requests, most_tokens
+
+    def reset_s(self) -> float:
+        """Seconds until the window holds nothing again (the limits are whole): the newest admission ages out."""
+        with self.lock:
+            newest = self.events[-1][0] if self.events else None
+        return 0.0 if newest is None else max(0.0, newest + self.window_s - time.monotonic())
 
     def remaining(self) -> tuple[int | None, int | None]:
         with self.lock:
@@ -215,8 +243,11 @@ class FakeProviderServer:
 
     name = "fake"
 
-    def __init__(self, *, latency_s: float = 0.0, chunk_delay_s: float = 0.0, port: int = 0) -> None:
+    def __init__(
+        self, *, latency_s: float = 0.0, chunk_delay_s: float = 0.0, port: int = 0, latency_jitter_s: float = 0.0
+    ) -> None:
         self.latency_s = latency_s
+        self.latency_jitter_s = latency_jitter_s
         self.chunk_delay_s = chunk_delay_s
         self.requests: list[RecordedRequest] = []
         self.faults: deque[Fault] = deque()
@@ -319,6 +350,8 @@ class FakeProviderServer:
                 reply.headers["retry-after"] = str(max(1, round(wait_s)))
                 handler._send(reply)
                 return
+        if self.latency_jitter_s:
+            time.sleep(random.uniform(0.0, self.latency_jitter_s))
         if fault is not None and fault.kind == "stream_error":
             handler._send_stream(self.stream_error_reply(request), truncate=False, chunk_delay_s=self.chunk_delay_s)
             return
@@ -344,6 +377,7 @@ class FakeProviderServer:
         elif action == "latency":
             self.latency_s = float(body.get("latency_s", 0.0))
             self.chunk_delay_s = float(body.get("chunk_delay_s", 0.0))
+            self.latency_jitter_s = float(body.get("latency_jitter_s", 0.0))
         elif action == "reset":
             self.reset()
         elif action != "stats":
@@ -352,12 +386,17 @@ class FakeProviderServer:
 
     def stats(self) -> dict[str, Any]:
         limits = self.limits
-        return {
+        stats: dict[str, Any] = {
             "requests": len(self.requests),
             "max_in_flight": self.max_in_flight,
             "rate_limited": limits.rejected if limits else 0,
             "accepted": limits.accepted if limits else len(self.requests),
         }
+        if limits is not None:
+            busiest_requests, busiest_tokens = limits.busiest()
+            stats.update(accepted_tokens=limits.accepted_tokens, busiest_window_requests=busiest_requests,
+                         busiest_window_tokens=busiest_tokens)
+        return stats
 
     # --- what each provider's fake defines --------------------------------------------
 
@@ -372,7 +411,10 @@ class FakeProviderServer:
         raise NotImplementedError
 
     def tokens_for(self, request: RecordedRequest) -> int:
-        """Tokens a request counts against tokens/min: prompt estimate plus max output."""
+        """Tokens a request counts against tokens/min at admission: prompt estimate plus max output.
+
+        A fake whose provider counts differently overrides this; the honest count is the prompt
+        tokens the fake reports in its usage plus the most the reply may use."""
         body = request.body if request.raw_body else {}
         text = json.dumps(body.get("messages", body.get("contents", ""))) if isinstance(body, dict) else ""
         return len(text) // 4 + int(body.get("max_tokens", 0) if isinstance(body, dict) else 0)

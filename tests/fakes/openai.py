@@ -256,8 +256,7 @@ class FakeOpenAI(FakeProviderServer):
         if self.finish_reason is not None:
             finish = self.finish_reason
             text = "" if finish == "content_filter" else text
-        prompt_tokens = sum(count_words(str(m.get("content", ""))) for m in messages)
-        return text, finish, self._usage(prompt_tokens, count_words(text) if text else 0)
+        return text, finish, self._usage(prompt_tokens(messages), count_words(text) if text else 0)
 
     def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         usage: dict[str, Any] = {
@@ -272,6 +271,15 @@ class FakeOpenAI(FakeProviderServer):
                 "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0,
             }
         return usage
+
+    def tokens_for(self, request: RecordedRequest) -> int:
+        """OpenAI counts a request against tokens/min at admission as its prompt tokens plus
+        max_tokens (max_completion_tokens), and keeps counting that whatever the reply uses."""
+        body = request.body if request.raw_body else None
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return 0
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+        return prompt_tokens(body["messages"]) + int(limit)
 
     def _dialect(self, request: RecordedRequest) -> str:
         if request.path.startswith("/openai/"):
@@ -368,7 +376,7 @@ class FakeOpenAI(FakeProviderServer):
         if self.flavor == "tgi":
             return {"x-request-id": str(uuid.uuid4()), "x-compute-type": "1-nvidia-l4"}
         remaining_requests, remaining_tokens = self._remaining()
-        return {
+        headers = {
             "x-request-id": "req_" + secrets.token_hex(16),
             "openai-processing-ms": "87", "openai-version": "2020-10-01",
             "x-ratelimit-limit-requests": "5000", "x-ratelimit-limit-tokens": "160000",
@@ -376,12 +384,25 @@ class FakeOpenAI(FakeProviderServer):
             "x-ratelimit-remaining-tokens": str(remaining_tokens),
             "x-ratelimit-reset-requests": "1s", "x-ratelimit-reset-tokens": "6m0s",
         }
+        if self.limits is not None:
+            # Under an enforced limit, report it as OpenAI does: the limits, and the time until each is whole again.
+            reset = f"{self.limits.reset_s():.3f}s"
+            for name, limit in (("requests", self.limits.requests_per_minute), ("tokens", self.limits.tokens_per_minute)):
+                if limit is not None:
+                    headers[f"x-ratelimit-limit-{name}"] = str(limit)
+                    headers[f"x-ratelimit-reset-{name}"] = reset
+        return headers
 
     def _remaining(self) -> tuple[int, int]:
         if self.limits is None:
             return 4999, 159976
         requests, tokens = self.limits.remaining()
         return (requests if requests is not None else 4999), (tokens if tokens is not None else 159976)
+
+
+def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """The fake's prompt token count, as its usage reports it: the words of every message."""
+    return sum(count_words(str(message.get("content", ""))) for message in messages if isinstance(message, dict))
 
 
 def _choice(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:

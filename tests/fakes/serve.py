@@ -39,10 +39,10 @@ class _NoDelayHandler(_Handler):
 
 
 def build_fake(provider: str, *, port: int = 0, latency_s: float = 0.0, api_key: str | None = None,
-               backlog: int = 4096) -> FakeProviderServer:
+               backlog: int = 4096, latency_jitter_s: float = 0.0) -> FakeProviderServer:
     module_name, class_name = FAKES[provider].split(":")
     fake_class = getattr(importlib.import_module(module_name), class_name)
-    options: dict[str, Any] = {"port": port, "latency_s": latency_s}
+    options: dict[str, Any] = {"port": port, "latency_s": latency_s, "latency_jitter_s": latency_jitter_s}
     if api_key is not None:
         options["api_key"] = api_key
     fake: FakeProviderServer = fake_class(**options)
@@ -57,11 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("provider", choices=sorted(FAKES))
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--latency-s", type=float, default=0.0, help="delay before every reply, in seconds")
+    parser.add_argument("--latency-jitter-s", type=float, default=0.0,
+                        help="up to this much more delay, at random, after a request is admitted (s)")
     parser.add_argument("--api-key", help="the key the fake accepts (default: the fake's own)")
     parser.add_argument("--backlog", type=int, default=4096, help="listen backlog (pending connections)")
     args = parser.parse_args(argv)
     fake = build_fake(args.provider, port=args.port, latency_s=args.latency_s, api_key=args.api_key,
-                      backlog=args.backlog).start()
+                      backlog=args.backlog, latency_jitter_s=args.latency_jitter_s).start()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -1,0 +1,132 @@
+"""llmq's side of the benchmark: a fresh redis-server and N real `llmq worker` processes per run,
+the batch submitted with `LLMService.submit_batch`, the makespan read from the job records."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from producer import keys
+from producer.models import JobState
+from producer.service import LLMService
+from tests.harness import Cluster, WorkerProcess, start_cluster, wait_for_workers
+
+CONFIG = """\
+llm_service:
+  retry: {{max_attempts_per_provider: 8}}
+  jobs: {{deadline_s: 3600}}
+  providers:
+    openai:
+      type: openai
+      api_key: "{key}"
+      base_url: "{url}/v1"
+      models: [gpt-4o-mini]
+      timeout: 120
+      rate_limits:
+        requests_per_minute: {rpm}
+        tokens_per_minute: {tpm}
+        # OpenAI keeps counting max_tokens: llmq settles to its prompt count plus max_tokens.
+        refund_unused_tokens: false
+"""
+
+
+@dataclass
+class QuietWorker(WorkerProcess):
+    """`llmq worker` at WARNING: per-task INFO lines would measure the log file, not the limiter."""
+
+    loglevel: str = "WARNING"
+
+    def start(self) -> QuietWorker:
+        import subprocess
+
+        command = [sys.executable, "-m", "producer.cli", "--config", str(self.config_path), "worker",
+                   "--concurrency", str(self.concurrency), "--pool", self.pool, "--loglevel", self.loglevel]
+        self.process = subprocess.Popen(
+            command, env=self.env(), stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+        return self
+
+
+@dataclass
+class LlmqResult:
+    makespan_s: float
+    succeeded: int
+    failed: int
+    lost: int
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+#: `--pool-fix`: a sitecustomize that patches httpcore's pool in the worker processes (an experiment).
+POOL_FIX_PATH = Path(__file__).with_name("poolfix")
+
+
+def run_llmq(url: str, api_key: str, bodies: list[dict[str, Any]], *, rpm: int, tpm: int, workers: int,
+             concurrency: int, timeout_s: float, pool_fix: bool = False) -> LlmqResult:
+    root = Path(tempfile.mkdtemp(prefix="llmq-bench-ratelimit-"))
+    cluster = start_cluster(root, CONFIG.format(key=api_key, url=url, rpm=rpm, tpm=tpm))
+    try:
+        extra_env = {"PYTHONPATH": str(POOL_FIX_PATH)} if pool_fix else {}
+        started = [QuietWorker(cluster.config_path, cluster.redis_url, cluster.database_url, root / f"worker-{index}.log",
+                               concurrency=concurrency, extra_env=extra_env) for index in range(workers)]
+        cluster.workers.extend(worker.start() for worker in started)
+        wait_for_workers(cluster.redis_url, workers, started, timeout_s=120)
+        cpu_before = sum(_cpu_s(worker.pid) for worker in started)
+        result = asyncio.run(_submit_and_wait(cluster, bodies, timeout_s))
+        result.notes["worker CPU s"] = round(sum(_cpu_s(worker.pid) for worker in started) - cpu_before, 1)
+        return result
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _submit_and_wait(cluster: Cluster, bodies: list[dict[str, Any]], timeout_s: float) -> LlmqResult:
+    service = LLMService(cluster.config, redis_url_=cluster.redis_url)
+    try:
+        began = time.time()
+        batch_id = await service.submit_batch([{**body, "metadata": {"caller": "bench"}} for body in bodies])
+        submitted_s = time.time() - began
+        try:
+            await service.wait(batch_id, timeout_s=timeout_s)
+        except TimeoutError:
+            pass  # what did not finish is counted as lost below
+        jobs = await service.results(batch_id)
+        dispatches = await _dispatches(service, [job.job_id for job in jobs])
+    finally:
+        await service.aclose()
+    succeeded = [job for job in jobs if job.state == JobState.SUCCEEDED]
+    failed = sum(1 for job in jobs if job.state == JobState.FAILED)
+    finished = [job.finished_at for job in jobs if job.finished_at]
+    makespan_s = (max(finished) - began) if finished else float("inf")
+    return LlmqResult(
+        makespan_s, len(succeeded), failed, len(bodies) - len(succeeded) - failed,
+        {"submit s": round(submitted_s, 2), "dispatches per job": round(dispatches / max(1, len(jobs)), 2),
+         "calls per job": round(sum(len(job.attempts) for job in jobs) / max(1, len(jobs)), 3)},
+    )
+
+
+async def _dispatches(service: LLMService, job_ids: list[str]) -> int:
+    """Times the jobs were sent to a worker: one each, plus one per wait set aside (rate_limited)."""
+    total = 0
+    async with service.jobs.redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hget(keys.job(job_id), "dispatch")
+        for value in await pipe.execute():
+            total += int(value or 0)
+    return total
+
+
+def _cpu_s(pid: int) -> float:
+    import os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    # utime, stime, cutime, cstime: the worker and its (waited-for) children.
+    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
