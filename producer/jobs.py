@@ -21,9 +21,9 @@ from producer.models import BatchRecord, Hop, JobRecord, JobState, LLMRequest, L
 
 WAITING_STATES = ("queued", "retrying", "rate_limited")
 ACTIVE_STATES = (*WAITING_STATES, "running")
-#: How long a freshly created job may wait for its first publish before the promoter sends it.
+#: A published job not claimed this long, on a queue that holds no message, is published again.
 PUBLISH_GRACE_MS = 30_000
-#: How long a promoted job may wait for its publish before it comes due again.
+#: The same watchdog interval for jobs the promoter publishes (retries, fallbacks, re-runs).
 PROMOTE_IN_FLIGHT_MS = 30_000
 
 
@@ -73,7 +73,6 @@ class JobStore:
         self._transition = client.register_script(_script("transition.lua"))
         self._claim = client.register_script(_script("claim.lua"))
         self._promote = client.register_script(_script("promote.lua"))
-        self._unschedule = client.register_script(_script("unschedule.lua"))
         self._reap = client.register_script(_script("reap.lua"))
 
     # --- creating ----------------------------------------------------------------
@@ -107,15 +106,6 @@ class JobStore:
         for key in (keys.batch(batch_id), keys.batch_jobs(batch_id), keys.batch_custom_ids(batch_id)):
             pipe.expire(key, ttl_s)
         await pipe.execute()
-
-    async def unschedule(self, scheduled: list[tuple[str, int]]) -> None:
-        """After publishing, drop the safety entries in the delayed set (if still ours)."""
-        if scheduled:
-            await self._unschedule(keys=[keys.DELAYED], args=[item for pair in scheduled for item in pair])
-
-    async def delayed_scores(self, job_ids: list[str]) -> list[int | None]:
-        scores = await self.redis.zmscore(keys.DELAYED, job_ids)
-        return [int(score) if score is not None else None for score in scores]
 
     # --- reading -----------------------------------------------------------------
 

@@ -263,10 +263,9 @@ class LLMService:
         results = await self.jobs.create_many(jobs, self.config.service.jobs.result_ttl_s)
         fresh = [job for job, (created, _) in zip(jobs, results) if created]
         if fresh:
-            scores = await self.jobs.delayed_scores([job.job_id for job in fresh])
+            # Each job's watchdog entry in the delayed set stays until a worker claims it.
             messages = [(job.job_id, 1, keys.queue_name(job.route[0].provider)) for job in fresh]
             await asyncio.to_thread(publish_messages, self.celery, messages)
-            await self.jobs.unschedule([(job.job_id, score) for job, score in zip(fresh, scores) if score is not None])
         return [job_id for _, job_id in results]
 
     # --- reading ---------------------------------------------------------------------

@@ -102,8 +102,8 @@ class Runtime:
             try:
                 due = await self.jobs.promote_due(500)
                 if due:
+                    # Their watchdog entries stay until a worker claims them (see promote.lua).
                     await self.publish([(job_id, dispatch, queue) for job_id, dispatch, queue, _ in due])
-                    await self.jobs.unschedule([(job_id, score) for job_id, _, _, score in due])
                     continue
             except Exception as exc:  # Redis restarting: keep going, never die
                 log.warning("promoter: %s", exc)

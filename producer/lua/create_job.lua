@@ -23,7 +23,7 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local fields = {}
 for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], 'state', 'queued', 'dispatch', '1', 'attempt', '0',
+redis.call('HSET', KEYS[1], 'state', 'queued', 'dispatch', '1', 'published', '1', 'attempt', '0',
   'route_index', '0', 'hop_attempt', '0', 'created_at', now_ms, 'updated_at', now_ms,
   'deadline_at', now_ms + tonumber(ARGV[4]), unpack(fields))
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
@@ -32,7 +32,8 @@ if batch_id ~= '' then
   redis.call('HINCRBY', KEYS[2], 'total', 1)
   redis.call('HINCRBY', KEYS[2], 'queued', 1)
 end
--- Published by the caller right away; if it dies first, the promoter publishes after the grace.
+-- Published by the caller right away; this entry is the job's watchdog until a worker
+-- claims it (promote.lua re-publishes if the message is lost, e.g. the caller died first).
 redis.call('ZADD', KEYS[5], now_ms + tonumber(ARGV[5]), job_id)
 redis.call('ZADD', KEYS[6], now_ms + tonumber(ARGV[4]), job_id)
 redis.call('RPUSH', KEYS[7], cjson.encode({kind = 'job', job_id = job_id}))

@@ -1,7 +1,13 @@
 -- Hand out delayed jobs that are due, for the caller to publish to their queues.
--- Each handed-out job's score moves forward by in_flight_ms: if the caller dies
--- before publishing, the job comes due again then (a second message for the same
--- dispatch is dropped by claim.lua, so this never runs a job twice).
+--
+-- Every waiting job keeps an entry here until a worker claims it; it is the job's
+-- watchdog. A due entry whose current dispatch was not yet published is handed out
+-- (a retry or fallback coming due). A due entry whose dispatch was already
+-- published means no worker has claimed it for in_flight_ms: if its queue is empty,
+-- the message was lost (a producer or worker died before publishing, a message went
+-- back to an unreachable broker), so it is handed out again; if the queue still
+-- holds messages, the job is simply waiting its turn and the check moves on. A second
+-- message for the same dispatch is dropped by claim.lua, so this never runs a job twice.
 --
 -- KEYS[1] delayed zset
 -- ARGV[1] max jobs  ARGV[2] in_flight_ms  ARGV[3] job key prefix ("<prefix>:job:")
@@ -12,15 +18,17 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, ton
 local out = {}
 local later = now_ms + tonumber(ARGV[2])
 for _, job_id in ipairs(due) do
-  local fields = redis.call('HMGET', ARGV[3] .. job_id, 'state', 'dispatch', 'queue')
-  local state = fields[1]
+  local job_key = ARGV[3] .. job_id
+  local fields = redis.call('HMGET', job_key, 'state', 'dispatch', 'queue', 'published')
+  local state, dispatch, queue, published = fields[1], fields[2], fields[3], fields[4]
+  redis.call('ZADD', KEYS[1], later, job_id)
   if (not state) or state == 'succeeded' or state == 'failed' or state == 'cancelled' or state == 'running' then
     redis.call('ZREM', KEYS[1], job_id)
-  else
-    redis.call('ZADD', KEYS[1], later, job_id)
+  elseif published ~= dispatch or redis.call('LLEN', queue) == 0 then
+    redis.call('HSET', job_key, 'published', dispatch)
     out[#out + 1] = job_id
-    out[#out + 1] = fields[2]
-    out[#out + 1] = fields[3]
+    out[#out + 1] = dispatch
+    out[#out + 1] = queue
     out[#out + 1] = tostring(later)
   end
 end
