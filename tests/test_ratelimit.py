@@ -29,10 +29,8 @@ from worker.ratelimit import (
     RateLimiter,
     burst_units,
     estimate_request_tokens,
-    parse_duration_s,
-    parse_rate_limit_headers,
-    pause_from_headers,
 )
+from worker.ratelimit_headers import parse_duration_s, parse_rate_limit_headers, pause_from_headers
 
 T = TypeVar("T")
 Hammered = tuple[list[tuple[float, int]], tuple[float, float]]

@@ -41,21 +41,17 @@ import asyncio
 import concurrent.futures
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis.asyncio as aioredis
 
 from producer.config import ModelLimits, RateLimits
 from producer.models import LLMRequest
-from worker.providers.base import retry_after_seconds
+from worker.ratelimit_headers import pause_from_headers
 from worker.tokens import estimate_prompt_tokens
 
 log = logging.getLogger(__name__)
@@ -407,112 +403,6 @@ class RateLimiter:
             _num(waiting_since_s or 0.0),
         ]
         return await self._script(keys=self._keys(provider, model, limits, api_key_id), args=args)
-
-
-# --- provider rate-limit headers ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HeaderLimit:
-    """One limit as a provider reported it on a response."""
-
-    name: str  # requests, tokens, input-tokens, output-tokens
-    remaining: float
-    limit: float | None
-    #: Seconds from now until the provider's limit is fully replenished.
-    reset_s: float | None
-
-    @property
-    def exhausted(self) -> bool:
-        return self.remaining < self.headroom
-
-    @property
-    def headroom(self) -> float:
-        """Below this much left the limit counts as spent: one request, or 1% of a tokens limit."""
-        if self.name == "requests" or not self.limit:
-            return 1.0
-        return max(1.0, self.limit * NEARLY_EXHAUSTED_FRACTION)
-
-    def refill_s(self) -> float | None:
-        """Seconds until the headroom is back. Both OpenAI and Anthropic refill continuously and
-        report the reset as the time until the limit is whole again, so a spent limit has its
-        headroom back after that share of the reset, not after all of it (the whole reset would
-        idle the fleet for up to a minute each time a client running at the limit sees it spent)."""
-        if self.reset_s is None:
-            return None
-        if not self.limit or self.limit <= self.remaining:
-            return self.reset_s
-        return self.reset_s * min(1.0, (self.headroom - self.remaining) / (self.limit - self.remaining))
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
-_DURATION_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-_OPENAI_NAMES = ("requests", "tokens")
-_ANTHROPIC_NAMES = ("requests", "tokens", "input-tokens", "output-tokens")
-
-
-def parse_duration_s(text: str) -> float | None:
-    """OpenAI's reset durations ("1s", "6m0s", "20ms", "1h2m3.5s"; Go's format), or bare seconds, as seconds."""
-    text = text.strip()
-    try:
-        return max(0.0, float(text))
-    except ValueError:
-        pass
-    parts = _DURATION_PART.findall(text)
-    if not parts or "".join(number + unit for number, unit in parts) != text:
-        return None
-    return sum(float(number) * _DURATION_UNIT_S[unit] for number, unit in parts)
-
-
-def parse_rfc3339_s(text: str, now_s: float) -> float | None:
-    """Seconds from `now_s` (epoch) until an RFC 3339 time, as Anthropic sends its resets."""
-    try:
-        moment = datetime.fromisoformat(text.strip())  # Python 3.11 reads "Z" and fractions
-    except ValueError:
-        return None
-    return None if moment.tzinfo is None else max(0.0, moment.timestamp() - now_s)
-
-
-def _number(text: str | None) -> float | None:
-    try:
-        return None if text is None else float(text)
-    except ValueError:
-        return None
-
-
-def parse_rate_limit_headers(headers: Mapping[str, str], now_s: float | None = None) -> list[HeaderLimit]:
-    """Every limit an OpenAI-style (`x-ratelimit-*`) or Anthropic (`anthropic-ratelimit-*`) response reports."""
-    lowered = {key.lower(): value for key, value in headers.items()}
-    clock_s = time.time() if now_s is None else now_s
-    families: tuple[tuple[str, tuple[str, ...], Callable[[str], float | None]], ...] = (
-        ("x-ratelimit-{part}-{name}", _OPENAI_NAMES, parse_duration_s),
-        ("anthropic-ratelimit-{name}-{part}", _ANTHROPIC_NAMES, partial(parse_rfc3339_s, now_s=clock_s)),
-    )
-    found: list[HeaderLimit] = []
-    for template, names, parse_reset in families:
-        for name in names:
-            remaining = _number(lowered.get(template.format(part="remaining", name=name)))
-            if remaining is None or remaining < 0:  # Azure sends -1 when it does not say
-                continue
-            reset = lowered.get(template.format(part="reset", name=name))
-            limit = _number(lowered.get(template.format(part="limit", name=name)))
-            found.append(HeaderLimit(name, remaining, limit, parse_reset(reset) if reset else None))
-    return found
-
-
-def pause_from_headers(headers: Mapping[str, str], now_s: float | None = None) -> float | None:
-    """How long the fleet should hold off (s) by these headers: until any spent limit has its
-    headroom back (`HeaderLimit.refill_s`), or for `retry-after`, whichever is longer. None when
-    the provider has room."""
-    pauses = [
-        refill_s
-        for limit in parse_rate_limit_headers(headers, now_s)
-        if limit.exhausted and (refill_s := limit.refill_s()) is not None
-    ]
-    retry_after = retry_after_seconds(httpx.Headers({key.lower(): value for key, value in headers.items()}))
-    if retry_after is not None:
-        pauses.append(retry_after)
-    return max(pauses) if pauses and max(pauses) > 0 else None
 
 
 def _usage(used: float, limit: float | None) -> dict[str, Any]:
