@@ -27,7 +27,8 @@ PUBLISH_GRACE_MS = 30_000
 PROMOTE_IN_FLIGHT_MS = 30_000
 
 
-_RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+#: Delete a lock only if the caller still holds it (KEYS[1] lock, ARGV[1] token).
+RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 def _script(name: str) -> str:
@@ -208,7 +209,7 @@ class JobStore:
 
     async def release_lock(self, key: str, token: str) -> None:
         """Delete a lock only if we still hold it."""
-        await self.redis.eval(_RELEASE_LOCK, 1, key, token)
+        await self.redis.eval(RELEASE_LOCK, 1, key, token)
 
     async def renew_leases(self, job_ids: list[str], lease_ms: int) -> None:
         if job_ids:

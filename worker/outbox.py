@@ -21,6 +21,7 @@ from typing import Any
 import redis
 
 from producer import keys
+from producer.jobs import RELEASE_LOCK
 
 log = logging.getLogger("llmq.outbox")
 
@@ -110,8 +111,7 @@ class OutboxFlusher:
         return self.redis.llen(keys.OUTBOX) == 0
 
     def _release(self) -> None:
-        script = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-        self.redis.eval(script, 1, keys.OUTBOX_LOCK, self.token)
+        self.redis.eval(RELEASE_LOCK, 1, keys.OUTBOX_LOCK, self.token)
 
     def _expand(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Job rows are queued as references; write the job's state as it is now."""
