@@ -21,6 +21,7 @@ import httpx
 from producer.config import ProviderConfig
 from producer.models import LLMRequest, LLMResponse, Usage
 from worker import errors
+from worker.providers.transport import AiohttpTransport
 
 
 class LLMProvider(ABC):
@@ -98,10 +99,8 @@ class HTTPProvider(LLMProvider):
         self.client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(config.timeout_s, connect=min(10.0, config.timeout_s)),
-            # Keep every connection alive: a keep-alive cap below the pool size makes httpcore
-            # close and reopen connections under load (bench/RESULTS.md, "overhead").
-            limits=httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections),
-            transport=transport,
+            # httpx's API over aiohttp's connection pool (worker/providers/transport.py).
+            transport=transport or AiohttpTransport(max_connections=self.max_connections),
             headers={"user-agent": "llmq/0.1"},
         )
         #: Called with the headers of every provider response (success or error), so the
