@@ -12,6 +12,13 @@ i.e. the retryable ones (5xx, overloaded, timeouts, connection errors). Not a
 error about the request or the key (400, 401, 404), which says nothing about the
 provider's health. A success (not from llmq's cache) resets the count.
 
+Round trips. A process that saw the circuit clean (closed, no failure counted)
+trusts that view for `CLEAN_VIEW_S` without asking Redis again, and notes
+successes at most once a second: a healthy provider costs no Redis round trip
+on most calls. So a circuit opened by another worker stops this one within
+`CLEAN_VIEW_S` (a few more calls to a failing provider, each counted as it
+fails); a failure seen here drops the view at once.
+
 While the circuit is open, a job with another configured provider later on its
 route is skipped there (`ProviderUnavailableError`, an attempt recorded, no
 call); a job whose route has nothing after this provider waits instead (state
@@ -50,6 +57,8 @@ PROBE_GRACE_S = 5.0
 MAX_ERROR_CHARS = 500
 #: While a circuit is clean, a process notes successes (their timestamp) at most this often.
 SUCCESS_NOTE_INTERVAL_S = 1.0
+#: How long a process trusts having seen a circuit clean before asking Redis again.
+CLEAN_VIEW_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -121,14 +130,22 @@ class CircuitBreakerMiddleware(Middleware):
         self.settings = runtime.config.service.health
         self.breaker = CircuitBreaker(runtime.redis, self.settings)
         self._success_noted_at: dict[str, float] = {}
+        #: provider -> monotonic time until which this process trusts its view "clean".
+        self._clean_until: dict[str, float] = {}
 
     def _probe_ttl_s(self, provider: str) -> float:
         return self.runtime.config.provider(provider).timeout_s + PROBE_GRACE_S
 
     async def before_attempt(self, attempt: Attempt) -> Verdict | None:
         provider = attempt.hop.provider
+        now_s = time.monotonic()
+        if self._clean_until.get(provider, 0.0) > now_s:
+            attempt.scratch["circuit_clean"] = True
+            return None
         token = f"{attempt.job_id}:{attempt.attempt}"
         permission = await self.breaker.allow(provider, token, self._probe_ttl_s(provider))
+        if permission.clean and permission.verdict == "allow":
+            self._clean_until[provider] = now_s + CLEAN_VIEW_S
         if permission.verdict == "probe":
             log.info("circuit of provider %s is half-open: this call is the probe", provider)
             attempt.scratch["circuit_probe"] = token
@@ -163,6 +180,7 @@ class CircuitBreakerMiddleware(Middleware):
 
     async def after_error(self, attempt: Attempt, error: errors.LLMQError) -> None:
         if counts_as_failure(error):
+            self._clean_until.pop(attempt.hop.provider, None)
             attempt.scratch["circuit_outcome"] = True
             await self.breaker.record_failure(attempt.hop.provider, str(error), "job")
 

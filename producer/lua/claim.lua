@@ -2,7 +2,8 @@
 -- a job that is waiting to run may start; anything else is a stale or duplicate
 -- message and is dropped.
 --
--- KEYS[1] job hash  KEYS[2] batch hash  KEYS[3] leases zset  KEYS[4] delayed zset
+-- KEYS[1] job hash  KEYS[2] batch hash key prefix (the job's batch_id completes it)
+-- KEYS[3] leases zset  KEYS[4] delayed zset
 -- ARGV[1] dispatch carried by the message  ARGV[2] worker id  ARGV[3] lease_ms
 -- Returns {"ok", <job hash as flat list>} or {"skip", state or "missing", dispatch}
 -- or {"expired", state} when the job's deadline has passed (the caller fails it).
@@ -23,8 +24,8 @@ redis.call('HSET', KEYS[1], 'state', 'running', 'updated_at', now_ms, 'started_a
 redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HINCRBY', KEYS[1], 'hop_attempt', 1)
 if batch_id and batch_id ~= '' then
-  redis.call('HINCRBY', KEYS[2], state, -1)
-  redis.call('HINCRBY', KEYS[2], 'running', 1)
+  redis.call('HINCRBY', KEYS[2] .. batch_id, state, -1)
+  redis.call('HINCRBY', KEYS[2] .. batch_id, 'running', 1)
 end
 redis.call('ZADD', KEYS[3], now_ms + tonumber(ARGV[3]), job_id)
 redis.call('ZREM', KEYS[4], job_id)

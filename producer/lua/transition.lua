@@ -1,7 +1,7 @@
 -- Move a job from one state to another in one atomic step, keeping its batch's
 -- counts, the lease / delayed / deadline sets and the SQL outbox in step.
 --
--- KEYS[1] job hash   KEYS[2] job attempts list   KEYS[3] batch hash (any name when no batch)
+-- KEYS[1] job hash   KEYS[2] job attempts list   KEYS[3] batch hash key prefix (the job's batch_id completes it)
 -- KEYS[4] leases zset  KEYS[5] delayed zset  KEYS[6] deadlines zset  KEYS[7] outbox list
 -- ARGV[1] expected dispatch ("" = any)
 -- ARGV[2] allowed current states, comma-separated
@@ -65,8 +65,8 @@ if ARGV[5] == '1' then
   dispatch = tostring(redis.call('HINCRBY', KEYS[1], 'dispatch', 1))
 end
 if batch_id and batch_id ~= '' and new_state ~= state then
-  redis.call('HINCRBY', KEYS[3], state, -1)
-  redis.call('HINCRBY', KEYS[3], new_state, 1)
+  redis.call('HINCRBY', KEYS[3] .. batch_id, state, -1)
+  redis.call('HINCRBY', KEYS[3] .. batch_id, new_state, 1)
 end
 if new_state ~= 'running' then
   redis.call('ZREM', KEYS[4], job_id)
