@@ -1,21 +1,71 @@
-"""Real worker processes, started the way the README starts them (`llmq worker`)."""
+"""The real parts tests drive: worker processes started the way the README starts them
+(`llmq worker`), clusters of them, the service configs they read, and provider adapters
+run against a fake in an event loop of their own."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import redis
+import yaml
 
 from producer import keys
-from producer.config import LLMConfig, load_config
+from producer.config import LLMConfig, ProviderConfig, load_config
 from producer.embedded import RedisServer
 from producer.service import SyncLLMService
+from tests.fakes.base import FakeProviderServer
+from tests.fakes.openai import DEFAULT_API_KEY
+from worker.providers.base import LLMProvider
+from worker.providers.registry import create_provider
+
+T = TypeVar("T")
+AdapterT = TypeVar("AdapterT", bound=LLMProvider)
+#: A job's deadline and lease in test clusters: a lease short enough that a lost worker's jobs
+#: come back within a test, a deadline long enough for a slow, shared machine.
+TEST_JOBS = {"deadline_s": 60, "lease_s": 5}
+
+
+def run_adapter(entry: ProviderConfig, adapter: type[AdapterT], action: Callable[[AdapterT], Awaitable[T]]) -> T:
+    """Build the adapter the registry builds for `entry` (checked to be an `adapter`), run
+    `action` on it and close it, all in one event loop of its own: a connection pool belongs
+    to the loop that opened it."""
+
+    async def main() -> T:
+        provider = create_provider(entry)
+        assert isinstance(provider, adapter), type(provider)
+        try:
+            return await action(provider)
+        finally:
+            await provider.aclose()
+
+    return asyncio.run(main())
+
+
+def openai_entry(fake: FakeProviderServer, *, api_key: str = DEFAULT_API_KEY, **fields: Any) -> dict[str, Any]:
+    """A config entry for an OpenAI provider served by `fake`, for gpt-4o-mini unless `fields` say otherwise."""
+    return {"type": "openai", "api_key": api_key, "base_url": f"{fake.url}/v1", "models": ["gpt-4o-mini"], **fields}
+
+
+def fast_retry(max_attempts_per_provider: int, **fields: Any) -> dict[str, Any]:
+    """A retry section whose backoffs (50-200 ms) let a test see every attempt in test time."""
+    return {"max_attempts_per_provider": max_attempts_per_provider, "backoff_base_s": 0.05, "backoff_max_s": 0.2,
+            **fields}
+
+
+def service_config(providers: dict[str, dict[str, Any]], *, jobs: dict[str, Any] | None = None, **sections: Any) -> str:
+    """The YAML a cluster reads: `providers` (name -> entry), `jobs` (TEST_JOBS unless given)
+    and any other `llm_service` section (`fallback_chain`, `retry`, `health`, ...) as given."""
+    service = {**sections, "jobs": TEST_JOBS if jobs is None else jobs, "providers": providers}
+    return yaml.safe_dump({"llm_service": service}, sort_keys=False)
 
 
 def write_config(path: Path, body: str) -> Path:
@@ -132,8 +182,11 @@ class Cluster:
         self.redis.stop()
 
 
-def start_cluster(root: Path, config_text: str, *, database_url: str | None = None, persistence: bool = False) -> Cluster:
+def start_cluster(
+    root: Path, config_text: str, *, database_url: str | None = None, persistence: bool = False,
+    redis_password: str | None = None,
+) -> Cluster:
     root.mkdir(parents=True, exist_ok=True)
     config_path = write_config(root / "llm_service.yaml", config_text)
-    server = RedisServer(root / "redis", persistence=persistence).start()
+    server = RedisServer(root / "redis", persistence=persistence, password=redis_password).start()
     return Cluster(root, config_path, database_url or f"sqlite:///{root / 'ledger.sqlite3'}", server)

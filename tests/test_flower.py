@@ -23,10 +23,10 @@ import httpx
 import pytest
 
 from producer import LLMRequest
-from producer.embedded import RedisServer, free_port
+from producer.embedded import free_port
 from producer.models import JobState
 from tests.fakes.openai import FakeOpenAI
-from tests.harness import Cluster, write_config
+from tests.harness import Cluster, fast_retry, openai_entry, service_config, start_cluster
 
 CANARY_KEY = f"sk-canary-{secrets.token_hex(16)}"
 REDIS_PASSWORD = f"redis-pw-{secrets.token_hex(8)}"
@@ -35,23 +35,6 @@ JOBS = 8
 
 # Flower, a worker and a password-protected redis-server start once for the module.
 pytestmark = pytest.mark.slow
-
-CONFIG = """
-llm_service:
-  fallback_chain: [primary, backup]
-  retry: {{max_attempts_per_provider: 2, backoff_base_s: 0.05, backoff_max_s: 0.2}}
-  jobs: {{deadline_s: 60, lease_s: 5}}
-  providers:
-    primary:
-      type: openai
-      api_key: "{key}"
-      base_url: "{url}/v1"
-      models: [gpt-4o-mini]
-    backup:
-      type: mock
-      models: [gpt-4o-mini]
-      options: {{latency_s: 0.01}}
-"""
 
 
 @dataclass
@@ -113,10 +96,12 @@ def fake() -> Iterator[FakeOpenAI]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, fake: FakeOpenAI) -> Iterator[Cluster]:
-    root = tmp_path_factory.mktemp("flower")
-    config_path = write_config(root / "llm_service.yaml", CONFIG.format(key=CANARY_KEY, url=fake.url))
-    server = RedisServer(root / "redis", persistence=False, password=REDIS_PASSWORD).start()
-    started = Cluster(root, config_path, f"sqlite:///{root / 'ledger.sqlite3'}", server)
+    providers = {
+        "primary": openai_entry(fake, api_key=CANARY_KEY),
+        "backup": {"type": "mock", "models": ["gpt-4o-mini"], "options": {"latency_s": 0.01}},
+    }
+    config = service_config(providers, fallback_chain=["primary", "backup"], retry=fast_retry(2))
+    started = start_cluster(tmp_path_factory.mktemp("flower"), config, redis_password=REDIS_PASSWORD)
     yield started
     started.stop()
 

@@ -17,34 +17,11 @@ from producer import LLMRequest
 from producer.embedded import free_port
 from producer.models import JobState
 from tests.fakes.openai import DEFAULT_API_KEY, FakeOpenAI
-from tests.harness import Cluster, start_cluster
+from tests.harness import Cluster, fast_retry, openai_entry, service_config, start_cluster
 from worker import logs
 
 BACKUP_KEY = "sk-backup-0123456789SECRETabcdef"
-CONFIG = """
-llm_service:
-  fallback_chain: [primary, backup]
-  retry: {{max_attempts_per_provider: 2, backoff_base_s: 0.05, backoff_max_s: 0.2}}
-  jobs: {{deadline_s: 60, lease_s: 5}}
-  providers:
-    primary:
-      type: openai
-      api_key: "{key}"
-      base_url: "{primary}/v1"
-      models: [gpt-4o-mini]
-      pricing: {{gpt-4o-mini: {{input_per_mtok: 1000, output_per_mtok: 2000}}}}
-    backup:
-      type: openai
-      api_key: "{backup_key}"
-      base_url: "{backup}/v1"
-      models: [gpt-4o-mini]
-    limited:
-      type: openai
-      api_key: "{key}"
-      base_url: "{primary}/v1"
-      models: [gpt-4o]
-      rate_limits: {{requests_per_minute: 1}}
-"""
+PRICING = {"gpt-4o-mini": {"input_per_mtok": 1000, "output_per_mtok": 2000}}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +40,12 @@ def metrics_port() -> int:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, fakes, metrics_port: int) -> Iterator[Cluster]:
     primary, backup = fakes
-    config = CONFIG.format(key=DEFAULT_API_KEY, backup_key=BACKUP_KEY, primary=primary.url, backup=backup.url)
+    providers = {
+        "primary": openai_entry(primary, pricing=PRICING),
+        "backup": openai_entry(backup, api_key=BACKUP_KEY),
+        "limited": openai_entry(primary, models=["gpt-4o"], rate_limits={"requests_per_minute": 1}),
+    }
+    config = service_config(providers, fallback_chain=["primary", "backup"], retry=fast_retry(2))
     started = start_cluster(tmp_path_factory.mktemp("metrics"), config)
     started.start_workers(1, concurrency=20, extra_env={"LLMQ_METRICS_PORT": str(metrics_port), "LLMQ_LOG_FORMAT": "json"})
     yield started

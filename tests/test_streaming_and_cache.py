@@ -10,30 +10,10 @@ import pytest
 from producer import LLMRequest
 from producer.models import JobState
 from producer.service import JobFailedError, LLMService
-from tests.fakes.openai import DEFAULT_API_KEY, FakeOpenAI
-from tests.harness import Cluster, start_cluster
+from tests.fakes.openai import FakeOpenAI
+from tests.harness import Cluster, fast_retry, openai_entry, service_config, start_cluster
 from worker.outbox import OutboxFlusher
 from worker.store import Store
-
-CONFIG = """
-llm_service:
-  fallback_chain: [primary, backup]
-  retry: {{max_attempts_per_provider: 1, backoff_base_s: 0.05, backoff_max_s: 0.1}}
-  jobs: {{deadline_s: 60, lease_s: 5}}
-  providers:
-    primary:
-      type: openai
-      api_key: "{key}"
-      base_url: "{primary}/v1"
-      models: [gpt-4o-mini]
-      cache: {{enabled: true, ttl_s: 60}}
-    backup:
-      type: openai
-      api_key: "{key}"
-      base_url: "{backup}/v1"
-      models: [gpt-4o-mini]
-"""
-
 
 @pytest.fixture(scope="module")
 def fakes() -> Iterator[tuple[FakeOpenAI, FakeOpenAI]]:
@@ -46,7 +26,9 @@ def fakes() -> Iterator[tuple[FakeOpenAI, FakeOpenAI]]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, fakes) -> Iterator[Cluster]:
     primary, backup = fakes
-    started = start_cluster(tmp_path_factory.mktemp("stream"), CONFIG.format(key=DEFAULT_API_KEY, primary=primary.url, backup=backup.url))
+    providers = {"primary": openai_entry(primary, cache={"enabled": True, "ttl_s": 60}), "backup": openai_entry(backup)}
+    config = service_config(providers, fallback_chain=["primary", "backup"], retry=fast_retry(1, backoff_max_s=0.1))
+    started = start_cluster(tmp_path_factory.mktemp("stream"), config)
     started.start_workers(1)
     yield started
     started.stop()

@@ -158,12 +158,22 @@ class FakeOpenAI(FakeProviderServer):
     def __init__(self, *, api_key: str | None = DEFAULT_API_KEY, flavor: str = "openai", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         assert flavor in {"openai", "tgi"}, flavor
-        self.api_key = api_key
+        self.built_api_key = api_key
         self.flavor = flavor
+        self.models = ["gpt-4o-mini", "gpt-4o", "o3-mini"]
+        self.reset_knobs()
+
+    def reset(self) -> None:
+        super().reset()
+        self.reset_knobs()
+
+    def reset_knobs(self) -> None:
+        """Back to the key it was built with and no forced usage, finish or deployments, so a
+        server shared by several tests starts each one the same."""
+        self.api_key = self.built_api_key
         self.cached_tokens = 0
         self.reasoning_tokens = 0
         self.finish_reason: str | None = None
-        self.models = ["gpt-4o-mini", "gpt-4o", "o3-mini"]
         #: Azure deployments that exist; empty means every name exists.
         self.deployments: set[str] = set()
 

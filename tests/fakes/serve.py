@@ -20,7 +20,7 @@ import sys
 import threading
 from typing import Any
 
-from tests.fakes.base import FakeProviderServer, _Handler
+from tests.fakes.base import FakeProviderServer
 
 #: provider name -> "module:class", imported only when asked for.
 FAKES = {
@@ -31,13 +31,6 @@ FAKES = {
 }
 
 
-class _NoDelayHandler(_Handler):
-    # The handler writes headers and body in two sends; with Nagle's algorithm on, the body
-    # waits for the ACK of the headers, which the client delays by ~40 ms: every reply would
-    # take >= 40 ms and a benchmark would measure TCP timers, not the client.
-    disable_nagle_algorithm = True
-
-
 def build_fake(provider: str, *, port: int = 0, latency_s: float = 0.0, api_key: str | None = None,
                backlog: int = 4096, latency_jitter_s: float = 0.0) -> FakeProviderServer:
     module_name, class_name = FAKES[provider].split(":")
@@ -46,7 +39,6 @@ def build_fake(provider: str, *, port: int = 0, latency_s: float = 0.0, api_key:
     if api_key is not None:
         options["api_key"] = api_key
     fake: FakeProviderServer = fake_class(**options)
-    fake._server.RequestHandlerClass = _NoDelayHandler
     # The base binds with a 1024 backlog; a thousand clients connecting at once need more.
     fake._server.socket.listen(backlog)
     return fake

@@ -13,6 +13,7 @@ from producer.config import ProviderConfig
 from producer.models import LLMRequest, LLMResponse
 from tests.fakes.anthropic import API_KEY, MODELS, THINKING_TEXT, FakeAnthropic
 from tests.fakes.base import count_words, fake_reply_text
+from tests.harness import run_adapter
 from worker import errors
 from worker.providers.anthropic import AnthropicProvider, anthropic_usage
 from worker.providers.registry import create_provider
@@ -43,16 +44,7 @@ def make_config(fake: FakeAnthropic, **overrides: Any) -> ProviderConfig:
 
 
 def run(fake: FakeAnthropic, action: Callable[[AnthropicProvider], Awaitable[T]], **overrides: Any) -> T:
-    """One provider per event loop: httpx pools belong to the loop that opened them."""
-
-    async def main() -> T:
-        provider = AnthropicProvider(make_config(fake, **overrides))
-        try:
-            return await action(provider)
-        finally:
-            await provider.aclose()
-
-    return asyncio.run(main())
+    return run_adapter(make_config(fake, **overrides), AnthropicProvider, action)
 
 
 def request(content: str = PROMPT, **fields: Any) -> LLMRequest:

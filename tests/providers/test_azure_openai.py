@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -12,28 +11,19 @@ from producer.config import ProviderConfig
 from producer.models import LLMRequest, LLMResponse
 from tests.fakes.base import fake_reply_text
 from tests.fakes.openai import DEFAULT_API_KEY, FakeOpenAI, azure_content_filter_body, context_length_body
+from tests.harness import run_adapter
 from worker import errors
 from worker.providers.azure_openai import DEFAULT_API_VERSION, AzureOpenAIProvider
-from worker.providers.registry import create_provider
 
 T = TypeVar("T")
 PROMPT = "Summarise the plan"
 CHAT_PATH = "/openai/deployments/{}/chat/completions"
 
 
-@pytest.fixture(scope="module")
-def _server() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as fake:
-        yield fake
-
-
 @pytest.fixture
-def fake_azure(_server: FakeOpenAI) -> Iterator[FakeOpenAI]:
-    _server.reset()
-    _server.cached_tokens = _server.reasoning_tokens = 0
-    _server.finish_reason = None
-    _server.deployments = set()
-    yield _server
+def fake_azure(fake_openai: FakeOpenAI) -> FakeOpenAI:
+    """The package's fake OpenAI server, which serves Azure's paths too."""
+    return fake_openai
 
 
 def config(fake: FakeOpenAI, **overrides: Any) -> ProviderConfig:
@@ -54,15 +44,7 @@ def request(**overrides: Any) -> LLMRequest:
 
 
 def run(entry: ProviderConfig, action: Callable[[AzureOpenAIProvider], Awaitable[T]]) -> T:
-    async def main() -> T:
-        provider = create_provider(entry)
-        assert isinstance(provider, AzureOpenAIProvider)
-        try:
-            return await action(provider)
-        finally:
-            await provider.aclose()
-
-    return asyncio.run(main())
+    return run_adapter(entry, AzureOpenAIProvider, action)
 
 
 def generate(entry: ProviderConfig, req: LLMRequest | None = None, job_id: str | None = None) -> LLMResponse:

@@ -18,6 +18,7 @@ from tests.fakes.gemini import (
     FakeGemini,
     failed_precondition_body,
 )
+from tests.harness import run_adapter
 from worker import errors
 from worker.providers.gemini import GeminiProvider
 from worker.providers.registry import create_provider
@@ -45,17 +46,7 @@ def config(fake: FakeGemini, **overrides: Any) -> ProviderConfig:
 
 
 def run(cfg: ProviderConfig, action: Callable[[GeminiProvider], Awaitable[T]]) -> T:
-    """One event loop per call: the provider (and its connection pool) lives and dies inside it."""
-
-    async def main() -> T:
-        provider = create_provider(cfg)
-        assert isinstance(provider, GeminiProvider)
-        try:
-            return await action(provider)
-        finally:
-            await provider.aclose()
-
-    return asyncio.run(main())
+    return run_adapter(cfg, GeminiProvider, action)
 
 
 def request(prompt: str = "What next after wood?", **overrides: Any) -> LLMRequest:

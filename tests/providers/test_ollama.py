@@ -14,9 +14,9 @@ from producer.config import ProviderConfig
 from producer.models import LLMRequest, LLMResponse
 from tests.fakes.base import RecordedRequest, StreamReply, count_words, fake_reply_text
 from tests.fakes.ollama import DURATIONS, FakeOllama
+from tests.harness import run_adapter
 from worker import errors
 from worker.providers.ollama import OllamaProvider
-from worker.providers.registry import create_provider
 
 T = TypeVar("T")
 SECRET = "ollama-proxy-secret-123"
@@ -43,17 +43,7 @@ def config(base_url: str | None, **overrides: Any) -> ProviderConfig:
 
 
 def run(cfg: ProviderConfig, action: Callable[[OllamaProvider], Awaitable[T]]) -> T:
-    """One event loop per call: the provider (and its connection pool) lives and dies inside it."""
-
-    async def main() -> T:
-        provider = create_provider(cfg)
-        assert isinstance(provider, OllamaProvider)
-        try:
-            return await action(provider)
-        finally:
-            await provider.aclose()
-
-    return asyncio.run(main())
+    return run_adapter(cfg, OllamaProvider, action)
 
 
 def request(**overrides: Any) -> LLMRequest:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -12,26 +11,12 @@ from producer.config import ProviderConfig
 from producer.models import LLMRequest, LLMResponse
 from tests.fakes.base import fake_reply_text
 from tests.fakes.openai import DEFAULT_API_KEY, FakeOpenAI, context_length_body, insufficient_quota_body
+from tests.harness import run_adapter
 from worker import errors
 from worker.providers.openai import OpenAIProvider
-from worker.providers.registry import create_provider
 
 T = TypeVar("T")
 PROMPT = "Plan the next step"
-
-
-@pytest.fixture(scope="module")
-def _server() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake_openai(_server: FakeOpenAI) -> Iterator[FakeOpenAI]:
-    _server.reset()
-    _server.cached_tokens = _server.reasoning_tokens = 0
-    _server.finish_reason = None
-    yield _server
 
 
 def config(fake: FakeOpenAI, **overrides: Any) -> ProviderConfig:
@@ -52,15 +37,7 @@ def request(**overrides: Any) -> LLMRequest:
 
 
 def run(entry: ProviderConfig, action: Callable[[OpenAIProvider], Awaitable[T]]) -> T:
-    async def main() -> T:
-        provider = create_provider(entry)
-        assert isinstance(provider, OpenAIProvider)
-        try:
-            return await action(provider)
-        finally:
-            await provider.aclose()
-
-    return asyncio.run(main())
+    return run_adapter(entry, OpenAIProvider, action)
 
 
 def collect(entry: ProviderConfig, req: LLMRequest, job_id: str | None = None) -> list[LLMResponse]:

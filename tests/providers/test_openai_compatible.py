@@ -15,6 +15,7 @@ from producer.config import ProviderConfig
 from producer.models import LLMRequest, LLMResponse
 from tests.fakes.base import fake_reply_text
 from tests.fakes.openai import FakeOpenAI, tgi_context_body
+from tests.harness import run_adapter
 from worker import errors
 from worker.providers.huggingface import HuggingFaceProvider
 from worker.providers.openai import OpenAIProvider
@@ -37,22 +38,16 @@ VLLM_CONTEXT_ERROR = {
 
 
 @pytest.fixture(scope="module")
-def _local_server() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI(api_key=None) as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 def _tgi_server() -> Iterator[FakeOpenAI]:
     with FakeOpenAI(api_key=HF_TOKEN, flavor="tgi") as fake:
         yield fake
 
 
 @pytest.fixture
-def fake_local(_local_server: FakeOpenAI) -> Iterator[FakeOpenAI]:
-    _local_server.reset()
-    _local_server.api_key = None
-    yield _local_server
+def fake_local(fake_openai: FakeOpenAI) -> FakeOpenAI:
+    """The package's fake OpenAI server as a local one: no key asked for."""
+    fake_openai.api_key = None
+    return fake_openai
 
 
 @pytest.fixture
@@ -78,15 +73,7 @@ def request(**overrides: Any) -> LLMRequest:
 
 
 def run(entry: ProviderConfig, action: Callable[[OpenAIProvider], Awaitable[T]]) -> T:
-    async def main() -> T:
-        provider = create_provider(entry)
-        assert isinstance(provider, OpenAIProvider)
-        try:
-            return await action(provider)
-        finally:
-            await provider.aclose()
-
-    return asyncio.run(main())
+    return run_adapter(entry, OpenAIProvider, action)
 
 
 def generate(entry: ProviderConfig, job_id: str | None = None) -> LLMResponse:

@@ -12,8 +12,8 @@ import pytest
 
 from producer import LLMRequest
 from producer.models import JobState
-from tests.fakes.openai import DEFAULT_API_KEY, FakeOpenAI
-from tests.harness import Cluster, start_cluster
+from tests.fakes.openai import FakeOpenAI
+from tests.harness import Cluster, openai_entry, service_config, start_cluster
 from tests.reliability.support import Figures, drain_ledger
 
 pytestmark = pytest.mark.slow
@@ -36,29 +36,14 @@ def fakes() -> Iterator[dict[str, FakeOpenAI]]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, fakes: dict[str, FakeOpenAI]) -> Iterator[Cluster]:
-    config = f"""
-llm_service:
-  retry: {{max_attempts_per_provider: 3, retry_after_cap_s: 60}}
-  jobs: {{deadline_s: {CONFIG_DEADLINE_S}, lease_s: 5}}
-  providers:
-    served:
-      type: mock
-      models: [gpt-4o-mini]
-    orphan:
-      type: mock
-      models: [gpt-4o-mini]
-    backoff:
-      type: openai
-      api_key: "{DEFAULT_API_KEY}"
-      base_url: "{fakes['backoff'].url}/v1"
-      models: [gpt-4o-mini]
-    hang:
-      type: openai
-      api_key: "{DEFAULT_API_KEY}"
-      base_url: "{fakes['hang'].url}/v1"
-      models: [gpt-4o-mini]
-      timeout: 120
-"""
+    providers = {
+        "served": {"type": "mock", "models": ["gpt-4o-mini"]},
+        "orphan": {"type": "mock", "models": ["gpt-4o-mini"]},
+        "backoff": openai_entry(fakes["backoff"]),
+        "hang": openai_entry(fakes["hang"], timeout=120),
+    }
+    config = service_config(providers, retry={"max_attempts_per_provider": 3, "retry_after_cap_s": 60},
+                            jobs={"deadline_s": CONFIG_DEADLINE_S, "lease_s": 5})
     started = start_cluster(tmp_path_factory.mktemp("deadlines"), config)
     started.start_workers(1, concurrency=20, queues="served,backoff,hang")  # nobody reads llm.orphan
     with started.service() as service:  # a cold worker's first claim is slow; the deadlines here are short

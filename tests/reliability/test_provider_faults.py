@@ -18,8 +18,8 @@ import pytest
 from producer import LLMRequest
 from producer.config import ServiceConfig
 from producer.models import JobRecord, JobState
-from tests.fakes.openai import DEFAULT_API_KEY, FakeOpenAI
-from tests.harness import Cluster, start_cluster
+from tests.fakes.openai import FakeOpenAI
+from tests.harness import Cluster, fast_retry, openai_entry, service_config, start_cluster
 from tests.reliability.support import Figures
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ DEADLINE_SLACK_S = 6.0
 FOREVER = 10**6
 #: The circuit breaker would make single-provider jobs wait for the provider to heal, ending
 #: them with DeadlineExceededError; here each fault's own typed error is under test.
-CIRCUIT_NEVER_OPENS = "\n  health: {failure_threshold: 1000000}" if "health" in ServiceConfig.model_fields else ""
+CIRCUIT_NEVER_OPENS = {"health": {"failure_threshold": 1000000}} if "health" in ServiceConfig.model_fields else {}
 
 
 @dataclass(frozen=True)
@@ -80,25 +80,10 @@ def fakes() -> Iterator[list[FakeOpenAI]]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, fakes: list[FakeOpenAI]) -> Iterator[Cluster]:
-    entries = "".join(
-        f"""
-    {entry_name(index)}:
-      type: openai
-      api_key: "{DEFAULT_API_KEY}"
-      base_url: "{server.url}/v1"
-      models: [gpt-4o-mini]
-      timeout: 2"""
-        for index, server in enumerate(fakes)
-    )
-    config = f"""
-llm_service:
-  retry: {{max_attempts_per_provider: {MAX_ATTEMPTS}, backoff_base_s: 0.05, backoff_max_s: 0.2, retry_after_cap_s: 3}}
-  jobs: {{deadline_s: 30, lease_s: 5}}{CIRCUIT_NEVER_OPENS}
-  providers:{entries}
-    warm:
-      type: mock
-      models: [gpt-4o-mini]
-"""
+    providers = {entry_name(index): openai_entry(server, timeout=2) for index, server in enumerate(fakes)}
+    providers["warm"] = {"type": "mock", "models": ["gpt-4o-mini"]}
+    config = service_config(providers, retry=fast_retry(MAX_ATTEMPTS, retry_after_cap_s=3),
+                            jobs={"deadline_s": 30, "lease_s": 5}, **CIRCUIT_NEVER_OPENS)
     started = start_cluster(tmp_path_factory.mktemp("faults"), config)
     started.start_workers(1, concurrency=100)
     with started.service() as service:  # a cold worker's first claim is slow; the deadlines below are short

@@ -22,8 +22,8 @@ from producer import LLMRequest
 from producer.embedded import RedisServer
 from producer.models import BatchRecord, JobRecord, JobState
 from producer.service import BatchItem, SyncLLMService
-from tests.fakes.openai import DEFAULT_API_KEY, FakeOpenAI
-from tests.harness import Cluster, WorkerProcess, live_workers, start_cluster
+from tests.fakes.openai import FakeOpenAI
+from tests.harness import Cluster, WorkerProcess, fast_retry, live_workers, openai_entry, service_config, start_cluster
 from tests.reliability.support import (
     Figures,
     assert_each_attempt_recorded_once,
@@ -40,19 +40,6 @@ T = TypeVar("T")
 
 OUTAGE_S = 1.0
 
-CONFIG = """
-llm_service:
-  retry: {{max_attempts_per_provider: 3, backoff_base_s: 0.05, backoff_max_s: 0.2}}
-  jobs: {{deadline_s: 30, lease_s: 3}}
-  providers:
-    primary:
-      type: openai
-      api_key: "{key}"
-      base_url: "{url}/v1"
-      models: [gpt-4o-mini]
-"""
-
-
 @pytest.fixture(scope="module")
 def fake() -> Iterator[FakeOpenAI]:
     server = FakeOpenAI(latency_s=0.4).start()
@@ -61,7 +48,8 @@ def fake() -> Iterator[FakeOpenAI]:
 
 
 def cluster_for(root: Path, fake: FakeOpenAI, *, persistence: bool) -> Cluster:
-    return start_cluster(root, CONFIG.format(key=DEFAULT_API_KEY, url=fake.url), persistence=persistence)
+    config = service_config({"primary": openai_entry(fake)}, retry=fast_retry(3), jobs={"deadline_s": 30, "lease_s": 3})
+    return start_cluster(root, config, persistence=persistence)
 
 
 def items(prefix: str, count: int) -> list[BatchItem]:

@@ -32,7 +32,7 @@ from producer.service import JobFailedError
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.gemini import FakeGemini
 from tests.fakes.openai import FakeOpenAI
-from tests.harness import Cluster, start_cluster
+from tests.harness import Cluster, fast_retry, service_config, start_cluster
 from tests.reliability.support import Figures, drain_ledger, wait_until
 from worker.store import metadata
 
@@ -72,32 +72,22 @@ def fakes() -> Iterator[dict[str, Any]]:
         server.stop()
 
 
-def entry(name: str, kind: str, url: str, extra: str = "") -> str:
-    return f"""
-    {name}:
-      type: {kind}
-      api_key: "{CANARY}"
-      base_url: "{url}"
-      models: [gpt-4o-mini]{extra}"""
+def entry(kind: str, url: str, **fields: Any) -> dict[str, Any]:
+    return {"type": kind, "api_key": CANARY, "base_url": url, "models": ["gpt-4o-mini"], **fields}
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, fakes: dict[str, Any]) -> Iterator[Cluster]:
-    entries = (
-        entry("wrong_openai", "openai", fakes["wrong_openai"].url + "/v1")
-        + entry("wrong_anthropic", "anthropic", fakes["wrong_anthropic"].url)
-        + entry("wrong_gemini", "gemini", fakes["wrong_gemini"].url)
-        + entry("echo", "openai", fakes["echo"].url + "/v1")
-        + entry("flaky", "openai", fakes["flaky"].url + "/v1")
-        + entry("slow", "openai", fakes["slow"].url + "/v1", "\n      timeout: 60")
-        + entry("parked", "openai", fakes["flaky"].url + "/v1")
-    )
-    config = f"""
-llm_service:
-  retry: {{max_attempts_per_provider: 3, backoff_base_s: 0.05, backoff_max_s: 0.2}}
-  jobs: {{deadline_s: 60, lease_s: 5}}
-  providers:{entries}
-"""
+    providers = {
+        "wrong_openai": entry("openai", fakes["wrong_openai"].url + "/v1"),
+        "wrong_anthropic": entry("anthropic", fakes["wrong_anthropic"].url),
+        "wrong_gemini": entry("gemini", fakes["wrong_gemini"].url),
+        "echo": entry("openai", fakes["echo"].url + "/v1"),
+        "flaky": entry("openai", fakes["flaky"].url + "/v1"),
+        "slow": entry("openai", fakes["slow"].url + "/v1", timeout=60),
+        "parked": entry("openai", fakes["flaky"].url + "/v1"),
+    }
+    config = service_config(providers, retry=fast_retry(3))
     started = start_cluster(tmp_path_factory.mktemp("secrets"), config)
     # Nobody reads llm.parked: its message stays in the queue for the scan.
     started.start_workers(1, concurrency=20, queues="wrong_openai,wrong_anthropic,wrong_gemini,echo,flaky,slow")

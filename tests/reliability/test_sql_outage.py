@@ -20,31 +20,23 @@ from sqlalchemy.exc import OperationalError
 
 from producer import LLMRequest, keys
 from producer.models import BatchRecord, JobState
-from tests.fakes.openai import DEFAULT_API_KEY, FakeOpenAI
-from tests.harness import Cluster, start_cluster
+from tests.fakes.openai import FakeOpenAI
+from tests.harness import Cluster, openai_entry, service_config, start_cluster
 from tests.pg import PostgresServer, postgres_or_skip
 from tests.reliability.support import Figures, assert_ledger_matches, client, wait_until
 from worker.store import Store
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """
-llm_service:
-  jobs: {{deadline_s: 120, lease_s: 3}}
-  providers:
-    primary:
-      type: openai
-      api_key: "{key}"
-      base_url: "{url}/v1"
-      models: [gpt-4o-mini]
-"""
-
-
 @pytest.fixture(scope="module")
 def fake() -> Iterator[FakeOpenAI]:
     server = FakeOpenAI(latency_s=0.2).start()
     yield server
     server.stop()
+
+
+def config_for(fake: FakeOpenAI) -> str:
+    return service_config({"primary": openai_entry(fake)}, jobs={"deadline_s": 120, "lease_s": 3})
 
 
 def ask(text: str) -> LLMRequest:
@@ -108,8 +100,7 @@ def postgres() -> Iterator[PostgresServer]:
 def test_jobs_complete_while_postgres_is_down_and_reach_it_when_it_returns(
     tmp_path: Path, fake: FakeOpenAI, postgres: PostgresServer
 ) -> None:
-    cluster = start_cluster(tmp_path, CONFIG.format(key=DEFAULT_API_KEY, url=fake.url),
-                            database_url=postgres.create_schema("outage"))
+    cluster = start_cluster(tmp_path, config_for(fake), database_url=postgres.create_schema("outage"))
     try:
         cluster.start_workers(1, concurrency=20)
         _, warmup = run_batch(cluster, "before", 20)
@@ -141,7 +132,7 @@ def test_jobs_complete_while_postgres_is_down_and_reach_it_when_it_returns(
 
 
 def test_jobs_complete_while_sqlite_is_locked_and_rows_follow_when_it_frees(tmp_path: Path, fake: FakeOpenAI) -> None:
-    cluster = start_cluster(tmp_path, CONFIG.format(key=DEFAULT_API_KEY, url=fake.url))
+    cluster = start_cluster(tmp_path, config_for(fake))
     try:
         cluster.start_workers(1, concurrency=20)
         _, warmup = run_batch(cluster, "before", 10)

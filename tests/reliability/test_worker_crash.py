@@ -20,8 +20,8 @@ from redis import Redis
 from producer import LLMRequest
 from producer.models import JobRecord, JobState
 from producer.queueing import visibility_timeout_s
-from tests.fakes.openai import DEFAULT_API_KEY, FakeOpenAI
-from tests.harness import Cluster, start_cluster
+from tests.fakes.openai import FakeOpenAI
+from tests.harness import Cluster, fast_retry, openai_entry, service_config, start_cluster
 from tests.reliability.support import (
     Figures,
     alive,
@@ -40,23 +40,6 @@ pytestmark = pytest.mark.slow
 LEASE_S = 3.0
 CALL_LATENCY_S = 0.8
 
-CONFIG = """
-llm_service:
-  retry: {{max_attempts_per_provider: 3, backoff_base_s: 0.05, backoff_max_s: 0.2}}
-  jobs: {{deadline_s: 120, lease_s: {lease_s}}}
-  providers:
-    threads:
-      type: openai
-      api_key: "{key}"
-      base_url: "{url}/v1"
-      models: [gpt-4o-mini]
-    pool:
-      type: openai
-      api_key: "{key}"
-      base_url: "{url}/v1"
-      models: [gpt-4o-mini]
-"""
-
 
 @pytest.fixture(scope="module")
 def fake() -> Iterator[FakeOpenAI]:
@@ -67,7 +50,9 @@ def fake() -> Iterator[FakeOpenAI]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, fake: FakeOpenAI) -> Iterator[Cluster]:
-    config = CONFIG.format(lease_s=LEASE_S, key=DEFAULT_API_KEY, url=fake.url)
+    # One provider entry (and so one queue) for the threads worker, one for the prefork worker.
+    providers = {"threads": openai_entry(fake), "pool": openai_entry(fake)}
+    config = service_config(providers, retry=fast_retry(3), jobs={"deadline_s": 120, "lease_s": LEASE_S})
     started = start_cluster(tmp_path_factory.mktemp("crash"), config)
     yield started
     started.stop()
