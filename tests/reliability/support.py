@@ -84,6 +84,20 @@ def child_pids(parent_pid: int) -> list[int]:
     return sorted(children)
 
 
+def pool_children(worker_pid: int) -> list[int]:
+    """A prefork worker's pool children: forks of it, so they keep its command line. The
+    worker's other children (the SQL outbox flusher) run a command of their own."""
+    command = _command_line(worker_pid)
+    return [pid for pid in child_pids(worker_pid) if command is not None and _command_line(pid) == command]
+
+
+def _command_line(pid: int) -> bytes | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # the process ended while we looked
+        return None
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text()

@@ -27,9 +27,9 @@ from tests.reliability.support import (
     alive,
     assert_each_attempt_recorded_once,
     assert_ledger_matches,
-    child_pids,
     client,
     drain_ledger,
+    pool_children,
     redis_now_ms,
     running_on,
     wait_until,
@@ -129,7 +129,7 @@ def test_sigkill_of_one_prefork_pool_child_loses_nothing(cluster: Cluster, fake:
     redis = client(cluster.redis_url)
     cluster.start_workers(1, pool="prefork", concurrency=2, queues="pool")
     parent = cluster.workers[-1]
-    children = wait_until(lambda: len(child_pids(parent.pid)) == 2 and child_pids(parent.pid), 30, "two pool children")
+    children = wait_until(lambda: len(pool_children(parent.pid)) == 2 and pool_children(parent.pid), 30, "two pool children")
     with cluster.service() as service:
         batch_id = service.submit_batch([ask(f"pool {index}", "pool") for index in range(12)])
         busy = wait_until(lambda: [pid for pid in children if in_flight(fake, redis, pid)], 30, "a child mid-call")
@@ -140,7 +140,7 @@ def test_sigkill_of_one_prefork_pool_child_loses_nothing(cluster: Cluster, fake:
         mid_call = in_flight(fake, redis, busy[0])
         batch = service.wait(batch_id, timeout_s=90)
         records = service.results(batch_id)
-    replacement = [pid for pid in child_pids(parent.pid) if pid not in children]
+    replacement = [pid for pid in pool_children(parent.pid) if pid not in children]
     figures = Figures.tally(
         "worker SIGKILL (one prefork pool child)", [record.job_id for record in records], records,
         **recovery_figures(records, victims, killed_at_ms),
