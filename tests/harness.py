@@ -83,6 +83,8 @@ class WorkerProcess:
     concurrency: int = 50
     pool: str = "threads"
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: More `llmq worker` options, e.g. ("--no-events",).
+    extra_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
@@ -98,6 +100,7 @@ class WorkerProcess:
                    "--concurrency", str(self.concurrency), "--pool", self.pool, "--loglevel", "INFO"]
         if self.queues:
             command += ["--queues", self.queues]
+        command += self.extra_args
         self.process = subprocess.Popen(
             command, env=self.env(), stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
         )

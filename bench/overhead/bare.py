@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead.bare")
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--loglevel", default="WARNING")
+    parser.add_argument("--no-events", action="store_true", help="as `llmq worker --no-events`")
     args = parser.parse_args(argv)
     broker_url = os.environ["BENCH_BROKER_URL"]
     app = make_bare_app(load_config(os.environ["BENCH_CONFIG"]), broker_url)
@@ -85,8 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             client.set(f"{READY_PREFIX}{os.getpid()}", "1", ex=600)
 
     # The same worker arguments `llmq worker` passes (producer/cli.py cmd_worker).
-    app.worker_main(["worker", "--pool=threads", f"--concurrency={args.concurrency}", f"--queues={QUEUE}",
-                     f"--loglevel={args.loglevel}", "--events", "--without-gossip", "--without-mingle"])
+    worker_args = ["worker", "--pool=threads", f"--concurrency={args.concurrency}", f"--queues={QUEUE}",
+                   f"--loglevel={args.loglevel}", "--without-gossip", "--without-mingle"]
+    if args.no_events:
+        app.conf.worker_send_task_events = False
+    else:
+        worker_args.append("--events")
+    app.worker_main(worker_args)
     return 0
 
 

@@ -100,7 +100,8 @@ def start_fake(root: Path, name: str, latency_s: float) -> FakeProcess:
 
 
 def start_llmq_worker(
-    root: Path, name: str, config_path: Path, redis_url: str, *, concurrency: int, loglevel: str, queue: str
+    root: Path, name: str, config_path: Path, redis_url: str, *, concurrency: int, loglevel: str, queue: str,
+    events: bool = True,
 ) -> Process:
     """A real `llmq worker` process (thread pool), the way the README starts one."""
     env = clean_env(
@@ -108,7 +109,8 @@ def start_llmq_worker(
         LLMQ_DATABASE_URL=f"sqlite:///{root / 'ledger.sqlite3'}",
     )
     command = [sys.executable, "-m", "producer.cli", "--config", str(config_path), "worker", "--queues", queue,
-               "--concurrency", str(concurrency), "--pool", "threads", "--loglevel", loglevel]
+               "--concurrency", str(concurrency), "--pool", "threads", "--loglevel", loglevel,
+               *([] if events else ["--no-events"])]
     worker = spawn(name, command, env, root / f"{name}.log")
     wait_for_key(redis_url, f"{keys.WORKER_PREFIX}*:{worker.pid}", worker)
     return worker
@@ -116,14 +118,15 @@ def start_llmq_worker(
 
 def start_bare_worker(
     root: Path, name: str, config_path: Path, redis_url: str, fake_url: str, api_key: str, *, concurrency: int,
-    loglevel: str,
+    loglevel: str, events: bool = True,
 ) -> Process:
     """The baseline's worker: `python -m bench.overhead.bare` (same pool, concurrency, worker arguments)."""
     from bench.overhead.bare import READY_PREFIX
 
     env = clean_env(BENCH_BROKER_URL=redis_url, BENCH_CONFIG=str(config_path), BENCH_FAKE_URL=fake_url,
                     BENCH_API_KEY=api_key)
-    command = [sys.executable, "-m", "bench.overhead.bare", "--concurrency", str(concurrency), "--loglevel", loglevel]
+    command = [sys.executable, "-m", "bench.overhead.bare", "--concurrency", str(concurrency), "--loglevel", loglevel,
+               *([] if events else ["--no-events"])]
     worker = spawn(name, command, env, root / f"{name}.log")
     wait_for_key(redis_url, f"{READY_PREFIX}{worker.pid}", worker)
     return worker
@@ -181,6 +184,17 @@ class CpuSample:
             return 0.0
         # fields[11], fields[12] are utime, stime (the 14th, 15th of the full line).
         return (int(fields[11]) + int(fields[12])) / self.ticks_per_s
+
+
+def children(pid: int) -> list[int]:
+    """Child process ids (the worker's SQL outbox flusher runs in one)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
 
 
 def thread_cpu_s(pid: int) -> dict[int, float]:

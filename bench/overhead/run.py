@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--inflight-jobs", type=int, default=1000, help="jobs for the in-flight run (default 1000)")
     parser.add_argument("--inflight-concurrency", type=int, default=1000, help="worker slots for it (default 1000)")
     parser.add_argument("--latency-s", type=float, default=2.0, help="the slow fake's latency (default 2 s)")
+    parser.add_argument("--worker-events", choices=["on", "off"], default="on",
+                        help="Celery task events in both queued modes' workers (on: `llmq worker`'s default, "
+                             "what Flower shows; off: `llmq worker --no-events`)")
     parser.add_argument("--inflight-bare", action="store_true", help="also measure a bare Celery worker in flight")
     parser.add_argument("--loglevel", default="WARNING", help="both workers' log level (default WARNING)")
     parser.add_argument("--only", choices=["throughput", "inflight"], help="run one part only")
@@ -125,7 +128,8 @@ def throughput_part(args: argparse.Namespace, root: Path, redis_server: RedisSer
 def llmq_run(args: argparse.Namespace, root: Path, redis_server: RedisServer, fake: procs.FakeProcess,
              config_path: Path, first: int) -> modes.Throughput:
     worker = procs.start_llmq_worker(root, "llmq-worker", config_path, redis_server.url,
-                                     concurrency=args.concurrency, loglevel=args.loglevel, queue="openai")
+                                     concurrency=args.concurrency, loglevel=args.loglevel, queue="openai",
+                                     events=args.worker_events == "on")
     try:
         async def batches() -> modes.Throughput:
             service = LLMService(load_config(config_path), redis_url_=redis_server.url)
@@ -146,7 +150,8 @@ def llmq_run(args: argparse.Namespace, root: Path, redis_server: RedisServer, fa
 def bare_run(args: argparse.Namespace, root: Path, redis_server: RedisServer, fake: procs.FakeProcess,
              config_path: Path, first: int) -> modes.Throughput:
     worker = procs.start_bare_worker(root, "bare-worker", config_path, redis_server.url, fake.url, DEFAULT_API_KEY,
-                                     concurrency=args.concurrency, loglevel=args.loglevel)
+                                     concurrency=args.concurrency, loglevel=args.loglevel,
+                                     events=args.worker_events == "on")
     app = make_bare_app(load_config(config_path), redis_server.url)
     try:
         modes.bare_batch(app, redis_server.url, first, args.warmup)
@@ -185,6 +190,8 @@ def cpu_meter(worker_pid: int | None, redis_server: RedisServer, fake: procs.Fak
     }
     if worker_pid is not None:
         meters["worker"] = procs.CpuSample(worker_pid).seconds
+        for child in procs.children(worker_pid):  # llmq's SQL outbox flusher: counted, not hidden
+            meters["outbox (worker's child)"] = procs.CpuSample(child).seconds
     before = {name: read() for name, read in meters.items()}
     threads_before = procs.thread_cpu_s(worker_pid) if worker_pid is not None else {}
     calls_before = _command_counts(redis_server, {})
@@ -308,7 +315,8 @@ def _probe(args: argparse.Namespace, pid: int, fake: procs.FakeProcess) -> modes
 def _llmq_inflight(args: argparse.Namespace, root: Path, redis_server: RedisServer, fake: procs.FakeProcess,
                    config_path: Path) -> modes.InFlight:
     worker = procs.start_llmq_worker(root, "llmq-worker-inflight", config_path, redis_server.url,
-                                     concurrency=args.inflight_concurrency, loglevel=args.loglevel, queue="openai")
+                                     concurrency=args.inflight_concurrency, loglevel=args.loglevel, queue="openai",
+                                     events=args.worker_events == "on")
 
     async def batches() -> modes.InFlight:
         service = LLMService(load_config(config_path), redis_url_=redis_server.url)
@@ -329,7 +337,8 @@ def _llmq_inflight(args: argparse.Namespace, root: Path, redis_server: RedisServ
 def _bare_inflight(args: argparse.Namespace, root: Path, redis_server: RedisServer, fake: procs.FakeProcess,
                    config_path: Path) -> modes.InFlight:
     worker = procs.start_bare_worker(root, "bare-worker-inflight", config_path, redis_server.url, fake.url,
-                                     DEFAULT_API_KEY, concurrency=args.inflight_concurrency, loglevel=args.loglevel)
+                                     DEFAULT_API_KEY, concurrency=args.inflight_concurrency, loglevel=args.loglevel,
+                                     events=args.worker_events == "on")
     app = make_bare_app(load_config(config_path), redis_server.url)
     try:
         modes.bare_batch(app, redis_server.url, 0, 10)
