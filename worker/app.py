@@ -24,6 +24,9 @@ slot only waits on a coroutine on the process's shared event loop).
 from __future__ import annotations
 
 import logging
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import redis.exceptions
 from celery import Celery, signals
@@ -39,6 +42,9 @@ from worker.logs import with_job_id
 from worker.runtime import Runtime, get_runtime, shutdown_runtime
 
 log = logging.getLogger("llmq.worker")
+
+#: sys.setswitchinterval in a worker process (see _start_runtime).
+SWITCH_INTERVAL_S = 0.0005
 
 
 def create_app(config: LLMConfig | None = None, broker_url: str | None = None) -> Celery:
@@ -96,6 +102,38 @@ def _start_runtime(sender: object = None, **_: object) -> None:
     worker_app = getattr(sender, "app", None)
     if worker_app is not None and hasattr(worker_app, "llmq_config"):
         runtime_for(worker_app)
+        prestart_threads(getattr(sender, "pool", None))
+        # The consumer, the pool's threads and the event loop share one GIL, and each gives it
+        # up on every socket call; the default 5 ms switch interval is how long the consumer
+        # then waits for it back while the loop is busy. 0.5 ms takes bursts in faster (in
+        # flight at 2 s latency: peak ~300-400 -> ~450-650) at no measured cost in jobs/s.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+
+
+def prestart_threads(pool: object) -> None:
+    """Start every slot's thread before the first message, not during a burst.
+
+    Celery's thread pool is a ThreadPoolExecutor, which starts a thread per task while
+    none is idle, and `Thread.start()` waits until the new thread runs: with the event
+    loop busy that costs Celery's consumer a GIL hand-off (up to the 5 ms switch
+    interval) per new thread, so a burst of a thousand jobs was taken in at a few hundred
+    a second (bench/RESULTS.md, "overhead", in flight). Idle threads cost ~10 KiB each.
+    """
+    executor = getattr(pool, "executor", None)
+    limit = getattr(pool, "limit", 0)
+    if not isinstance(executor, ThreadPoolExecutor) or limit < 2:
+        return
+    # Each task holds its thread until all have started, so the executor starts `limit` threads.
+    barrier = threading.Barrier(limit)
+
+    def hold() -> None:
+        try:
+            barrier.wait(timeout=60)
+        except threading.BrokenBarrierError:
+            pass
+
+    for _ in range(limit):
+        executor.submit(hold)
 
 
 @signals.worker_process_init.connect

@@ -1,4 +1,4 @@
-"""`llmq worker` sends Celery task events (what Flower shows) unless started with --no-events.
+"""`llmq worker` processes: Celery task events (what Flower shows) unless --no-events, and slots ready before the first job.
 
 A real redis-server, real `llmq worker` processes and the fake OpenAI server; the test
 listens on Celery's event channel the way Flower does and counts what each worker sends.
@@ -89,3 +89,18 @@ def test_no_events_leaves_only_what_the_producer_sends(cluster: Cluster) -> None
     types = run_jobs(cluster, 3)
     assert types.count("task-sent") == 3, types  # the producer's, so the test really listened
     assert not {"task-received", "task-started", "task-succeeded"} & set(types), types
+
+
+def test_every_slot_has_its_thread_before_the_first_job(cluster: Cluster) -> None:
+    # A burst then never waits for threads to start (worker/app.py prestart_threads).
+    from worker.app import create_app
+
+    cluster.start_workers(1, concurrency=24)
+    app = create_app(cluster.config, broker_url=cluster.redis_url)
+    stats: dict[str, dict] = {}
+    deadline = time.monotonic() + 30
+    while not stats and time.monotonic() < deadline:
+        stats = app.control.inspect(timeout=2.0).stats() or {}
+    (worker_stats,) = stats.values()
+    assert worker_stats["pool"]["max-concurrency"] == 24
+    assert worker_stats["pool"]["threads"] == 24
