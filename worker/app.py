@@ -24,7 +24,6 @@ slot only waits on a coroutine on the process's shared event loop).
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -42,9 +41,6 @@ from worker.logs import with_job_id
 from worker.runtime import Runtime, get_runtime, shutdown_runtime
 
 log = logging.getLogger("llmq.worker")
-
-#: sys.setswitchinterval in a worker process (see _start_runtime).
-SWITCH_INTERVAL_S = 0.0005
 
 
 def create_app(config: LLMConfig | None = None, broker_url: str | None = None) -> Celery:
@@ -103,11 +99,6 @@ def _start_runtime(sender: object = None, **_: object) -> None:
     if worker_app is not None and hasattr(worker_app, "llmq_config"):
         runtime_for(worker_app)
         prestart_threads(getattr(sender, "pool", None))
-        # The consumer, the pool's threads and the event loop share one GIL, and each gives it
-        # up on every socket call; the default 5 ms switch interval is how long the consumer
-        # then waits for it back while the loop is busy. 0.5 ms takes bursts in faster (in
-        # flight at 2 s latency: peak ~300-400 -> ~450-650) at no measured cost in jobs/s.
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 def prestart_threads(pool: object) -> None:
