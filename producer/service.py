@@ -28,6 +28,8 @@ from producer.queueing import async_redis, make_celery, publish_messages, redis_
 from producer.routing import RoutingError, plan_route
 
 SUBMIT_CHUNK = 500
+#: The first chunk is small, so workers start on a large batch while the rest is being enqueued.
+FIRST_SUBMIT_CHUNK = 50
 #: How long the providers that live workers report configured are trusted (seconds).
 WORKERS_CACHE_S = 5.0
 
@@ -208,8 +210,9 @@ class LLMService:
         ttl_s = self.config.service.jobs.result_ttl_s + int(deadline_s or self.config.service.jobs.deadline_s)
         if await self.jobs.batch(batch_id) is None:
             await self.jobs.create_batch(batch_id, ttl_s)
-        for start in range(0, len(prepared), SUBMIT_CHUNK):
-            chunk = prepared[start : start + SUBMIT_CHUNK]
+        starts = [0, *range(FIRST_SUBMIT_CHUNK, len(prepared), SUBMIT_CHUNK)]
+        for start, end in zip(starts, [*starts[1:], len(prepared)]):
+            chunk = prepared[start:end]
             job_ids = [_job_id_for(batch_id, item, start + index) for index, item in enumerate(chunk)]
             new = [
                 self._new_job(item.request, job_id, batch_id, item.custom_id, deadline_s, cache)

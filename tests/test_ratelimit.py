@@ -38,6 +38,9 @@ PROCESSES = 4
 HAMMER_S = 1.5
 #: The Lua script refills this much slower than the limit.
 RATE_MARGIN = 0.005
+#: The Lua script's line: a newcomer's plan errs this much early; before any settle, reservations
+#: are planned at this share of themselves.
+PLAN_EARLY, RATIO_PRIOR = 0.05, 0.5
 
 
 def run_with_limiter(redis_url: str, body: Callable[[RateLimiter], Awaitable[T]], **options: Any) -> T:
@@ -159,6 +162,23 @@ def span_s(results: list[Hammered]) -> float:  # seconds (Redis clock) during wh
     return min(end for _, (_, end) in results) - max(start for _, (start, _) in results)
 
 
+REDIS_CLOCK = "local clock = redis.call('TIME')\nlocal now_s = tonumber(clock[1])\nlocal now = now_s + tonumber(clock[2]) / 1000000"
+SIMULATED_CLOCK = "local now = tonumber(redis.call('GET', 'test:clock'))\nlocal now_s = math.floor(now)"
+#: Where the simulated clock starts (epoch s).
+SIMULATED_EPOCH = 1e6
+
+
+def on_simulated_clock(limiter: RateLimiter) -> Callable[[float], Awaitable[None]]:
+    """Run the limiter's script on a clock the test sets (seconds after SIMULATED_EPOCH)."""
+    assert REDIS_CLOCK in LUA_SOURCE
+    limiter._script = limiter.redis.register_script(LUA_SOURCE.replace(REDIS_CLOCK, SIMULATED_CLOCK))
+
+    async def set_clock(at_s: float) -> None:
+        await limiter.redis.set("test:clock", repr(SIMULATED_EPOCH + at_s))
+
+    return set_clock
+
+
 def test_requests_per_minute_hold_across_processes(pool: ProcessPoolExecutor, redis_url: str) -> None:
     rpm = 6000  # 100 requests/s with a one-second burst of 100: a 1.7% excess shows within 0.5 s
     limits = RateLimits(requests_per_minute=rpm)
@@ -240,43 +260,136 @@ def test_a_refused_large_request_is_not_starved_by_small_ones(redis_url: str) ->
     limits = RateLimits(tokens_per_minute=12_000)  # a 200-token bucket refilling at ~197 tokens/s
 
     async def body(limiter: RateLimiter) -> None:
+        clock = on_simulated_clock(limiter)
+        await clock(0.0)
         assert (await limiter.acquire("p", "m", limits, 150, lease_id="first")).granted
         large = await limiter.acquire("p", "m", limits, 200, lease_id="large")
         assert (large.granted, large.limit) == (False, "tokens_per_minute")
-        # 50 tokens are there, but they are held for the large request that came first.
         small = await limiter.acquire("p", "m", limits, 40, lease_id="small")
-        assert (small.granted, small.limit) == (False, "tokens_per_minute")
-        assert small.wait_s > large.wait_s
-        await asyncio.sleep(large.wait_s)
+        assert (small.granted, small.limit) == (False, "tokens_per_minute")  # 50 tokens are there, but it is behind
+        await clock(small.wait_s)
+        # Back when told, the tokens are there, but held for the large request that came first.
+        assert not (await limiter.acquire("p", "m", limits, 40, lease_id="small")).granted
+        await clock(large.wait_s)
         assert (await limiter.acquire("p", "m", limits, 200, lease_id="large")).granted
-
-        # A caller waiting longer takes the claim over, and pays for what it takes.
-        assert not (await limiter.acquire("p", "m", limits, 40, lease_id="young")).granted
-        await asyncio.sleep(0.3)  # ~60 tokens back: enough for one of the two
-        older = await limiter.acquire("p", "m", limits, 40, lease_id="old", waiting_since_s=time.time() - 10)
-        assert older.granted
-        oldest = await limiter.acquire("p", "m", limits, 40, lease_id="oldest", waiting_since_s=time.time() - 20)
-        assert not oldest.granted  # ~20 tokens left
-        assert not (await limiter.acquire("p", "m", limits, 40, lease_id="young")).granted
 
     run_with_limiter(redis_url, body)
 
 
-REDIS_CLOCK = "local clock = redis.call('TIME')\nlocal now_s = tonumber(clock[1])\nlocal now = now_s + tonumber(clock[2]) / 1000000"
-SIMULATED_CLOCK = "local now = tonumber(redis.call('GET', 'test:clock'))\nlocal now_s = math.floor(now)"
+def test_first_come_first_served_and_a_late_caller_gives_up_its_place(redis_url: str) -> None:
+    limits = RateLimits(tokens_per_minute=12_000)  # a 200-token bucket refilling at ~197 tokens/s
+
+    async def body(limiter: RateLimiter) -> None:
+        clock = on_simulated_clock(limiter)
+
+        async def ask(name: str, tokens: int = 40, **options: Any) -> Decision:
+            return await limiter.acquire("p", "m", limits, tokens, lease_id=name, **options)
+
+        await clock(0.0)
+        assert (await ask("all", 200)).granted  # the bucket is empty
+        first, second = await ask("first"), await ask("second", waiting_since_s=SIMULATED_EPOCH - 10)
+        assert not first.granted and not second.granted and second.wait_s > first.wait_s
+        await clock(0.3)  # ~59 tokens back: enough for one, but the first in line is not back yet
+        assert not (await ask("second", waiting_since_s=SIMULATED_EPOCH - 10)).granted  # however long it waited
+        await clock(0.45)
+        assert (await ask("first")).granted and (await ask("second")).granted
+
+        # A caller more than a burst's worth of seconds late gives up its place, and is served first when back.
+        await clock(2.0)
+        assert (await ask("all again", 200)).granted
+        slow, behind = await ask("slow"), await ask("behind")
+        await clock(2.0 + slow.wait_s + 1.1)
+        assert (await ask("behind")).granted and (await ask("slow")).granted
+
+    run_with_limiter(redis_url, body)
+
+
+def test_refused_callers_come_back_in_turn_not_all_at_once(redis_url: str) -> None:
+    """A batch arrives at once; each refused call is told its turn in line and comes back then, a
+    little late as a re-dispatched job does. Told "when one call fits" instead, all would come
+    back together and all but one be refused again, each time."""
+    rng = random.Random(11)
+    limits = RateLimits(tokens_per_minute=60_000)  # a 500-token bucket (0.5 s) refilling at ~987 tokens/s
+    rate = (60_000 - 500 + 1) * (1 - RATE_MARGIN) / 60
+    sizes = [rng.randint(20, 400) for _ in range(200)]
+
+    async def body(limiter: RateLimiter) -> list[SimpleNamespace]:
+        clock = on_simulated_clock(limiter)
+        callers = [SimpleNamespace(index=i, size=size, at_s=i * 1e-4, asks=0, granted_s=None, since_s=None)
+                   for i, size in enumerate(sizes)]
+        waiting = list(callers)
+        while waiting:
+            caller = min(waiting, key=lambda c: c.at_s)
+            await clock(caller.at_s)
+            caller.asks += 1
+            decision = await limiter.acquire("p", "m", limits, caller.size, lease_id=str(caller.index),
+                                             waiting_since_s=caller.since_s)
+            if decision.granted:
+                caller.granted_s = caller.at_s
+                waiting.remove(caller)
+            else:  # set aside, then re-dispatched: the promoter's tick, the broker, the jitter
+                caller.since_s = caller.since_s or SIMULATED_EPOCH + caller.at_s
+                caller.at_s += decision.wait_s + 0.05 + rng.uniform(0.0, 0.02)
+        return callers
+
+    callers = run_with_limiter(redis_url, body, token_burst_s=0.5)
+    refusals = sum(caller.asks - 1 for caller in callers)
+    refused = sum(1 for caller in callers if caller.asks > 1)
+    assert refused > 150  # the batch was over the limit...
+    # ...and each refused call came back two or three times: early (no call has settled yet, so the
+    # limiter plans low), told again from its place, then granted. Told "when one call fits" instead,
+    # each would come back dozens of times.
+    assert refusals <= 3 * refused and max(caller.asks for caller in callers) <= 6
+    # No refill was wasted: the last grant came when the tokens allowed, plus a return's delay and
+    # the little a caller told again aims past its turn.
+    assert max(caller.granted_s for caller in callers) <= (sum(sizes) - 500) / rate + 0.2
+    # Roughly first come, first served: granted in about the order they came (a few small calls back
+    # early take tokens no one else was there for).
+    by_grant = sorted(callers, key=lambda c: c.granted_s)
+    places_moved = sorted(abs(rank - caller.index) for rank, caller in enumerate(by_grant))
+    assert sum(places_moved) / len(places_moved) <= 5 and places_moved[int(0.9 * len(places_moved))] <= 5
+
+
+def test_the_line_is_planned_at_what_reservations_end_up_costing(redis_url: str) -> None:
+    """Settling returns a high estimate's excess: callers told turns for whole reservations would come
+    back after those refunds had overflowed the bucket. So the line advances by what reservations
+    have recently settled to (half, until one has settled), and a newcomer is told to come back a
+    little early (back early, it is told again from its place)."""
+    limits = RateLimits(tokens_per_minute=60_000, refund_unused_tokens=False)  # a 1,000-token bucket
+    rate = (60_000 - 1000 + 1) * (1 - RATE_MARGIN) / 60
+
+    async def body(limiter: RateLimiter) -> dict[str, list[float]]:
+        clock = on_simulated_clock(limiter)
+        steps: dict[str, list[float]] = {}
+        for provider, settled in (("fresh", None), ("settled", 80)):
+            for number in range(60 if settled else 0):  # each call settles to 80% of its reservation
+                await clock(number * 0.1)
+                lease = f"{provider}{number}"
+                assert (await limiter.acquire(provider, "m", limits, 100, lease_id=lease)).granted
+                await limiter.settle(provider, "m", limits, lease, 100, 10, refund_unused=False, counted_tokens=settled)
+            await clock(10.0)  # the bucket is full again
+            assert (await limiter.acquire(provider, "m", limits, 1000, lease_id="drain")).granted
+            waits = [(await limiter.acquire(provider, "m", limits, 100, lease_id=f"w{n}")).wait_s for n in range(30)]
+            # Far back in line, past the callers whose turn is near (their whole reservations are kept).
+            steps[provider] = [later - earlier for earlier, later in zip(waits[20:], waits[21:])]
+        return steps
+
+    steps = run_with_limiter(redis_url, body)
+    assert steps["fresh"] == pytest.approx([100 * RATIO_PRIOR * (1 - PLAN_EARLY) / rate] * 9, rel=1e-3)
+    assert steps["settled"] == pytest.approx([100 * 0.8 * (1 - PLAN_EARLY) / rate] * 9, rel=1e-3)
 
 
 def test_token_bound_holds_for_any_interleaving_on_a_simulated_clock(redis_url: str) -> None:
     """The script itself, on a clock the test moves, under random callers of mixed sizes: no window
     ever holds more than a full bucket plus its refill, whatever the order of calls."""
-    assert REDIS_CLOCK in LUA_SOURCE
     rng, limits = random.Random(5), RateLimits(tokens_per_minute=60_000)
+    clock: Callable[[float], Awaitable[None]]
 
     async def trial(limiter: RateLimiter, provider: str, sizes: tuple[int, ...]) -> list[tuple[float, int]]:
         callers = [SimpleNamespace(size=size, at_s=rng.random() / 100, lease=str(size), since_s=None) for size in sizes]
         grants: list[tuple[float, int]] = []
         while (caller := min(callers, key=lambda c: c.at_s)).at_s < 1.0:
-            await limiter.redis.set("test:clock", repr(1e6 + caller.at_s))
+            await clock(caller.at_s)
             lease, since_s = caller.lease, caller.since_s
             decision = await limiter.acquire(
                 provider, "m", limits, caller.size, lease_id=lease, waiting_since_s=since_s
@@ -286,12 +399,13 @@ def test_token_bound_holds_for_any_interleaving_on_a_simulated_clock(redis_url: 
                 caller.lease, caller.since_s = caller.lease + "+", None
                 caller.at_s += rng.choice((1e-4, 0.01))
             else:
-                caller.since_s = caller.since_s or 1e6 + caller.at_s
+                caller.since_s = caller.since_s or SIMULATED_EPOCH + caller.at_s
                 caller.at_s += rng.choice((decision.wait_s, min(decision.wait_s, 0.005), decision.wait_s + 0.3))
         return grants
 
     async def body(limiter: RateLimiter) -> None:
-        limiter._script = limiter.redis.register_script(LUA_SOURCE.replace(REDIS_CLOCK, SIMULATED_CLOCK))
+        nonlocal clock
+        clock = on_simulated_clock(limiter)
         for number in range(30):
             sizes = rng.choice([(10, 30, 80, 600), (1, 2, 3, 5000), (50, 200, 900, 900)])
             grants = await trial(limiter, f"sim{number}", sizes)

@@ -15,10 +15,23 @@ placed, grants more than the limit (what a provider counting over a sliding minu
 costs `capacity / limit` of throughput, ~1/60; a bigger burst absorbs more scheduling jitter but
 costs more and trips providers that enforce per second.
 
-Fairness. A token bucket alone lets small requests, which fit sooner, starve a large one. So each
-token bucket keeps one claim for the refused call that has waited longest (`waiting_since_s`):
-the tokens it needs are held back from the others until it comes back (within its wait plus
-`claim_grace_s`). A call asks again with the same `lease_id`.
+Waiting in line. Told only "come back when one call fits", every refused call would come back at
+the same moment and all but one be refused again (the benchmark's jobs were dispatched 1.8-3.6
+times each, more with more workers). So each bucket keeps a line: `line`, the time by which its
+refill will have covered every call already waiting. A refused call is told its turn (that, plus
+its own tokens' worth of refill) and keeps its place (a ticket, until `line_grace_s` past its
+turn). While a line exists a newcomer joins its end, even if tokens are there: they are for
+waiters on their way back. A call back from the line takes tokens as soon as they are there; if
+short, it waits for the difference only. Settling returns a high estimate's excess, so token
+buckets plan the line at what reservations end up costing (`ratio`, a moving average of settled
+over reserved). The line only says when to come back, never what is granted: the limits hold
+whatever it says.
+
+Fairness. A token bucket alone lets small requests, which fit sooner, starve a large one. The
+line serves first come, first served, and each token bucket also keeps one claim, for the call at
+the head of the line that has waited longest (`waiting_since_s`): the tokens it needs are held
+back from the others until it comes back (within its wait plus `claim_grace_s`). A call asks
+again with the same `lease_id`.
 
 Tokens are reserved before a call (`estimate_request_tokens`: prompt estimate plus `max_tokens`)
 and settled to the real usage after it. Anthropic adjusts its count to the real output at the end
@@ -115,6 +128,7 @@ class RateLimiter:
         lease_ttl_s: float = 120.0,
         concurrency_retry_s: float = 0.25,
         claim_grace_s: float = 1.0,
+        line_grace_s: float = 30.0,
         max_pause_s: float = 300.0,
     ) -> None:
         for name, value in (("request_burst_s", request_burst_s), ("token_burst_s", token_burst_s)):
@@ -127,6 +141,7 @@ class RateLimiter:
         self.lease_ttl_s = lease_ttl_s
         self.concurrency_retry_s = concurrency_retry_s
         self.claim_grace_s = claim_grace_s
+        self.line_grace_s = line_grace_s
         self.max_pause_s = max_pause_s
         self._script = redis.register_script(LUA_SOURCE)
         # Header pauses already sent, so a burst of responses makes one Redis write, not one each.
@@ -355,6 +370,10 @@ class RateLimiter:
             f"{model_scope}:tpm",
             f"{scope}:usage",
             f"{model_scope}:usage",
+            f"{scope}:rpm:line",
+            f"{scope}:tpm:line",
+            f"{model_scope}:rpm:line",
+            f"{model_scope}:tpm:line",
         ]
 
     def _limit_args(self, model: str | None, limits: RateLimits) -> list[str]:
@@ -401,6 +420,7 @@ class RateLimiter:
             str(int(extra[2])),
             _num(self.claim_grace_s),
             _num(waiting_since_s or 0.0),
+            _num(self.line_grace_s),
         ]
         return await self._script(keys=self._keys(provider, model, limits, api_key_id), args=args)
 

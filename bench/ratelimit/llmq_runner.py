@@ -62,18 +62,13 @@ class LlmqResult:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-#: `--pool-fix`: a sitecustomize that patches httpcore's pool in the worker processes (an experiment).
-POOL_FIX_PATH = Path(__file__).with_name("poolfix")
-
-
 def run_llmq(url: str, api_key: str, bodies: list[dict[str, Any]], *, rpm: int, tpm: int, workers: int,
-             concurrency: int, timeout_s: float, pool_fix: bool = False) -> LlmqResult:
+             concurrency: int, timeout_s: float) -> LlmqResult:
     root = Path(tempfile.mkdtemp(prefix="llmq-bench-ratelimit-"))
     cluster = start_cluster(root, CONFIG.format(key=api_key, url=url, rpm=rpm, tpm=tpm))
     try:
-        extra_env = {"PYTHONPATH": str(POOL_FIX_PATH)} if pool_fix else {}
         started = [QuietWorker(cluster.config_path, cluster.redis_url, cluster.database_url, root / f"worker-{index}.log",
-                               concurrency=concurrency, extra_env=extra_env) for index in range(workers)]
+                               concurrency=concurrency) for index in range(workers)]
         cluster.workers.extend(worker.start() for worker in started)
         wait_for_workers(cluster.redis_url, workers, started, timeout_s=120)
         cpu_before = sum(_cpu_s(worker.pid) for worker in started)
@@ -103,10 +98,14 @@ async def _submit_and_wait(cluster: Cluster, bodies: list[dict[str, Any]], timeo
     failed = sum(1 for job in jobs if job.state == JobState.FAILED)
     finished = [job.finished_at for job in jobs if job.finished_at]
     makespan_s = (max(finished) - began) if finished else float("inf")
+    calls = [attempt for job in jobs for attempt in job.attempts]
     return LlmqResult(
         makespan_s, len(succeeded), failed, len(bodies) - len(succeeded) - failed,
         {"submit s": round(submitted_s, 2), "dispatches per job": round(dispatches / max(1, len(jobs)), 2),
-         "calls per job": round(sum(len(job.attempts) for job in jobs) / max(1, len(jobs)), 3)},
+         "calls per job": round(len(calls) / max(1, len(jobs)), 3),
+         # From the start of submit_batch: the first call, and the last call's end.
+         "first call s": round(min((call["started_at"] for call in calls), default=0.0) - began, 2),
+         "last call ended s": round(max((call["finished_at"] for call in calls), default=0.0) - began, 2)},
     )
 
 

@@ -68,8 +68,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-s", type=float, default=0.3, help="fake's least latency (s)")
     parser.add_argument("--latency-jitter-s", type=float, default=0.7, help="fake's extra latency, uniform (s)")
     parser.add_argument("--clients", default="llmq,litellm,plain", help="which clients to run (default all)")
-    parser.add_argument("--pool-fix", action="store_true",
-                        help="also run llmq with the proposed httpcore pool fix patched into its workers (see poolfix/)")
     parser.add_argument("--json", metavar="PATH", default=str(OUT / "ratelimit.json"), help="also write the figures here")
     return parser.parse_args(argv)
 
@@ -93,8 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         if "llmq" in clients:
             for workers in (int(item) for item in args.workers.split(",")):
                 rows.append(measure("llmq", workers, url, rpm, tpm, workload, args))
-            for workers in (int(item) for item in args.workers.split(",")) if args.pool_fix else ():
-                rows.append(measure("llmq+poolfix", workers, url, rpm, tpm, workload, args))
         if "litellm" in clients:
             rows.append(measure("litellm", None, url, rpm, tpm, workload, args))
         if "plain" in clients:
@@ -135,11 +131,10 @@ def measure(client: str, workers: int | None, url: str, rpm: int, tpm: int, work
     print(f"\n== {label}: load {load_before}", flush=True)
     lost: int | None = None
     notes: dict[str, Any] = {}
-    if client.startswith("llmq"):
+    if client == "llmq":
         assert workers is not None
         result = run_llmq(url, DEFAULT_API_KEY, workload.bodies, rpm=rpm, tpm=tpm, workers=workers,
-                          concurrency=args.concurrency, timeout_s=workload.minimum_s(rpm, tpm) * 4 + 120,
-                          pool_fix=client == "llmq+poolfix")
+                          concurrency=args.concurrency, timeout_s=workload.minimum_s(rpm, tpm) * 4 + 120)
         makespan_s, failed, lost = result.makespan_s, result.failed, result.lost
         notes = result.notes
     elif client == "litellm":
@@ -193,14 +188,15 @@ def load() -> str:
 def table(rows: list[Row]) -> str:
     lines = [
         "| client | worker processes | makespan (s) | minimum (s) | makespan / minimum | 429s | failed | lost "
-        "| busiest 60 s window (req / tok) | load avg before -> after |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| busiest 60 s window (req / tok) | submit (s) | dispatches / job | load avg before -> after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row.client} | {row.workers or '-'} | {row.makespan_s:.1f} | {row.minimum_s:.1f} | {row.ratio:.3f} "
             f"| {row.received_429} | {row.failed} | {'-' if row.lost is None else row.lost} "
-            f"| {row.busiest_requests_60s} / {row.busiest_tokens_60s} | {row.load_before} -> {row.load_after} |"
+            f"| {row.busiest_requests_60s} / {row.busiest_tokens_60s} | {row.notes.get('submit s', '-')} "
+            f"| {row.notes.get('dispatches per job', '-')} | {row.load_before} -> {row.load_after} |"
         )
     return "\n".join(lines)
 
