@@ -25,6 +25,8 @@ ACTIVE_STATES = (*WAITING_STATES, "running")
 PUBLISH_GRACE_MS = 30_000
 #: The same watchdog interval for jobs the promoter publishes (retries, fallbacks, re-runs).
 PROMOTE_IN_FLIGHT_MS = 30_000
+#: A published job not yet claimed while its queue still holds messages is looked at again this soon.
+PROMOTE_RECHECK_MS = 5_000
 
 
 #: Delete a lock only if the caller still holds it (KEYS[1] lock, ARGV[1] token).
@@ -192,7 +194,7 @@ class JobStore:
         return moved
 
     async def promote_due(self, limit: int = 500) -> list[tuple[str, int, str, int]]:
-        flat = await self._promote(keys=[keys.DELAYED], args=[limit, PROMOTE_IN_FLIGHT_MS, keys.job("")])
+        flat = await self._promote(keys=[keys.DELAYED], args=[limit, PROMOTE_IN_FLIGHT_MS, keys.job(""), PROMOTE_RECHECK_MS])
         return [
             (flat[index], int(flat[index + 1]), flat[index + 2], int(flat[index + 3]))
             for index in range(0, len(flat), 4)

@@ -6,11 +6,15 @@
 -- published means no worker has claimed it for in_flight_ms: if its queue is empty,
 -- the message was lost (a producer or worker died before publishing, a message went
 -- back to an unreachable broker), so it is handed out again; if the queue still
--- holds messages, the job is simply waiting its turn and the check moves on. A second
+-- holds messages, the job may simply be waiting its turn: it is looked at again
+-- after recheck_ms, or 1 ms per message in the queue if that is longer (soon, so a
+-- message lost in a backlog, e.g. in the last second of writes a Redis crash takes
+-- with it, is found soon after the backlog drains; not so often that a backlog of
+-- 100k jobs costs Redis more than a few checks a millisecond). A second
 -- message for the same dispatch is dropped by claim.lua, so this never runs a job twice.
 --
 -- KEYS[1] delayed zset
--- ARGV[1] max jobs  ARGV[2] in_flight_ms  ARGV[3] job key prefix ("<prefix>:job:")
+-- ARGV[1] max jobs  ARGV[2] in_flight_ms  ARGV[3] job key prefix ("<prefix>:job:")  ARGV[4] recheck_ms
 -- Returns a flat list: job_id, dispatch, queue, score, ... (jobs that are gone are dropped).
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -21,15 +25,23 @@ for _, job_id in ipairs(due) do
   local job_key = ARGV[3] .. job_id
   local fields = redis.call('HMGET', job_key, 'state', 'dispatch', 'queue', 'published')
   local state, dispatch, queue, published = fields[1], fields[2], fields[3], fields[4]
-  redis.call('ZADD', KEYS[1], later, job_id)
   if (not state) or state == 'succeeded' or state == 'failed' or state == 'cancelled' or state == 'running' then
     redis.call('ZREM', KEYS[1], job_id)
-  elseif published ~= dispatch or redis.call('LLEN', queue) == 0 then
-    redis.call('HSET', job_key, 'published', dispatch)
-    out[#out + 1] = job_id
-    out[#out + 1] = dispatch
-    out[#out + 1] = queue
-    out[#out + 1] = tostring(later)
+  else
+    local backlog = 0
+    if published == dispatch then
+      backlog = redis.call('LLEN', queue)
+    end
+    if backlog > 0 then
+      redis.call('ZADD', KEYS[1], now_ms + math.max(tonumber(ARGV[4]), backlog), job_id)
+    else
+      redis.call('ZADD', KEYS[1], later, job_id)
+      redis.call('HSET', job_key, 'published', dispatch)
+      out[#out + 1] = job_id
+      out[#out + 1] = dispatch
+      out[#out + 1] = queue
+      out[#out + 1] = tostring(later)
+    end
   end
 end
 return out

@@ -58,8 +58,9 @@ FAULTS = [
     Fault("truncated stream", lambda f: f.inject("truncate", FOREVER),
           frozenset({"ConnectionError", "MalformedResponseError"}), stream=True),
     Fault("error event mid-stream", lambda f: f.inject("stream_error", FOREVER), frozenset({"ServerError"}), stream=True),
-    # Each chunk comes within the read timeout, so only the job's deadline can stop the call.
-    Fault("slow trickle (stream, 2 s a chunk)", lambda f: setattr(f, "chunk_delay_s", 2.0),
+    # Each chunk comes well within the read timeout (2 s: a chunk every 2 s raced it), so only
+    # the job's deadline can stop the call.
+    Fault("slow trickle (stream, 1.5 s a chunk)", lambda f: setattr(f, "chunk_delay_s", 1.5),
           frozenset({"DeadlineExceededError"}), stream=True, deadline_s=TRICKLE_DEADLINE_S),
 ]
 
