@@ -71,6 +71,7 @@ def run_llmq(url: str, api_key: str, bodies: list[dict[str, Any]], *, rpm: int, 
                                concurrency=concurrency) for index in range(workers)]
         cluster.workers.extend(worker.start() for worker in started)
         wait_for_workers(cluster.redis_url, workers, started, timeout_s=120)
+        _wait_until_idle([worker.pid for worker in started])
         cpu_before = sum(_cpu_s(worker.pid) for worker in started)
         result = asyncio.run(_submit_and_wait(cluster, bodies, timeout_s))
         result.notes["worker CPU s"] = round(sum(_cpu_s(worker.pid) for worker in started) - cpu_before, 1)
@@ -118,6 +119,19 @@ async def _dispatches(service: LLMService, job_ids: list[str]) -> int:
         for value in await pipe.execute():
             total += int(value or 0)
     return total
+
+
+def _wait_until_idle(pids: list[int], busy_share: float = 0.1, timeout_s: float = 20.0) -> None:
+    """Workers report in before they are done starting (threads, connections): the batch goes in
+    once they idle, using less than `busy_share` of a core together, as a running fleet would."""
+    deadline = time.monotonic() + timeout_s
+    before = sum(_cpu_s(pid) for pid in pids)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        after = sum(_cpu_s(pid) for pid in pids)
+        if after - before < busy_share * 0.5:
+            return
+        before = after
 
 
 def _cpu_s(pid: int) -> float:
