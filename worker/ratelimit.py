@@ -10,28 +10,30 @@ a token bucket continuously). So each limit is a continuously refilled token buc
 capacity: one second's worth (`request_burst_s`, `token_burst_s`), at least one unit. A token
 bucket grows while busy to fit the largest reservation seen (up to half a minute's tokens), so a
 request larger than the burst still fits. The refill is `(limit - capacity + 1) / 60` per second
-less 0.5%: burst plus refill over any 60 s window stays below limit + 1, so no window, however
-placed, grants more than the limit (what a provider counting over a sliding minute checks). That
-costs `capacity / limit` of throughput, ~1/60; a bigger burst absorbs more scheduling jitter but
-costs more and trips providers that enforce per second.
+less 0.5% (room for the trip from the grant to the provider): burst plus refill over any 60 s
+window stays below limit + 1, so no window, however placed, grants more than the limit (what a
+provider counting over a sliding minute checks). Over a long batch that costs `capacity / limit`
+of throughput, ~1/60; half a second's burst was measured slower, not faster (bench/RESULTS.md,
+"ratelimit"): callers coming back late by more than the burst let tokens overflow.
 
 Waiting in line. Told only "come back when one call fits", every refused call would come back at
-the same moment and all but one be refused again (the benchmark's jobs were dispatched 1.8-3.6
-times each, more with more workers). So each bucket keeps a line: `line`, the time by which its
-refill will have covered every call already waiting. A refused call is told its turn (that, plus
-its own tokens' worth of refill) and keeps its place (a ticket, until `line_grace_s` past its
-turn). While a line exists a newcomer joins its end, even if tokens are there: they are for
-waiters on their way back. A call back from the line takes tokens as soon as they are there; if
-short, it waits for the difference only. Settling returns a high estimate's excess, so token
-buckets plan the line at what reservations end up costing (`ratio`, a moving average of settled
-over reserved). The line only says when to come back, never what is granted: the limits hold
-whatever it says.
+the same moment and all but one be refused again: the benchmark's jobs were dispatched 1.8-3.6
+times each, more with more workers, and a busy worker came back seconds late, letting the bucket
+overflow. So each bucket keeps a line, first come, first served: a refused call joins at the end
+and is told to come back when the refill will have covered what everyone ahead of it needs and
+its own need; it keeps its place until served (or `line_grace_s` past the time it was told, when
+its caller is taken to be gone). Back early, it is told again from its place. The bucket keeps
+tokens for the callers ahead, but not for those more than a burst's worth of seconds late, and
+never more than half the bucket: tokens no one comes for go to whoever is there. Settling returns
+a high estimate's excess, so token buckets plan at what reservations end up costing (moving
+averages of reserved and settled tokens). The line decides who goes first and when callers come
+back; what is granted is the bucket's alone, so the limits hold whatever it says.
 
 Fairness. A token bucket alone lets small requests, which fit sooner, starve a large one. The
-line serves first come, first served, and each token bucket also keeps one claim, for the call at
-the head of the line that has waited longest (`waiting_since_s`): the tokens it needs are held
-back from the others until it comes back (within its wait plus `claim_grace_s`). A call asks
-again with the same `lease_id`.
+line serves first come, first served, and each token bucket also keeps one claim, for the call
+first in line that has waited longest (`waiting_since_s`): the tokens it needs are held back from
+the others until it comes back (within its wait plus `claim_grace_s`). A call asks again with the
+same `lease_id`.
 
 Tokens are reserved before a call (`estimate_request_tokens`: prompt estimate plus `max_tokens`)
 and settled to the real usage after it. Anthropic adjusts its count to the real output at the end
