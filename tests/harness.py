@@ -50,9 +50,11 @@ def run_adapter(entry: ProviderConfig, adapter: type[AdapterT], action: Callable
     return asyncio.run(main())
 
 
-def openai_entry(fake: FakeProviderServer, *, api_key: str = DEFAULT_API_KEY, **fields: Any) -> dict[str, Any]:
-    """A config entry for an OpenAI provider served by `fake`, for gpt-4o-mini unless `fields` say otherwise."""
-    return {"type": "openai", "api_key": api_key, "base_url": f"{fake.url}/v1", "models": ["gpt-4o-mini"], **fields}
+def openai_entry(fake: FakeProviderServer | str, *, api_key: str = DEFAULT_API_KEY, **fields: Any) -> dict[str, Any]:
+    """A config entry for an OpenAI provider served by `fake` (or a fake at that URL, e.g. in its
+    own process), for gpt-4o-mini unless `fields` say otherwise."""
+    url = fake if isinstance(fake, str) else fake.url
+    return {"type": "openai", "api_key": api_key, "base_url": f"{url}/v1", "models": ["gpt-4o-mini"], **fields}
 
 
 def fast_retry(max_attempts_per_provider: int, **fields: Any) -> dict[str, Any]:

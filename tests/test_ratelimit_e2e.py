@@ -21,8 +21,8 @@ import pytest
 from producer import LLMRequest
 from producer.models import JobState
 from tests.fakes.base import RecordedRequest
-from tests.fakes.openai import DEFAULT_API_KEY, FakeOpenAI
-from tests.harness import Cluster, start_cluster
+from tests.fakes.openai import FakeOpenAI
+from tests.harness import Cluster, fast_retry, openai_entry, service_config, start_cluster
 from worker.ratelimit import estimate_request_tokens
 
 REQUESTS_PER_MINUTE = 120
@@ -31,23 +31,7 @@ JOBS = 40
 WORKERS = 3
 DATA = Path(__file__).resolve().parents[1] / "producer" / "data" / "agent_requests.jsonl"
 
-CONFIG = """
-llm_service:
-  retry: {{max_attempts_per_provider: 3, backoff_base_s: 0.05, backoff_max_s: 0.5}}
-  jobs: {{deadline_s: 300, lease_s: 10}}
-  health: {{failure_threshold: 1000}}
-  providers:
-    openai:
-      type: openai
-      api_key: "{key}"
-      base_url: "{url}/v1"
-      models: [gpt-4o-mini]
-      timeout: 30
-      rate_limits:
-        requests_per_minute: {rpm}
-        tokens_per_minute: {tpm}
-        refund_unused_tokens: false
-"""
+LIMITS = {"requests_per_minute": REQUESTS_PER_MINUTE, "tokens_per_minute": TOKENS_PER_MINUTE, "refund_unused_tokens": False}
 
 
 def agent_requests(count: int) -> list[LLMRequest]:
@@ -78,7 +62,10 @@ def fake() -> Iterator[FakeOpenAI]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, fake: FakeOpenAI) -> Iterator[Cluster]:
-    config = CONFIG.format(key=DEFAULT_API_KEY, url=fake.url, rpm=REQUESTS_PER_MINUTE, tpm=TOKENS_PER_MINUTE)
+    config = service_config(
+        {"openai": openai_entry(fake, timeout=30, rate_limits=LIMITS)}, retry=fast_retry(3, backoff_max_s=0.5),
+        jobs={"deadline_s": 300, "lease_s": 10}, health={"failure_threshold": 1000},
+    )
     started = start_cluster(tmp_path_factory.mktemp("ratelimit-e2e"), config)
     started.start_workers(WORKERS, concurrency=20)
     yield started

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ from producer import keys
 from producer.config import LLMConfig
 from producer.jobs import JobStore
 from producer.queueing import async_redis, publish_messages
+from worker import outbox
 from worker.middleware import MiddlewareChain, default_middleware
 from worker.providers.base import LLMProvider
 from worker.providers.registry import create_provider
@@ -68,7 +70,7 @@ class Runtime:
         self.middleware = MiddlewareChain(default_middleware())
         self.run(self._start_middleware())
         self._tasks: list[asyncio.Future[Any]] = []
-        self.outbox_flusher: Any = None
+        self.outbox_flusher: subprocess.Popen[bytes] | None = None
         if start_background:
             self.start_background()
 
@@ -100,8 +102,6 @@ class Runtime:
     # --- background ------------------------------------------------------------------
 
     def start_background(self) -> None:
-        from worker import outbox
-
         for loop_function in (self._promote_loop, self._reap_loop, self._renew_loop, self._heartbeat_loop):
             self._tasks.append(asyncio.run_coroutine_threadsafe(loop_function(), self.loop))
         self.outbox_flusher = outbox.start_process(self.redis_url)
@@ -161,8 +161,6 @@ class Runtime:
         for task in self._tasks:
             task.cancel()
         if self.outbox_flusher is not None:
-            from worker import outbox
-
             outbox.stop_process(self.outbox_flusher)
         for provider in self.providers.values():
             try:

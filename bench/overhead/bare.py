@@ -23,6 +23,7 @@ from celery import Celery, signals
 
 from producer.config import LLMConfig, load_config
 from producer.queueing import celery_settings
+from worker.app import WORKER_SETTINGS
 
 QUEUE = "bench.bare"
 TASK = "bench.bare_call"
@@ -34,17 +35,7 @@ def make_bare_app(config: LLMConfig, broker_url: str) -> Celery:
     """Celery settings of llmq's app for `config`, plus a result backend for the return value."""
     app = Celery("bench-bare", set_as_current=False)
     app.conf.update(celery_settings(config, broker_url))
-    app.conf.update(
-        result_backend=broker_url,
-        task_ignore_result=False,
-        task_default_queue=QUEUE,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        task_acks_on_failure_or_timeout=True,
-        worker_prefetch_multiplier=1,
-        worker_hijack_root_logger=False,
-        worker_cancel_long_running_tasks_on_connection_loss=False,
-    )
+    app.conf.update(WORKER_SETTINGS, result_backend=broker_url, task_ignore_result=False, task_default_queue=QUEUE)
     return app
 
 

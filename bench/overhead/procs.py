@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -149,25 +149,34 @@ def wait_for_key(redis_url: str, pattern: str, process: Process, timeout_s: floa
 # --- memory -------------------------------------------------------------------------
 
 
-def rss_kib(pid: int) -> int:
-    """Resident memory of one process (VmRSS), KiB; 0 once it is gone."""
+def _status_field(pid: int, name: str) -> int:
+    """A number from /proc/<pid>/status (e.g. "VmRSS", "Threads"); 0 once the process is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{name}:"):
                 return int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError):
         pass
     return 0
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of one process (VmRSS), KiB."""
+    return _status_field(pid, "VmRSS")
 
 
 def thread_count(pid: int) -> int:
+    return _status_field(pid, "Threads")
+
+
+def _stat_cpu_s(stat: Path) -> float | None:
+    """User + system CPU seconds from a /proc stat file (a process's or a thread's); None once gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
+        fields = stat.read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
+        return None
+    # fields[11], fields[12] are utime, stime (the 14th, 15th of the full line).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -175,15 +184,9 @@ class CpuSample:
     """CPU seconds (user + system) of a process, read from /proc/<pid>/stat."""
 
     pid: int
-    ticks_per_s: int = field(default_factory=lambda: os.sysconf("SC_CLK_TCK"))
 
     def seconds(self) -> float:
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            return 0.0
-        # fields[11], fields[12] are utime, stime (the 14th, 15th of the full line).
-        return (int(fields[11]) + int(fields[12])) / self.ticks_per_s
+        return _stat_cpu_s(Path(f"/proc/{self.pid}/stat")) or 0.0
 
 
 def children(pid: int) -> list[int]:
@@ -199,14 +202,11 @@ def children(pid: int) -> list[int]:
 
 def thread_cpu_s(pid: int) -> dict[int, float]:
     """CPU seconds per thread (tid) of a process."""
-    ticks_per_s = os.sysconf("SC_CLK_TCK")
     spent: dict[int, float] = {}
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        spent[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks_per_s
+        seconds = _stat_cpu_s(task / "stat")
+        if seconds is not None:
+            spent[int(task.name)] = seconds
     return spent
 
 

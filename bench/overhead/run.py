@@ -34,18 +34,10 @@ from producer.config import load_config
 from producer.embedded import RedisServer
 from producer.service import LLMService
 from tests.fakes.openai import DEFAULT_API_KEY
+from tests.harness import openai_entry, service_config
 
-CONFIG = """\
-llm_service:
-  jobs: {{deadline_s: 600}}
-  providers:
-    openai:
-      type: openai
-      api_key: "{key}"
-      base_url: "{url}/v1"
-      models: [gpt-4o-mini]
-      timeout: 120
-"""
+def config_text(fake_url: str) -> str:
+    return service_config({"openai": openai_entry(fake_url, timeout=120)}, jobs={"deadline_s": 600})
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -105,7 +97,7 @@ def _load() -> str:
 def throughput_part(args: argparse.Namespace, root: Path, redis_server: RedisServer) -> dict[str, object]:
     fake = procs.start_fake(root, "fake-zero-latency", 0.0)
     config_path = root / "llm_service.yaml"
-    config_path.write_text(CONFIG.format(key=DEFAULT_API_KEY, url=fake.url))
+    config_path.write_text(config_text(fake.url))
     available = {"llmq": llmq_run, "bare": bare_run, "direct": direct_run}
     order = [available[name.strip()] for name in args.modes.split(",")]
     runs: dict[str, list[modes.Throughput]] = {}
@@ -285,7 +277,7 @@ def inflight_part(args: argparse.Namespace, root: Path, redis_server: RedisServe
     for name, run in runs:
         fake = procs.start_fake(root, f"fake-slow-{name}", args.latency_s)
         config_path = root / f"llm_service_slow_{name}.yaml"
-        config_path.write_text(CONFIG.format(key=DEFAULT_API_KEY, url=fake.url))
+        config_path.write_text(config_text(fake.url))
         try:
             result = run(args, root, redis_server, fake, config_path)
         finally:

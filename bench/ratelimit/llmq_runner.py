@@ -15,25 +15,13 @@ from typing import Any
 from producer import keys
 from producer.models import JobState
 from producer.service import LLMService
-from tests.harness import Cluster, WorkerProcess, start_cluster, wait_for_workers
+from tests.harness import Cluster, WorkerProcess, openai_entry, service_config, start_cluster, wait_for_workers
 
-CONFIG = """\
-llm_service:
-  retry: {{max_attempts_per_provider: 8}}
-  jobs: {{deadline_s: 3600}}
-  providers:
-    openai:
-      type: openai
-      api_key: "{key}"
-      base_url: "{url}/v1"
-      models: [gpt-4o-mini]
-      timeout: 120
-      rate_limits:
-        requests_per_minute: {rpm}
-        tokens_per_minute: {tpm}
-        # OpenAI keeps counting max_tokens: llmq settles to its prompt count plus max_tokens.
-        refund_unused_tokens: false
-"""
+def config_text(url: str, api_key: str, *, rpm: int, tpm: int) -> str:
+    # OpenAI keeps counting max_tokens: llmq settles to its prompt count plus max_tokens.
+    limits = {"requests_per_minute": rpm, "tokens_per_minute": tpm, "refund_unused_tokens": False}
+    entry = openai_entry(url, api_key=api_key, timeout=120, rate_limits=limits)
+    return service_config({"openai": entry}, retry={"max_attempts_per_provider": 8}, jobs={"deadline_s": 3600})
 
 
 @dataclass
@@ -65,7 +53,7 @@ class LlmqResult:
 def run_llmq(url: str, api_key: str, bodies: list[dict[str, Any]], *, rpm: int, tpm: int, workers: int,
              concurrency: int, timeout_s: float) -> LlmqResult:
     root = Path(tempfile.mkdtemp(prefix="llmq-bench-ratelimit-"))
-    cluster = start_cluster(root, CONFIG.format(key=api_key, url=url, rpm=rpm, tpm=tpm))
+    cluster = start_cluster(root, config_text(url, api_key, rpm=rpm, tpm=tpm))
     try:
         started = [QuietWorker(cluster.config_path, cluster.redis_url, cluster.database_url, root / f"worker-{index}.log",
                                concurrency=concurrency) for index in range(workers)]
