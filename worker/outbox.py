@@ -76,9 +76,23 @@ class OutboxFlusher:
         return self
 
     def stop(self) -> None:
-        self._stop.set()
+        self.halt()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._close_store()
+
+    def halt(self) -> None:
+        """Stop looping after the chunk in hand (safe from a signal handler)."""
+        self._stop.set()
+
+    def run(self, parent_pid: int | None = None) -> None:
+        """Flush in this thread until halted, or until the process `parent_pid` is gone."""
+        try:
+            self._loop(parent_pid)
+        finally:
+            self._close_store()
+
+    def _close_store(self) -> None:
         if self._store is not None:
             self._store.close()
 
@@ -175,13 +189,9 @@ def main() -> int:
     handler.setFormatter(logs.formatter())
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     flusher = OutboxFlusher(redis_url)
-    signal.signal(signal.SIGTERM, lambda *_: flusher._stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: flusher.halt())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the worker stops us
-    try:
-        flusher._loop(parent_pid=int(os.environ["LLMQ_OUTBOX_PARENT_PID"]))
-    finally:
-        if flusher._store is not None:
-            flusher._store.close()
+    flusher.run(parent_pid=int(os.environ["LLMQ_OUTBOX_PARENT_PID"]))
     return 0
 
 
