@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker = command("worker", cmd_worker, "run a worker on provider queues")
     worker.add_argument("--queues", "-Q", help="comma-separated provider names or llm.<name> queues (default: all configured)")
     worker.add_argument("--concurrency", "-c", type=int, default=200, help="job slots in this process (default 200)")
-    worker.add_argument("--pool", default="threads", choices=["threads", "prefork", "solo"], help="Celery pool (default threads)")
+    worker.add_argument("--pool", default="async", choices=sorted(POOLS),
+                        help="async (default): every job a coroutine on one event loop, no thread per slot "
+                             "(worker/pool.py); threads: Celery's thread pool, a thread per slot")
     worker.add_argument("--loglevel", default="INFO")
     worker.add_argument("--hostname", "-n", help="Celery node name")
     worker.add_argument("--no-events", action="store_true",
@@ -153,6 +155,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+#: `llmq worker --pool` names and the Celery pools they start.
+POOLS = {"async": "worker.pool:AsyncioPool", "threads": "threads", "prefork": "prefork", "solo": "solo"}
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from producer import keys
     from worker.app import create_app
@@ -164,7 +170,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     app.llmq_queues = queues
     if args.metrics_port is not None:
         app.llmq_metrics_port = args.metrics_port  # read by worker/metrics.py when the runtime starts
-    worker_args = ["worker", f"--pool={args.pool}", f"--concurrency={args.concurrency}", f"--queues={','.join(queues)}",
+    # Celery's CLI names only its own pools; a pool class by path goes through the config.
+    app.conf.worker_pool = POOLS[args.pool]
+    worker_args = ["worker", f"--concurrency={args.concurrency}", f"--queues={','.join(queues)}",
                    f"--loglevel={args.loglevel}", "--without-gossip", "--without-mingle"]
     if args.no_events:
         app.conf.worker_send_task_events = False

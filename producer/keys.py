@@ -61,6 +61,8 @@ OUTBOX = f"{PREFIX}:outbox"
 OUTBOX_LOCK = f"{PREFIX}:outbox:lock"
 #: Lock held by the one process sweeping leases and deadlines at a time.
 REAPER_LOCK = f"{PREFIX}:reaper:lock"
+#: RESTART_RECHECK_PREFIX + Redis run id: set by the one worker that rechecks published jobs after a restart.
+RESTART_RECHECK_PREFIX = f"{PREFIX}:restart-recheck:"
 #: Per-process heartbeat of live workers: WORKER_PREFIX + worker id -> JSON, short TTL.
 WORKER_PREFIX = f"{PREFIX}:worker:"
 #: Hash provider -> JSON health record; and per-provider history lists.

@@ -83,7 +83,7 @@ class WorkerProcess:
     log_path: Path
     queues: str | None = None
     concurrency: int = 50
-    pool: str = "threads"
+    pool: str = os.environ.get("LLMQ_TEST_POOL", "async")
     extra_env: dict[str, str] = field(default_factory=dict)
     #: More `llmq worker` options, e.g. ("--no-events",).
     extra_args: tuple[str, ...] = ()

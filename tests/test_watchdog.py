@@ -4,6 +4,8 @@ A published job keeps an entry in the delayed set until a worker claims it. When
 entry comes due: a lost message (its queue is empty) is handed out again; a job whose
 queue still holds messages is looked at again soon (after 5 s, or 1 ms per queued
 message), not after another whole grace period; finished and running jobs drop out.
+After Redis restarts, every published job not yet claimed comes due within a second
+(producer/lua/recheck.lua, run by the worker that notices the new run id).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from producer import keys
-from producer.jobs import PROMOTE_IN_FLIGHT_MS, PROMOTE_RECHECK_MS, JobStore, NewJob
+from producer.jobs import PROMOTE_IN_FLIGHT_MS, PROMOTE_RECHECK_MS, RESTART_RECHECK_MS, JobStore, NewJob
 from producer.models import Hop, LLMRequest
 from producer.queueing import async_redis
 
@@ -84,3 +86,32 @@ def test_finished_and_missing_jobs_leave_the_watchdog(loop: asyncio.AbstractEven
             await client.aclose()
 
     assert loop.run_until_complete(run()) == ([], None, None)
+
+
+def test_after_a_redis_restart_published_jobs_are_looked_at_within_a_second(
+    loop: asyncio.AbstractEventLoop, redis_url: str
+) -> None:
+    # recheck.lua: a message popped when Redis died is gone; its job must not wait out the whole grace.
+    async def run() -> tuple[int, float, dict[str, float]]:
+        client = async_redis(redis_url)
+        try:
+            await client.flushdb()
+            jobs = JobStore(client)
+            names = ["job_a", "job_b", "job_c", "job_d", "job_retry", "job_running"]
+            await jobs.create_many([make_job(name) for name in names], ttl_s=600)
+            far = await jobs.now_ms() + 60_000
+            await client.zadd(keys.DELAYED, {name: far for name in names})
+            await client.hset(keys.job("job_retry"), mapping={"dispatch": 2})  # a retry not yet published
+            await client.hset(keys.job("job_running"), "state", "running")
+            now_ms = await jobs.now_ms()
+            moved = await jobs.recheck_published(page=2)  # pages past entries it leaves alone
+            scores = {name: await client.zscore(keys.DELAYED, name) for name in names}
+            return moved, now_ms, scores
+        finally:
+            await client.aclose()
+
+    moved, now_ms, scores = loop.run_until_complete(run())
+    assert moved == 4
+    for name in ("job_a", "job_b", "job_c", "job_d"):
+        assert now_ms + RESTART_RECHECK_MS - 100 <= scores[name] <= now_ms + RESTART_RECHECK_MS + 1000, name
+    assert scores["job_retry"] > now_ms + 50_000 and scores["job_running"] > now_ms + 50_000

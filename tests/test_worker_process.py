@@ -91,16 +91,74 @@ def test_no_events_leaves_only_what_the_producer_sends(cluster: Cluster) -> None
     assert not {"task-received", "task-started", "task-succeeded"} & set(types), types
 
 
-def test_every_slot_has_its_thread_before_the_first_job(cluster: Cluster) -> None:
-    # A burst then never waits for threads to start (worker/app.py prestart_threads).
+def pool_stats(cluster: Cluster) -> dict:
     from worker.app import create_app
 
-    cluster.start_workers(1, concurrency=24)
     app = create_app(cluster.config, broker_url=cluster.redis_url)
     stats: dict[str, dict] = {}
     deadline = time.monotonic() + 30
     while not stats and time.monotonic() < deadline:
         stats = app.control.inspect(timeout=2.0).stats() or {}
     (worker_stats,) = stats.values()
-    assert worker_stats["pool"]["max-concurrency"] == 24
-    assert worker_stats["pool"]["threads"] == 24
+    return worker_stats["pool"]
+
+
+def thread_count(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
+
+
+def test_with_the_thread_pool_every_slot_has_its_thread_before_the_first_job(cluster: Cluster) -> None:
+    # `--pool threads`: a burst then never waits for threads to start (worker/app.py prestart_threads).
+    cluster.start_workers(1, concurrency=24, pool="threads")
+    stats = pool_stats(cluster)
+    assert stats["max-concurrency"] == 24
+    assert stats["threads"] == 24
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads thread counts from /proc")
+def test_the_default_pool_holds_many_calls_in_one_process_without_a_thread_each(
+    cluster: Cluster, fake: FakeOpenAI
+) -> None:
+    # worker/pool.py: every job a coroutine on the process's loop; Celery's slots are not threads.
+    fake.latency_s = 3.0
+    cluster.start_workers(1, concurrency=120)
+    (worker,) = cluster.workers
+    idle_threads = thread_count(worker.pid)
+    assert pool_stats(cluster)["max-concurrency"] == 120
+    requests = [LLMRequest(messages=[{"role": "user", "content": f"held {index}"}], model="gpt-4o-mini", max_tokens=8)
+                for index in range(120)]
+    busy_threads = 0
+    with cluster.service() as service:
+        batch_id = service.submit_batch(requests)
+        deadline = time.monotonic() + 60
+        while not service.batch(batch_id).done and time.monotonic() < deadline:
+            if fake.in_flight >= 60:
+                busy_threads = max(busy_threads, thread_count(worker.pid))
+            time.sleep(0.05)
+        status = service.wait(batch_id, timeout_s=30)
+    assert status.counts.get("succeeded") == 120, status
+    assert fake.max_in_flight >= 60, fake.max_in_flight  # one process held them at once
+    assert 0 < busy_threads <= idle_threads + 4, (idle_threads, busy_threads)  # and started no thread per call
+
+
+def test_warm_shutdown_lets_running_jobs_finish_and_acks_them(cluster: Cluster, fake: FakeOpenAI) -> None:
+    # SIGTERM is Celery's warm shutdown: running jobs end, their messages are acked, nothing runs twice.
+    fake.latency_s = 2.0
+    cluster.start_workers(1, concurrency=50)
+    (worker,) = cluster.workers
+    requests = [LLMRequest(messages=[{"role": "user", "content": f"stop {index}"}], model="gpt-4o-mini", max_tokens=8)
+                for index in range(20)]
+    with cluster.service() as service:
+        batch_id = service.submit_batch(requests)
+        deadline = time.monotonic() + 30
+        while fake.in_flight < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert fake.in_flight == 20
+        worker.stop(timeout_s=30)
+        assert worker.process is not None and worker.process.returncode == 0
+        status = service.batch(batch_id)
+    assert status.counts.get("succeeded") == 20, status
+    assert len(fake.requests) == 20  # none ran twice
+    broker = redis.Redis.from_url(cluster.redis_url)
+    assert broker.hlen("unacked") == 0 and broker.llen("llm.openai") == 0

@@ -17,15 +17,20 @@ Beat (`celery -A worker.app beat`, started by `llmq up`) sends `llmq.health_chec
 for each provider entry to its queue (worker/health.py). Every log record of the
 process carries the running job's id and no secret (worker/logs.py).
 
-Start a worker with `llmq worker` (thread pool, many slots per process: each
-slot only waits on a coroutine on the process's shared event loop).
+Start a worker with `llmq worker`: its pool (worker/pool.py) runs each task's
+coroutine on the process's shared event loop, `--concurrency` of them at once,
+with no thread per slot; `--pool threads` gives each slot a thread that waits on
+the same loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import redis.exceptions
 from celery import Celery, signals
@@ -67,26 +72,38 @@ def create_app(config: LLMConfig | None = None, broker_url: str | None = None) -
     configure_logging(config.secrets())
     app.conf.beat_schedule = health_beat_schedule(config)
 
-    @app.task(name=keys.TASK_GENERATE, ignore_result=True)
-    def generate(job_id: str, dispatch: int) -> None:
+    async def generate_job(runtime: Runtime, job_id: str, dispatch: int) -> None:
         from worker.engine import execute
 
-        runtime = runtime_for(app)
         try:
-            runtime.run(with_job_id(job_id, execute(runtime, job_id, int(dispatch))))
+            await with_job_id(job_id, execute(runtime, job_id, int(dispatch)))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             # Redis went away for longer than the client's retries: hand the message back
             # rather than ack a job that never ran (a stale copy is dropped at claim).
             raise Reject(f"redis unavailable: {exc}", requeue=True) from exc
 
-    @app.task(name=keys.TASK_HEALTH_CHECK, ignore_result=True)
-    def health_check(provider: str) -> None:
+    async def check_health(runtime: Runtime, provider: str) -> None:
         from worker.health import run_health_check
 
-        runtime = runtime_for(app)
-        runtime.run(run_health_check(runtime, provider))
+        await run_health_check(runtime, provider)
 
+    # Each task body is a coroutine on the process's loop: `llmq_coroutine` starts it there
+    # for worker/pool.py's pool; under another pool the task waits for it in its thread.
+    for name, body in ((keys.TASK_GENERATE, generate_job), (keys.TASK_HEALTH_CHECK, check_health)):
+        _register_coroutine_task(app, name, body)
     return app
+
+
+def _register_coroutine_task(app: Celery, name: str, body: Callable[..., Coroutine[Any, Any, None]]) -> None:
+    def start(*args: Any) -> Future[None]:
+        runtime = runtime_for(app)
+        return asyncio.run_coroutine_threadsafe(body(runtime, *args), runtime.loop)
+
+    def run(*args: Any) -> None:
+        start(*args).result()
+
+    task = app.task(name=name, ignore_result=True)(run)
+    task.llmq_coroutine = start
 
 
 def runtime_for(app: Celery) -> Runtime:

@@ -4,7 +4,7 @@
 `http://<host>:N/metrics` from the process that runs the jobs; 0, the default,
 serves nothing and counts nothing. prometheus-client is the `metrics` extra and
 is imported only when a port is asked for: without it the worker runs as ever
-and says so once in its log. Use the default thread pool (one process holds
+and says so once in its log. Use the default pool or `--pool threads` (one process holds
 every job slot); with `--pool prefork` each child would need its own port.
 
 Series (labels: `provider` is the config entry, `model` the model of the hop):

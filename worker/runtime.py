@@ -1,9 +1,10 @@
 """One per worker process: an asyncio loop in a thread, shared clients, background loops.
 
-Celery's thread pool gives each message a slot; the slot hands its job to this
-loop and waits. Provider calls are coroutines on one shared `httpx.AsyncClient`
-per provider, so one process holds hundreds of calls in flight while Celery
-keeps doing what it is good at: late acks, redelivery, events for Flower.
+llmq's Celery pool (worker/pool.py) starts each job as a coroutine on this loop;
+under `--pool threads` a slot thread hands its job here and waits. Provider calls
+are coroutines on one shared `httpx.AsyncClient` per provider, so one process
+holds hundreds of calls in flight while Celery keeps doing what it is good at:
+late acks, redelivery, events for Flower.
 
 Background loops on the same event loop:
 - promoter: publishes delayed jobs (retries, rate-limited waits, fallbacks) when due
@@ -144,8 +145,9 @@ class Runtime:
                 log.warning("lease renewal: %s", exc)
 
     async def _heartbeat_loop(self) -> None:
-        """Say this process is alive (what `llmq up` and the tests wait for)."""
+        """Say this process is alive (what `llmq up` and the tests wait for); notice Redis restarts."""
         key = keys.WORKER_PREFIX + self.worker_id
+        run_id: str | None = None
         while True:
             try:
                 queues = sorted(getattr(self.app, "llmq_queues", []))
@@ -153,9 +155,20 @@ class Runtime:
                     "pid": os.getpid(), "running": len(self.running), "queues": queues,
                     "configured": self.config.configured_providers(),
                 }), ex=10)
+                run_id = await self._notice_restart(run_id)
             except Exception as exc:
                 log.warning("heartbeat: %s", exc)
             await asyncio.sleep(2)
+
+    async def _notice_restart(self, known: str | None) -> str:
+        """Redis's run id changes when it restarts: then messages may have died with it (recheck.lua)."""
+        run_id = str((await self.redis.info("server"))["run_id"])
+        if known is not None and run_id != known:
+            # One worker per restart does it; doing it twice would be harmless.
+            if await self.redis.set(keys.RESTART_RECHECK_PREFIX + run_id, self.worker_id, nx=True, ex=3600):
+                moved = await self.jobs.recheck_published()
+                log.warning("Redis restarted: %d published jobs no worker has claimed are looked at again now", moved)
+        return run_id
 
     def close(self) -> None:
         for task in self._tasks:

@@ -101,15 +101,15 @@ def start_fake(root: Path, name: str, latency_s: float) -> FakeProcess:
 
 def start_llmq_worker(
     root: Path, name: str, config_path: Path, redis_url: str, *, concurrency: int, loglevel: str, queue: str,
-    events: bool = True,
+    events: bool = True, pool: str = "async",
 ) -> Process:
-    """A real `llmq worker` process (thread pool), the way the README starts one."""
+    """A real `llmq worker` process (`--pool async` unless told), the way the README starts one."""
     env = clean_env(
         LLMQ_REDIS_URL=redis_url, LLMQ_CONFIG=str(config_path), LLMQ_HOME=str(root),
         LLMQ_DATABASE_URL=f"sqlite:///{root / 'ledger.sqlite3'}",
     )
     command = [sys.executable, "-m", "producer.cli", "--config", str(config_path), "worker", "--queues", queue,
-               "--concurrency", str(concurrency), "--pool", "threads", "--loglevel", loglevel,
+               "--concurrency", str(concurrency), "--pool", pool, "--loglevel", loglevel,
                *([] if events else ["--no-events"])]
     worker = spawn(name, command, env, root / f"{name}.log")
     wait_for_key(redis_url, f"{keys.WORKER_PREFIX}*:{worker.pid}", worker)

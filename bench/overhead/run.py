@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker-events", choices=["on", "off"], default="on",
                         help="Celery task events in both queued modes' workers (on: `llmq worker`'s default, "
                              "what Flower shows; off: `llmq worker --no-events`)")
+    parser.add_argument("--pool", choices=["async", "threads"], default="async",
+                        help="llmq worker's pool (`llmq worker --pool`; default async, threads: Celery's thread pool)")
     parser.add_argument("--inflight-bare", action="store_true", help="also measure a bare Celery worker in flight")
     parser.add_argument("--loglevel", default="WARNING", help="both workers' log level (default WARNING)")
     parser.add_argument("--only", choices=["throughput", "inflight"], help="run one part only")
@@ -121,7 +123,7 @@ def llmq_run(args: argparse.Namespace, root: Path, redis_server: RedisServer, fa
              config_path: Path, first: int) -> modes.Throughput:
     worker = procs.start_llmq_worker(root, "llmq-worker", config_path, redis_server.url,
                                      concurrency=args.concurrency, loglevel=args.loglevel, queue="openai",
-                                     events=args.worker_events == "on")
+                                     events=args.worker_events == "on", pool=args.pool)
     try:
         async def batches() -> modes.Throughput:
             service = LLMService(load_config(config_path), redis_url_=redis_server.url)
@@ -308,7 +310,7 @@ def _llmq_inflight(args: argparse.Namespace, root: Path, redis_server: RedisServ
                    config_path: Path) -> modes.InFlight:
     worker = procs.start_llmq_worker(root, "llmq-worker-inflight", config_path, redis_server.url,
                                      concurrency=args.inflight_concurrency, loglevel=args.loglevel, queue="openai",
-                                     events=args.worker_events == "on")
+                                     events=args.worker_events == "on", pool=args.pool)
 
     async def batches() -> modes.InFlight:
         service = LLMService(load_config(config_path), redis_url_=redis_server.url)

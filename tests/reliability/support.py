@@ -133,7 +133,8 @@ def drain_ledger(redis_url: str, database_url: str, timeout_s: float = 45.0) -> 
 
 def assert_ledger_matches(store: Store, records: list[JobRecord]) -> None:
     """SQL holds every job in its Redis state, one usage row per successful attempt and
-    none twice: checked with GROUP BY, not only through the primary keys."""
+    none twice: checked with GROUP BY, not only through the primary keys. A job that
+    succeeded has its winning attempt's row; any other row belongs to a late result."""
     by_id = {record.job_id: record for record in records}
     with store.engine.connect() as connection:
         states = dict(connection.execute(select(jobs_table.c.job_id, jobs_table.c.state)
@@ -148,13 +149,19 @@ def assert_ledger_matches(store: Store, records: list[JobRecord]) -> None:
         ).all()
     assert {job_id: by_id[job_id].state.value for job_id in by_id} == states
     assert all(count == 1 for _, _, count in usage), "a usage row written twice"
-    usage_by_job = Counter(job_id for job_id, _, _ in usage)
+    usage_attempts: dict[str, set[int]] = {}
+    for job_id, attempt, _ in usage:
+        usage_attempts.setdefault(job_id, set()).add(attempt)
     for record in records:
-        expected = 1 if record.state is JobState.SUCCEEDED else 0
-        assert usage_by_job[record.job_id] == expected, f"{record.job_id}: {usage_by_job[record.job_id]} usage rows"
-        if record.state is JobState.SUCCEEDED:
-            winning = next(entry["attempt"] for entry in record.attempts if entry["outcome"] == "succeeded")
-            assert (record.job_id, winning, "succeeded") in set(map(tuple, attempt_rows))
+        rows = usage_attempts.get(record.job_id, set())
+        winning = {entry["attempt"] for entry in record.attempts if entry["outcome"] == "succeeded"}
+        # A call that returned after its lease ran out (or after a cancel) was paid for: its usage
+        # row stays, and its attempt says "superseded" (or "cancelled"), whatever the job's end.
+        late = {entry["attempt"] for entry in record.attempts if entry["outcome"] in ("superseded", "cancelled")}
+        assert len(winning) == (1 if record.state is JobState.SUCCEEDED else 0), (record.job_id, record.attempts)
+        assert winning <= rows <= winning | late, f"{record.job_id}: usage rows for attempts {sorted(rows)}"
+        for attempt in winning:
+            assert (record.job_id, attempt, "succeeded") in set(map(tuple, attempt_rows))
 
 
 # --- figures ---------------------------------------------------------------------------

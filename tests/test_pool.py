@@ -1,0 +1,167 @@
+"""worker/pool.py against Celery's pool contract, without a broker: what each outcome hands back to Celery.
+
+The real-process side (events, many calls in one process, warm shutdown) is in
+tests/test_worker_process.py; Reject-on-Redis-loss in tests/reliability.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import select
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, wait
+from typing import Any
+
+import pytest
+from billiard.einfo import ExceptionWithTraceback
+from celery import Celery
+from celery.exceptions import Reject
+
+from worker.pool import AsyncioPool
+
+
+class Hub:
+    """The part of kombu's hub the pool uses: readers, run by hand."""
+
+    def __init__(self) -> None:
+        self.readers: dict[int, Callable[[], None]] = {}
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self.readers[fd] = callback
+
+    def remove_reader(self, fd: int) -> None:
+        self.readers.pop(fd, None)
+
+    def fire(self, timeout_s: float = 5.0) -> None:
+        """Wait until a reader's fd is readable (as the hub's poll would), then run its callback."""
+        ready, _, _ = select.select(list(self.readers), [], [], timeout_s)
+        for fd in ready:
+            self.readers[fd]()
+
+
+@pytest.fixture()
+def app() -> Celery:
+    return Celery("pool-test", set_as_current=False)
+
+
+@pytest.fixture()
+def pool(app: Celery) -> Iterator[AsyncioPool]:
+    started = AsyncioPool(limit=10, app=app)
+    started.start()
+    yield started
+    started.stop()
+    started.close()
+
+
+def coroutine_task(app: Celery, name: str, outcome: Callable[[], Any]) -> list[Future[Any]]:
+    """A task whose `llmq_coroutine` returns a future the test completes from another thread."""
+    started: list[Future[Any]] = []
+
+    def start(*args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        started.append(future)
+
+        def finish() -> None:
+            try:
+                future.set_result(outcome())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        threading.Timer(0.05, finish).start()
+        return future
+
+    def body(*args: Any, **kwargs: Any) -> None:
+        pass
+
+    task = app.task(name=name)(body)
+    task.llmq_coroutine = start
+    return started
+
+
+def apply(pool: AsyncioPool, name: str, args: list[Any]) -> tuple[list[Any], list[Any]]:
+    accepted: list[Any] = []
+    outcomes: list[Any] = []
+    body = json.dumps([args, {}, {}])
+    pool.apply_async(
+        lambda *a: pytest.fail("the trace function must not run for a coroutine task"),
+        args=(name, "task-id", {}, body, "application/json", "utf-8"),
+        accept_callback=lambda pid, at: accepted.append(pid), callback=outcomes.append,
+    )
+    return accepted, outcomes
+
+
+def unwrapped(info: Any) -> BaseException:
+    """The exception as Celery's Request.on_failure sees it (billiard wraps it with its traceback)."""
+    exc = info.exception
+    return exc.exc if isinstance(exc, ExceptionWithTraceback) else exc
+
+
+def run_once(app: Celery, pool: AsyncioPool, name: str, outcome: Callable[[], Any]) -> list[Any]:
+    """One task through the pool: started at once, its end handed to Celery when the hub looks."""
+    started = coroutine_task(app, name, outcome)
+    hub = Hub()
+    pool.register_with_event_loop(hub)
+    accepted, outcomes = apply(pool, name, ["job-1", 3])
+    assert accepted and not outcomes  # Celery is told it started; it has not ended yet
+    wait(started, timeout=5)
+    hub.fire()
+    return outcomes
+
+
+def test_a_finished_coroutine_reaches_celery_on_the_hub_thread(
+    app: Celery, pool: AsyncioPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="celery.app.trace"):
+        (outcome,) = run_once(app, pool, "ok", lambda: None)
+    assert outcome[0] == 0 and outcome[1] == "None" and outcome[2] >= 0
+    assert "ok[task-id] succeeded in" in caplog.text  # the line Celery's tracer logs
+
+
+def test_a_reject_goes_back_as_a_failure_celery_turns_into_a_requeue(app: Celery, pool: AsyncioPool) -> None:
+    def reject() -> None:
+        raise Reject("redis unavailable", requeue=True)
+
+    ((failed, info, _),) = run_once(app, pool, "reject", reject)
+    assert failed == 1 and isinstance(unwrapped(info), Reject) and unwrapped(info).requeue
+
+
+def test_an_unexpected_error_is_logged_and_reported(
+    app: Celery, pool: AsyncioPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    def boom() -> None:
+        raise ValueError("bug")
+
+    with caplog.at_level(logging.ERROR, logger="celery.app.trace"):
+        ((failed, info, _),) = run_once(app, pool, "boom", boom)
+    assert failed == 1 and isinstance(unwrapped(info), ValueError)
+    assert "boom[task-id] raised unexpected" in caplog.text and "bug" in caplog.text
+
+
+def test_stop_waits_for_running_jobs_and_runs_their_callbacks(app: Celery) -> None:
+    pool = AsyncioPool(limit=10, app=app)
+    pool.start()
+    started = coroutine_task(app, "slow", lambda: None)
+    pool.register_with_event_loop(Hub())  # a hub that never fires again: stop must do it
+    _, outcomes = apply(pool, "slow", ["job-4", 1])
+    pool.stop()
+    assert started[0].done() and len(outcomes) == 1
+
+
+def test_a_task_without_a_coroutine_runs_in_a_thread(app: Celery, pool: AsyncioPool) -> None:
+    ran = threading.Event()
+    results: list[Any] = []
+
+    def target(*args: Any) -> str:
+        ran.set()
+        return "traced"
+
+    def plain() -> None:
+        pass
+
+    app.task(name="plain")(plain)
+    pool.apply_async(target, args=("plain", "id", {}, "[]", "application/json", "utf-8"), callback=results.append)
+    assert ran.wait(5)
+    pool.stop()
+    assert results == ["traced"]
