@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime
-from functools import partial
-
-import httpx
 
 from worker.providers.base import retry_after_seconds
 
@@ -92,36 +89,50 @@ def _number(text: str | None) -> float | None:
         return None
 
 
+#: (limit name, remaining header, limit header, reset header, reset is RFC 3339) for every limit read.
+_HEADER_KEYS: tuple[tuple[str, str, str, str, bool], ...] = (
+    *((name, f"x-ratelimit-remaining-{name}", f"x-ratelimit-limit-{name}", f"x-ratelimit-reset-{name}", False)
+      for name in _OPENAI_NAMES),
+    *((name, f"anthropic-ratelimit-{name}-remaining", f"anthropic-ratelimit-{name}-limit",
+       f"anthropic-ratelimit-{name}-reset", True) for name in _ANTHROPIC_NAMES),
+)
+
+
 def parse_rate_limit_headers(headers: Mapping[str, str], now_s: float | None = None) -> list[HeaderLimit]:
     """Every limit an OpenAI-style (`x-ratelimit-*`) or Anthropic (`anthropic-ratelimit-*`) response reports."""
-    lowered = {key.lower(): value for key, value in headers.items()}
-    clock_s = time.time() if now_s is None else now_s
-    families: tuple[tuple[str, tuple[str, ...], Callable[[str], float | None]], ...] = (
-        ("x-ratelimit-{part}-{name}", _OPENAI_NAMES, parse_duration_s),
-        ("anthropic-ratelimit-{name}-{part}", _ANTHROPIC_NAMES, partial(parse_rfc3339_s, now_s=clock_s)),
-    )
-    found: list[HeaderLimit] = []
-    for template, names, parse_reset in families:
-        for name in names:
-            remaining = _number(lowered.get(template.format(part="remaining", name=name)))
-            if remaining is None or remaining < 0:  # Azure sends -1 when it does not say
-                continue
-            reset = lowered.get(template.format(part="reset", name=name))
-            limit = _number(lowered.get(template.format(part="limit", name=name)))
-            found.append(HeaderLimit(name, remaining, limit, parse_reset(reset) if reset else None))
-    return found
+    return list(_limits(_lowered(headers), now_s, only_exhausted=False))
 
 
 def pause_from_headers(headers: Mapping[str, str], now_s: float | None = None) -> float | None:
     """How long the fleet should hold off (s) by these headers: until any spent limit has its
     headroom back (`HeaderLimit.refill_s`), or for `retry-after`, whichever is longer. None when
-    the provider has room."""
+    the provider has room. Runs on every response, so a reset is parsed only for a spent limit."""
+    lowered = _lowered(headers)
     pauses = [
         refill_s
-        for limit in parse_rate_limit_headers(headers, now_s)
-        if limit.exhausted and (refill_s := limit.refill_s()) is not None
+        for limit in _limits(lowered, now_s, only_exhausted=True)
+        if (refill_s := limit.refill_s()) is not None
     ]
-    retry_after = retry_after_seconds(httpx.Headers({key.lower(): value for key, value in headers.items()}))
+    retry_after = retry_after_seconds(lowered)
     if retry_after is not None:
         pauses.append(retry_after)
     return max(pauses) if pauses and max(pauses) > 0 else None
+
+
+def _lowered(headers: Mapping[str, str]) -> dict[str, str]:
+    return {key.lower(): value for key, value in headers.items()}
+
+
+def _limits(lowered: Mapping[str, str], now_s: float | None, *, only_exhausted: bool) -> Iterator[HeaderLimit]:
+    for name, remaining_key, limit_key, reset_key, rfc3339 in _HEADER_KEYS:
+        remaining = _number(lowered.get(remaining_key))
+        if remaining is None or remaining < 0:  # Azure sends -1 when it does not say
+            continue
+        limit = HeaderLimit(name, remaining, _number(lowered.get(limit_key)), None)
+        if only_exhausted and not limit.exhausted:
+            continue
+        reset = lowered.get(reset_key)
+        if reset:
+            clock_s = time.time() if now_s is None else now_s
+            limit = replace(limit, reset_s=parse_rfc3339_s(reset, clock_s) if rfc3339 else parse_duration_s(reset))
+        yield limit

@@ -12,7 +12,7 @@ import email.utils
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
@@ -228,8 +228,8 @@ class HTTPProvider(LLMProvider):
         return text.replace(key, "[redacted]") if key else text
 
 
-def retry_after_seconds(headers: httpx.Headers) -> float | None:
-    """`retry-after-ms`, then `retry-after` (seconds or an HTTP date), as seconds."""
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """`retry-after-ms`, then `retry-after` (seconds or an HTTP date), as seconds (lower-case keys or httpx.Headers)."""
     if "retry-after-ms" in headers:
         try:
             return max(0.0, float(headers["retry-after-ms"]) / 1000.0)
