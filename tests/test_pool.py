@@ -19,7 +19,7 @@ from billiard.einfo import ExceptionWithTraceback
 from celery import Celery
 from celery.exceptions import Reject
 
-from worker.pool import AsyncioPool
+from worker.pool import AsyncioPool, ConsumerWatchdog
 
 
 class Hub:
@@ -27,12 +27,17 @@ class Hub:
 
     def __init__(self) -> None:
         self.readers: dict[int, Callable[[], None]] = {}
+        self.repeated: list[Callable[[], None]] = []
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         self.readers[fd] = callback
 
     def remove_reader(self, fd: int) -> None:
         self.readers.pop(fd, None)
+
+    def call_repeatedly(self, interval_s: float, callback: Callable[[], None]) -> Any:
+        self.repeated.append(callback)
+        return threading.Timer(interval_s, callback)  # never started: the test drives it; has cancel()
 
     def fire(self, timeout_s: float = 5.0) -> None:
         """Wait until a reader's fd is readable (as the hub's poll would), then run its callback."""
@@ -165,3 +170,57 @@ def test_a_task_without_a_coroutine_runs_in_a_thread(app: Celery, pool: AsyncioP
     assert ran.wait(5)
     pool.stop()
     assert results == ["traced"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def watchdog(redis_up: list[bool]) -> tuple[ConsumerWatchdog, Clock, list[float]]:
+    clock, stalls = Clock(), []
+    dog = ConsumerWatchdog(lambda: redis_up[0], stalls.append, stall_s=60, redis_grace_s=45, clock=clock)
+    return dog, clock, stalls
+
+
+def test_the_watchdog_leaves_a_consumer_that_runs_alone() -> None:
+    dog, clock, stalls = watchdog([True])
+    for _ in range(100):
+        clock.now += 5
+        dog.seen()
+        assert not dog.check()
+    assert stalls == []
+
+
+def test_the_watchdog_ends_a_worker_whose_consumer_is_gone_while_redis_answers() -> None:
+    dog, clock, stalls = watchdog([True])
+    dog.check()
+    clock.now += 59
+    assert not dog.check()  # not yet: a minute of silence
+    clock.now += 2
+    assert dog.check() and stalls == [61]
+
+
+def test_the_watchdog_waits_through_an_outage_and_the_consumers_reconnect() -> None:
+    redis_up = [False]
+    dog, clock, stalls = watchdog(redis_up)
+    clock.now += 120
+    assert not dog.check()  # Redis down: the consumer is allowed to be reconnecting
+    redis_up[0] = True
+    dog.check()
+    clock.now += 40
+    assert not dog.check()  # Redis back 40 s: the consumer may still be backing off
+    clock.now += 10
+    assert dog.check() and stalls == [170]
+
+
+def test_the_pool_tells_the_watchdog_each_time_the_consumers_loop_runs(app: Celery, pool: AsyncioPool) -> None:
+    hub = Hub()
+    pool.register_with_event_loop(hub)
+    pool.watchdog.last_seen = 0.0
+    for tick in hub.repeated:
+        tick()
+    assert len(hub.repeated) == 1 and pool.watchdog.last_seen > 0.0

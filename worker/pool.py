@@ -24,6 +24,13 @@ leases expire (docs/RELIABILITY.md).
 A task runs here when it has an `llmq_coroutine(*args, **kwargs)` attribute that
 returns a `concurrent.futures.Future` (worker/app.py); any other task runs on a
 small thread pool the way Celery's thread pool would run it.
+
+The pool also watches Celery's consumer (`ConsumerWatchdog`): kombu/celery 5.7's
+Redis consumer sometimes never comes back from a Redis crash while the process
+stays up (docs/RELIABILITY.md, bug 7). When the consumer's loop has not run for
+`LLMQ_CONSUMER_STALL_S` (60 s) while Redis has answered for a while, the worker
+exits, and its supervisor (`llmq up`, docker-compose's restart policy, systemd)
+starts a fresh one; its running jobs' leases run out and they run again.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from time import monotonic
@@ -47,6 +57,15 @@ log = logging.getLogger("llmq.worker")
 
 #: Threads for tasks without a coroutine, and for callbacks when Celery runs without its hub.
 OTHER_THREADS = 4
+#: The consumer's loop silent this long, with Redis answering, means the consumer is gone.
+CONSUMER_STALL_S = float(os.environ.get("LLMQ_CONSUMER_STALL_S", "60"))
+#: Redis must have answered this long first: a consumer reconnecting after an outage backs off
+#: up to ~30 s between its tries.
+REDIS_BACK_GRACE_S = 45.0
+#: How often the watchdog looks.
+WATCH_INTERVAL_S = 5.0
+#: How long a stalled worker's warm shutdown may take before the process ends anyway.
+STALL_EXIT_GRACE_S = 30.0
 
 Callback = Callable[[Any], Any]
 
@@ -67,7 +86,9 @@ class AsyncioPool(BasePool):
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
         self._hub: Any = None
+        self._tick_timer: Any = None
         self._other = ThreadPoolExecutor(max_workers=OTHER_THREADS, thread_name_prefix="llmq-pool")
+        self.watchdog = ConsumerWatchdog(self._redis_answers, _exit_stalled)
 
     # --- Celery's pool interface ------------------------------------------------------
 
@@ -75,6 +96,11 @@ class AsyncioPool(BasePool):
         # Called again each time the consumer restarts (after a broker reconnect).
         self._hub = hub
         hub.add_reader(self._wake_read, self._run_finished)
+        if self._tick_timer is not None:
+            self._tick_timer.cancel()
+        self._tick_timer = hub.call_repeatedly(1.0, self.watchdog.seen)
+        self.watchdog.seen()
+        self.watchdog.start()
 
     def on_apply(
         self,
@@ -103,6 +129,7 @@ class AsyncioPool(BasePool):
 
     def on_stop(self) -> None:
         """Warm shutdown: let running jobs end and run their callbacks (acks) here."""
+        self.watchdog.stop()
         while self._running:
             wait(list(self._running), timeout=0.2)
             self._run_finished()
@@ -111,14 +138,26 @@ class AsyncioPool(BasePool):
 
     def on_terminate(self) -> None:
         # Cold shutdown: running jobs stay unacked; their leases expire and they run again.
+        self.watchdog.stop()
         self._other.shutdown(wait=False, cancel_futures=True)
 
     def on_close(self) -> None:
+        self.watchdog.stop()
         self._close_pipe()
+
+    def _redis_answers(self) -> bool:
+        import redis
+
+        try:
+            with redis.Redis.from_url(self.app.conf.broker_url, socket_timeout=5, socket_connect_timeout=5) as client:
+                return bool(client.ping())
+        except Exception:  # down, unreachable, or no Redis URL at all
+            return False
 
     def _get_info(self) -> dict[str, Any]:
         info = super()._get_info()
-        info.update({"max-concurrency": self.limit, "running": len(self._running), "threads": 0})
+        info.update({"max-concurrency": self.limit, "running": len(self._running), "threads": 0,
+                     "consumer-silent-s": round(monotonic() - self.watchdog.last_seen, 1)})
         return info
 
     @property
@@ -200,3 +239,65 @@ class Finished(NamedTuple):
             raise
         except Exception:
             log.exception("Celery's callback for task %s[%s] failed", self.name, self.task_id)
+
+
+class ConsumerWatchdog:
+    """Ends the process when Celery's consumer stopped running while Redis is up (bug 7).
+
+    The consumer's hub calls `seen` every second while its loop runs; a thread of
+    this pool calls `check` every `WATCH_INTERVAL_S`.
+    """
+
+    def __init__(
+        self, redis_answers: Callable[[], bool], on_stall: Callable[[float], None], *,
+        stall_s: float = CONSUMER_STALL_S, redis_grace_s: float = REDIS_BACK_GRACE_S,
+        clock: Callable[[], float] = monotonic,
+    ) -> None:
+        self._redis_answers = redis_answers
+        self._on_stall = on_stall
+        self._stall_s = stall_s
+        self._redis_grace_s = redis_grace_s
+        self._clock = clock
+        self.last_seen = clock()
+        self._redis_since: float | None = None
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def seen(self) -> None:
+        self.last_seen = self._clock()
+
+    def check(self) -> bool:
+        """One look; True (after calling `on_stall`) when the consumer is gone."""
+        now = self._clock()
+        if not self._redis_answers():
+            self._redis_since = None  # an outage: the consumer is allowed to be reconnecting
+            return False
+        if self._redis_since is None:
+            self._redis_since = now
+        silent_s = now - self.last_seen
+        if silent_s < self._stall_s or now - self._redis_since < self._redis_grace_s or self._stopped.is_set():
+            return False
+        self._on_stall(silent_s)
+        return True
+
+    def start(self) -> None:
+        if self._thread is None and self._stall_s > 0:
+            self._thread = threading.Thread(target=self._watch, name="llmq-consumer-watchdog", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(WATCH_INTERVAL_S):
+            if self.check():
+                return
+
+
+def _exit_stalled(silent_s: float) -> None:
+    log.critical("Celery's consumer has not run for %.0f s while Redis answers (a consumer lost in a broker "
+                 "reconnect, docs/RELIABILITY.md bug 7): this worker stops so that its supervisor starts a new one; "
+                 "its running jobs run again when their leases run out", silent_s)
+    os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown, if its main thread still runs
+    time.sleep(STALL_EXIT_GRACE_S)
+    os._exit(70)  # EX_SOFTWARE: the main thread is stuck
