@@ -86,9 +86,8 @@ class AsyncioPool(BasePool):
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
         self._hub: Any = None
-        self._tick_timer: Any = None
         self._other = ThreadPoolExecutor(max_workers=OTHER_THREADS, thread_name_prefix="llmq-pool")
-        self.watchdog = ConsumerWatchdog(self._redis_answers, _exit_stalled)
+        self.watchdog = ConsumerWatchdog(self._redis_answers, _exit_stalled, poke=self._wake_consumer)
 
     # --- Celery's pool interface ------------------------------------------------------
 
@@ -96,9 +95,6 @@ class AsyncioPool(BasePool):
         # Called again each time the consumer restarts (after a broker reconnect).
         self._hub = hub
         hub.add_reader(self._wake_read, self._run_finished)
-        if self._tick_timer is not None:
-            self._tick_timer.cancel()
-        self._tick_timer = hub.call_repeatedly(1.0, self.watchdog.seen)
         self.watchdog.seen()
         self.watchdog.start()
 
@@ -182,6 +178,10 @@ class AsyncioPool(BasePool):
             self._other.submit(finished.report)
             return
         self._finished.append(finished)
+        self._wake_consumer()
+
+    def _wake_consumer(self) -> None:
+        """Make the consumer's hub run `_run_finished` (it also tells the watchdog the hub runs)."""
         try:
             os.write(self._wake_write, b"x")
         except BlockingIOError:
@@ -191,6 +191,7 @@ class AsyncioPool(BasePool):
 
     def _run_finished(self) -> None:
         """On the consumer thread: the callbacks of every job that ended since the last look."""
+        self.watchdog.seen()
         try:
             while os.read(self._wake_read, 65536):
                 pass
@@ -244,15 +245,19 @@ class Finished(NamedTuple):
 class ConsumerWatchdog:
     """Ends the process when Celery's consumer stopped running while Redis is up (bug 7).
 
-    The consumer's hub calls `seen` every second while its loop runs; a thread of
-    this pool calls `check` every `WATCH_INTERVAL_S`.
+    The consumer's hub calls `seen` each time it runs the pool's reader; every
+    `WATCH_INTERVAL_S` a thread of this pool pokes that reader (a byte in the wake
+    pipe: a live hub answers within milliseconds, busy or idle) and calls `check`.
+    No hub timer: one fired on every turn of the consumer's loop and cost a fifth of
+    the in-flight intake.
     """
 
     def __init__(
         self, redis_answers: Callable[[], bool], on_stall: Callable[[float], None], *,
-        stall_s: float = CONSUMER_STALL_S, redis_grace_s: float = REDIS_BACK_GRACE_S,
-        clock: Callable[[], float] = monotonic,
+        poke: Callable[[], None] = lambda: None, stall_s: float = CONSUMER_STALL_S,
+        redis_grace_s: float = REDIS_BACK_GRACE_S, clock: Callable[[], float] = monotonic,
     ) -> None:
+        self._poke = poke
         self._redis_answers = redis_answers
         self._on_stall = on_stall
         self._stall_s = stall_s
@@ -289,9 +294,11 @@ class ConsumerWatchdog:
         self._stopped.set()
 
     def _watch(self) -> None:
+        self._poke()
         while not self._stopped.wait(WATCH_INTERVAL_S):
             if self.check():
                 return
+            self._poke()
 
 
 def _exit_stalled(silent_s: float) -> None:
