@@ -6,12 +6,12 @@ tests/test_worker_process.py; Reject-on-Redis-loss in tests/reliability.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import select
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, wait
 from typing import Any
 
 import pytest
@@ -55,29 +55,43 @@ def pool(app: Celery) -> Iterator[AsyncioPool]:
     started.close()
 
 
-def coroutine_task(app: Celery, name: str, outcome: Callable[[], Any]) -> list[Future[Any]]:
-    """A task whose `llmq_coroutine` returns a future the test completes from another thread."""
-    started: list[Future[Any]] = []
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """The process's event loop, as the worker's runtime runs it: in a thread of its own."""
+    running = asyncio.new_event_loop()
+    thread = threading.Thread(target=running.run_forever, daemon=True)
+    thread.start()
+    yield running
+    running.call_soon_threadsafe(running.stop)
+    thread.join(5)
+    running.close()
 
-    def start(*args: Any, **kwargs: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        started.append(future)
 
-        def finish() -> None:
+def coroutine_task(
+    app: Celery, loop: asyncio.AbstractEventLoop, name: str, outcome: Callable[[], Any]
+) -> list[threading.Event]:
+    """A task whose `llmq_coroutine` gives a coroutine that ends after 50 ms with `outcome()`."""
+    ended: list[threading.Event] = []
+
+    def start(*args: Any, **kwargs: Any) -> tuple[asyncio.AbstractEventLoop, Any]:
+        done = threading.Event()
+        ended.append(done)
+
+        async def run() -> Any:
             try:
-                future.set_result(outcome())
-            except BaseException as exc:
-                future.set_exception(exc)
+                await asyncio.sleep(0.05)
+                return outcome()
+            finally:
+                loop.call_soon(done.set)  # the coroutine is over; the hub.fire() that follows waits for the pool
 
-        threading.Timer(0.05, finish).start()
-        return future
+        return loop, run()
 
     def body(*args: Any, **kwargs: Any) -> None:
         pass
 
     task = app.task(name=name)(body)
     task.llmq_coroutine = start
-    return started
+    return ended
 
 
 def apply(pool: AsyncioPool, name: str, args: list[Any]) -> tuple[list[Any], list[Any]]:
@@ -98,14 +112,16 @@ def unwrapped(info: Any) -> BaseException:
     return exc.exc if isinstance(exc, ExceptionWithTraceback) else exc
 
 
-def run_once(app: Celery, pool: AsyncioPool, name: str, outcome: Callable[[], Any]) -> list[Any]:
+def run_once(
+    app: Celery, pool: AsyncioPool, loop: asyncio.AbstractEventLoop, name: str, outcome: Callable[[], Any]
+) -> list[Any]:
     """One task through the pool: started at once, its end handed to Celery when the hub looks."""
-    started = coroutine_task(app, name, outcome)
+    ended = coroutine_task(app, loop, name, outcome)
     hub = Hub()
     pool.register_with_event_loop(hub)
     accepted, outcomes = apply(pool, name, ["job-1", 3])
     assert accepted and not outcomes  # Celery is told it started; it has not ended yet
-    wait(started, timeout=5)
+    assert ended[0].wait(5)
     for _ in range(10):  # the watchdog's poke may wake the hub first
         hub.fire()
         if outcomes:
@@ -114,42 +130,45 @@ def run_once(app: Celery, pool: AsyncioPool, name: str, outcome: Callable[[], An
 
 
 def test_a_finished_coroutine_reaches_celery_on_the_hub_thread(
-    app: Celery, pool: AsyncioPool, caplog: pytest.LogCaptureFixture
+    app: Celery, pool: AsyncioPool, loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="celery.app.trace"):
-        (outcome,) = run_once(app, pool, "ok", lambda: None)
+        (outcome,) = run_once(app, pool, loop, "ok", lambda: None)
     assert outcome[0] == 0 and outcome[1] == "None" and outcome[2] >= 0
     assert "ok[task-id] succeeded in" in caplog.text  # the line Celery's tracer logs
 
 
-def test_a_reject_goes_back_as_a_failure_celery_turns_into_a_requeue(app: Celery, pool: AsyncioPool) -> None:
+def test_a_reject_goes_back_as_a_failure_celery_turns_into_a_requeue(
+    app: Celery, pool: AsyncioPool, loop: asyncio.AbstractEventLoop
+) -> None:
     def reject() -> None:
         raise Reject("redis unavailable", requeue=True)
 
-    ((failed, info, _),) = run_once(app, pool, "reject", reject)
+    ((failed, info, _),) = run_once(app, pool, loop, "reject", reject)
     assert failed == 1 and isinstance(unwrapped(info), Reject) and unwrapped(info).requeue
 
 
 def test_an_unexpected_error_is_logged_and_reported(
-    app: Celery, pool: AsyncioPool, caplog: pytest.LogCaptureFixture
+    app: Celery, pool: AsyncioPool, loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
 ) -> None:
     def boom() -> None:
         raise ValueError("bug")
 
     with caplog.at_level(logging.ERROR, logger="celery.app.trace"):
-        ((failed, info, _),) = run_once(app, pool, "boom", boom)
+        ((failed, info, _),) = run_once(app, pool, loop, "boom", boom)
     assert failed == 1 and isinstance(unwrapped(info), ValueError)
     assert "boom[task-id] raised unexpected" in caplog.text and "bug" in caplog.text
 
 
-def test_stop_waits_for_running_jobs_and_runs_their_callbacks(app: Celery) -> None:
+def test_stop_waits_for_running_jobs_and_runs_their_callbacks(app: Celery, loop: asyncio.AbstractEventLoop) -> None:
     pool = AsyncioPool(limit=10, app=app)
     pool.start()
-    started = coroutine_task(app, "slow", lambda: None)
-    pool.register_with_event_loop(Hub())  # a hub that never fires again: stop must do it
+    ended = coroutine_task(app, loop, "slow", lambda: None)
+    pool.register_with_event_loop(Hub())  # a hub that never fires: stop must run the callbacks itself
     _, outcomes = apply(pool, "slow", ["job-4", 1])
+    pool.close()  # Celery's warm shutdown closes the pool, then stops it
     pool.stop()
-    assert started[0].done() and len(outcomes) == 1
+    assert ended[0].is_set() and len(outcomes) == 1 and outcomes[0][0] == 0
 
 
 def test_a_task_without_a_coroutine_runs_in_a_thread(app: Celery, pool: AsyncioPool) -> None:

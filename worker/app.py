@@ -29,7 +29,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Coroutine
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis.exceptions
@@ -95,12 +95,13 @@ def create_app(config: LLMConfig | None = None, broker_url: str | None = None) -
 
 
 def _register_coroutine_task(app: Celery, name: str, body: Callable[..., Coroutine[Any, Any, None]]) -> None:
-    def start(*args: Any) -> Future[None]:
+    def start(*args: Any) -> tuple[asyncio.AbstractEventLoop, Coroutine[Any, Any, None]]:
         runtime = runtime_for(app)
-        return asyncio.run_coroutine_threadsafe(body(runtime, *args), runtime.loop)
+        return runtime.loop, body(runtime, *args)
 
     def run(*args: Any) -> None:
-        start(*args).result()
+        loop, coroutine = start(*args)
+        asyncio.run_coroutine_threadsafe(coroutine, loop).result()
 
     task = app.task(name=name, ignore_result=True)(run)
     task.llmq_coroutine = start

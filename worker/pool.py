@@ -22,7 +22,7 @@ jobs and acks them; a killed process leaves its messages unacked and its job
 leases expire (docs/RELIABILITY.md).
 
 A task runs here when it has an `llmq_coroutine(*args, **kwargs)` attribute that
-returns a `concurrent.futures.Future` (worker/app.py); any other task runs on a
+returns (event loop, coroutine) (worker/app.py); any other task runs on a
 small thread pool the way Celery's thread pool would run it.
 
 The pool also watches Celery's consumer (`ConsumerWatchdog`): kombu/celery 5.7's
@@ -35,14 +35,16 @@ starts a fresh one; its running jobs' leases run out and they run again.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import os
+import select
 import signal
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Coroutine
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from time import monotonic
 from typing import Any, NamedTuple
 
@@ -80,7 +82,8 @@ class AsyncioPool(BasePool):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._accept = prepare_accept_content(self.app.conf.accept_content)
-        self._running: set[Future[Any]] = set()
+        self._running = 0  # jobs handed to the loop whose end Celery has not been told yet
+        self._running_lock = threading.Lock()
         self._finished: collections.deque[Finished] = collections.deque()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
@@ -106,7 +109,7 @@ class AsyncioPool(BasePool):
         callback: Callback | None = None,
         accept_callback: Callable[..., Any] | None = None,
         **_: Any,
-    ) -> Future[Any]:
+    ) -> Any:
         # Celery's trace functions take (task name, task id, request, body, content type, encoding).
         name, task_id, _request, body, content_type, content_encoding = (args or ())[:6]
         start = getattr(self.app.tasks.get(name), "llmq_coroutine", None)
@@ -117,29 +120,34 @@ class AsyncioPool(BasePool):
         )
         if accept_callback is not None:
             accept_callback(os.getpid(), monotonic())
-        started = monotonic()
-        future: Future[Any] = start(*task_args, **task_kwargs)
-        self._running.add(future)
-        future.add_done_callback(lambda done: self._finish(done, callback, started, name, task_id))
-        return future
+        loop, coroutine = start(*task_args, **task_kwargs)
+        job = Job(self, callback, name, task_id)
+        with self._running_lock:
+            self._running += 1
+        loop.call_soon_threadsafe(job.spawn, loop, coroutine)
+        return job
 
     def on_stop(self) -> None:
         """Warm shutdown: let running jobs end and run their callbacks (acks) here."""
         self.watchdog.stop()
         while self._running:
-            wait(list(self._running), timeout=0.2)
+            if self._wake_read >= 0:
+                select.select([self._wake_read], [], [], 0.2)
+            else:
+                time.sleep(0.2)
             self._run_finished()
-        self._run_finished()
         self._other.shutdown(cancel_futures=True)
+        self._close_pipe()
 
     def on_terminate(self) -> None:
         # Cold shutdown: running jobs stay unacked; their leases expire and they run again.
         self.watchdog.stop()
         self._other.shutdown(wait=False, cancel_futures=True)
+        self._close_pipe()
 
     def on_close(self) -> None:
+        # Celery closes the pool before it stops it: the wake pipe stays open for on_stop.
         self.watchdog.stop()
-        self._close_pipe()
 
     def _redis_answers(self) -> bool:
         import redis
@@ -152,7 +160,7 @@ class AsyncioPool(BasePool):
 
     def _get_info(self) -> dict[str, Any]:
         info = super()._get_info()
-        info.update({"max-concurrency": self.limit, "running": len(self._running), "threads": 0,
+        info.update({"max-concurrency": self.limit, "running": self._running, "threads": 0,
                      "consumer-silent-s": round(monotonic() - self.watchdog.last_seen, 1)})
         return info
 
@@ -162,20 +170,10 @@ class AsyncioPool(BasePool):
 
     # --- completion -------------------------------------------------------------------
 
-    def _finish(self, future: Future[Any], callback: Callback | None, started: float, name: str, task_id: str) -> None:
+    def _finished_job(self, finished: Finished) -> None:
         """On the loop thread: queue Celery's callback for the consumer thread and wake it."""
-        self._running.discard(future)
-        if callback is None:
-            return
-        runtime = monotonic() - started
-        error = CancelledError(f"{name} was cancelled") if future.cancelled() else future.exception()
-        if error is None:
-            outcome: tuple[int, Any, float] = (0, repr(future.result()), runtime)
-        else:
-            outcome = (1, ExceptionInfo((type(error), error, error.__traceback__)), runtime)
-        finished = Finished(callback, outcome, name, task_id, error)
         if self._hub is None:
-            self._other.submit(finished.report)
+            self._other.submit(self._report, finished)
             return
         self._finished.append(finished)
         self._wake_consumer()
@@ -198,9 +196,16 @@ class AsyncioPool(BasePool):
         except (BlockingIOError, OSError):
             pass
         while self._finished:
-            self._finished.popleft().report()
+            self._report(self._finished.popleft())
+
+    def _report(self, finished: Finished) -> None:
+        finished.report()
+        with self._running_lock:
+            self._running -= 1
 
     def _close_pipe(self) -> None:
+        if self._wake_read < 0:
+            return
         if self._hub is not None:
             try:
                 self._hub.remove_reader(self._wake_read)
@@ -211,12 +216,37 @@ class AsyncioPool(BasePool):
                 os.close(fd)
             except OSError:
                 pass
+        self._wake_read = self._wake_write = -1
+
+
+class Job:
+    """One task's coroutine on the loop; tells the pool when it ends."""
+
+    __slots__ = ("pool", "callback", "name", "task_id", "started", "__weakref__")
+
+    def __init__(self, pool: AsyncioPool, callback: Callback | None, name: str, task_id: str) -> None:
+        self.pool, self.callback, self.name, self.task_id = pool, callback, name, task_id
+        self.started = monotonic()
+
+    def spawn(self, loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """On the loop thread."""
+        loop.create_task(coroutine).add_done_callback(self.done)
+
+    def done(self, task: asyncio.Task[Any]) -> None:
+        """On the loop thread: the outcome as Celery's tracer would return it."""
+        runtime = monotonic() - self.started
+        error = CancelledError(f"{self.name} was cancelled") if task.cancelled() else task.exception()
+        if error is None:
+            outcome: tuple[int, Any, float] = (0, repr(task.result()), runtime)
+        else:
+            outcome = (1, ExceptionInfo((type(error), error, error.__traceback__)), runtime)
+        self.pool._finished_job(Finished(self.callback, outcome, self.name, self.task_id, error))
 
 
 class Finished(NamedTuple):
     """A job's end, as Celery's tracer would have reported it."""
 
-    callback: Callback
+    callback: Callback | None
     outcome: tuple[int, Any, float]
     name: str
     task_id: str
@@ -234,6 +264,8 @@ class Finished(NamedTuple):
         else:
             trace_logger.error(LOG_FAILURE, {**fields, "exc": repr(error), "description": "raised unexpected"},
                                exc_info=(type(error), error, error.__traceback__))
+        if self.callback is None:
+            return
         try:
             self.callback(self.outcome)
         except (SystemExit, KeyboardInterrupt):
