@@ -122,9 +122,9 @@ class AsyncioPool(BasePool):
             accept_callback(os.getpid(), monotonic())
         loop, coroutine = start(*task_args, **task_kwargs)
         job = Job(self, callback, name, task_id)
+        loop.call_soon_threadsafe(job.spawn, loop, coroutine)  # raises if the loop is closed: nothing to wait for
         with self._running_lock:
             self._running += 1
-        loop.call_soon_threadsafe(job.spawn, loop, coroutine)
         return job
 
     def on_stop(self) -> None:
