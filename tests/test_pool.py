@@ -75,6 +75,7 @@ def coroutine_task(
 
     def start(*args: Any, **kwargs: Any) -> tuple[asyncio.AbstractEventLoop, Any]:
         done = threading.Event()
+        done.args = args  # type: ignore[attr-defined]
         ended.append(done)
 
         async def run() -> Any:
@@ -100,7 +101,8 @@ def apply(pool: AsyncioPool, name: str, args: list[Any]) -> tuple[list[Any], lis
     body = json.dumps([args, {}, {}])
     pool.apply_async(
         lambda *a: pytest.fail("the trace function must not run for a coroutine task"),
-        args=(name, "task-id", {}, body, "application/json", "utf-8"),
+        # As Celery's Request passes it: the request dict holds the arguments it decoded from the body.
+        args=(name, "task-id", {"args": args, "kwargs": {}}, body, "application/json", "utf-8"),
         accept_callback=lambda pid, at: accepted.append(pid), callback=outcomes.append,
     )
     return accepted, outcomes
@@ -122,6 +124,7 @@ def run_once(
     accepted, outcomes = apply(pool, name, ["job-1", 3])
     assert accepted and not outcomes  # Celery is told it started; it has not ended yet
     assert ended[0].wait(5)
+    assert ended[0].args == ("job-1", 3)  # type: ignore[attr-defined]  # the task's own arguments
     for _ in range(10):  # the watchdog's poke may wake the hub first
         hub.fire()
         if outcomes:

@@ -8,8 +8,9 @@ second (bench/RESULTS.md, "overhead").
 
 This pool keeps two threads busy, Celery's consumer and the event loop:
 
-- `on_apply` (consumer thread) decodes the task's arguments, tells Celery the task
-  started, and hands the task's coroutine to the loop: one `call_soon_threadsafe`.
+- `on_apply` (consumer thread) takes the arguments Celery's Request already decoded,
+  tells Celery the task started, and hands the task's coroutine to the loop: one
+  `call_soon_threadsafe`.
 - When the coroutine ends, the loop queues Celery's callback (ack for late acks,
   `task-succeeded`, or the failure/`Reject` path) and wakes the consumer's hub
   through a pipe; the consumer runs the callbacks of every job that finished since
@@ -49,11 +50,10 @@ from time import monotonic
 from typing import Any, NamedTuple
 
 from billiard.einfo import ExceptionInfo
-from celery.app.trace import LOG_FAILURE, LOG_REJECTED, LOG_SUCCESS, prepare_accept_content
+from celery.app.trace import LOG_FAILURE, LOG_REJECTED, LOG_SUCCESS
 from celery.app.trace import logger as trace_logger
 from celery.concurrency.base import BasePool, apply_target
 from celery.exceptions import Reject
-from kombu.serialization import loads
 
 log = logging.getLogger("llmq.worker")
 
@@ -81,7 +81,6 @@ class AsyncioPool(BasePool):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._accept = prepare_accept_content(self.app.conf.accept_content)
         self._running = 0  # jobs handed to the loop whose end Celery has not been told yet
         self._running_lock = threading.Lock()
         self._finished: collections.deque[Finished] = collections.deque()
@@ -110,17 +109,15 @@ class AsyncioPool(BasePool):
         accept_callback: Callable[..., Any] | None = None,
         **_: Any,
     ) -> Any:
-        # Celery's trace functions take (task name, task id, request, body, content type, encoding).
-        name, task_id, _request, body, content_type, content_encoding = (args or ())[:6]
+        # Celery's trace functions take (task name, task id, request, body, content type, encoding);
+        # the request dict already holds the arguments Celery's Request decoded from the body.
+        name, task_id, request = (args or ())[:3]
         start = getattr(self.app.tasks.get(name), "llmq_coroutine", None)
         if start is None:
             return self._other.submit(apply_target, target, args, kwargs, callback, accept_callback)
-        task_args, task_kwargs, _embed = (
-            loads(body, content_type, content_encoding, accept=self._accept) if content_type else body
-        )
         if accept_callback is not None:
             accept_callback(os.getpid(), monotonic())
-        loop, coroutine = start(*task_args, **task_kwargs)
+        loop, coroutine = start(*request["args"], **request["kwargs"])
         job = Job(self, callback, name, task_id)
         loop.call_soon_threadsafe(job.spawn, loop, coroutine)  # raises if the loop is closed: nothing to wait for
         with self._running_lock:
