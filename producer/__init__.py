@@ -1,13 +1,36 @@
-"""llmq's producer side: the request contract and the client API callers import."""
+"""llmq: one queue-backed service for every LLM call (ADR-0015).
 
-from producer.models import JobState, LLMRequest, LLMResponse, Message, Usage
+The package has four parts, and imports run one way:
 
-__all__ = ["JobState", "LLMRequest", "LLMResponse", "LLMService", "Message", "Usage"]
+    llmq.cli  ──>  llmq.client  ──>  llmq.contract
+    llmq.cli  ──>  llmq.worker  ──>  llmq.contract
+
+- `llmq.contract` (producer/contract/): what both sides agree on: the request and
+  response models, the config, the Redis keyspace, the job state machine and its
+  Lua scripts, the SQL schema.
+- `llmq.client` (producer/client/): what callers import: `LLMService`, its sync
+  twin, batch files, streams, status. It sends tasks by name and never imports
+  the worker.
+- `llmq.worker` (worker/): the Celery app and pool, the engine, middleware, the
+  limiter, providers and stores.
+- `llmq.cli` (producer/cli/): the `llmq` command, the only part that composes
+  client and worker.
+"""
+
+from llmq.contract.models import JobState, LLMRequest, LLMResponse, Message, Usage
+
+__all__ = [
+    "BatchItem", "JobFailedError", "JobState", "LLMRequest", "LLMResponse", "LLMService", "Message",
+    "RequestError", "SyncLLMService", "Usage",
+]
+
+_CLIENT_NAMES = {"LLMService", "SyncLLMService", "BatchItem", "RequestError", "JobFailedError"}
 
 
-def __getattr__(name: str):  # LLMService pulls in redis; import it only when asked for
-    if name == "LLMService":
-        from producer.service import LLMService
+def __getattr__(name: str) -> object:
+    # The client pulls in redis and Celery: import it only when asked for.
+    if name in _CLIENT_NAMES:
+        import llmq.client
 
-        return LLMService
+        return getattr(llmq.client, name)
     raise AttributeError(name)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.embedded import RedisServer
+from llmq.cli.embedded import RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AGENT_REQUESTS = REPO_ROOT.parent / "shared" / "data" / "agent_requests.jsonl"

@@ -18,14 +18,14 @@ from typing import Any, TypeVar
 import redis
 import yaml
 
-from producer import keys
-from producer.config import LLMConfig, ProviderConfig, load_config
-from producer.embedded import RedisServer
-from producer.service import SyncLLMService
+from llmq.cli.embedded import RedisServer
+from llmq.client.service import SyncLLMService
+from llmq.contract import keys
+from llmq.contract.config import LLMConfig, ProviderConfig, load_config
+from llmq.worker.providers.base import LLMProvider
+from llmq.worker.providers.registry import create_provider
 from tests.fakes.base import FakeProviderServer
 from tests.fakes.openai import DEFAULT_API_KEY
-from worker.providers.base import LLMProvider
-from worker.providers.registry import create_provider
 
 T = TypeVar("T")
 AdapterT = TypeVar("AdapterT", bound=LLMProvider)
@@ -98,7 +98,7 @@ class WorkerProcess:
         return env
 
     def start(self) -> WorkerProcess:
-        command = [sys.executable, "-m", "producer.cli", "--config", str(self.config_path), "worker",
+        command = [sys.executable, "-m", "llmq.cli", "--config", str(self.config_path), "worker",
                    "--concurrency", str(self.concurrency), "--pool", self.pool, "--loglevel", "INFO"]
         if self.queues:
             command += ["--queues", self.queues]
@@ -179,7 +179,7 @@ class Cluster:
         wait_for_workers(self.redis_url, before + count, started)
 
     def service(self) -> SyncLLMService:
-        return SyncLLMService(self.config, redis_url_=self.redis_url)
+        return SyncLLMService(self.config, redis_url=self.redis_url)
 
     def stop(self) -> None:
         for worker in self.workers:

@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 
-from producer.embedded import free_port
+from llmq.cli.embedded import free_port
 
 SUPERUSER = "llmq"
 FALLBACK_ACCOUNT = "llmq-test"

@@ -12,15 +12,16 @@ from decimal import Decimal
 import pytest
 import redis
 
-from producer import LLMRequest, keys
-from producer.cli import main as llmq
-from producer.models import JobRecord, JobState
-from producer.reports import parse_since
+from llmq import LLMRequest
+from llmq.cli.main import main as llmq
+from llmq.cli.reports import parse_since
+from llmq.contract import keys
+from llmq.contract.models import JobRecord, JobState
+from llmq.worker.middleware.budget import micro_usd
+from llmq.worker.store.ledger import Store
+from llmq.worker.store.outbox import OutboxFlusher
 from tests.fakes.openai import DEFAULT_API_KEY, FakeOpenAI
 from tests.harness import Cluster, start_cluster
-from worker.budget import micro_usd
-from worker.outbox import OutboxFlusher
-from worker.store import Store
 
 # $10,000 per million tokens = one cent a token: each answer below costs about $0.08.
 PROVIDER = """

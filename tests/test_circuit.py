@@ -8,10 +8,10 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
-from producer import keys
-from producer.config import HealthSettings
-from worker import errors
-from worker.circuit import CircuitBreaker, counts_as_failure
+from llmq.contract import keys
+from llmq.contract.config import HealthSettings
+from llmq.worker import errors
+from llmq.worker.middleware.circuit import CircuitBreaker, counts_as_failure
 
 SETTINGS = HealthSettings(failure_threshold=3, cooldown_s=0.4)
 
@@ -53,7 +53,7 @@ def test_opens_after_consecutive_failures_and_a_success_resets_the_count(redis_u
 def test_after_the_cooldown_exactly_one_probe_goes_through_and_its_success_closes(redis_url: str) -> None:
     async def body(breaker: CircuitBreaker, client: aioredis.Redis) -> None:
         for _ in range(3):
-            await breaker.record_failure("p", "ConnectionError", "job")
+            await breaker.record_failure("p", "ProviderConnectionError", "job")
         await breaker.record_success("p", "job")  # a late success during the cool-down changes nothing
         assert (await breaker.allow("p", "x:1", 5)).verdict == "deny"
         await cool_down()
@@ -71,13 +71,13 @@ def test_after_the_cooldown_exactly_one_probe_goes_through_and_its_success_close
 def test_a_failed_probe_reopens_and_a_released_probe_lets_the_next_caller_probe(redis_url: str) -> None:
     async def body(breaker: CircuitBreaker, client: aioredis.Redis) -> None:
         for _ in range(3):
-            await breaker.record_failure("p", "TimeoutError", "health")
+            await breaker.record_failure("p", "ProviderTimeoutError", "health")
         await cool_down()
         assert (await breaker.allow("p", "probe:1", 5)).verdict == "probe"
         await breaker.release("p", "probe:1")  # e.g. deferred by the rate limiter: no verdict on the provider
         assert (await breaker.allow("p", "probe:2", 5)).verdict == "probe"
         opened_before = float(await client.hget(keys.circuit("p"), "opened_at"))
-        assert await breaker.record_failure("p", "TimeoutError", "job") == "open"
+        assert await breaker.record_failure("p", "ProviderTimeoutError", "job") == "open"
         assert float(await client.hget(keys.circuit("p"), "opened_at")) > opened_before
         assert (await breaker.allow("p", "x:1", 5)).verdict == "deny"
         assert await client.hget(keys.circuit("p"), "times_opened") == "2"
@@ -99,7 +99,7 @@ def test_a_probe_whose_worker_died_expires(redis_url: str) -> None:
 
 
 def test_which_errors_count_against_a_provider() -> None:
-    counted = [errors.ServerError("x"), errors.OverloadedError("x"), errors.TimeoutError("x"), errors.ConnectionError("x"),
+    counted = [errors.ServerError("x"), errors.OverloadedError("x"), errors.ProviderTimeoutError("x"), errors.ProviderConnectionError("x"),
                errors.MalformedResponseError("x")]
     neutral = [errors.RateLimitedError("x"), errors.AuthenticationError("x"), errors.BadRequestError("x"),
                errors.ModelNotFoundError("x"), errors.QuotaExceededError("x"), errors.ProviderUnavailableError("x"),

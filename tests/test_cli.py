@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import LLMRequest
+from llmq import LLMRequest
 from tests.conftest import AGENT_REQUESTS, REPO_ROOT
 from tests.harness import Cluster, start_cluster, write_config
 
@@ -55,7 +55,7 @@ RESULT_KEYS = {"custom_id", "job_id", "status", "response", "error"}
 def llmq_command() -> list[str]:
     """The installed `llmq` script of this venv (what the README runs)."""
     script = Path(sys.executable).parent / "llmq"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "producer.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "llmq.cli"]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -31,17 +31,27 @@ import redis
 import yaml
 from sqlalchemy.engine import make_url
 
-from producer import LLMRequest, keys
-from producer.config import load_config
-from producer.embedded import free_port, redis_server_binary
-from producer.models import JobState
-from producer.service import SyncLLMService
+from llmq import LLMRequest
+from llmq.cli.embedded import free_port, redis_server_binary
+from llmq.client.service import SyncLLMService
+from llmq.contract import keys
+from llmq.contract.config import load_config
+from llmq.contract.models import JobState
+from llmq.worker.store.ledger import Store
+from llmq.worker.store.outbox import OutboxFlusher
 from tests.compose_file import (
-    COMPOSE_PATH, REPO_ROOT, LocalMapping, MissingVariable, Service, dockerfile_env, dockerfile_instructions,
-    dockerfile_workdir, load_compose, services, variables,
+    COMPOSE_PATH,
+    REPO_ROOT,
+    LocalMapping,
+    MissingVariable,
+    Service,
+    dockerfile_env,
+    dockerfile_instructions,
+    dockerfile_workdir,
+    load_compose,
+    services,
+    variables,
 )
-from worker.outbox import OutboxFlusher
-from worker.store import Store
 
 SHIPPED_CONFIG = REPO_ROOT / "config" / "llm_service.yaml"
 HOST_ENV = {
@@ -89,8 +99,8 @@ def test_one_scalable_worker_service_per_provider_queue(compose: dict[str, Servi
 
 
 def test_beat_and_flower_run_the_readme_commands(compose: dict[str, Service]) -> None:
-    assert compose["beat"].command[:4] == ["celery", "-A", "worker.app", "beat"]
-    assert compose["flower"].command[:4] == ["celery", "-A", "worker.app", "flower"]
+    assert compose["beat"].command[:4] == ["celery", "-A", "llmq.worker.app", "beat"]
+    assert compose["flower"].command[:4] == ["celery", "-A", "llmq.worker.app", "flower"]
     llmq_services = [name for name in compose if name.startswith("worker-")] + list(LLMQ_SERVICES)
     images = {compose[name].spec.get("image") for name in llmq_services}
     assert images == {"llmq:latest"} and all(compose[name].spec.get("build") == "." for name in llmq_services)
@@ -324,7 +334,7 @@ def test_every_worker_service_starts_and_heartbeats_on_its_queue(running: dict[s
 def test_the_worker_services_run_jobs_into_the_ledger(running: dict[str, Started], mapping: LocalMapping) -> None:
     env = mapping.environment(services(HOST_ENV)["worker-mock-primary"])
     config = load_config(SHIPPED_CONFIG, environ={})
-    with SyncLLMService(config, redis_url_=env["LLMQ_REDIS_URL"]) as service:
+    with SyncLLMService(config, redis_url=env["LLMQ_REDIS_URL"]) as service:
         job_ids = [service.submit(LLMRequest(messages=[{"role": "user", "content": f"compose {index}"}], model="gpt-4",
                                              temperature=0, max_tokens=16)) for index in range(4)]
         jobs = [service.wait(job_id, timeout_s=60) for job_id in job_ids]

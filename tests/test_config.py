@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from producer.config import PACKAGED_CONFIG, ConfigError, load_config, parse_config
-from producer.models import Hop, LLMRequest
-from producer.routing import RoutingError, larger_context_hop, plan_route
+from llmq.contract.config import PACKAGED_CONFIG, ConfigError, load_config, parse_config
+from llmq.contract.models import Hop, LLMRequest
+from llmq.contract.routing import RoutingError, larger_context_hop, plan_route
 
 ADR_CONFIG = """
 llm_service:
@@ -116,7 +116,7 @@ def test_config_path_from_argument_env_or_default(tmp_path: Path, monkeypatch: p
     monkeypatch.chdir(tmp_path)
     assert load_config().path == PACKAGED_CONFIG  # installed without the checkout
     assert PACKAGED_CONFIG.read_text() == (Path(__file__).parent.parent / "config" / "llm_service.yaml").read_text()
-    monkeypatch.setattr("producer.config.PACKAGED_CONFIG", tmp_path / "not-shipped.yaml")
+    monkeypatch.setattr("llmq.contract.config.PACKAGED_CONFIG", tmp_path / "not-shipped.yaml")
     with pytest.raises(ConfigError, match="no config file found: pass --config PATH, set LLMQ_CONFIG"):
         load_config()
     with pytest.raises(ConfigError, match="cannot read config file"):

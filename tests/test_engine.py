@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from producer import LLMRequest
-from producer.models import JobState
-from producer.service import RequestError
+from llmq import LLMRequest
+from llmq.client.service import RequestError
+from llmq.contract.models import JobState
+from llmq.worker.store.ledger import Store
+from llmq.worker.store.outbox import OutboxFlusher
 from tests.fakes.openai import DEFAULT_API_KEY, FakeOpenAI
 from tests.harness import Cluster, start_cluster
-from worker.outbox import OutboxFlusher
-from worker.store import Store
 
 CONFIG = """
 llm_service:
@@ -104,8 +104,8 @@ def test_a_batch_of_hundreds_completes_with_results_and_usage_in_redis_and_sql(c
     [
         (("status", 500), "ServerError"),
         (("status", 401), "AuthenticationError"),
-        (("inject", "hang"), "TimeoutError"),
-        (("inject", "reset"), "ConnectionError"),
+        (("inject", "hang"), "ProviderTimeoutError"),
+        (("inject", "reset"), "ProviderConnectionError"),
     ],
 )
 def test_falls_back_when_the_first_provider_fails(cluster: Cluster, fakes, fault, expected_error) -> None:
@@ -137,7 +137,7 @@ def test_falls_back_when_the_first_provider_is_down(tmp_path: Path, fakes) -> No
     finally:
         down.stop()
     assert job.state is JobState.SUCCEEDED and job.result.provider == "backup"
-    assert {attempt["error_type"] for attempt in job.attempts[:-1]} == {"ConnectionError"}
+    assert {attempt["error_type"] for attempt in job.attempts[:-1]} == {"ProviderConnectionError"}
 
 
 def test_retry_after_is_honoured_on_the_same_provider(cluster: Cluster, fakes) -> None:
@@ -197,7 +197,7 @@ def test_duplicate_submission_never_runs_a_job_twice(cluster: Cluster, fakes) ->
         first = service.submit(ask("once"), job_id="job_fixed_id_1")
         second = service.submit(ask("once"), job_id="job_fixed_id_1")
         items = [{"messages": [{"role": "user", "content": f"c{i}"}], "model": "gpt-4o-mini"} for i in range(3)]
-        from producer.service import BatchItem
+        from llmq.client.service import BatchItem
 
         batch_items = [BatchItem(LLMRequest.model_validate(item), f"c{i}") for i, item in enumerate(items)]
         batch_id = service.submit_batch(batch_items)

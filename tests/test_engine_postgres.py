@@ -9,13 +9,13 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import create_engine, text
 
-from producer.models import JobState
+from llmq.contract.models import JobState
+from llmq.worker.store.ledger import Store
+from llmq.worker.store.outbox import OutboxFlusher
 from tests.fakes.openai import DEFAULT_API_KEY, FakeOpenAI
 from tests.harness import Cluster, start_cluster
 from tests.pg import PostgresServer, postgres_or_skip
 from tests.test_engine import CONFIG, ask
-from worker.outbox import OutboxFlusher
-from worker.store import Store
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 

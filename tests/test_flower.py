@@ -22,11 +22,17 @@ from typing import Any
 import httpx
 import pytest
 
-from producer import LLMRequest
-from producer.embedded import free_port
-from producer.models import JobState
+from llmq import LLMRequest
+from llmq.cli.embedded import free_port
+from llmq.contract.models import JobState
 from tests.fakes.openai import FakeOpenAI
-from tests.harness import Cluster, fast_retry, openai_entry, service_config, start_cluster
+from tests.harness import (
+    Cluster,
+    fast_retry,
+    openai_entry,
+    service_config,
+    start_cluster,
+)
 
 CANARY_KEY = f"sk-canary-{secrets.token_hex(16)}"
 REDIS_PASSWORD = f"redis-pw-{secrets.token_hex(8)}"
@@ -67,7 +73,7 @@ def start_flower(cluster: Cluster) -> Flower:
     env = {key: value for key, value in os.environ.items() if not key.startswith("LLMQ_")}
     env.update(LLMQ_REDIS_URL=cluster.redis_url, LLMQ_CONFIG=str(cluster.config_path), PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.app", "flower", f"--port={port}", "--address=127.0.0.1",
+        [sys.executable, "-m", "celery", "-A", "llmq.worker.app", "flower", f"--port={port}", "--address=127.0.0.1",
          f"--basic-auth={FLOWER_USER}:{FLOWER_PASSWORD}"],
         env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
     )

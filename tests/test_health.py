@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from producer import LLMRequest
-from producer.cli import main as llmq
-from producer.models import JobState
+from llmq import LLMRequest
+from llmq.cli.main import main as llmq
+from llmq.contract.models import JobState
 from tests.fakes.openai import DEFAULT_API_KEY, FakeOpenAI
 from tests.harness import Cluster, start_cluster
 
@@ -87,7 +87,7 @@ def start_beat(cluster: Cluster) -> subprocess.Popen[bytes]:
     env.update(LLMQ_REDIS_URL=cluster.redis_url, LLMQ_CONFIG=str(cluster.config_path), LLMQ_DATABASE_URL=cluster.database_url)
     log = (cluster.root / "beat.log").open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.app", "beat", "--schedule", str(cluster.root / "beat-schedule"),
+        [sys.executable, "-m", "celery", "-A", "llmq.worker.app", "beat", "--schedule", str(cluster.root / "beat-schedule"),
          "--loglevel", "INFO"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -187,7 +187,7 @@ def test_an_unreachable_idle_provider_is_opened_by_health_checks_and_shown_by_ll
     with cluster.service() as service:  # jobs meanwhile go to the backup at once
         job = service.wait(service.submit(ask("primary is gone")), timeout_s=60)
     assert job.result.provider == "backup"
-    assert job.attempts[0]["error_type"] in {"ProviderUnavailableError", "ConnectionError"}
+    assert job.attempts[0]["error_type"] in {"ProviderUnavailableError", "ProviderConnectionError"}
 
     fakes.restart_primary()
     wait_for(cluster, "primary", lambda s: s["circuit"]["state"] == "closed" and s["last_check"]["ok"])

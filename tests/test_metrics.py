@@ -13,12 +13,18 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer import LLMRequest
-from producer.embedded import free_port
-from producer.models import JobState
+from llmq import LLMRequest
+from llmq.cli.embedded import free_port
+from llmq.contract.models import JobState
+from llmq.worker import logs
 from tests.fakes.openai import DEFAULT_API_KEY, FakeOpenAI
-from tests.harness import Cluster, fast_retry, openai_entry, service_config, start_cluster
-from worker import logs
+from tests.harness import (
+    Cluster,
+    fast_retry,
+    openai_entry,
+    service_config,
+    start_cluster,
+)
 
 BACKUP_KEY = "sk-backup-0123456789SECRETabcdef"
 PRICING = {"gpt-4o-mini": {"input_per_mtok": 1000, "output_per_mtok": 2000}}
@@ -156,14 +162,14 @@ def test_without_prometheus_client_the_worker_runs_on_and_says_so(
     import sys
     from types import SimpleNamespace
 
-    from producer.cli import build_parser
-    from worker import metrics
+    from llmq.cli.main import build_parser
+    from llmq.worker.middleware import metrics
 
     assert build_parser().parse_args(["worker", "--metrics-port", "9100"]).metrics_port == 9100
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if the extra were not installed
     monkeypatch.setattr(metrics, "_instruments", None)
     middleware = metrics.MetricsMiddleware()
     with caplog.at_level(logging.WARNING, logger="llmq.worker.metrics"):
-        middleware.start(SimpleNamespace(app=SimpleNamespace(llmq_metrics_port=9100)))  # type: ignore[arg-type]
+        middleware.start(SimpleNamespace(settings=SimpleNamespace(metrics_port=9100)))  # type: ignore[arg-type]
     assert middleware.instruments is None
     assert "prometheus-client is not installed" in caplog.text

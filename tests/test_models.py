@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from producer import LLMRequest, LLMResponse, Usage
+from llmq import LLMRequest, LLMResponse, Usage
 
 
 def request(**overrides):

@@ -19,7 +19,7 @@ from billiard.einfo import ExceptionWithTraceback
 from celery import Celery
 from celery.exceptions import Reject
 
-from worker.pool import AsyncioPool, ConsumerWatchdog
+from llmq.worker.pool import AsyncioPool, ConsumerWatchdog
 
 
 class Hub:

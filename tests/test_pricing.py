@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from genai_prices import data_snapshot
 
-from producer.config import ModelPrice
-from producer.models import Usage
-from worker.pricing import cost_usd
+from llmq.contract.config import ModelPrice
+from llmq.contract.models import Usage
+from llmq.worker.pricing import cost_usd
 
 MILLION = Decimal(1_000_000)
 

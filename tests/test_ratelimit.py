@@ -20,17 +20,21 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from producer.config import ModelLimits, RateLimits
-from producer.embedded import RedisServer
-from producer.models import LLMRequest, Message
-from worker.ratelimit import (
+from llmq.cli.embedded import RedisServer
+from llmq.contract.config import ModelLimits, RateLimits
+from llmq.contract.models import LLMRequest, Message
+from llmq.worker.limiter.headers import (
+    parse_duration_s,
+    parse_rate_limit_headers,
+    pause_from_headers,
+)
+from llmq.worker.limiter.limiter import (
     LUA_SOURCE,
     Decision,
     RateLimiter,
     burst_units,
     estimate_request_tokens,
 )
-from worker.ratelimit_headers import parse_duration_s, parse_rate_limit_headers, pause_from_headers
 
 T = TypeVar("T")
 Hammered = tuple[list[tuple[float, int]], tuple[float, float]]

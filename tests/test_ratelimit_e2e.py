@@ -18,12 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from producer import LLMRequest
-from producer.models import JobState
+from llmq import LLMRequest
+from llmq.contract.models import JobState
+from llmq.worker.limiter.limiter import estimate_request_tokens
 from tests.fakes.base import RecordedRequest
 from tests.fakes.openai import FakeOpenAI
-from tests.harness import Cluster, fast_retry, openai_entry, service_config, start_cluster
-from worker.ratelimit import estimate_request_tokens
+from tests.harness import (
+    Cluster,
+    fast_retry,
+    openai_entry,
+    service_config,
+    start_cluster,
+)
 
 REQUESTS_PER_MINUTE = 120
 TOKENS_PER_MINUTE = 30_000
@@ -124,7 +130,7 @@ def test_workers_together_stay_within_the_providers_limits(cluster: Cluster, fak
 def providers_json(cluster: Cluster) -> dict[str, dict[str, object]]:
     worker = cluster.workers[0]
     reply = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "--config", str(cluster.config_path), "providers", "--json"],
+        [sys.executable, "-m", "llmq.cli", "--config", str(cluster.config_path), "providers", "--json"],
         env=worker.env(), capture_output=True, text=True, timeout=60, check=True,
     )
     return json.loads(reply.stdout)

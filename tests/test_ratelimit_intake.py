@@ -20,8 +20,8 @@ import redis
 from kombu.exceptions import BatchPublishError
 from kombu.transport.redis import PublishBatch
 
-from producer import LLMRequest
-from producer.models import JobRecord, JobState
+from llmq import LLMRequest
+from llmq.contract.models import JobRecord, JobState
 from tests.fakes.openai import FakeOpenAI
 from tests.harness import Cluster, openai_entry, service_config, start_cluster
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from llmq.worker.store.ledger import Store, database_url, normalize_url
 from tests.pg import PostgresServer, postgres_or_skip
-from worker.store import Store, database_url, normalize_url
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

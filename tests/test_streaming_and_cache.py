@@ -7,13 +7,20 @@ from collections.abc import Iterator
 
 import pytest
 
-from producer import LLMRequest
-from producer.models import JobState
-from producer.service import JobFailedError, LLMService
+from llmq import LLMRequest
+from llmq.client.service import JobFailedError, LLMService
+from llmq.contract.models import JobState
+from llmq.worker.store.ledger import Store
+from llmq.worker.store.outbox import OutboxFlusher
 from tests.fakes.openai import FakeOpenAI
-from tests.harness import Cluster, fast_retry, openai_entry, service_config, start_cluster
-from worker.outbox import OutboxFlusher
-from worker.store import Store
+from tests.harness import (
+    Cluster,
+    fast_retry,
+    openai_entry,
+    service_config,
+    start_cluster,
+)
+
 
 @pytest.fixture(scope="module")
 def fakes() -> Iterator[tuple[FakeOpenAI, FakeOpenAI]]:
@@ -52,7 +59,7 @@ async def collect(service: LLMService, request: LLMRequest) -> list:
 
 
 def test_a_stream_is_read_end_to_end_with_usage_on_the_final_chunk(cluster: Cluster) -> None:
-    chunks = asyncio.run(collect(LLMService(cluster.config, redis_url_=cluster.redis_url), ask("stream me a task please")))
+    chunks = asyncio.run(collect(LLMService(cluster.config, redis_url=cluster.redis_url), ask("stream me a task please")))
     text_chunks, final = chunks[:-1], chunks[-1]
     assert len(text_chunks) >= 2 and all(chunk.content for chunk in text_chunks)
     assert final.metadata["final"] is True and final.usage.total_tokens > 0
@@ -63,7 +70,7 @@ def test_a_stream_is_read_end_to_end_with_usage_on_the_final_chunk(cluster: Clus
 
 def test_an_interrupted_stream_resumes_with_nothing_lost_or_repeated(cluster: Cluster) -> None:
     async def run() -> tuple[list, list, str]:
-        service = LLMService(cluster.config, redis_url_=cluster.redis_url)
+        service = LLMService(cluster.config, redis_url=cluster.redis_url)
         try:
             first: list = []
             stream = service.stream_generate(ask("a long answer to interrupt"))
@@ -90,10 +97,10 @@ def test_an_interrupted_stream_resumes_with_nothing_lost_or_repeated(cluster: Cl
 def test_a_stream_that_fails_part_way_falls_back_behind_a_reset_marker(cluster: Cluster, fakes) -> None:
     primary, backup = fakes
     primary.inject("truncate")
-    chunks = asyncio.run(collect(LLMService(cluster.config, redis_url_=cluster.redis_url), ask("break then recover")))
+    chunks = asyncio.run(collect(LLMService(cluster.config, redis_url=cluster.redis_url), ask("break then recover")))
     resets = [index for index, chunk in enumerate(chunks) if chunk.metadata.get("reset")]
     assert len(resets) == 1 and resets[0] > 0, "primary streamed something, then the reset marker"
-    assert chunks[resets[0]].metadata["error"]["type"] == "ConnectionError"
+    assert chunks[resets[0]].metadata["error"]["type"] == "ProviderConnectionError"
     after = [chunk for chunk in chunks[resets[0] + 1 :] if not chunk.metadata.get("final")]
     assert {chunk.provider for chunk in after} == {"backup"}
     assert chunks[-1].metadata["final"] and chunks[-1].provider == "backup"
@@ -105,7 +112,7 @@ def test_a_stream_whose_route_is_spent_raises_the_typed_error(cluster: Cluster, 
     primary, backup = fakes
     primary.fail_next(400)
     with pytest.raises(JobFailedError) as caught:
-        asyncio.run(collect(LLMService(cluster.config, redis_url_=cluster.redis_url), ask("bad request")))
+        asyncio.run(collect(LLMService(cluster.config, redis_url=cluster.redis_url), ask("bad request")))
     assert caught.value.error["type"] == "BadRequestError"
 
 

@@ -15,10 +15,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from producer import keys
-from producer.jobs import PROMOTE_IN_FLIGHT_MS, PROMOTE_RECHECK_MS, RESTART_RECHECK_MS, JobStore, NewJob
-from producer.models import Hop, LLMRequest
-from producer.queueing import async_redis
+from llmq.contract import keys
+from llmq.contract.jobs import (
+    PROMOTE_IN_FLIGHT_MS,
+    PROMOTE_RECHECK_MS,
+    RESTART_RECHECK_MS,
+    JobStore,
+    NewJob,
+)
+from llmq.contract.models import Hop, LLMRequest
+from llmq.contract.queueing import async_redis
 
 QUEUE = keys.queue_name("openai")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import LLMRequest
+from llmq import LLMRequest
 from tests.fakes.openai import FakeOpenAI
 from tests.harness import Cluster, openai_entry, service_config, start_cluster
 
@@ -92,9 +92,10 @@ def test_no_events_leaves_only_what_the_producer_sends(cluster: Cluster) -> None
 
 
 def pool_stats(cluster: Cluster) -> dict:
-    from worker.app import create_app
+    from llmq.worker.app import create_app
+    from llmq.worker.settings import WorkerSettings
 
-    app = create_app(cluster.config, broker_url=cluster.redis_url)
+    app = create_app(WorkerSettings(cluster.config, cluster.redis_url))
     stats: dict[str, dict] = {}
     deadline = time.monotonic() + 30
     while not stats and time.monotonic() < deadline:

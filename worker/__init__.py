@@ -1,1 +1,1 @@
-"""llmq's worker side: the Celery app, the generate task, adapters, limits and stores."""
+"""llmq's worker side: the Celery app and pool, the engine, middleware, limiter, providers, stores."""

@@ -6,14 +6,14 @@ Reliability settings, chosen on purpose:
 - `worker_prefetch_multiplier = 1`: a worker reserves no more messages than it
   has slots, so a dead worker strands as few as possible.
 - broker `visibility_timeout` longer than any job may live (see
-  producer.queueing.visibility_timeout_s): the broker's redelivery is only the
+  llmq.contract.queueing.visibility_timeout_s): the broker's redelivery is only the
   last resort. Leases re-run a dead worker's jobs within `jobs.lease_s` (30 s by
   default); a redelivered message arriving later is recognised as stale and dropped.
 - JSON serialization only; task arguments are (job_id, dispatch): no request
   text, no key, nothing secret reaches the broker, Flower or the logs.
 - No result backend: the job record in Redis is the source of truth.
 
-Beat (`celery -A worker.app beat`, started by `llmq up`) sends `llmq.health_check`
+Beat (`celery -A llmq.worker.app beat`, started by `llmq up`) sends `llmq.health_check`
 for each provider entry to its queue (worker/health.py). Every log record of the
 process carries the running job's id and no secret (worker/logs.py).
 
@@ -37,13 +37,13 @@ from celery import Celery, signals
 from celery.exceptions import Reject
 from kombu import Queue
 
-from producer import keys
-from producer.config import LLMConfig, load_config
-from producer.queueing import make_celery, redis_url
-from worker.health import beat_schedule as health_beat_schedule
-from worker.logs import configure as configure_logging
-from worker.logs import with_job_id
-from worker.runtime import Runtime, get_runtime, shutdown_runtime
+from llmq.contract import keys
+from llmq.contract.queueing import make_celery
+from llmq.worker.health import beat_schedule as health_beat_schedule
+from llmq.worker.logs import configure as configure_logging
+from llmq.worker.logs import with_job_id
+from llmq.worker.runtime import Runtime, get_runtime, shutdown_runtime
+from llmq.worker.settings import WorkerSettings
 
 log = logging.getLogger("llmq.worker")
 
@@ -60,20 +60,25 @@ WORKER_SETTINGS: dict[str, object] = {
 }
 
 
-def create_app(config: LLMConfig | None = None, broker_url: str | None = None) -> Celery:
-    config = config or load_config()
-    url = redis_url(broker_url)
-    app = make_celery(config, url, name="llmq-worker")
+class WorkerApp(Celery):
+    """A Celery app that knows the settings its worker process runs on."""
+
+    settings: WorkerSettings
+
+
+def create_app(settings: WorkerSettings | None = None) -> WorkerApp:
+    settings = settings or WorkerSettings.from_environment()
+    config = settings.config
+    app = make_celery(config, settings.redis_url, name="llmq-worker", app_class=WorkerApp)
+    app.settings = settings
     app.conf.update(WORKER_SETTINGS, task_queues=[Queue(keys.queue_name(name)) for name in config.providers])
-    app.llmq_config = config  # type: ignore[attr-defined]
-    app.llmq_redis_url = url  # type: ignore[attr-defined]
     _created.append(app)
     # Job ids on every log record, no secret in any (worker/logs.py); health checks from beat (worker/health.py).
     configure_logging(config.secrets())
     app.conf.beat_schedule = health_beat_schedule(config)
 
     async def generate_job(runtime: Runtime, job_id: str, dispatch: int) -> None:
-        from worker.engine import execute
+        from llmq.worker.engine import execute
 
         try:
             await with_job_id(job_id, execute(runtime, job_id, int(dispatch)))
@@ -83,7 +88,7 @@ def create_app(config: LLMConfig | None = None, broker_url: str | None = None) -
             raise Reject(f"redis unavailable: {exc}", requeue=True) from exc
 
     async def check_health(runtime: Runtime, provider: str) -> None:
-        from worker.health import run_health_check
+        from llmq.worker.health import run_health_check
 
         await run_health_check(runtime, provider)
 
@@ -94,7 +99,7 @@ def create_app(config: LLMConfig | None = None, broker_url: str | None = None) -
     return app
 
 
-def _register_coroutine_task(app: Celery, name: str, body: Callable[..., Coroutine[Any, Any, None]]) -> None:
+def _register_coroutine_task(app: WorkerApp, name: str, body: Callable[..., Coroutine[Any, Any, None]]) -> None:
     def start(*args: Any) -> tuple[asyncio.AbstractEventLoop, Coroutine[Any, Any, None]]:
         runtime = runtime_for(app)
         return runtime.loop, body(runtime, *args)
@@ -107,18 +112,18 @@ def _register_coroutine_task(app: Celery, name: str, body: Callable[..., Corouti
     task.llmq_coroutine = start
 
 
-def runtime_for(app: Celery) -> Runtime:
-    return get_runtime(app.llmq_config, app.llmq_redis_url, app)  # type: ignore[attr-defined]
+def runtime_for(app: WorkerApp) -> Runtime:
+    return get_runtime(app.settings, app)
 
 
-_created: list[Celery] = []
+_created: list[WorkerApp] = []
 
 
 @signals.worker_ready.connect
 def _start_runtime(sender: object = None, **_: object) -> None:
     # Background loops (promoter, reaper, outbox) run even while no job arrives.
     worker_app = getattr(sender, "app", None)
-    if worker_app is not None and hasattr(worker_app, "llmq_config"):
+    if isinstance(worker_app, WorkerApp):
         runtime_for(worker_app)
         prestart_threads(getattr(sender, "pool", None))
 
@@ -161,8 +166,8 @@ def _stop_runtime(**_: object) -> None:
     shutdown_runtime()
 
 
-def __getattr__(name: str) -> Celery:
-    """`celery -A worker.app` builds the app on first use, from LLMQ_CONFIG and LLMQ_REDIS_URL."""
+def __getattr__(name: str) -> WorkerApp:
+    """`celery -A llmq.worker.app` builds the app on first use, from the environment (WorkerSettings)."""
     if name == "app":
         if not _created:
             create_app()

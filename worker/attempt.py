@@ -7,9 +7,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from producer.models import Hop, LLMRequest
-from worker import errors
-from worker.logs import redact
+from llmq.contract.models import Hop, LLMRequest
+from llmq.worker import errors
+from llmq.worker.logs import redact
 
 
 @dataclass

@@ -17,15 +17,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from producer import keys
-from producer.models import Hop, LLMResponse
-from producer.routing import larger_context_hop
-from worker import errors
-from worker.attempt import Attempt, public_error
-from worker.middleware import Defer, Serve, Skip
-from worker.pricing import cost_usd
-from worker.runtime import Runtime
-from worker.streaming import StreamWriter
+from llmq.contract import keys
+from llmq.contract.models import Hop, LLMResponse
+from llmq.contract.routing import larger_context_hop
+from llmq.worker import errors
+from llmq.worker.attempt import Attempt, public_error
+from llmq.worker.middleware.base import Defer, Serve, Skip
+from llmq.worker.pricing import cost_usd
+from llmq.worker.runtime import Runtime
+from llmq.worker.streaming import StreamWriter
 
 log = logging.getLogger("llmq.worker")
 

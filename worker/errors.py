@@ -17,8 +17,8 @@ exc`). Retry and fallback decide on the class alone, never on message text::
      │    ├── OverloadedError     503/529  provider busy                 -> same provider, later
      │    ├── ServerError              5xx                               -> same provider, later
      │    │    └── MalformedResponseError  unparseable body / stream cut short
-     │    ├── TimeoutError                  no answer within the timeout -> same provider, later
-     │    └── ConnectionError               could not connect / reset    -> same provider, later
+     │    ├── ProviderTimeoutError          no answer within the timeout -> same provider, later
+     │    └── ProviderConnectionError       could not connect / reset    -> same provider, later
      ├── JobCancelledError                  the caller cancelled the job
      └── DeadlineExceededError              the job's deadline passed
 
@@ -130,11 +130,11 @@ class MalformedResponseError(ServerError):
     pass
 
 
-class TimeoutError(ProviderError):  # noqa: A001 - deliberate, mirrors httpx naming
+class ProviderTimeoutError(ProviderError):
     retryable = True
 
 
-class ConnectionError(ProviderError):  # noqa: A001
+class ProviderConnectionError(ProviderError):
     retryable = True
 
 
@@ -152,7 +152,7 @@ ERRORS_BY_NAME: dict[str, type[LLMQError]] = {
         LLMQError, ProviderError, AuthenticationError, PermissionDeniedError, ModelNotFoundError,
         BadRequestError, ContextWindowExceededError, ContentFilteredError, RateLimitedError, QuotaExceededError,
         ProviderUnavailableError,
-        OverloadedError, ServerError, MalformedResponseError, TimeoutError, ConnectionError,
+        OverloadedError, ServerError, MalformedResponseError, ProviderTimeoutError, ProviderConnectionError,
         JobCancelledError, DeadlineExceededError,
     )
 }
@@ -169,7 +169,7 @@ def error_for_status(status_code: int) -> type[ProviderError]:
     if status_code == 404:
         return ModelNotFoundError
     if status_code == 408:
-        return TimeoutError
+        return ProviderTimeoutError
     if status_code == 409:  # a conflicting request in flight: the SDKs retry it
         return OverloadedError
     if status_code == 413:

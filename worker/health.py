@@ -25,13 +25,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from producer import keys
-from producer.config import LLMConfig
-from worker.circuit import CircuitBreaker
-from worker.logs import redact
+from llmq.contract import keys
+from llmq.contract.config import LLMConfig
+from llmq.worker.logs import redact
+from llmq.worker.middleware.circuit import CircuitBreaker
 
 if TYPE_CHECKING:
-    from worker.runtime import Runtime
+    from llmq.worker.runtime import Runtime
 
 log = logging.getLogger("llmq.worker.health")
 
@@ -125,7 +125,7 @@ async def _store(runtime: Runtime, result: HealthResult) -> None:
 async def _limiter_usage(runtime: Runtime, provider: str) -> dict[str, Any] | None:
     """The shared limiter's usage now (each limit's `used` and `limit`; None when unavailable)."""
     try:
-        from worker.ratelimit import RateLimiter
+        from llmq.worker.limiter.limiter import RateLimiter
     except ImportError:
         return None
     limits = runtime.config.provider(provider).rate_limits

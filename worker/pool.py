@@ -73,7 +73,7 @@ Callback = Callable[[Any], Any]
 
 
 class AsyncioPool(BasePool):
-    """`--pool worker.pool:AsyncioPool` (`llmq worker`'s default, `--pool async`)."""
+    """`--pool llmq.worker.pool:AsyncioPool` (`llmq worker`'s default, `--pool async`)."""
 
     body_can_be_buffer = False
     signal_safe = False

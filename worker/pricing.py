@@ -2,7 +2,7 @@
 
 Three sources, in this order:
 
-1. A `pricing:` entry in the provider's config (`producer.config.ModelPrice`,
+1. A `pricing:` entry in the provider's config (`llmq.contract.config.ModelPrice`,
    USD per million tokens) wins over everything, so an operator can charge an
    internal rate even for local hardware.
 2. Local providers (ollama, LM Studio, LocalAI, vLLM, an in-process Hugging Face
@@ -34,8 +34,8 @@ from functools import cache
 import genai_prices
 from genai_prices.data_snapshot import get_snapshot
 
-from producer.config import ModelPrice
-from producer.models import Usage
+from llmq.contract.config import ModelPrice
+from llmq.contract.models import Usage
 
 logger = logging.getLogger(__name__)
 

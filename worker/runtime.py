@@ -29,14 +29,19 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from celery import Celery
 
-from producer import keys
-from producer.config import LLMConfig
-from producer.jobs import JobStore
-from producer.queueing import async_redis, publish_messages
-from worker import outbox
-from worker.middleware import MiddlewareChain, default_middleware
-from worker.providers.base import LLMProvider
-from worker.providers.registry import create_provider
+from llmq.contract import keys
+from llmq.contract.jobs import JobStore
+from llmq.contract.queueing import async_redis, publish_messages
+from llmq.worker.middleware.base import Middleware, MiddlewareChain
+from llmq.worker.middleware.budget import BudgetMiddleware
+from llmq.worker.middleware.cache import CacheMiddleware
+from llmq.worker.middleware.circuit import CircuitBreakerMiddleware
+from llmq.worker.middleware.metrics import MetricsMiddleware
+from llmq.worker.middleware.ratelimit import RateLimitMiddleware
+from llmq.worker.providers.base import LLMProvider
+from llmq.worker.providers.registry import create_provider
+from llmq.worker.settings import WorkerSettings
+from llmq.worker.store import outbox
 
 log = logging.getLogger("llmq.worker")
 T = TypeVar("T")
@@ -54,10 +59,25 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def default_middleware() -> list[Middleware]:
+    """The chain every worker runs, in order: the first verdict wins.
+
+    1. metrics: first, so it sees every verdict of the others and every outcome;
+    2. cache: a hit answers before any budget, circuit or limit is consulted (it costs nothing);
+    3. budget: a spent budget holds or reroutes the job before it takes a probe or a slot;
+    4. circuit breaker: an open circuit skips the provider before the limiter reserves for it;
+    5. rate limiter: reserves last, just before the call, so nothing it holds is wasted on a
+       verdict that came after it.
+    """
+
+    return [MetricsMiddleware(), CacheMiddleware(), BudgetMiddleware(), CircuitBreakerMiddleware(), RateLimitMiddleware()]
+
+
 class Runtime:
-    def __init__(self, config: LLMConfig, redis_url: str, app: Celery, *, start_background: bool = True) -> None:
-        self.config = config
-        self.redis_url = redis_url
+    def __init__(self, settings: WorkerSettings, app: Celery, *, start_background: bool = True) -> None:
+        self.settings = settings
+        self.config = settings.config
+        self.redis_url = settings.redis_url
         self.app = app
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.running: set[str] = set()
@@ -150,7 +170,7 @@ class Runtime:
         run_id: str | None = None
         while True:
             try:
-                queues = sorted(getattr(self.app, "llmq_queues", []))
+                queues = sorted(self.settings.consumed_queues)
                 await self.redis.set(key, json.dumps({
                     "pid": os.getpid(), "running": len(self.running), "queues": queues,
                     "configured": self.config.configured_providers(),
@@ -189,11 +209,11 @@ _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
 
 
-def get_runtime(config: LLMConfig, redis_url: str, app: Celery) -> Runtime:
+def get_runtime(settings: WorkerSettings, app: Celery) -> Runtime:
     global _runtime
     with _runtime_lock:
         if _runtime is None or _runtime.worker_id.split(":")[-1] != str(os.getpid()):
-            _runtime = Runtime(config, redis_url, app)
+            _runtime = Runtime(settings, app)
         return _runtime
 
 

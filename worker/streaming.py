@@ -10,9 +10,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from producer import keys
-from producer.models import LLMResponse
-from producer.streams import CHUNK, ERROR, FINAL, RESET
+from llmq.contract import keys
+from llmq.contract.models import LLMResponse
+from llmq.contract.streams import CHUNK, ERROR, FINAL, RESET
 
 
 class StreamWriter:

@@ -1,6 +1,6 @@
 """The baseline: a bare Celery task that makes the same HTTP call and returns the content.
 
-It runs on llmq's own Celery settings (producer.queueing.celery_settings plus the
+It runs on llmq's own Celery settings (llmq.contract.queueing.celery_settings plus the
 worker's reliability settings: acks_late, reject_on_worker_lost, prefetch 1,
 JSON, task events on), the same thread pool and the same concurrency, so the
 difference to llmq is llmq's own work: job records and Lua transitions, the
@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 from celery import Celery, signals
 
-from producer.config import LLMConfig, load_config
-from producer.queueing import celery_settings
-from worker.app import WORKER_SETTINGS
+from llmq.contract.config import LLMConfig, load_config
+from llmq.contract.queueing import celery_settings
+from llmq.worker.app import WORKER_SETTINGS
 
 QUEUE = "bench.bare"
 TASK = "bench.bare_call"

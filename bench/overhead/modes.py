@@ -24,8 +24,8 @@ import redis
 from celery import Celery
 
 from bench.overhead.bare import QUEUE, TASK, chat_body
-from producer.models import JobRecord, JobState, LLMRequest
-from producer.service import LLMService
+from llmq.client.service import LLMService
+from llmq.contract.models import JobRecord, JobState, LLMRequest
 
 MODEL = "gpt-4o-mini"
 MAX_TOKENS = 32

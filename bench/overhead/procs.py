@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from producer import keys
+from llmq.contract import keys
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,7 +108,7 @@ def start_llmq_worker(
         LLMQ_REDIS_URL=redis_url, LLMQ_CONFIG=str(config_path), LLMQ_HOME=str(root),
         LLMQ_DATABASE_URL=f"sqlite:///{root / 'ledger.sqlite3'}",
     )
-    command = [sys.executable, "-m", "producer.cli", "--config", str(config_path), "worker", "--queues", queue,
+    command = [sys.executable, "-m", "llmq.cli", "--config", str(config_path), "worker", "--queues", queue,
                "--concurrency", str(concurrency), "--pool", pool, "--loglevel", loglevel,
                *([] if events else ["--no-events"])]
     worker = spawn(name, command, env, root / f"{name}.log")

@@ -30,11 +30,12 @@ import redis
 
 from bench.overhead import modes, procs
 from bench.overhead.bare import make_bare_app
-from producer.config import load_config
-from producer.embedded import RedisServer
-from producer.service import LLMService
+from llmq.cli.embedded import RedisServer
+from llmq.client.service import LLMService
+from llmq.contract.config import load_config
 from tests.fakes.openai import DEFAULT_API_KEY
 from tests.harness import openai_entry, service_config
+
 
 def config_text(fake_url: str) -> str:
     return service_config({"openai": openai_entry(fake_url, timeout=120)}, jobs={"deadline_s": 600})
@@ -126,7 +127,7 @@ def llmq_run(args: argparse.Namespace, root: Path, redis_server: RedisServer, fa
                                      events=args.worker_events == "on", pool=args.pool)
     try:
         async def batches() -> modes.Throughput:
-            service = LLMService(load_config(config_path), redis_url_=redis_server.url)
+            service = LLMService(load_config(config_path), redis_url=redis_server.url)
             try:
                 await modes.llmq_batch(service, first, args.warmup)
                 with profiled(args, "llmq", worker.pid), cpu_meter(worker.pid, redis_server, fake) as cpu:
@@ -313,7 +314,7 @@ def _llmq_inflight(args: argparse.Namespace, root: Path, redis_server: RedisServ
                                      events=args.worker_events == "on", pool=args.pool)
 
     async def batches() -> modes.InFlight:
-        service = LLMService(load_config(config_path), redis_url_=redis_server.url)
+        service = LLMService(load_config(config_path), redis_url=redis_server.url)
         try:
             # A few jobs first, so the idle figure includes the provider client and imported modules.
             await modes.llmq_batch(service, 0, 10)

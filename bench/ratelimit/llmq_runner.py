@@ -12,10 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from producer import keys
-from producer.models import JobState
-from producer.service import LLMService
-from tests.harness import Cluster, WorkerProcess, openai_entry, service_config, start_cluster, wait_for_workers
+from llmq.client.service import LLMService
+from llmq.contract import keys
+from llmq.contract.models import JobState
+from tests.harness import (
+    Cluster,
+    WorkerProcess,
+    openai_entry,
+    service_config,
+    start_cluster,
+    wait_for_workers,
+)
+
 
 def config_text(url: str, api_key: str, *, rpm: int, tpm: int) -> str:
     # OpenAI keeps counting max_tokens: llmq settles to its prompt count plus max_tokens.
@@ -33,7 +41,7 @@ class QuietWorker(WorkerProcess):
     def start(self) -> QuietWorker:
         import subprocess
 
-        command = [sys.executable, "-m", "producer.cli", "--config", str(self.config_path), "worker",
+        command = [sys.executable, "-m", "llmq.cli", "--config", str(self.config_path), "worker",
                    "--concurrency", str(self.concurrency), "--pool", self.pool, "--loglevel", self.loglevel]
         self.process = subprocess.Popen(
             command, env=self.env(), stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
@@ -70,7 +78,7 @@ def run_llmq(url: str, api_key: str, bodies: list[dict[str, Any]], *, rpm: int, 
 
 
 async def _submit_and_wait(cluster: Cluster, bodies: list[dict[str, Any]], timeout_s: float) -> LlmqResult:
-    service = LLMService(cluster.config, redis_url_=cluster.redis_url)
+    service = LLMService(cluster.config, redis_url=cluster.redis_url)
     try:
         began = time.time()
         batch_id = await service.submit_batch([{**body, "metadata": {"caller": "bench"}} for body in bodies])

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from producer.service import LLMService
+from llmq.client.service import LLMService
 from tests.fakes.openai import DEFAULT_API_KEY
 from tests.harness import start_cluster
 
@@ -97,7 +97,7 @@ def main() -> int:
     cluster = start_cluster(Path(tempfile.mkdtemp(prefix="llmq-bench-stream-")), CONFIG.format(key=DEFAULT_API_KEY, url=url))
     try:
         cluster.start_workers(1, concurrency=50)
-        service = LLMService(cluster.config, redis_url_=cluster.redis_url)
+        service = LLMService(cluster.config, redis_url=cluster.redis_url)
         direct, queued = asyncio.run(measure(url, service, args.runs))
     finally:
         cluster.stop()

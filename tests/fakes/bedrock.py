@@ -20,7 +20,14 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote, urlencode
 
-from tests.fakes.base import FakeProviderServer, RecordedRequest, Reply, StreamReply, count_words, fake_reply_text
+from tests.fakes.base import (
+    FakeProviderServer,
+    RecordedRequest,
+    Reply,
+    StreamReply,
+    count_words,
+    fake_reply_text,
+)
 
 TEST_API_KEY = "bedrock-api-key-TEST-0000"
 #: A made-up key pair in AWS's documented example format; never a real one.

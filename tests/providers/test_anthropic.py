@@ -9,14 +9,14 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from producer.config import ProviderConfig
-from producer.models import LLMRequest, LLMResponse
+from llmq.contract.config import ProviderConfig
+from llmq.contract.models import LLMRequest, LLMResponse
+from llmq.worker import errors
+from llmq.worker.providers.anthropic import AnthropicProvider, anthropic_usage
+from llmq.worker.providers.registry import create_provider
 from tests.fakes.anthropic import API_KEY, MODELS, THINKING_TEXT, FakeAnthropic
 from tests.fakes.base import count_words, fake_reply_text
 from tests.harness import run_adapter
-from worker import errors
-from worker.providers.anthropic import AnthropicProvider, anthropic_usage
-from worker.providers.registry import create_provider
 
 T = TypeVar("T")
 MODEL = MODELS[0]
@@ -251,7 +251,7 @@ def test_stream_rejected_before_it_starts_raises_with_retry_after(fake: FakeAnth
         (429, errors.RateLimitedError),
         (500, errors.ServerError),
         (503, errors.OverloadedError),
-        (504, errors.TimeoutError),
+        (504, errors.ProviderTimeoutError),
         (529, errors.OverloadedError),
     ],
 )
@@ -300,10 +300,10 @@ def test_malformed_body_timeout_and_reset_are_typed(fake: FakeAnthropic) -> None
     with pytest.raises(errors.MalformedResponseError):
         run(fake, lambda provider: provider.generate(request()))
     fake.inject("reset")
-    with pytest.raises(errors.ConnectionError):
+    with pytest.raises(errors.ProviderConnectionError):
         run(fake, lambda provider: provider.generate(request()))
     fake.inject("hang")
-    with pytest.raises(errors.TimeoutError):
+    with pytest.raises(errors.ProviderTimeoutError):
         run(fake, lambda provider: provider.generate(request()), timeout=0.3)
 
 

@@ -7,13 +7,18 @@ from typing import Any, TypeVar
 
 import pytest
 
-from producer.config import ProviderConfig
-from producer.models import LLMRequest, LLMResponse
+from llmq.contract.config import ProviderConfig
+from llmq.contract.models import LLMRequest, LLMResponse
+from llmq.worker import errors
+from llmq.worker.providers.azure_openai import DEFAULT_API_VERSION, AzureOpenAIProvider
 from tests.fakes.base import fake_reply_text
-from tests.fakes.openai import DEFAULT_API_KEY, FakeOpenAI, azure_content_filter_body, context_length_body
+from tests.fakes.openai import (
+    DEFAULT_API_KEY,
+    FakeOpenAI,
+    azure_content_filter_body,
+    context_length_body,
+)
 from tests.harness import run_adapter
-from worker import errors
-from worker.providers.azure_openai import DEFAULT_API_VERSION, AzureOpenAIProvider
 
 T = TypeVar("T")
 PROMPT = "Summarise the plan"
@@ -158,7 +163,7 @@ def test_context_length_is_context_window_error(fake_azure: FakeOpenAI) -> None:
 
 @pytest.mark.parametrize(
     ("fault", "expected"),
-    [("truncate", errors.ConnectionError), ("stream_error", errors.ServerError), ("reset", errors.ConnectionError)],
+    [("truncate", errors.ProviderConnectionError), ("stream_error", errors.ServerError), ("reset", errors.ProviderConnectionError)],
 )
 def test_broken_stream_raises(fake_azure: FakeOpenAI, fault: str, expected: type) -> None:
     fake_azure.inject(fault)
@@ -170,7 +175,7 @@ def test_malformed_and_timeout(fake_azure: FakeOpenAI) -> None:
     fake_azure.inject("malformed")
     assert type(generate_error(config(fake_azure))) is errors.MalformedResponseError
     fake_azure.inject("hang")
-    assert type(generate_error(config(fake_azure, timeout=0.3))) is errors.TimeoutError
+    assert type(generate_error(config(fake_azure, timeout=0.3))) is errors.ProviderTimeoutError
 
 
 def test_models_are_the_configured_deployments(fake_azure: FakeOpenAI) -> None:

@@ -11,15 +11,19 @@ from typing import Any, TypeVar
 
 import pytest
 
-from producer.config import ProviderConfig
-from producer.models import LLMRequest, LLMResponse
-from tests.fakes.bedrock import (
-    TEST_ACCESS_KEY_ID, TEST_API_KEY, TEST_SECRET_ACCESS_KEY, FakeBedrock, event_frame,
-)
+from llmq.contract.config import ProviderConfig
+from llmq.contract.models import LLMRequest, LLMResponse
+from llmq.worker import errors
+from llmq.worker.providers.bedrock import BedrockProvider
+from llmq.worker.providers.registry import create_provider
 from tests.fakes.base import fake_reply_text
-from worker import errors
-from worker.providers.bedrock import BedrockProvider
-from worker.providers.registry import create_provider
+from tests.fakes.bedrock import (
+    TEST_ACCESS_KEY_ID,
+    TEST_API_KEY,
+    TEST_SECRET_ACCESS_KEY,
+    FakeBedrock,
+    event_frame,
+)
 
 MODEL = "anthropic.claude-3-haiku-20240307-v1:0"
 MODEL_PATH = "/model/anthropic.claude-3-haiku-20240307-v1%3A0"
@@ -144,13 +148,13 @@ def test_malformed_json_is_a_malformed_response(fake: FakeBedrock) -> None:
 
 def test_hang_is_a_timeout(fake: FakeBedrock) -> None:
     fake.inject("hang")
-    with pytest.raises(errors.TimeoutError):
+    with pytest.raises(errors.ProviderTimeoutError):
         run(make(fake, timeout_s=0.3), lambda p: p.generate(ask()))
 
 
 def test_reset_is_a_connection_error(fake: FakeBedrock) -> None:
     fake.inject("reset")
-    with pytest.raises(errors.ConnectionError):
+    with pytest.raises(errors.ProviderConnectionError):
         run(make(fake), lambda p: p.generate(ask()))
 
 
@@ -238,7 +242,7 @@ def test_bad_bearer_key_is_an_authentication_error_without_the_key(fake: FakeBed
 
 @pytest.mark.parametrize(("status", "error_class"), [
     (400, errors.BadRequestError), (401, errors.AuthenticationError), (403, errors.PermissionDeniedError),
-    (404, errors.ModelNotFoundError), (408, errors.TimeoutError), (424, errors.ServerError),
+    (404, errors.ModelNotFoundError), (408, errors.ProviderTimeoutError), (424, errors.ServerError),
     (429, errors.RateLimitedError), (500, errors.ServerError), (503, errors.OverloadedError),
 ])
 @pytest.mark.parametrize("streaming", [False, True])
@@ -342,7 +346,7 @@ def test_stream_cut_part_way_raises(fake: FakeBedrock) -> None:
 
 def test_stream_reset_is_a_connection_error(fake: FakeBedrock) -> None:
     fake.inject("reset")
-    with pytest.raises(errors.ConnectionError):
+    with pytest.raises(errors.ProviderConnectionError):
         run(make(fake), lambda p: collect(p, ask()))
 
 

@@ -9,8 +9,11 @@ from typing import Any, TypeVar
 import pytest
 from pydantic import ValidationError
 
-from producer.config import ProviderConfig, parse_config
-from producer.models import LLMRequest, LLMResponse
+from llmq.contract.config import ProviderConfig, parse_config
+from llmq.contract.models import LLMRequest, LLMResponse
+from llmq.worker import errors
+from llmq.worker.providers.gemini import GeminiProvider
+from llmq.worker.providers.registry import create_provider
 from tests.fakes.base import fake_reply_text
 from tests.fakes.gemini import (
     BLOCKED_PROMPT_MARKER,
@@ -19,9 +22,6 @@ from tests.fakes.gemini import (
     failed_precondition_body,
 )
 from tests.harness import run_adapter
-from worker import errors
-from worker.providers.gemini import GeminiProvider
-from worker.providers.registry import create_provider
 
 T = TypeVar("T")
 MODEL = "gemini-2.0-flash"
@@ -196,7 +196,7 @@ def test_error_inside_the_stream_raises_after_partial_text(fake: FakeGemini, fra
 def test_truncated_stream_raises_a_typed_error(fake: FakeGemini) -> None:
     fake.inject("truncate")
     received: list[LLMResponse] = []
-    with pytest.raises((errors.ConnectionError, errors.MalformedResponseError)):
+    with pytest.raises((errors.ProviderConnectionError, errors.MalformedResponseError)):
         stream(fake, into=received)
     assert not any(chunk.metadata.get("final") for chunk in received)
 
@@ -216,7 +216,7 @@ def test_stream_refused_before_any_chunk_maps_the_status(fake: FakeGemini) -> No
 
 def test_stream_reset_raises_connection_error(fake: FakeGemini) -> None:
     fake.inject("reset")
-    with pytest.raises(errors.ConnectionError):
+    with pytest.raises(errors.ProviderConnectionError):
         stream(fake)
 
 
@@ -231,7 +231,7 @@ def test_stream_reset_raises_connection_error(fake: FakeGemini) -> None:
     (429, errors.RateLimitedError),
     (500, errors.ServerError),
     (503, errors.OverloadedError),
-    (504, errors.TimeoutError),
+    (504, errors.ProviderTimeoutError),
 ])
 def test_error_statuses_map_to_classes(fake: FakeGemini, status: int, error_class: type[errors.ProviderError]) -> None:
     fake.fail_next(status)
@@ -302,13 +302,13 @@ def test_malformed_body_is_malformed_response(fake: FakeGemini) -> None:
 
 def test_reset_is_connection_error(fake: FakeGemini) -> None:
     fake.inject("reset")
-    with pytest.raises(errors.ConnectionError):
+    with pytest.raises(errors.ProviderConnectionError):
         generate(fake)
 
 
 def test_hang_is_timeout(fake: FakeGemini) -> None:
     fake.inject("hang")
-    with pytest.raises(errors.TimeoutError):
+    with pytest.raises(errors.ProviderTimeoutError):
         generate(fake, timeout=0.3)
 
 

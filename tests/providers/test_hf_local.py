@@ -13,10 +13,14 @@ from typing import Any
 
 import pytest
 
-from producer.config import ProviderConfig
-from producer.models import LLMRequest, LLMResponse
-from worker import errors
-from worker.providers.hf_local import INSTALL_HINT, MissingDependencyError, TransformersPipelineProvider
+from llmq.contract.config import ProviderConfig
+from llmq.contract.models import LLMRequest, LLMResponse
+from llmq.worker import errors
+from llmq.worker.providers.hf_local import (
+    INSTALL_HINT,
+    MissingDependencyError,
+    TransformersPipelineProvider,
+)
 
 SENTENCES = [
     "mine three iron ore and smelt two iron ingots",
@@ -179,7 +183,7 @@ def test_models_health_and_options(model_dir: Path) -> None:
 
 
 def test_huggingface_entry_in_pipeline_mode_is_served_in_process(model_dir: Path) -> None:
-    from worker.providers.registry import create_provider
+    from llmq.worker.providers.registry import create_provider
 
     config = ProviderConfig(name="hf_box", type="huggingface",
                             options={"mode": "pipeline", "model_path": str(model_dir)})

@@ -10,12 +10,12 @@ from typing import Any, TypeVar
 import pytest
 from pydantic import ValidationError
 
-from producer.config import ProviderConfig
-from producer.models import LLMRequest, LLMResponse
-from worker import errors
-from worker.providers.mock import SIMULATED_LABEL, MockProvider
-from worker.providers.registry import create_provider
-from worker.tokens import estimate_prompt_tokens, estimate_tokens
+from llmq.contract.config import ProviderConfig
+from llmq.contract.models import LLMRequest, LLMResponse
+from llmq.worker import errors
+from llmq.worker.providers.mock import SIMULATED_LABEL, MockProvider
+from llmq.worker.providers.registry import create_provider
+from llmq.worker.tokens import estimate_prompt_tokens, estimate_tokens
 
 T = TypeVar("T")
 

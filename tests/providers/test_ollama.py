@@ -10,13 +10,13 @@ from typing import Any, TypeVar
 import pytest
 from pydantic import ValidationError
 
-from producer.config import ProviderConfig
-from producer.models import LLMRequest, LLMResponse
+from llmq.contract.config import ProviderConfig
+from llmq.contract.models import LLMRequest, LLMResponse
+from llmq.worker import errors
+from llmq.worker.providers.ollama import OllamaProvider
 from tests.fakes.base import RecordedRequest, StreamReply, count_words, fake_reply_text
 from tests.fakes.ollama import DURATIONS, FakeOllama
 from tests.harness import run_adapter
-from worker import errors
-from worker.providers.ollama import OllamaProvider
 
 T = TypeVar("T")
 SECRET = "ollama-proxy-secret-123"
@@ -166,7 +166,7 @@ def test_truncated_stream_raises_typed_retryable_error(fake: FakeOllama) -> None
     fake.inject("truncate")
     with pytest.raises(errors.ProviderError) as caught:
         stream(fake)
-    assert isinstance(caught.value, (errors.ConnectionError, errors.MalformedResponseError))
+    assert isinstance(caught.value, (errors.ProviderConnectionError, errors.MalformedResponseError))
     assert caught.value.retryable
 
 
@@ -189,7 +189,7 @@ def test_stream_that_ends_without_done_raises() -> None:
 
 def test_stream_reset_raises_connection_error(fake: FakeOllama) -> None:
     fake.inject("reset")
-    with pytest.raises(errors.ConnectionError):
+    with pytest.raises(errors.ProviderConnectionError):
         stream(fake)
 
 
@@ -254,13 +254,13 @@ def test_malformed_json_is_malformed_response(fake: FakeOllama) -> None:
 
 def test_hang_is_timeout(fake: FakeOllama) -> None:
     fake.inject("hang")
-    with pytest.raises(errors.TimeoutError):
+    with pytest.raises(errors.ProviderTimeoutError):
         run(config(fake.url, timeout=0.3), lambda p: p.generate(request()))
 
 
 def test_refused_connection_is_connection_error() -> None:
     url = closed_port_url()
-    with pytest.raises(errors.ConnectionError):
+    with pytest.raises(errors.ProviderConnectionError):
         run(config(url), lambda p: p.generate(request()))
 
 

@@ -7,13 +7,18 @@ from typing import Any, TypeVar
 
 import pytest
 
-from producer.config import ProviderConfig
-from producer.models import LLMRequest, LLMResponse
+from llmq.contract.config import ProviderConfig
+from llmq.contract.models import LLMRequest, LLMResponse
+from llmq.worker import errors
+from llmq.worker.providers.openai import OpenAIProvider
 from tests.fakes.base import fake_reply_text
-from tests.fakes.openai import DEFAULT_API_KEY, FakeOpenAI, context_length_body, insufficient_quota_body
+from tests.fakes.openai import (
+    DEFAULT_API_KEY,
+    FakeOpenAI,
+    context_length_body,
+    insufficient_quota_body,
+)
 from tests.harness import run_adapter
-from worker import errors
-from worker.providers.openai import OpenAIProvider
 
 T = TypeVar("T")
 PROMPT = "Plan the next step"
@@ -208,7 +213,7 @@ def test_rate_limited_stream_raises_before_any_chunk(fake_openai: FakeOpenAI) ->
 
 @pytest.mark.parametrize(
     ("fault", "expected"),
-    [("truncate", errors.ConnectionError), ("stream_error", errors.ServerError), ("reset", errors.ConnectionError)],
+    [("truncate", errors.ProviderConnectionError), ("stream_error", errors.ServerError), ("reset", errors.ProviderConnectionError)],
 )
 def test_broken_stream_raises_never_a_short_answer(fake_openai: FakeOpenAI, fault: str, expected: type) -> None:
     fake_openai.inject(fault)
@@ -239,14 +244,14 @@ def test_malformed_json_is_malformed_response(fake_openai: FakeOpenAI) -> None:
 def test_hang_is_timeout(fake_openai: FakeOpenAI) -> None:
     fake_openai.inject("hang")
     error = generate_error(config(fake_openai, timeout=0.3))
-    assert type(error) is errors.TimeoutError and error.retryable
+    assert type(error) is errors.ProviderTimeoutError and error.retryable
 
 
 def test_unreachable_server_is_connection_error() -> None:
     entry = ProviderConfig.model_validate(
         {"type": "openai", "api_key": "sk-x", "base_url": "http://127.0.0.1:9/v1", "timeout": 2}
     )
-    assert type(generate_error(entry)) is errors.ConnectionError
+    assert type(generate_error(entry)) is errors.ProviderConnectionError
 
 
 # --- models and health -----------------------------------------------------------------

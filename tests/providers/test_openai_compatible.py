@@ -11,16 +11,20 @@ from typing import Any, TypeVar
 
 import pytest
 
-from producer.config import ProviderConfig
-from producer.models import LLMRequest, LLMResponse
+from llmq.contract.config import ProviderConfig
+from llmq.contract.models import LLMRequest, LLMResponse
+from llmq.worker import errors
+from llmq.worker.providers.huggingface import HuggingFaceProvider
+from llmq.worker.providers.openai import OpenAIProvider
+from llmq.worker.providers.openai_compatible import (
+    LMStudioProvider,
+    LocalAIProvider,
+    VLLMProvider,
+)
+from llmq.worker.providers.registry import adapter_class, create_provider
 from tests.fakes.base import fake_reply_text
 from tests.fakes.openai import FakeOpenAI, tgi_context_body
 from tests.harness import run_adapter
-from worker import errors
-from worker.providers.huggingface import HuggingFaceProvider
-from worker.providers.openai import OpenAIProvider
-from worker.providers.openai_compatible import LMStudioProvider, LocalAIProvider, VLLMProvider
-from worker.providers.registry import adapter_class, create_provider
 
 T = TypeVar("T")
 PROMPT = "Write the next task"
@@ -151,7 +155,7 @@ def test_lmstudio_string_error_body(fake_local: FakeOpenAI) -> None:
 
 @pytest.mark.parametrize(
     ("fault", "expected"),
-    [("truncate", errors.ConnectionError), ("stream_error", errors.ServerError), ("reset", errors.ConnectionError)],
+    [("truncate", errors.ProviderConnectionError), ("stream_error", errors.ServerError), ("reset", errors.ProviderConnectionError)],
 )
 def test_local_broken_stream(fake_local: FakeOpenAI, fault: str, expected: type) -> None:
     fake_local.inject(fault)
@@ -163,7 +167,7 @@ def test_local_malformed_timeout_and_down(fake_local: FakeOpenAI) -> None:
     fake_local.inject("malformed")
     assert type(generate_error(config("localai", fake_local.url + "/v1"))) is errors.MalformedResponseError
     fake_local.inject("hang")
-    assert type(generate_error(config("localai", fake_local.url + "/v1", timeout=0.3))) is errors.TimeoutError
+    assert type(generate_error(config("localai", fake_local.url + "/v1", timeout=0.3))) is errors.ProviderTimeoutError
     assert run(config("lmstudio", "http://127.0.0.1:9/v1"), lambda provider: provider.health_check()) is False
 
 
@@ -235,11 +239,11 @@ def test_tgi_error_inside_stream(fake_tgi: FakeOpenAI) -> None:
 
 def test_tgi_truncated_stream_and_timeout(fake_tgi: FakeOpenAI) -> None:
     fake_tgi.inject("truncate")
-    with pytest.raises(errors.ConnectionError):
+    with pytest.raises(errors.ProviderConnectionError):
         collect(config("huggingface", fake_tgi.url, api_key=HF_TOKEN))
     fake_tgi.inject("hang")
     error = generate_error(config("huggingface", fake_tgi.url, api_key=HF_TOKEN, timeout=0.3))
-    assert type(error) is errors.TimeoutError
+    assert type(error) is errors.ProviderTimeoutError
 
 
 def test_tgi_health(fake_tgi: FakeOpenAI) -> None:
@@ -250,13 +254,13 @@ def test_tgi_health(fake_tgi: FakeOpenAI) -> None:
 def test_pipeline_mode_returns_the_in_process_provider(monkeypatch: pytest.MonkeyPatch) -> None:
     built: list[ProviderConfig] = []
 
-    class StandIn:  # stands in for worker.providers.hf_local, which another module owns
+    class StandIn:  # stands in for llmq.worker.providers.hf_local, which another module owns
         def __init__(self, entry: ProviderConfig) -> None:
             built.append(entry)
 
-    module = types.ModuleType("worker.providers.hf_local")
+    module = types.ModuleType("llmq.worker.providers.hf_local")
     module.TransformersPipelineProvider = StandIn  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "worker.providers.hf_local", module)
+    monkeypatch.setitem(sys.modules, "llmq.worker.providers.hf_local", module)
     entry = config("huggingface", None, options={"mode": "pipeline"})
     provider = HuggingFaceProvider(entry)
     assert isinstance(provider, StandIn) and built == [entry]

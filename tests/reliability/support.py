@@ -20,11 +20,11 @@ from typing import Any, TypeVar
 import redis
 from sqlalchemy import func, select
 
-from producer import keys
-from producer.models import JobRecord, JobState
-from worker.errors import ERRORS_BY_NAME
-from worker.outbox import OutboxFlusher
-from worker.store import Store, attempts_table, jobs_table, usage_table
+from llmq.contract import keys
+from llmq.contract.models import JobRecord, JobState
+from llmq.worker.errors import ERRORS_BY_NAME
+from llmq.worker.store.ledger import Store, attempts_table, jobs_table, usage_table
+from llmq.worker.store.outbox import OutboxFlusher
 
 #: Not LLMQ_*: the suite clears those from the environment of every test.
 FIGURES_ENV = "RELIABILITY_FIGURES"
@@ -121,7 +121,7 @@ def assert_each_attempt_recorded_once(records: Iterable[JobRecord]) -> None:
 
 def drain_ledger(redis_url: str, database_url: str, timeout_s: float = 45.0) -> Store:
     """Flush what the workers have not flushed yet. The wait covers a flush lock left by
-    a killed worker (it expires after worker.outbox.LOCK_TTL_MS)."""
+    a killed worker (it expires after llmq.worker.store.outbox.LOCK_TTL_MS)."""
     flusher = OutboxFlusher(redis_url, database_url)
     try:
         assert flusher.drain(timeout_s=timeout_s), "outbox did not drain into SQL"

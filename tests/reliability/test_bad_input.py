@@ -21,12 +21,18 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producer import keys
-from producer.batchfile import MAX_LINE_BYTES, read_batch_file
-from producer.config import parse_config
-from producer.embedded import RedisServer
-from producer.models import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_METADATA_BYTES, MAX_OUTPUT_TOKENS, LLMRequest
-from producer.service import BatchItem, RequestError, SyncLLMService
+from llmq.cli.embedded import RedisServer
+from llmq.client.batchfile import MAX_LINE_BYTES, read_batch_file
+from llmq.client.service import BatchItem, RequestError, SyncLLMService
+from llmq.contract import keys
+from llmq.contract.config import parse_config
+from llmq.contract.models import (
+    MAX_MESSAGE_CHARS,
+    MAX_MESSAGES,
+    MAX_METADATA_BYTES,
+    MAX_OUTPUT_TOKENS,
+    LLMRequest,
+)
 from tests.reliability.support import job_keys
 
 MODELS = ["gpt-4o-mini", "gpt-4o"]
@@ -49,7 +55,7 @@ Mutation = tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]
 
 @pytest.fixture(scope="module")
 def service(redis_server: RedisServer) -> Iterator[SyncLLMService]:
-    with SyncLLMService(parse_config(CONFIG), redis_url_=redis_server.url) as opened:
+    with SyncLLMService(parse_config(CONFIG), redis_url=redis_server.url) as opened:
         yield opened
 
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from producer import LLMRequest
-from producer.models import JobState
+from llmq import LLMRequest
+from llmq.contract.models import JobState
 from tests.fakes.openai import FakeOpenAI
 from tests.harness import Cluster, openai_entry, service_config, start_cluster
 from tests.reliability.support import Figures, drain_ledger

@@ -15,11 +15,17 @@ from dataclasses import dataclass
 
 import pytest
 
-from producer import LLMRequest
-from producer.config import ServiceConfig
-from producer.models import JobRecord, JobState
+from llmq import LLMRequest
+from llmq.contract.config import ServiceConfig
+from llmq.contract.models import JobRecord, JobState
 from tests.fakes.openai import FakeOpenAI
-from tests.harness import Cluster, fast_retry, openai_entry, service_config, start_cluster
+from tests.harness import (
+    Cluster,
+    fast_retry,
+    openai_entry,
+    service_config,
+    start_cluster,
+)
 from tests.reliability.support import Figures
 
 pytestmark = pytest.mark.slow
@@ -52,11 +58,11 @@ FAULTS = [
           frozenset({"succeeded", "RateLimitedError"})),
     Fault("HTTP 500", lambda f: f.fail_next(500, FOREVER), frozenset({"ServerError"})),
     Fault("HTTP 503", lambda f: f.fail_next(503, FOREVER), frozenset({"OverloadedError"})),
-    Fault("no answer (hang)", lambda f: f.inject("hang", FOREVER), frozenset({"TimeoutError"})),
-    Fault("connection reset", lambda f: f.inject("reset", FOREVER), frozenset({"ConnectionError"})),
+    Fault("no answer (hang)", lambda f: f.inject("hang", FOREVER), frozenset({"ProviderTimeoutError"})),
+    Fault("connection reset", lambda f: f.inject("reset", FOREVER), frozenset({"ProviderConnectionError"})),
     Fault("malformed JSON", lambda f: f.inject("malformed", FOREVER), frozenset({"MalformedResponseError"})),
     Fault("truncated stream", lambda f: f.inject("truncate", FOREVER),
-          frozenset({"ConnectionError", "MalformedResponseError"}), stream=True),
+          frozenset({"ProviderConnectionError", "MalformedResponseError"}), stream=True),
     Fault("error event mid-stream", lambda f: f.inject("stream_error", FOREVER), frozenset({"ServerError"}), stream=True),
     # Each chunk comes well within the read timeout (2 s: a chunk every 2 s raced it), so only
     # the job's deadline can stop the call.

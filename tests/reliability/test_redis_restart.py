@@ -8,8 +8,8 @@ what is gone and how the SQL ledger lets the caller find it and submit it again.
 from __future__ import annotations
 
 import threading
-from collections import Counter
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -18,12 +18,21 @@ import pytest
 import redis.exceptions
 from sqlalchemy import select
 
-from producer import LLMRequest
-from producer.embedded import RedisServer
-from producer.models import BatchRecord, JobRecord, JobState
-from producer.service import BatchItem, SyncLLMService
+from llmq import LLMRequest
+from llmq.cli.embedded import RedisServer
+from llmq.client.service import BatchItem, SyncLLMService
+from llmq.contract.models import BatchRecord, JobRecord, JobState
+from llmq.worker.store.ledger import Store, jobs_table, usage_table
 from tests.fakes.openai import FakeOpenAI
-from tests.harness import Cluster, WorkerProcess, fast_retry, live_workers, openai_entry, service_config, start_cluster
+from tests.harness import (
+    Cluster,
+    WorkerProcess,
+    fast_retry,
+    live_workers,
+    openai_entry,
+    service_config,
+    start_cluster,
+)
 from tests.reliability.support import (
     Figures,
     assert_each_attempt_recorded_once,
@@ -33,7 +42,6 @@ from tests.reliability.support import (
     job_keys,
     wait_until,
 )
-from worker.store import Store, jobs_table, usage_table
 
 pytestmark = pytest.mark.slow
 T = TypeVar("T")
@@ -157,7 +165,7 @@ def test_a_waiting_caller_rides_through_a_redis_crash(tmp_path: Path, fake: Fake
     config = cluster_for(tmp_path / "c", fake, persistence=True)  # only for its config file
     config.redis.stop()
     try:
-        with SyncLLMService(config.config, redis_url_=server.url) as service:
+        with SyncLLMService(config.config, redis_url=server.url) as service:
             job_id = service.submit(items("alone", 1)[0].request)  # no worker: it stays queued
             crash = threading.Thread(target=lambda: (server.kill(), time.sleep(OUTAGE_S), server.start()))
             crash.start()

@@ -25,16 +25,16 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from producer import LLMRequest
-from producer.config import ConfigError, parse_config
-from producer.models import JobState
-from producer.service import JobFailedError
+from llmq import LLMRequest
+from llmq.client.service import JobFailedError
+from llmq.contract.config import ConfigError, parse_config
+from llmq.contract.models import JobState
+from llmq.worker.store.ledger import metadata
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.gemini import FakeGemini
 from tests.fakes.openai import FakeOpenAI
 from tests.harness import Cluster, fast_retry, service_config, start_cluster
 from tests.reliability.support import Figures, drain_ledger, wait_until
-from worker.store import metadata
 
 pytestmark = pytest.mark.slow
 
@@ -152,7 +152,7 @@ def sql_dump(cluster: Cluster) -> list[str]:
 def cli(cluster: Cluster, *args: str) -> str:
     env = {key: value for key, value in os.environ.items() if not key.startswith("LLMQ_")}
     env["LLMQ_REDIS_URL"] = cluster.redis_url
-    done = subprocess.run([sys.executable, "-m", "producer.cli", "--config", str(cluster.config_path), *args],
+    done = subprocess.run([sys.executable, "-m", "llmq.cli", "--config", str(cluster.config_path), *args],
                           capture_output=True, text=True, env=env, timeout=60)
     return done.stdout + done.stderr
 

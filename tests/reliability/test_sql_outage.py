@@ -18,13 +18,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from producer import LLMRequest, keys
-from producer.models import BatchRecord, JobState
+from llmq import LLMRequest
+from llmq.contract import keys
+from llmq.contract.models import BatchRecord, JobState
+from llmq.worker.store.ledger import Store
 from tests.fakes.openai import FakeOpenAI
 from tests.harness import Cluster, openai_entry, service_config, start_cluster
 from tests.pg import PostgresServer, postgres_or_skip
 from tests.reliability.support import Figures, assert_ledger_matches, client, wait_until
-from worker.store import Store
 
 pytestmark = pytest.mark.slow
 

@@ -17,11 +17,17 @@ from collections.abc import Iterator
 import pytest
 from redis import Redis
 
-from producer import LLMRequest
-from producer.models import JobRecord, JobState
-from producer.queueing import visibility_timeout_s
+from llmq import LLMRequest
+from llmq.contract.models import JobRecord, JobState
+from llmq.contract.queueing import visibility_timeout_s
 from tests.fakes.openai import FakeOpenAI
-from tests.harness import Cluster, fast_retry, openai_entry, service_config, start_cluster
+from tests.harness import (
+    Cluster,
+    fast_retry,
+    openai_entry,
+    service_config,
+    start_cluster,
+)
 from tests.reliability.support import (
     Figures,
     alive,

@@ -1,6 +1,11 @@
 """Provider adapters: one small module per wire format."""
 
-from worker.providers.base import HTTPProvider, LLMProvider
-from worker.providers.registry import adapter_class, adapter_types, create_provider, register
+from llmq.worker.providers.base import HTTPProvider, LLMProvider
+from llmq.worker.providers.registry import (
+    adapter_class,
+    adapter_types,
+    create_provider,
+    register,
+)
 
 __all__ = ["HTTPProvider", "LLMProvider", "adapter_class", "adapter_types", "create_provider", "register"]

@@ -33,10 +33,10 @@ from typing import Any, ClassVar
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.config import ProviderConfig
-from producer.models import LLMRequest, LLMResponse, Message, Usage
-from worker import errors
-from worker.providers.base import HTTPProvider, sse_events
+from llmq.contract.config import ProviderConfig
+from llmq.contract.models import LLMRequest, LLMResponse, Message, Usage
+from llmq.worker import errors
+from llmq.worker.providers.base import HTTPProvider, sse_events
 
 API_VERSION = "2023-06-01"
 MESSAGES_PATH = "/v1/messages"
@@ -53,7 +53,7 @@ ERROR_TYPES: dict[str, type[errors.ProviderError]] = {
     "request_too_large": errors.ContextWindowExceededError,
     "rate_limit_error": errors.RateLimitedError,
     "api_error": errors.ServerError,
-    "timeout_error": errors.TimeoutError,
+    "timeout_error": errors.ProviderTimeoutError,
     "overloaded_error": errors.OverloadedError,
 }
 

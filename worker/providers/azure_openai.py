@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 from urllib.parse import quote
 
-from worker.providers.openai import ChatCompletionsOptions, OpenAIProvider
+from llmq.worker.providers.openai import ChatCompletionsOptions, OpenAIProvider
 
 DEFAULT_API_VERSION = "2024-10-21"
 

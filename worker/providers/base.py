@@ -2,7 +2,7 @@
 
 An adapter is one small class: capabilities as class attributes, a request
 builder, a response parser, a stream parser and an error classifier. Adapters
-never retry: they translate every failure once into `worker.errors` and the
+never retry: they translate every failure once into `llmq.worker.errors` and the
 task decides what happens next.
 """
 
@@ -18,10 +18,10 @@ from typing import Any, ClassVar
 
 import httpx
 
-from producer.config import ProviderConfig
-from producer.models import LLMRequest, LLMResponse, Usage
-from worker import errors
-from worker.providers.transport import AiohttpTransport
+from llmq.contract.config import ProviderConfig
+from llmq.contract.models import LLMRequest, LLMResponse, Usage
+from llmq.worker import errors
+from llmq.worker.providers.transport import AiohttpTransport
 
 
 class LLMProvider(ABC):
@@ -162,15 +162,15 @@ class HTTPProvider(LLMProvider):
         except errors.LLMQError:
             raise
         except httpx.TimeoutException as exc:
-            raise errors.TimeoutError(
+            raise errors.ProviderTimeoutError(
                 f"no answer within {self.config.timeout_s:g}s ({type(exc).__name__})", provider=self.name, model=model
             ) from exc
         except httpx.RemoteProtocolError as exc:
-            raise errors.ConnectionError(
+            raise errors.ProviderConnectionError(
                 f"connection broke before the response was complete: {exc}", provider=self.name, model=model
             ) from exc
         except httpx.TransportError as exc:
-            raise errors.ConnectionError(
+            raise errors.ProviderConnectionError(
                 f"cannot reach {self.base_url}: {type(exc).__name__}: {exc}", provider=self.name, model=model
             ) from exc
 

@@ -9,7 +9,7 @@ at docs.aws.amazon.com/bedrock/latest/APIReference/API_runtime_Converse.html):
   [{text}], `inferenceConfig` {maxTokens, temperature}.
 - Answer: `output.message.content[].text`, `stopReason`, `usage`, `metrics.latencyMs`;
   request id in `x-amzn-RequestId`. Bedrock's `inputTokens` leaves out cache reads and
-  writes, so prompt_tokens adds them back (the normalization `worker.pricing` expects).
+  writes, so prompt_tokens adds them back (the normalization `llmq.worker.pricing` expects).
 - Streams are `application/vnd.amazon.eventstream` frames (botocore's EventStreamBuffer
   decodes them). Errors: `{"message"}`, the error name in `x-amzn-ErrorType`.
 
@@ -34,12 +34,19 @@ from typing import Any, ClassVar
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from producer.config import ProviderConfig
-from producer.models import LLMRequest, LLMResponse, Usage
-from worker import errors
-from worker.providers.base import HTTPProvider, retry_after_seconds
+from llmq.contract.config import ProviderConfig
+from llmq.contract.models import LLMRequest, LLMResponse, Usage
+from llmq.worker import errors
+from llmq.worker.providers.base import HTTPProvider, retry_after_seconds
 
 SIGNING_NAME = "bedrock"
 INSTALL_HINT = "pip install 'llmq[bedrock]'"
@@ -58,7 +65,7 @@ ERROR_TYPES: dict[str, tuple[type[errors.ProviderError], int]] = {
     "ThrottlingException": (errors.RateLimitedError, 429),
     "ServiceQuotaExceededException": (errors.RateLimitedError, 400),
     "ModelNotReadyException": (errors.OverloadedError, 429),
-    "ModelTimeoutException": (errors.TimeoutError, 408),
+    "ModelTimeoutException": (errors.ProviderTimeoutError, 408),
     "ModelErrorException": (errors.ServerError, 424),
     "ModelStreamErrorException": (errors.ServerError, 424),
     "InternalServerException": (errors.ServerError, 500),

@@ -1,7 +1,7 @@
 """Google's Gemini API (generativelanguage.googleapis.com), the adapter for `type: gemini`.
 
 PaLM is retired; config entries with `type: google` or `type: palm` are served here
-(see `producer.config.PROVIDER_TYPE_ALIASES`).
+(see `llmq.contract.config.PROVIDER_TYPE_ALIASES`).
 
 Wire format (https://ai.google.dev/api/generate-content, https://ai.google.dev/api/models):
 
@@ -12,7 +12,7 @@ Wire format (https://ai.google.dev/api/generate-content, https://ai.google.dev/a
   excludes `thoughtsTokenCount`. Google bills thoughts as output
   (https://ai.google.dev/gemini-api/docs/pricing: "output price, including thinking tokens"),
   so `completion_tokens = candidatesTokenCount + thoughtsTokenCount` and `reasoning_tokens`
-  is the thought share of it, as `producer.models.Usage` documents.
+  is the thought share of it, as `llmq.contract.models.Usage` documents.
 - Errors carry `{"error": {"code", "message", "status", "details": [...]}}`; no request-id
   header is documented, so successful answers report `responseId` instead.
 - Answer metadata: `finish_reason` (stop / length / content_filter / lower-cased other),
@@ -37,10 +37,10 @@ from urllib.parse import urlencode
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.config import ProviderConfig
-from producer.models import LLMRequest, LLMResponse, Message, Usage
-from worker import errors
-from worker.providers.base import HTTPProvider
+from llmq.contract.config import ProviderConfig
+from llmq.contract.models import LLMRequest, LLMResponse, Message, Usage
+from llmq.worker import errors
+from llmq.worker.providers.base import HTTPProvider
 
 #: Finish reasons meaning a filter stopped the answer (Candidate.FinishReason).
 FILTER_FINISH_REASONS = frozenset(
@@ -225,7 +225,7 @@ class GeminiProvider(HTTPProvider):
             # API, so asking again fails the same way, while another provider may answer.
             return errors.PermissionDeniedError
         if status == "DEADLINE_EXCEEDED" or status_code == 504:
-            return errors.TimeoutError
+            return errors.ProviderTimeoutError
         return errors.error_for_status(status_code)
 
     def error_from_response(self, response: httpx.Response, model: str | None) -> errors.ProviderError:

@@ -1,7 +1,7 @@
 """A Hugging Face `transformers` causal LM run in-process (the `transformers` extra).
 
 Selected by a `huggingface` entry with `options: {mode: pipeline, model_path: ...}`
-(see `worker.providers.huggingface`). Options:
+(see `llmq.worker.providers.huggingface`). Options:
 
 - `model_path` (required): a local directory holding the model and tokenizer, as written by
   `save_pretrained`; nothing is ever downloaded (`local_files_only=True`)
@@ -25,10 +25,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.config import ProviderConfig
-from producer.models import LLMRequest, LLMResponse, Usage
-from worker import errors
-from worker.providers.base import LLMProvider
+from llmq.contract.config import ProviderConfig
+from llmq.contract.models import LLMRequest, LLMResponse, Usage
+from llmq.worker import errors
+from llmq.worker.providers.base import LLMProvider
 
 INSTALL_HINT = "pip install 'llmq[transformers]'"
 _END_OF_STREAM = object()

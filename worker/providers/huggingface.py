@@ -9,17 +9,17 @@ router. TGI's errors are `{"error": "...", "error_type": "..."}`, also inside a
 Options: `mode` ("api" | "pipeline", default "api"), plus the shared
 `max_tokens_field`, `stream_usage`, `send_temperature`. With `mode: pipeline`
 the entry runs a transformers pipeline in-process instead
-(`worker.providers.hf_local.TransformersPipelineProvider`).
+(`llmq.worker.providers.hf_local.TransformersPipelineProvider`).
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from producer.config import ProviderConfig
-from worker import errors
-from worker.providers.base import LLMProvider
-from worker.providers.openai import ChatCompletionsOptions, OpenAIProvider
+from llmq.contract.config import ProviderConfig
+from llmq.worker import errors
+from llmq.worker.providers.base import LLMProvider
+from llmq.worker.providers.openai import ChatCompletionsOptions, OpenAIProvider
 
 #: TGI error_type -> class. "generation" arrives as 424, which the status alone would call a bad request.
 TGI_ERROR_CLASSES: dict[str, type[errors.ProviderError]] = {
@@ -57,7 +57,7 @@ class HuggingFaceProvider(OpenAIProvider):
     def __new__(cls, config: ProviderConfig, *args: Any, **kwargs: Any) -> LLMProvider:
         if config.options.get("mode") == "pipeline":
             # Imported here only: transformers is heavy and optional.
-            from worker.providers.hf_local import TransformersPipelineProvider
+            from llmq.worker.providers.hf_local import TransformersPipelineProvider
 
             return TransformersPipelineProvider(config)
         return super().__new__(cls)

@@ -4,7 +4,7 @@ Options (under `options:` in the provider's config entry):
 
 - `latency_s` (float, default 0): seconds before the answer (spread over chunks when streaming)
 - `failure_rate` (0..1, default 0): share of calls that fail, drawn from a seeded generator
-- `fail_with` (error class name from worker.errors, default "ServerError")
+- `fail_with` (error class name from llmq.worker.errors, default "ServerError")
 - `completion_tokens` (int, default: from the prompt): tokens in each answer
 - `seed` (int, default 0): makes the failure sequence repeatable
 """
@@ -19,11 +19,11 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.config import ProviderConfig
-from producer.models import LLMRequest, LLMResponse, Usage
-from worker import errors
-from worker.providers.base import LLMProvider
-from worker.tokens import estimate_prompt_tokens, estimate_tokens
+from llmq.contract.config import ProviderConfig
+from llmq.contract.models import LLMRequest, LLMResponse, Usage
+from llmq.worker import errors
+from llmq.worker.providers.base import LLMProvider
+from llmq.worker.tokens import estimate_prompt_tokens, estimate_tokens
 
 SIMULATED_LABEL = "[simulated by llmq mock provider]"
 

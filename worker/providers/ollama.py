@@ -27,10 +27,10 @@ from typing import Any, ClassVar
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.config import ProviderConfig
-from producer.models import LLMRequest, LLMResponse, Usage
-from worker import errors
-from worker.providers.base import HTTPProvider, ndjson_lines
+from llmq.contract.config import ProviderConfig
+from llmq.contract.models import LLMRequest, LLMResponse, Usage
+from llmq.worker import errors
+from llmq.worker.providers.base import HTTPProvider, ndjson_lines
 
 #: Ollama reports these in nanoseconds; they go into response metadata under `<name>_ns`.
 DURATION_FIELDS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")

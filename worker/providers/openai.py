@@ -26,10 +26,10 @@ from typing import Any, ClassVar, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict
 
-from producer.config import ProviderConfig
-from producer.models import LLMRequest, LLMResponse, Usage
-from worker import errors
-from worker.providers.base import HTTPProvider, sse_events
+from llmq.contract.config import ProviderConfig
+from llmq.contract.models import LLMRequest, LLMResponse, Usage
+from llmq.worker import errors
+from llmq.worker.providers.base import HTTPProvider, sse_events
 
 #: Billing errors OpenAI sends as 429 (error.type "insufficient_quota", or one of these codes).
 #: Waiting does not restore access (OpenAI "Error codes" guide), so they are not rate limits.

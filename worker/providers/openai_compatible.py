@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from worker.providers.openai import ChatCompletionsOptions, OpenAIProvider
+from llmq.worker.providers.openai import ChatCompletionsOptions, OpenAIProvider
 
 
 class OpenAICompatibleProvider(OpenAIProvider):

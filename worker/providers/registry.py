@@ -11,23 +11,27 @@ import importlib
 from importlib import metadata as importlib_metadata
 from typing import Any
 
-from producer.config import BUILTIN_PROVIDER_TYPES, ENTRY_POINT_GROUP, ProviderConfig
-from worker.providers.base import LLMProvider
+from llmq.contract.config import (
+    BUILTIN_PROVIDER_TYPES,
+    ENTRY_POINT_GROUP,
+    ProviderConfig,
+)
+from llmq.worker.providers.base import LLMProvider
 
 BUILTIN_ADAPTERS: dict[str, str] = {
-    "openai": "worker.providers.openai:OpenAIProvider",
-    "azure_openai": "worker.providers.azure_openai:AzureOpenAIProvider",
-    "anthropic": "worker.providers.anthropic:AnthropicProvider",
-    "gemini": "worker.providers.gemini:GeminiProvider",
-    "bedrock": "worker.providers.bedrock:BedrockProvider",
-    "ollama": "worker.providers.ollama:OllamaProvider",
-    "lmstudio": "worker.providers.openai_compatible:LMStudioProvider",
-    "localai": "worker.providers.openai_compatible:LocalAIProvider",
-    "vllm": "worker.providers.openai_compatible:VLLMProvider",
-    "huggingface": "worker.providers.huggingface:HuggingFaceProvider",
-    "mock": "worker.providers.mock:MockProvider",
+    "openai": "llmq.worker.providers.openai:OpenAIProvider",
+    "azure_openai": "llmq.worker.providers.azure_openai:AzureOpenAIProvider",
+    "anthropic": "llmq.worker.providers.anthropic:AnthropicProvider",
+    "gemini": "llmq.worker.providers.gemini:GeminiProvider",
+    "bedrock": "llmq.worker.providers.bedrock:BedrockProvider",
+    "ollama": "llmq.worker.providers.ollama:OllamaProvider",
+    "lmstudio": "llmq.worker.providers.openai_compatible:LMStudioProvider",
+    "localai": "llmq.worker.providers.openai_compatible:LocalAIProvider",
+    "vllm": "llmq.worker.providers.openai_compatible:VLLMProvider",
+    "huggingface": "llmq.worker.providers.huggingface:HuggingFaceProvider",
+    "mock": "llmq.worker.providers.mock:MockProvider",
 }
-assert tuple(BUILTIN_ADAPTERS) == BUILTIN_PROVIDER_TYPES, "keep producer.config's list in step"
+assert tuple(BUILTIN_ADAPTERS) == BUILTIN_PROVIDER_TYPES, "keep llmq.contract.config's list in step"
 
 _registered: dict[str, type[LLMProvider]] = {}
 

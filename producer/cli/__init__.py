@@ -1,0 +1,1 @@
+"""The `llmq` command: the only part that composes the client and the worker."""

@@ -1,0 +1,5 @@
+import sys
+
+from llmq.cli.main import main
+
+sys.exit(main())

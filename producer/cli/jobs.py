@@ -1,0 +1,187 @@
+"""`llmq submit | status | results | cancel | chat | tail | models`: the client's commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from llmq.cli.output import EXIT_ERROR, NotFoundError, not_found, result_line, summary_line, wait_with_bar, write_lines
+from llmq.client.batchfile import read_batch_file
+from llmq.client.service import LLMService
+from llmq.contract.config import load_config
+from llmq.contract.models import BatchRecord
+
+
+def add_commands(command: Any) -> None:
+    """Register the commands on the CLI's `command(name, handler, help)` helper."""
+    command("models", cmd_models, "list the models of configured providers")
+    submit = command("submit", cmd_submit, "enqueue a JSONL batch file; prints the batch id")
+    submit.add_argument("file", help="JSONL: one {\"custom_id\": ..., \"body\": {LLMRequest}} per line")
+    submit.add_argument("--wait", action="store_true", help="show progress and wait for every job")
+    submit.add_argument("--output", "-o", help="with --wait: write one result line per job here")
+    submit.add_argument("--batch-id", help="reuse a batch id (re-submitting never runs a custom_id twice)")
+    submit.add_argument("--deadline", type=float, help="seconds each job may take before it fails")
+
+    for name, handler, help_text in (
+        ("status", cmd_status, "show a job or batch"),
+        ("results", cmd_results, "print results of a job or batch as JSONL"),
+        ("cancel", cmd_cancel, "cancel a job or every unfinished job of a batch"),
+    ):
+        sub = command(name, handler, help_text)
+        sub.add_argument("id", help="job id or batch id")
+        if name == "results":
+            sub.add_argument("--output", "-o", help="write to this file instead of stdout")
+
+    chat = command("chat", cmd_chat, "send one prompt through the queue and stream the answer to the terminal")
+    chat.add_argument("prompt", help="the user message")
+    chat.add_argument("--model", help="model (default: the first model of the default provider)")
+    chat.add_argument("--provider", help="pin a provider entry")
+    chat.add_argument("--system", help="a system message")
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--max-tokens", type=int, default=2000)
+    tail = command("tail", cmd_tail, "follow a streamed job's output (resumes from the start)")
+    tail.add_argument("id", help="job id")
+
+
+def _service(args: argparse.Namespace) -> LLMService:
+    return LLMService(load_config(args.config))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    configured = config.configured_providers()
+    if not configured:
+        print(f"no provider is configured in {config.path}; see `llmq providers` for why", file=sys.stderr)
+        return EXIT_ERROR
+    for name in configured:
+        for model in config.providers[name].models or ["(any model)"]:
+            print(f"{model}\t{name}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    if args.output and not args.wait:
+        raise ValueError("--output needs --wait (results are written when the jobs finish)")
+    return asyncio.run(_submit(_service(args), args))
+
+
+async def _submit(service: LLMService, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    try:
+        await service.workers_configured()  # lines may route to providers only the workers hold keys for
+        items = read_batch_file(args.file, service)
+        with tqdm(total=len(items), desc="enqueue", unit="job", disable=not sys.stderr.isatty()) as bar:
+            batch_id = await service.submit_batch(items, batch_id=args.batch_id, deadline_s=args.deadline, on_progress=bar.update)
+        print(batch_id)
+        if not args.wait:
+            return 0
+        batch = await wait_with_bar(service, batch_id)
+        lines = [result_line(job) for job in await service.results(batch_id)]
+        write_lines(lines, args.output)
+        failed = batch.counts.get("failed", 0) + batch.counts.get("cancelled", 0)
+        print(summary_line(batch), file=sys.stderr)
+        return EXIT_ERROR if failed else 0
+    finally:
+        await service.aclose()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    service = _service(args)
+
+    async def run() -> int:
+        try:
+            record = await service.status(args.id)
+        finally:
+            await service.aclose()
+        if record is None:
+            raise NotFoundError(not_found(args.id))
+        if isinstance(record, BatchRecord):
+            print(summary_line(record))
+        else:
+            print(json.dumps(record.model_dump(mode="json", exclude={"request"}), indent=2))
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    service = _service(args)
+
+    async def run() -> int:
+        try:
+            if await service.batch(args.id) is not None:
+                jobs = await service.results(args.id)
+            else:
+                job = await service.poll(args.id)
+                if job is None:
+                    raise NotFoundError(not_found(args.id))
+                jobs = [job]
+        finally:
+            await service.aclose()
+        write_lines([result_line(job) for job in jobs], args.output)
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    service = _service(args)
+
+    async def run() -> int:
+        try:
+            if await service.status(args.id) is None:
+                raise NotFoundError(not_found(args.id))
+            cancelled = await service.cancel(args.id)
+        finally:
+            await service.aclose()
+        print(f"cancelled {cancelled} job(s)" + ("" if cancelled else " (already finished)"))
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    service = _service(args)
+    model = args.model or default_model(service.config)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+    request = {"messages": messages, "model": model, "temperature": args.temperature, "max_tokens": args.max_tokens,
+               "stream": True, "provider": args.provider, "metadata": {"caller": "llmq-chat"}}
+    return asyncio.run(_print_stream(service, service.stream_generate(request)))
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    service = _service(args)
+    return asyncio.run(_print_stream(service, service.stream_job(args.id)))
+
+
+async def _print_stream(service: Any, chunks: Any) -> int:
+    try:
+        async for chunk in chunks:
+            if chunk.metadata.get("reset"):
+                error = chunk.metadata.get("error", {})
+                print(f"\n[{error.get('provider') or chunk.provider} failed part-way ({error.get('type')}); "
+                      "falling back, the answer starts again]", file=sys.stderr)
+            elif chunk.metadata.get("final"):
+                usage = chunk.usage
+                print(f"\n[{chunk.provider}/{chunk.model}: {usage.prompt_tokens} prompt + "
+                      f"{usage.completion_tokens} completion tokens]", file=sys.stderr)
+            else:
+                print(chunk.content, end="", flush=True)
+    finally:
+        await service.aclose()
+    return 0
+
+
+def default_model(config: Any) -> str:
+    names = [config.service.default_provider, *config.service.fallback_chain, *config.providers]
+    for name in names:
+        entry = config.providers.get(name) if name else None
+        if entry is not None and entry.configured and entry.models:
+            return entry.models[0]
+    raise ValueError("no configured provider lists a model; pass --model")
+
+

@@ -1,0 +1,74 @@
+"""Batch files: one request per line, `{"custom_id": "...", "body": {LLMRequest fields}}`.
+
+The shape of the big providers' batch APIs. Every line is checked before
+anything is enqueued; a bad line is refused with its number and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llmq.client.service import BatchItem, LLMService, RequestError
+
+#: A line longer than this is refused rather than read into memory whole.
+MAX_LINE_BYTES = 8 * 1024 * 1024
+
+
+def read_batch_file(path: str | Path, service: LLMService) -> list[BatchItem]:
+    items: list[BatchItem] = []
+    problems: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    try:
+        handle = Path(path).open("rb")
+    except OSError as exc:
+        raise RequestError(f"{path}: cannot read ({exc.strerror})") from None
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"line {number}"
+            if len(raw) > MAX_LINE_BYTES:
+                problems.append((where, f"is {len(raw)} bytes; the limit is {MAX_LINE_BYTES} (split the request)"))
+                continue
+            if not raw.strip():
+                continue
+            try:
+                item = _parse_line(raw, where, service, seen, number)
+            except RequestError as exc:
+                problems.append((where, str(exc).removeprefix(where + ": ")))
+                continue
+            items.append(item)
+    if problems:
+        first = "; ".join(f"{where}: {message}" for where, message in problems[:3])
+        more = f" (and {len(problems) - 3} more bad lines)" if len(problems) > 3 else ""
+        raise RequestError(f"{path}: refused, nothing enqueued: {first}{more}", problems)
+    if not items:
+        raise RequestError(f"{path}: holds no requests (one JSON object per line: custom_id and body)")
+    return items
+
+
+def _parse_line(raw: bytes, where: str, service: LLMService, seen: dict[str, int], number: int) -> BatchItem:
+    try:
+        line: Any = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(line, dict):
+        raise RequestError(f"{where}: must be a JSON object with custom_id and body")
+    unknown = sorted(set(line) - {"custom_id", "body"})
+    if unknown:
+        raise RequestError(f"{where}: unknown key {unknown[0]!r}; a line holds only custom_id and body")
+    custom_id = line.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id.strip() or len(custom_id) > 256:
+        raise RequestError(f"{where}: custom_id must be a non-empty string of at most 256 characters")
+    try:
+        custom_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{where}: custom_id must be valid Unicode text (it holds a lone surrogate)") from None
+    if custom_id in seen:
+        raise RequestError(f"{where}: custom_id {custom_id!r} repeats line {seen[custom_id]}; give each line its own")
+    body = line.get("body")
+    if not isinstance(body, dict):
+        raise RequestError(f"{where}: body must be a JSON object of LLMRequest fields (messages, model, ...)")
+    request = service.prepare(body, where=f"{where}: body")
+    seen[custom_id] = number
+    return BatchItem(request, custom_id)

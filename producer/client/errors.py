@@ -1,0 +1,35 @@
+"""Every error the client raises, in one place.
+
+    ValueError
+     └── RequestError          refused at the edge, nothing enqueued; `problems` lists
+                               (position, message) per bad line of a batch
+    RuntimeError
+     └── JobFailedError        the job ended failed or cancelled; `error` is its typed
+                               error record (type, message, retryable) from the worker's
+                               error tree (llmq.worker.errors), as the job stored it
+
+Waiting past `timeout_s` raises the built-in `TimeoutError`; an id that names no job
+or batch raises `KeyError`.
+"""
+
+from __future__ import annotations
+
+from llmq.contract.models import JobRecord
+
+
+class RequestError(ValueError):
+    """A request refused at the edge. `problems` lists (position, message) for batches."""
+
+    def __init__(self, message: str, problems: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
+
+class JobFailedError(RuntimeError):
+    """`generate` ended without an answer; `error` is the job's typed error record."""
+
+    def __init__(self, job: JobRecord) -> None:
+        error = job.error or {}
+        super().__init__(f"job {job.job_id} {job.state.value}: {error.get('type', 'Error')}: {error.get('message', '')}")
+        self.job = job
+        self.error = error

@@ -1,0 +1,380 @@
+"""LLMService: what callers use. Async first; `SyncLLMService` wraps it for scripts.
+
+Everything is checked before anything is enqueued: the request (pydantic), its
+route (a configured provider must serve the model), and for batches every line,
+so a bad request never leaves half a batch in the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from pydantic import ValidationError
+
+from llmq.client.errors import JobFailedError, RequestError
+from llmq.client.streams import read_stream
+from llmq.contract import keys
+from llmq.contract.config import LLMConfig, load_config
+from llmq.contract.jobs import JobStore, NewJob
+from llmq.contract.models import (
+    BatchRecord,
+    JobRecord,
+    JobState,
+    LLMRequest,
+    LLMResponse,
+)
+from llmq.contract.queueing import async_redis, make_celery, publish_messages
+from llmq.contract.queueing import redis_url as resolve_redis_url
+from llmq.contract.routing import RoutingError, plan_route
+
+SUBMIT_CHUNK = 500
+#: The first chunk is small, so workers start on a large batch while the rest is being enqueued.
+FIRST_SUBMIT_CHUNK = 50
+#: How long the providers that live workers report configured are trusted (seconds).
+WORKERS_CACHE_S = 5.0
+
+
+@dataclass
+class BatchItem:
+    request: LLMRequest
+    custom_id: str | None = None
+
+
+class LLMService:
+    def __init__(self, config: LLMConfig | str | None = None, *, redis_url: str | None = None) -> None:
+        self.config = config if isinstance(config, LLMConfig) else load_config(config)
+        self.redis_url = resolve_redis_url(redis_url)
+        self.celery = make_celery(self.config, self.redis_url, name="llmq-producer")
+        self._redis: aioredis.Redis | None = None
+        self._jobs: JobStore | None = None
+        self._workers_configured: frozenset[str] = frozenset()
+        self._workers_seen_at = float("-inf")
+
+    @property
+    def jobs(self) -> JobStore:
+        if self._jobs is None:
+            self._redis = async_redis(self.redis_url)
+            self._jobs = JobStore(self._redis)
+        return self._jobs
+
+    async def aclose(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis, self._jobs = None, None
+
+    # --- the ADR's interface ----------------------------------------------------------
+
+    async def generate(self, request: LLMRequest | Mapping[str, Any], *, timeout_s: float | None = None) -> LLMResponse:
+        """Submit one request and wait for its answer; raises JobFailedError if it fails."""
+        job_id = await self.submit(request)
+        job = await self.wait(job_id, timeout_s=timeout_s)
+        assert isinstance(job, JobRecord)
+        if job.state is not JobState.SUCCEEDED or job.result is None:
+            raise JobFailedError(job)
+        return job.result
+
+    async def stream_generate(
+        self, request: LLMRequest | Mapping[str, Any], *, deadline_s: float | None = None
+    ) -> AsyncIterator[LLMResponse]:
+        """Submit a request and yield its chunks as the worker receives them from the provider.
+
+        Each chunk's metadata carries `job_id` and `stream_id`; pass them to `stream_job`
+        to pick up after a disconnect. A chunk with metadata["reset"] means the provider
+        failed part-way and the job moved on: drop what came before it. The last chunk has
+        metadata["final"] and the usage of the whole answer.
+        """
+        await self.workers_configured()
+        parsed = self.prepare(request)
+        if not parsed.stream:
+            parsed = parsed.model_copy(update={"stream": True})
+        job_id = await self.submit(parsed, deadline_s=deadline_s)
+        async for chunk in self.stream_job(job_id):
+            yield chunk
+
+    async def stream_job(self, job_id: str, after_id: str = "0-0") -> AsyncIterator[LLMResponse]:
+        """Read a streamed job's chunks after `after_id`: none lost, none repeated, across reconnects."""
+        async for chunk in read_stream(self.jobs, job_id, after_id):
+            yield chunk
+
+    async def workers_configured(self) -> frozenset[str]:
+        """Providers that live workers hold keys for, read from their heartbeats (cached a few seconds).
+
+        Keys belong in the workers' environment; a caller without them can still route there.
+        `submit`, `submit_batch` and the streaming calls refresh this before they validate;
+        `prepare` alone uses what was last read.
+        """
+        now = time.monotonic()
+        if now - self._workers_seen_at > WORKERS_CACHE_S:
+            self._workers_seen_at = now
+            try:
+                client = self.jobs.redis
+                beat_keys = [key async for key in client.scan_iter(keys.WORKER_PREFIX + "*", count=500)]
+                beats = await client.mget(beat_keys) if beat_keys else []
+                self._workers_configured = frozenset(
+                    name for beat in beats if beat for name in json.loads(beat).get("configured", [])
+                )
+            except redis.exceptions.RedisError:
+                self._workers_configured = frozenset()
+        return self._workers_configured
+
+    def get_available_models(self) -> list[str]:
+        models: list[str] = []
+        for entry in self.config.providers.values():
+            if entry.configured:
+                models += [model for model in entry.models if model not in models]
+        return models
+
+    async def cache_stats(self) -> dict[str, dict[str, float]]:
+        """Response-cache hits, misses and hit ratio per provider entry (last 7 days)."""
+        stats: dict[str, dict[str, float]] = {}
+        for name in self.config.providers:
+            raw = await self.jobs.redis.hgetall(keys.cache_stats(name))
+            hits, misses = int(raw.get("hits", 0)), int(raw.get("misses", 0))
+            if hits or misses:
+                stats[name] = {"hits": hits, "misses": misses, "hit_ratio": round(hits / (hits + misses), 4)}
+        return stats
+
+    def get_provider_status(self) -> dict[str, bool]:
+        """The ADR's view: configured or not (no I/O); `provider_status()` has the live detail."""
+        return {name: entry.configured for name, entry in self.config.providers.items()}
+
+    async def provider_status(self) -> dict[str, dict[str, Any]]:
+        """Live status per provider entry, from what the workers record in Redis.
+
+        Each: `configured` (and why not), `available` (routable now), `circuit`
+        (state closed/open/half_open, consecutive failures, opened_at, probe_at),
+        `last_check` and `recent_checks` (health checks: ok, at, latency_ms, error),
+        `last_error` with `last_error_at` and its source (job or health),
+        `last_success_at`, and `rate_limits` (the shared limiter's usage at the last check).
+        """
+        from llmq.client.status import read_provider_status
+
+        return await read_provider_status(self.jobs.redis, self.config)
+
+    # --- submitting ------------------------------------------------------------------
+
+    def prepare(self, request: LLMRequest | Mapping[str, Any], where: str = "request") -> LLMRequest:
+        """Validate a request and its route; raises RequestError naming the field and the fix."""
+        try:
+            parsed = request if isinstance(request, LLMRequest) else LLMRequest.model_validate(request)
+            plan_route(parsed, self.config, self._workers_configured)
+        except ValidationError as exc:
+            raise RequestError(f"{where}: {describe_validation_error(exc)}") from None
+        except RoutingError as exc:
+            raise RequestError(f"{where}: {exc}") from None
+        return parsed
+
+    async def submit(
+        self,
+        request: LLMRequest | Mapping[str, Any],
+        *,
+        job_id: str | None = None,
+        deadline_s: float | None = None,
+        cache: bool | None = None,
+    ) -> str:
+        """Enqueue one request; returns its job id. `cache` overrides the provider's cache setting."""
+        await self.workers_configured()
+        parsed = self.prepare(request)
+        new = self._new_job(parsed, job_id or new_id("job"), None, None, deadline_s, cache)
+        created = await self._enqueue([new])
+        return created[0]
+
+    async def submit_batch(
+        self,
+        items: Iterable[BatchItem | LLMRequest | Mapping[str, Any]],
+        *,
+        batch_id: str | None = None,
+        deadline_s: float | None = None,
+        cache: bool | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> str:
+        """Validate every item first, then create and publish in pipelined chunks."""
+        batch_id = batch_id or new_id("batch")
+        await self.workers_configured()
+        prepared = self._prepare_batch(items)
+        ttl_s = self.config.service.jobs.result_ttl_s + int(deadline_s or self.config.service.jobs.deadline_s)
+        if await self.jobs.batch(batch_id) is None:
+            await self.jobs.create_batch(batch_id, ttl_s)
+        starts = [0, *range(FIRST_SUBMIT_CHUNK, len(prepared), SUBMIT_CHUNK)]
+        for start, end in zip(starts, [*starts[1:], len(prepared)]):
+            chunk = prepared[start:end]
+            job_ids = [_job_id_for(batch_id, item, start + index) for index, item in enumerate(chunk)]
+            new = [
+                self._new_job(item.request, job_id, batch_id, item.custom_id, deadline_s, cache)
+                for job_id, item in zip(job_ids, chunk)
+            ]
+            await self._enqueue(new)
+            if on_progress:
+                on_progress(len(chunk))
+        await self.jobs.expire_batch(batch_id, ttl_s)
+        return batch_id
+
+    def _prepare_batch(self, items: Iterable[BatchItem | LLMRequest | Mapping[str, Any]]) -> list[BatchItem]:
+        prepared: list[BatchItem] = []
+        problems: list[tuple[str, str]] = []
+        seen: dict[str, int] = {}
+        for index, item in enumerate(items):
+            item = item if isinstance(item, BatchItem) else BatchItem(item)  # type: ignore[arg-type]
+            where = f"item {index + 1}" + (f" (custom_id {item.custom_id!r})" if item.custom_id else "")
+            if item.custom_id is not None and item.custom_id in seen:
+                problems.append((where, f"custom_id repeats item {seen[item.custom_id] + 1}; give each request its own"))
+                continue
+            if item.custom_id is not None:
+                seen[item.custom_id] = index
+            try:
+                prepared.append(BatchItem(self.prepare(item.request, where), item.custom_id))
+            except RequestError as exc:
+                problems.append((where, str(exc).removeprefix(where + ": ")))
+        if problems:
+            first = "; ".join(f"{where}: {message}" for where, message in problems[:3])
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise RequestError(f"batch refused, nothing enqueued: {first}{more}", problems)
+        if not prepared:
+            raise RequestError("batch refused: it holds no requests")
+        return prepared
+
+    def _new_job(
+        self, request: LLMRequest, job_id: str, batch_id: str | None, custom_id: str | None,
+        deadline_s: float | None, cache: bool | None = None,
+    ) -> NewJob:
+        if deadline_s is not None and deadline_s <= 0:
+            raise RequestError(f"deadline_s must be a positive number of seconds (got {deadline_s})")
+        return NewJob(
+            job_id=job_id, request=request, route=plan_route(request, self.config, self._workers_configured),
+            batch_id=batch_id,
+            custom_id=custom_id, deadline_s=deadline_s or self.config.service.jobs.deadline_s,
+            options={} if cache is None else {"cache": cache},
+        )
+
+    async def _enqueue(self, jobs: list[NewJob]) -> list[str]:
+        """Create records (dedup by job id / custom id), then publish the ones that are new."""
+        results = await self.jobs.create_many(jobs, self.config.service.jobs.result_ttl_s)
+        fresh = [job for job, (created, _) in zip(jobs, results) if created]
+        if fresh:
+            # Each job's watchdog entry in the delayed set stays until a worker claims it.
+            messages = [(job.job_id, 1, keys.queue_name(job.route[0].provider)) for job in fresh]
+            await asyncio.to_thread(publish_messages, self.celery, messages)
+        return [job_id for _, job_id in results]
+
+    # --- reading ---------------------------------------------------------------------
+
+    async def poll(self, job_id: str) -> JobRecord | None:
+        return await self.jobs.get(job_id)
+
+    async def batch(self, batch_id: str) -> BatchRecord | None:
+        return await self.jobs.batch(batch_id)
+
+    async def status(self, some_id: str) -> JobRecord | BatchRecord | None:
+        """A job or a batch, whichever the id names."""
+        return await self.jobs.batch(some_id) or await self.jobs.get(some_id)
+
+    async def wait(
+        self, some_id: str, *, timeout_s: float | None = None, on_progress: Callable[[BatchRecord], None] | None = None
+    ) -> JobRecord | BatchRecord:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        interval_s = 0.02
+        while True:
+            try:
+                record = await self.status(some_id)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                await asyncio.sleep(interval_s)  # Redis restarting: keep waiting (the client retries too)
+                continue
+            if record is None:
+                raise KeyError(f"no job or batch with id {some_id!r} (it may have expired from Redis)")
+            if isinstance(record, BatchRecord) and on_progress:
+                on_progress(record)
+            if record.done:
+                return record
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{some_id} not finished after {timeout_s}s (state: {_describe_state(record)})")
+            await asyncio.sleep(interval_s)
+            interval_s = min(0.5, interval_s * 1.5)
+
+    async def results(self, batch_id: str) -> list[JobRecord]:
+        """Every job of a batch, in submission order."""
+        job_ids = await self.jobs.batch_job_ids(batch_id)
+        records: list[JobRecord] = []
+        for start in range(0, len(job_ids), SUBMIT_CHUNK):
+            found = await self.jobs.get_many(job_ids[start : start + SUBMIT_CHUNK])
+            records += [record for record in found if record is not None]
+        return records
+
+    async def results_by_custom_id(self, batch_id: str) -> dict[str, JobRecord]:
+        return {record.custom_id or record.job_id: record for record in await self.results(batch_id)}
+
+    async def cancel(self, some_id: str) -> int:
+        """Cancel a job, or every unfinished job of a batch; returns how many were cancelled."""
+        ttl_s = self.config.service.jobs.result_ttl_s
+        if await self.jobs.batch(some_id) is not None:
+            await self.jobs.redis.hset(keys.batch(some_id), "cancel_requested", "1")
+            job_ids = await self.jobs.batch_job_ids(some_id)
+            cancelled = 0
+            for start in range(0, len(job_ids), SUBMIT_CHUNK // 10):
+                chunk = job_ids[start : start + SUBMIT_CHUNK // 10]
+                cancelled += sum(await asyncio.gather(*(self.jobs.cancel(job_id, ttl_s) for job_id in chunk)))
+            return cancelled
+        return int(await self.jobs.cancel(some_id, ttl_s))
+
+
+def new_id(kind: str) -> str:
+    return f"{kind}_{uuid.uuid4().hex}"
+
+
+def _job_id_for(batch_id: str, item: BatchItem, index: int) -> str:
+    # Deterministic per (batch, custom_id): re-submitting a batch file never makes new jobs.
+    if item.custom_id is not None:
+        return "job_" + uuid.uuid5(uuid.NAMESPACE_URL, f"llmq:{batch_id}:{item.custom_id}").hex
+    return new_id("job")
+
+
+def _describe_state(record: JobRecord | BatchRecord) -> str:
+    if isinstance(record, JobRecord):
+        return record.state.value
+    return ", ".join(f"{state.value} {count}" for state, count in record.counts.items() if count)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"]) or "request"
+    message = error["msg"].removeprefix("Value error, ")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{field}: {message}{more}"
+
+
+class SyncLLMService:
+    """The same API for scripts: each call runs on a private event loop thread."""
+
+    def __init__(self, config: LLMConfig | str | None = None, *, redis_url: str | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="llmq-client", daemon=True)
+        self._thread.start()
+        self.service = LLMService(config, redis_url=redis_url)
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.service, name)
+        if not asyncio.iscoroutinefunction(attribute):
+            return attribute
+        return lambda *args, **kwargs: self._run(attribute(*args, **kwargs))
+
+    def close(self) -> None:
+        self._run(self.service.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> SyncLLMService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,99 @@
+"""The live status of each provider entry, read from the shared keyspace.
+
+Workers write it (worker/circuit.lua for the circuit breaker and the last error,
+worker/health.py for health checks); this module only reads, so the producer
+never imports worker code. Times are epoch seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from llmq.contract import keys
+from llmq.contract.config import LLMConfig
+
+#: Health-check results shown per provider (the worker keeps more).
+RECENT_CHECKS = 10
+
+
+async def read_provider_status(client: aioredis.Redis, config: LLMConfig, recent: int = RECENT_CHECKS) -> dict[str, dict[str, Any]]:
+    names = list(config.providers)
+    on_workers = await workers_configured(client)
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.time()
+        for name in names:
+            pipe.hgetall(keys.circuit(name))
+            pipe.hget(keys.HEALTH, name)
+            pipe.lrange(keys.health_history(name), 0, recent - 1)
+        replies = await pipe.execute()
+    seconds, microseconds = replies[0]
+    now_s = int(seconds) + int(microseconds) / 1e6
+    status: dict[str, dict[str, Any]] = {}
+    for index, name in enumerate(names):
+        circuit_fields, health, history = replies[1 + 3 * index : 4 + 3 * index]
+        status[name] = _provider_status(config, name, circuit_fields or {}, health, history or [], now_s, on_workers)
+    return status
+
+
+async def workers_configured(client: aioredis.Redis) -> frozenset[str]:
+    """Providers that live workers hold keys for (their heartbeats say), which this process may not."""
+    names: set[str] = set()
+    async for key in client.scan_iter(keys.WORKER_PREFIX + "*", count=500):
+        beat = await client.get(key)
+        if beat:
+            names.update(json.loads(beat).get("configured", []))
+    return frozenset(names)
+
+
+def _provider_status(
+    config: LLMConfig, name: str, fields: dict[str, str], health: str | None, history: list[str], now_s: float,
+    on_workers: frozenset[str],
+) -> dict[str, Any]:
+    entry = config.provider(name)
+    configured = entry.configured or (entry.enabled and name in on_workers)
+    circuit = _circuit(fields, config.service.health.cooldown_s, now_s)
+    last_check = json.loads(health) if health else None
+    return {
+        "type": entry.adapter_type,
+        "configured": configured,
+        "not_configured_reason": None if configured else entry.not_configured_reason,
+        # Routable now: configured, and its circuit would let a call through (closed, or a probe due).
+        "available": configured and (circuit["state"] == "closed" or circuit["probe_due"]),
+        "circuit": circuit,
+        "last_check": {key: value for key, value in last_check.items() if key != "rate_limits"} if last_check else None,
+        "recent_checks": [json.loads(item) for item in history],
+        "last_error": fields.get("last_error") or None,
+        "last_error_at": _seconds(fields.get("last_error_at")),
+        "last_error_source": fields.get("last_error_source") or None,
+        "last_success_at": _seconds(fields.get("last_success_at")),
+        # The shared limiter's usage as of the last health check (`llmq providers` shows it live).
+        "rate_limits": last_check.get("rate_limits") if last_check else None,
+        "checked_at": now_s,
+    }
+
+
+def _circuit(fields: dict[str, str], cooldown_s: float, now_s: float) -> dict[str, Any]:
+    state = fields.get("state") or "closed"
+    opened_at = _seconds(fields.get("opened_at"))
+    probe_at: float | None = None
+    if state == "open" and opened_at is not None:
+        probe_at = opened_at + cooldown_s
+    elif state == "half_open":  # a probe is out; another may go once its time runs out
+        probe_at = _seconds(fields.get("probe_until")) or now_s
+    return {
+        "state": state,
+        "failures": int(fields.get("failures") or 0),
+        "opened_at": opened_at,
+        # When the circuit lets its next probe through; due = the next call or health check probes.
+        "probe_at": probe_at,
+        "probe_due": probe_at is not None and probe_at <= now_s,
+        "times_opened": int(fields.get("times_opened") or 0),
+        "changed_at": _seconds(fields.get("changed_at")),
+    }
+
+
+def _seconds(epoch_ms: str | None) -> float | None:
+    return int(epoch_ms) / 1000.0 if epoch_ms else None

@@ -1,0 +1,384 @@
+"""Configuration: ADR-0015's YAML structure, `${VAR}` interpolation, validation.
+
+Loading is strict: every key is checked, and a bad config fails at load with one
+message that names the file, the key path and the fix. A provider whose API key
+(or any other `${VAR}`) is missing from the environment is kept but marked not
+configured, with the variable named, so one absent key never crashes the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+
+CONFIG_ENV = "LLMQ_CONFIG"
+DEFAULT_CONFIG_PATHS = (Path("config/llm_service.yaml"), Path("llm_service.yaml"))
+#: A link to config/llm_service.yaml that the wheel carries as a file.
+PACKAGED_CONFIG = Path(__file__).parents[1] / "data" / "llm_service.yaml"
+ENTRY_POINT_GROUP = "llmq.providers"
+
+#: Adapters that ship with llmq (the registry in llmq.worker.providers maps each to a class).
+BUILTIN_PROVIDER_TYPES = (
+    "openai",
+    "azure_openai",
+    "anthropic",
+    "gemini",
+    "bedrock",
+    "ollama",
+    "lmstudio",
+    "localai",
+    "vllm",
+    "huggingface",
+    "mock",
+)
+#: Names people use for an adapter that is served by another one.
+PROVIDER_TYPE_ALIASES = {"google": "gemini", "palm": "gemini", "azure": "azure_openai", "hf": "huggingface"}
+
+#: Adapter options that hold credentials (Bedrock's AWS secret key and session token, ...).
+_SECRET_OPTION = re.compile(r"(secret|password|session_token|api_key|access_key)", re.IGNORECASE)
+_VAR_PATTERN = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used. The message names file, key path and fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelLimits(_Strict):
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    tokens_per_minute: int | None = Field(default=None, gt=0)
+
+
+class RateLimits(_Strict):
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    tokens_per_minute: int | None = Field(default=None, gt=0)
+    #: Calls in flight at once across every worker.
+    max_concurrent: int | None = Field(default=None, gt=0)
+    per_model: dict[str, ModelLimits] = Field(default_factory=dict)
+    #: Limits per API key, for providers entered with several keys.
+    per_api_key: bool = False
+    daily_tokens: int | None = Field(default=None, gt=0)
+    daily_cost_usd: float | None = Field(default=None, gt=0)
+    #: What a job does when a daily quota is spent: wait for the next day or move on.
+    on_quota_exhausted: Literal["wait", "fallback"] = "fallback"
+    #: After a call, return the unused part of the reservation (prompt estimate + max_tokens) to
+    #: tokens/min, as Anthropic does. False for providers that keep counting max_tokens, like OpenAI:
+    #: the call then counts its reported prompt tokens plus max_tokens.
+    refund_unused_tokens: bool = True
+
+
+class ModelPrice(_Strict):
+    """USD per million tokens; overrides the maintained price table."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+    cached_read_per_mtok: float | None = Field(default=None, ge=0)
+    cache_write_per_mtok: float | None = Field(default=None, ge=0)
+    reasoning_per_mtok: float | None = Field(default=None, ge=0)
+
+
+class CacheSettings(_Strict):
+    enabled: bool = False
+    ttl_s: int = Field(default=3600, gt=0)
+    #: Caching a sampled (temperature > 0) answer replays one sample forever.
+    only_deterministic: bool = True
+
+
+class ProviderConfig(_Strict):
+    type: str | None = None
+    enabled: bool = True
+    api_key: SecretStr | None = None
+    base_url: str | None = None
+    models: list[str] = Field(default_factory=list)
+    default_model: str | None = None
+    #: Requested model -> this provider's model, used when a job falls back here.
+    stand_ins: dict[str, str] = Field(default_factory=dict)
+    rate_limits: RateLimits = Field(default_factory=RateLimits)
+    timeout_s: float = Field(default=60.0, gt=0, alias="timeout")
+    pricing: dict[str, ModelPrice] = Field(default_factory=dict)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    #: Adapter-specific settings (api_version, region, latency_s, ...); each adapter checks its own.
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    # Filled by the loader, never from YAML.
+    name: str = Field(default="", exclude=True)
+    missing_env: tuple[str, ...] = Field(default=(), exclude=True)
+
+    @property
+    def adapter_type(self) -> str:
+        kind = self.type or self.name
+        return PROVIDER_TYPE_ALIASES.get(kind, kind)
+
+    @property
+    def configured(self) -> bool:
+        return self.enabled and not self.missing_env
+
+    @property
+    def not_configured_reason(self) -> str | None:
+        if not self.enabled:
+            return "disabled in config (enabled: false)"
+        if self.missing_env:
+            return "environment variable not set: " + ", ".join(self.missing_env)
+        return None
+
+    def model_for(self, requested_model: str) -> str | None:
+        """The model this provider should run for a job that asked for `requested_model`."""
+        if requested_model in self.stand_ins:
+            return self.stand_ins[requested_model]
+        if requested_model in self.models or not self.models:
+            return requested_model
+        # No silent swap to an arbitrary model: only a stand-in or an explicit default.
+        return self.default_model
+
+    def serves(self, model: str) -> bool:
+        return model in self.models
+
+
+class RetrySettings(_Strict):
+    #: Attempts on one provider before the job moves to the next one on its route.
+    max_attempts_per_provider: int = Field(default=3, ge=1, le=20)
+    backoff_base_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
+    #: A provider's `retry-after` is honoured up to this many seconds.
+    retry_after_cap_s: float = Field(default=120.0, gt=0)
+
+
+class JobSettings(_Strict):
+    #: A job not finished this long after submission fails with DeadlineExceeded.
+    deadline_s: float = Field(default=3600.0, gt=0)
+    #: How long job records and results stay in Redis after a job ends.
+    result_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+    #: A running job whose worker stops renewing its lease this long is re-run.
+    lease_s: float = Field(default=30.0, gt=0)
+
+
+class HealthSettings(_Strict):
+    """Health checks (Celery beat) and the circuit breaker each provider entry has."""
+
+    #: Seconds between two `health_check()` calls of a provider.
+    interval_s: float = Field(default=30.0, gt=0)
+    #: Consecutive failures (health checks or calls) that open the circuit.
+    failure_threshold: int = Field(default=5, ge=1)
+    #: Seconds an open circuit skips the provider before one probe is let through.
+    cooldown_s: float = Field(default=30.0, gt=0)
+
+
+class BudgetSettings(_Strict):
+    """Daily spend caps (UTC days), in USD; a caller is the request's metadata["caller"]."""
+
+    #: Caller name -> USD per day; "*" applies to every caller not named.
+    per_caller_daily_usd: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    #: Provider entry -> USD per day.
+    per_provider_daily_usd: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    #: What a job does once a budget is spent: wait for the next UTC day, or move to the next provider.
+    on_exhausted: Literal["hold", "reroute"] = "hold"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.per_caller_daily_usd or self.per_provider_daily_usd)
+
+
+class ServiceConfig(_Strict):
+    default_provider: str | None = None
+    fallback_chain: list[str] = Field(default_factory=list)
+    #: Model -> a model with a larger context window, tried on ContextWindowExceeded.
+    context_fallbacks: dict[str, str] = Field(default_factory=dict)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    budgets: BudgetSettings = Field(default_factory=BudgetSettings)
+    providers: dict[str, ProviderConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names_refer_to_providers(self) -> ServiceConfig:
+        known = set(self.providers)
+        if self.default_provider is not None and self.default_provider not in known:
+            raise ValueError(
+                f"default_provider {self.default_provider!r} is not under providers; "
+                f"use one of: {', '.join(sorted(known))}"
+            )
+        for name in self.fallback_chain:
+            if name not in known:
+                raise ValueError(
+                    f"fallback_chain names {name!r}, which is not under providers; "
+                    f"use only: {', '.join(sorted(known))}"
+                )
+        for name in self.budgets.per_provider_daily_usd:
+            if name not in known:
+                raise ValueError(
+                    f"budgets.per_provider_daily_usd names {name!r}, which is not under providers; "
+                    f"use only: {', '.join(sorted(known))}"
+                )
+        return self
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """A loaded config: the validated service section plus where it came from."""
+
+    service: ServiceConfig
+    path: Path | None
+
+    @property
+    def providers(self) -> dict[str, ProviderConfig]:
+        return self.service.providers
+
+    def provider(self, name: str) -> ProviderConfig:
+        try:
+            return self.service.providers[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown provider {name!r}; configured names: {', '.join(self.service.providers)}"
+            ) from None
+
+    def configured_providers(self) -> list[str]:
+        return [name for name, entry in self.providers.items() if entry.configured]
+
+    def secrets(self) -> list[str]:
+        """Every API key and credential in the config: what log and error redaction must hide."""
+        found: list[str] = []
+        for entry in self.providers.values():
+            if entry.api_key is not None and entry.api_key.get_secret_value():
+                found.append(entry.api_key.get_secret_value())
+            for name, value in entry.options.items():
+                if _SECRET_OPTION.search(name) and isinstance(value, str) and value:
+                    found.append(value)
+        return found
+
+
+def known_provider_types() -> set[str]:
+    names = set(BUILTIN_PROVIDER_TYPES) | set(PROVIDER_TYPE_ALIASES)
+    names |= {entry.name for entry in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    return names
+
+
+def interpolate(value: Any, environ: dict[str, str], missing: dict[str, list[str]], path: str = "") -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in every string, recording unset variables by key path."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, environ, missing, f"{path}.{key}" if path else str(key)) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, environ, missing, f"{path}[{index}]") for index, item in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group("name"), match.group("default")
+        found = environ.get(name)
+        if found:
+            return found
+        if default is not None:
+            return default
+        missing.setdefault(path, []).append(name)
+        return ""
+
+    return _VAR_PATTERN.sub(substitute, value)
+
+
+def resolve_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    for candidate in DEFAULT_CONFIG_PATHS:
+        if candidate.exists():
+            return candidate
+    if PACKAGED_CONFIG.exists():  # installed without the checkout: the shipped config/llm_service.yaml
+        return PACKAGED_CONFIG
+    raise ConfigError(
+        f"no config file found: pass --config PATH, set {CONFIG_ENV}, "
+        f"or create {DEFAULT_CONFIG_PATHS[0]} (see README, 'Configuration')"
+    )
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> LLMConfig:
+    config_path = resolve_config_path(path)
+    try:
+        text = config_path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{config_path}: cannot read config file ({exc.strerror}); check the path") from None
+    return parse_config(text, source=config_path, environ=environ)
+
+
+def parse_config(text: str, source: Path | None = None, environ: dict[str, str] | None = None) -> LLMConfig:
+    where = str(source) if source else "<config>"
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}:{line} is not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+    if not isinstance(raw, dict) or "llm_service" not in raw:
+        raise ConfigError(f"{where}: top-level key 'llm_service' is missing; the file must start with 'llm_service:'")
+    extra_top = sorted(set(raw) - {"llm_service"})
+    if extra_top:
+        raise ConfigError(f"{where}: {extra_top[0]}: unknown top-level key; put settings under 'llm_service:'")
+    missing: dict[str, list[str]] = {}
+    section = interpolate(raw["llm_service"], dict(os.environ if environ is None else environ), missing, "llm_service")
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: llm_service: must be a mapping of settings")
+    try:
+        service = ServiceConfig.model_validate(section)
+    except ValidationError as exc:
+        raise ConfigError(_describe(where, exc)) from None
+    for name, entry in service.providers.items():
+        entry.name = name
+        prefix = f"llm_service.providers.{name}."
+        entry.missing_env = tuple(sorted({var for key, names in missing.items() if key.startswith(prefix) for var in names}))
+        if entry.adapter_type not in known_provider_types():
+            raise ConfigError(
+                f"{where}: llm_service.providers.{name}.type: unknown adapter {entry.adapter_type!r}; "
+                f"use one of: {', '.join(sorted(known_provider_types()))}"
+            )
+    return LLMConfig(service=service, path=source)
+
+
+_FIXES = {
+    "missing": "add this key",
+    "extra_forbidden": "remove it or fix its spelling (see README, 'Configuration')",
+    "int_type": "use a whole number",
+    "int_parsing": "use a whole number",
+    "float_type": "use a number",
+    "float_parsing": "use a number",
+    "bool_type": "use true or false",
+    "bool_parsing": "use true or false",
+    "greater_than": "use a positive number",
+    "greater_than_equal": "use a larger number",
+    "less_than_equal": "use a smaller number",
+    "list_type": "use a YAML list, e.g. [a, b]",
+    "dict_type": "use a mapping of key: value",
+    "string_type": "use a string",
+    "too_short": "add at least one entry",
+    "literal_error": "use one of the allowed values",
+}
+
+
+def _describe(where: str, exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    location = ".".join(str(part) for part in ("llm_service", *error["loc"]))
+    # Never echo a value that may be a key: an unknown key's value, or any secret-named field.
+    quiet = error["type"] in {"missing", "extra_forbidden"} or isinstance(error.get("input"), dict) or any(
+        _SECRET_OPTION.search(str(part)) for part in error["loc"]
+    )
+    got = "" if quiet else f" (got {error['input']!r})"
+    fix = _FIXES.get(error["type"], "see README, 'Configuration'")
+    message = error["msg"].removeprefix("Value error, ")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {location}: {message}{got}; fix: {fix}{more}"

@@ -1,0 +1,77 @@
+"""Response cache in Redis, as engine middleware. Off unless switched on.
+
+On per provider (`cache: {enabled: true, ttl_s}`) or per request
+(`submit(..., cache=True)`); `cache=False` on a request opts out. By default only
+deterministic requests (temperature 0) are cached: caching a sampled answer
+would replay one sample forever. The key is a digest of the normalized request
+as the provider sees it (provider entry, model, messages, temperature,
+max_tokens), never the caller's metadata. A hit answers without a call and
+writes a usage row marked cached, at zero cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING, Any
+
+from llmq.contract import keys
+from llmq.contract.models import LLMResponse
+from llmq.worker.middleware.base import Middleware, Serve, Verdict
+
+if TYPE_CHECKING:
+    from llmq.worker.attempt import Attempt
+    from llmq.worker.runtime import Runtime
+
+#: How long hit/miss counters are kept (they are a rolling view, not a ledger).
+STATS_TTL_S = 7 * 24 * 3600
+
+
+def cache_key(attempt: Attempt) -> str:
+    request = attempt.request
+    normalized = {
+        "provider": attempt.hop.provider,
+        "model": attempt.hop.model,
+        "messages": [[message.role, message.content] for message in request.messages],
+        "temperature": request.temperature,
+        "max_tokens": request.max_tokens,
+    }
+    digest = hashlib.sha256(json.dumps(normalized, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return f"{keys.CACHE_PREFIX}:{digest}"
+
+
+class CacheMiddleware(Middleware):
+    def start(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def _ttl_s(self, attempt: Attempt) -> int | None:
+        """The TTL to cache this attempt with, or None when caching does not apply."""
+        settings = self.runtime.config.provider(attempt.hop.provider).cache
+        requested = attempt.options.get("cache")
+        if requested is False:
+            return None
+        if requested is True:
+            return settings.ttl_s
+        if not settings.enabled:
+            return None
+        if settings.only_deterministic and attempt.request.temperature != 0:
+            return None
+        return settings.ttl_s
+
+    async def before_attempt(self, attempt: Attempt) -> Verdict | None:
+        if self._ttl_s(attempt) is None:
+            return None
+        cached = await self.runtime.redis.get(cache_key(attempt))
+        await self.runtime.redis.hincrby(keys.cache_stats(attempt.hop.provider), "hits" if cached else "misses", 1)
+        await self.runtime.redis.expire(keys.cache_stats(attempt.hop.provider), STATS_TTL_S)
+        if cached is None:
+            return None
+        response = LLMResponse.model_validate_json(cached)
+        attempt.scratch["cache_hit"] = True
+        return Serve(response.model_copy(update={"metadata": {**response.metadata, "cached": True}}))
+
+    async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
+        ttl_s = self._ttl_s(attempt)
+        if ttl_s is None or attempt.scratch.get("cache_hit"):
+            return
+        await self.runtime.redis.set(cache_key(attempt), response.model_dump_json(), ex=ttl_s)

@@ -1,0 +1,1 @@
+"""The SQL ledger: the store that writes it, the rows it takes, and the outbox that feeds it."""
