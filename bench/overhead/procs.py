@@ -83,10 +83,10 @@ class FakeProcess:
 
 
 def start_fake(root: Path, name: str, latency_s: float) -> FakeProcess:
-    """`python -m tests.fakes.serve openai` in its own process; waits for its ready line."""
+    """`python -m tests.support.fakes.serve openai` in its own process; waits for its ready line."""
     log_path = root / f"{name}.log"
     popen = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.serve", "openai", "--latency-s", str(latency_s)],
+        [sys.executable, "-m", "tests.support.fakes.serve", "openai", "--latency-s", str(latency_s)],
         cwd=REPO_ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=log_path.open("ab"), start_new_session=True,
     )
     assert popen.stdout is not None

@@ -33,8 +33,8 @@ from bench.overhead.bare import make_bare_app
 from llmq.cli.embedded import RedisServer
 from llmq.client.service import LLMService
 from llmq.contract.config import load_config
-from tests.fakes.openai import DEFAULT_API_KEY
-from tests.harness import openai_entry, service_config
+from tests.support.fakes.openai import DEFAULT_API_KEY
+from tests.support.harness import openai_entry, service_config
 
 
 def config_text(fake_url: str) -> str:

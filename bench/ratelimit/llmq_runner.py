@@ -15,7 +15,7 @@ from typing import Any
 from llmq.client.service import LLMService
 from llmq.contract import keys
 from llmq.contract.models import JobState
-from tests.harness import (
+from tests.support.harness import (
     Cluster,
     WorkerProcess,
     openai_entry,

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.ratelimit.run            # default: 2,000 requests, ~75 s minimum each, ~10 min
     .venv/bin/python -m bench.ratelimit.run --quick    # 600 requests, ~30 s minimum each
 
-The fake OpenAI server runs in its own process (`tests.fakes.serve`) with 0.3-1.0 s latency and
+The fake OpenAI server runs in its own process (`tests.support.fakes.serve`) with 0.3-1.0 s latency and
 enforces requests/min and tokens/min over a sliding 60 s window, answering 429 + retry-after once
 over, counting a request's prompt tokens plus max_tokens at admission, as OpenAI does. Every
 client gets the same batch and the same limits; see bench/ratelimit/README.md.
@@ -27,7 +27,7 @@ import httpx
 from bench.ratelimit.llmq_runner import run_llmq
 from bench.ratelimit.plain import run_plain
 from bench.ratelimit.workload import Workload, build
-from tests.fakes.openai import DEFAULT_API_KEY
+from tests.support.fakes.openai import DEFAULT_API_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "bench" / "out"
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def start_fake(latency_s: float, jitter_s: float) -> tuple[subprocess.Popen[str], str]:
-    command = [sys.executable, "-m", "tests.fakes.serve", "openai", "--latency-s", str(latency_s),
+    command = [sys.executable, "-m", "tests.support.fakes.serve", "openai", "--latency-s", str(latency_s),
                "--latency-jitter-s", str(jitter_s)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None

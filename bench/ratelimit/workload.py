@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.fakes.openai import prompt_tokens
+from tests.support.fakes.openai import prompt_tokens
 
 DATA = Path(__file__).resolve().parents[2] / "producer" / "data" / "agent_requests.jsonl"
 MODEL = "gpt-4o-mini"

@@ -1,7 +1,7 @@
 """Time to first token: streaming through llmq's queue vs a direct streaming call.
 
 Both stream the same request from the same fake OpenAI server (its own process,
-`tests.fakes.serve`, with a fixed delay before the first byte and between
+`tests.support.fakes.serve`, with a fixed delay before the first byte and between
 chunks). Direct: httpx POST with `stream: true`, timed to the first content
 delta. llmq: `LLMService.stream_generate` against a real redis-server and one
 real `llmq worker` process, timed to the first chunk the caller receives. Runs
@@ -26,8 +26,8 @@ from pathlib import Path
 import httpx
 
 from llmq.client.service import LLMService
-from tests.fakes.openai import DEFAULT_API_KEY
-from tests.harness import start_cluster
+from tests.support.fakes.openai import DEFAULT_API_KEY
+from tests.support.harness import start_cluster
 
 CONFIG = """
 llm_service:
@@ -42,7 +42,7 @@ BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "stream
 
 
 def start_fake(first_byte_s: float, chunk_delay_s: float) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen([sys.executable, "-m", "tests.fakes.serve", "openai"], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "tests.support.fakes.serve", "openai"], stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     url = json.loads(process.stdout.readline())["url"]
     httpx.post(f"{url}/_fake/latency", json={"latency_s": first_byte_s, "chunk_delay_s": chunk_delay_s})

@@ -18,8 +18,8 @@ import pytest
 from llmq import LLMRequest
 from llmq.contract.config import ServiceConfig
 from llmq.contract.models import JobRecord, JobState
-from tests.fakes.openai import FakeOpenAI
-from tests.harness import (
+from tests.support.fakes.openai import FakeOpenAI
+from tests.support.harness import (
     Cluster,
     fast_retry,
     openai_entry,

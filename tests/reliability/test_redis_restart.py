@@ -23,8 +23,8 @@ from llmq.cli.embedded import RedisServer
 from llmq.client.service import BatchItem, SyncLLMService
 from llmq.contract.models import BatchRecord, JobRecord, JobState
 from llmq.worker.store.ledger import Store, jobs_table, usage_table
-from tests.fakes.openai import FakeOpenAI
-from tests.harness import (
+from tests.support.fakes.openai import FakeOpenAI
+from tests.support.harness import (
     Cluster,
     WorkerProcess,
     fast_retry,

@@ -20,8 +20,8 @@ from redis import Redis
 from llmq import LLMRequest
 from llmq.contract.models import JobRecord, JobState
 from llmq.contract.queueing import visibility_timeout_s
-from tests.fakes.openai import FakeOpenAI
-from tests.harness import (
+from tests.support.fakes.openai import FakeOpenAI
+from tests.support.harness import (
     Cluster,
     fast_retry,
     openai_entry,

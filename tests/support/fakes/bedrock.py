@@ -1,0 +1,336 @@
+"""A fake AWS Bedrock: Converse, ConverseStream and ListFoundationModels over real HTTP.
+
+It checks auth the way Bedrock does: a Bedrock API key as `Authorization: Bearer`, or
+a SigV4 signature that it recomputes with botocore for the secret it knows, answering
+403 InvalidSignatureException (with the canonical request, as AWS does) when it differs.
+Streams are real `application/vnd.amazon.eventstream` frames, encoded here by hand
+(prelude, string headers of type 7, payload, CRC32s) so the adapter's botocore decoder
+cross-checks this encoder. Errors carry `{"message"}`, `x-amzn-ErrorType` and
+`x-amzn-RequestId`, as the service does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import uuid
+import zlib
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import unquote, urlencode
+
+from tests.support.fakes.base import (
+    FakeProviderServer,
+    RecordedRequest,
+    Reply,
+    StreamReply,
+    count_words,
+    fake_reply_text,
+)
+
+TEST_API_KEY = "bedrock-api-key-TEST-0000"
+#: A made-up key pair in AWS's documented example format; never a real one.
+TEST_ACCESS_KEY_ID = "AKIAIOSFODNN7EXAMPLE"
+TEST_SECRET_ACCESS_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+DEFAULT_MODELS = ("anthropic.claude-3-haiku-20240307-v1:0", "amazon.nova-micro-v1:0", "meta.llama3-8b-instruct-v1:0")
+ERROR_NAMESPACE = "http://internal.amazon.com/coral/com.amazon.bedrock/"
+_SIGV4_HEADER = re.compile(
+    r"^AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<date>\d{8})/(?P<region>[^/]+)/(?P<service>[^/]+)/aws4_request, "
+    r"SignedHeaders=(?P<signed>[a-z0-9;-]+), Signature=(?P<signature>[0-9a-f]{64})$"
+)
+
+#: Status -> (error name, message) as Bedrock sends them.
+ERRORS_BY_STATUS: dict[int, tuple[str, str]] = {
+    400: ("ValidationException", "Malformed input request, please reformat your input and try again."),
+    401: ("UnrecognizedClientException", "The security token included in the request is invalid."),
+    403: ("AccessDeniedException", "You don't have access to the model with the specified model ID."),
+    404: ("ResourceNotFoundException", "Could not resolve the foundation model from the provided model identifier."),
+    408: ("ModelTimeoutException", "Model has timed out in processing the request. Try your request again."),
+    424: ("ModelErrorException", "The model returned the following errors: upstream model failure"),
+    429: ("ThrottlingException", "Too many requests, please wait before trying again."),
+    500: ("InternalServerException", "The system encountered an unexpected error during processing. Try your request again."),
+    503: ("ServiceUnavailableException", "Bedrock is unable to process your request."),
+}
+#: In-stream exception name -> message.
+STREAM_EXCEPTIONS: dict[str, str] = {
+    "modelStreamErrorException": "The model stream failed.",
+    "throttlingException": "Too many tokens, please wait before trying again.",
+    "internalServerException": "The system encountered an unexpected error during processing.",
+    "serviceUnavailableException": "Bedrock is unable to process your request.",
+    "validationException": "Input is too long for requested model.",
+}
+
+
+def event_frame(headers: dict[str, str], payload: bytes) -> bytes:
+    """One event-stream message: prelude (lengths + CRC32), string headers, payload, message CRC32."""
+    encoded = b"".join(_string_header(name, value) for name, value in headers.items())
+    total_length = 12 + len(encoded) + len(payload) + 4
+    prelude = struct.pack(">II", total_length, len(encoded))
+    prelude += struct.pack(">I", zlib.crc32(prelude))
+    message = prelude + encoded + payload
+    return message + struct.pack(">I", zlib.crc32(message))
+
+
+def _string_header(name: str, value: str) -> bytes:
+    name_bytes, value_bytes = name.encode(), value.encode()
+    return struct.pack(">B", len(name_bytes)) + name_bytes + b"\x07" + struct.pack(">H", len(value_bytes)) + value_bytes
+
+
+def event(event_type: str, body: dict[str, Any]) -> bytes:
+    # Bedrock pads each event with a "p" field of filler so sizes do not reveal content.
+    payload = json.dumps({**body, "p": "abcdefghijklmnopqrstuvwxyz"[: 5 + len(event_type) % 20]}).encode()
+    return event_frame({":event-type": event_type, ":content-type": "application/json", ":message-type": "event"}, payload)
+
+
+def exception(exception_type: str, message: str) -> bytes:
+    body: dict[str, Any] = {"message": message}
+    if exception_type == "modelStreamErrorException":
+        body.update(originalStatusCode=500, originalMessage="upstream model failure")
+    headers = {":exception-type": exception_type, ":content-type": "application/json", ":message-type": "exception"}
+    return event_frame(headers, json.dumps(body).encode())
+
+
+class FakeBedrock(FakeProviderServer):
+    name = "bedrock"
+
+    def __init__(
+        self, *, api_keys: Iterable[str] = (TEST_API_KEY,), credentials: dict[str, str] | None = None,
+        session_tokens: dict[str, str] | None = None, models: Iterable[str] = DEFAULT_MODELS, **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.api_keys = set(api_keys)
+        self.credentials = dict(credentials or {TEST_ACCESS_KEY_ID: TEST_SECRET_ACCESS_KEY})
+        #: Access key id -> the session token it must come with (temporary credentials).
+        self.session_tokens = dict(session_tokens or {})
+        self.models = list(models)
+        # Knobs for the next replies.
+        self.stop_reason = "end_turn"
+        self.reply_text: str | None = None
+        self.cache_read_tokens = 0
+        self.cache_write_tokens = 0
+        self.stream_exception = "modelStreamErrorException"
+        self.omit_final_events = False
+        self.corrupt_crc = False
+
+    def reset(self) -> None:
+        super().reset()
+        self.stop_reason, self.reply_text = "end_turn", None
+        self.cache_read_tokens = self.cache_write_tokens = 0
+        self.stream_exception, self.omit_final_events, self.corrupt_crc = "modelStreamErrorException", False, False
+
+    def fail_with(self, error_type: str, status: int, message: str, times: int = 1) -> None:
+        """The next calls fail with this Bedrock error name, status and message."""
+        self.fail_next(status, times, headers=_error_headers(error_type), body={"message": message})
+
+    # --- routing ------------------------------------------------------------------
+
+    def route(self, request: RecordedRequest) -> Reply | StreamReply:
+        denied = self.check_auth(request)
+        if denied is not None:
+            return denied
+        if request.method == "GET" and request.path == "/foundation-models":
+            return self.list_models(request)
+        match = re.fullmatch(r"/model/(?P<model>[^/]+)/(?P<operation>converse|converse-stream)", request.path)
+        if request.method != "POST" or match is None:
+            return error("UnknownOperationException", 404, "Unknown operation")
+        model = unquote(match["model"])
+        if model not in self.models:
+            return error("ValidationException", 400, "The provided model identifier is invalid.")
+        problem = validate_body(request.body)
+        if problem:
+            return error("ValidationException", 400, problem)
+        text, stop_reason = self.answer(request.body)
+        if match["operation"] == "converse":
+            return Reply(200, self.converse_reply(request.body, text, stop_reason), headers=_id_headers())
+        return StreamReply(
+            self.stream_chunks(request.body, text, stop_reason),
+            headers=_id_headers(), content_type="application/vnd.amazon.eventstream",
+        )
+
+    def answer(self, body: dict[str, Any]) -> tuple[str, str]:
+        last_block = body["messages"][-1]["content"][-1]["text"]
+        text = self.reply_text if self.reply_text is not None else fake_reply_text(last_block, self.name)
+        max_tokens = body.get("inferenceConfig", {}).get("maxTokens")
+        words = text.split(" ")
+        if max_tokens is not None and len(words) > max_tokens:
+            return " ".join(words[:max_tokens]), "max_tokens"
+        return text, self.stop_reason
+
+    def usage(self, body: dict[str, Any], text: str) -> dict[str, int]:
+        texts = [block["text"] for block in body.get("system", [])]
+        texts += [block["text"] for message in body["messages"] for block in message["content"]]
+        prompt = " ".join(texts)
+        usage = {"inputTokens": count_words(prompt), "outputTokens": count_words(text) if text else 0}
+        usage["totalTokens"] = usage["inputTokens"] + usage["outputTokens"] + self.cache_read_tokens + self.cache_write_tokens
+        if self.cache_read_tokens or self.cache_write_tokens:
+            usage.update(cacheReadInputTokens=self.cache_read_tokens, cacheWriteInputTokens=self.cache_write_tokens)
+        return usage
+
+    def converse_reply(self, body: dict[str, Any], text: str, stop_reason: str) -> dict[str, Any]:
+        content = [{"text": text}] if text else []
+        return {
+            "output": {"message": {"role": "assistant", "content": content}},
+            "stopReason": stop_reason,
+            "usage": self.usage(body, text),
+            "metrics": {"latencyMs": 123},
+        }
+
+    def stream_chunks(self, body: dict[str, Any], text: str, stop_reason: str) -> list[bytes]:
+        frames = [event("messageStart", {"role": "assistant"})]
+        frames += [event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": piece}})
+                   for piece in _pieces(text)]
+        frames.append(event("contentBlockStop", {"contentBlockIndex": 0}))
+        if not self.omit_final_events:
+            frames.append(event("messageStop", {"stopReason": stop_reason}))
+            frames.append(event("metadata", {"usage": self.usage(body, text), "metrics": {"latencyMs": 321}}))
+        if self.corrupt_crc:
+            frames[1] = frames[1][:-1] + bytes([frames[1][-1] ^ 0xFF])
+        # Split one frame across two chunks: the decoder must reassemble frames.
+        first, rest = frames[0], frames[1:]
+        return [first[:7], first[7:], *rest]
+
+    def stream_error_reply(self, request: RecordedRequest) -> StreamReply:
+        if self.stream_exception == "error-frame":  # the event-stream protocol's own error message
+            failure = event_frame({":message-type": "error", ":error-code": "InternalFailure",
+                                   ":error-message": "stream failed"}, b"")
+        else:
+            failure = exception(self.stream_exception, STREAM_EXCEPTIONS[self.stream_exception])
+        frames = [event("messageStart", {"role": "assistant"}),
+                  event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "Task: partial"}}), failure]
+        return StreamReply(frames, headers=_id_headers(), content_type="application/vnd.amazon.eventstream")
+
+    def list_models(self, request: RecordedRequest) -> Reply:
+        wanted = (request.query.get("byOutputModality") or [None])[0]
+        summaries = [_summary(model, "TEXT") for model in self.models]
+        summaries.append(_summary("amazon.titan-embed-text-v2:0", "EMBEDDING"))
+        if wanted:
+            summaries = [item for item in summaries if wanted in item["outputModalities"]]
+        return Reply(200, {"modelSummaries": summaries}, headers=_id_headers())
+
+    def error_reply(self, status: int, request: RecordedRequest) -> Reply:
+        error_type, message = ERRORS_BY_STATUS.get(status, ("InternalServerException", "Internal failure"))
+        return error(error_type, status, message)
+
+    def tokens_for(self, request: RecordedRequest) -> int:
+        body = request.body if request.raw_body else {}
+        if not isinstance(body, dict):
+            return 0
+        return len(json.dumps(body.get("messages", ""))) // 4 + int(body.get("inferenceConfig", {}).get("maxTokens", 0))
+
+    # --- auth -----------------------------------------------------------------------
+
+    def check_auth(self, request: RecordedRequest) -> Reply | None:
+        header = request.header("authorization")
+        if not header:
+            return error("MissingAuthenticationTokenException", 403, "Missing Authentication Token")
+        if header.startswith("Bearer "):
+            if header.removeprefix("Bearer ") in self.api_keys:
+                return None
+            # Bedrock answers a bad API key with a capitalized "Message" and no error name.
+            return Reply(403, {"Message": "Authentication failed: Please make sure your API Key is valid."},
+                         headers=_id_headers())
+        return self.check_sigv4(request, header)
+
+    def check_sigv4(self, request: RecordedRequest, header: str) -> Reply | None:
+        parsed = _SIGV4_HEADER.match(header)
+        if parsed is None:
+            return error("IncompleteSignatureException", 403, f"Authorization header requires 'Credential', "
+                         f"'SignedHeaders' and 'Signature' parameters. Authorization={header[:40]}")
+        secret = self.credentials.get(parsed["key"])
+        expected_token = self.session_tokens.get(parsed["key"])
+        if secret is None or expected_token != request.header("x-amz-security-token"):
+            return error("UnrecognizedClientException", 403, "The security token included in the request is invalid.")
+        if parsed["service"] != "bedrock":
+            return error("InvalidSignatureException", 403, "Credential should be scoped to correct service: 'bedrock'.")
+        signed = parsed["signed"].split(";")
+        if "host" not in signed or "x-amz-date" not in signed:
+            return error("InvalidSignatureException", 403, "'Host' and 'X-Amz-Date' must be signed.")
+        canonical, string_to_sign, signature = recompute_signature(request, parsed, secret)
+        if signature != parsed["signature"]:
+            return error("InvalidSignatureException", 403, (
+                "The request signature we calculated does not match the signature you provided. Check your AWS "
+                "Secret Access Key and signing method. Consult the service documentation for details.\n\n"
+                f"The Canonical String for this request should have been\n'{canonical}'\n\n"
+                f"The String-to-Sign should have been\n'{string_to_sign}'\n"))
+        return None
+
+
+def recompute_signature(request: RecordedRequest, parsed: re.Match[str], secret: str) -> tuple[str, str, str]:
+    """Canonical request, string to sign and signature, computed with botocore as AWS would."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    headers = {name: request.header(name) or "" for name in parsed["signed"].split(";")}
+    query = f"?{urlencode(request.query, doseq=True)}" if request.query else ""
+    aws_request = AWSRequest(method=request.method, url=f"http://{headers['host']}{request.path}{query}",
+                             data=request.raw_body, headers=headers)
+    aws_request.context["timestamp"] = headers["x-amz-date"]
+    signer = SigV4Auth(Credentials(parsed["key"], secret, request.header("x-amz-security-token")),
+                       parsed["service"], parsed["region"])
+    canonical = signer.canonical_request(aws_request)
+    string_to_sign = signer.string_to_sign(aws_request, canonical)
+    return canonical, string_to_sign, signer.signature(string_to_sign, aws_request)
+
+
+MUST_START_WITH_USER = (
+    "A conversation must start with a user message. Try again with a conversation that starts with a user message."
+)
+MUST_ALTERNATE = (
+    "A conversation must alternate between user and assistant roles. Make sure the conversation alternates "
+    "between user and assistant roles and try again."
+)
+EMPTY_CONTENT = (
+    "The content field in the Message object is empty. Add a ContentBlock object to the content field and try again."
+)
+
+
+def validate_body(body: Any) -> str | None:
+    """The ValidationException message Bedrock gives for a body of the wrong shape, if any."""
+    if not isinstance(body, dict):
+        return "Malformed input request, please reformat your input and try again."
+    unknown = set(body) - {"messages", "system", "inferenceConfig", "additionalModelRequestFields", "toolConfig"}
+    if unknown:
+        return f"Malformed input request: extraneous key [{sorted(unknown)[0]}] is not permitted"
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return MUST_START_WITH_USER
+    for index, message in enumerate(messages):
+        if message.get("role") != ("user" if index % 2 == 0 else "assistant"):
+            return MUST_ALTERNATE
+        if not message.get("content") or not all(isinstance(block.get("text"), str) for block in message["content"]):
+            return EMPTY_CONTENT
+    if not all(isinstance(block, dict) and isinstance(block.get("text"), str) for block in body.get("system", [])):
+        return "Malformed input request: system must be a list of SystemContentBlock"
+    if set(body.get("inferenceConfig", {})) - {"maxTokens", "temperature", "topP", "stopSequences"}:
+        return "Malformed input request: unknown key in inferenceConfig"
+    return None
+
+
+def error(error_type: str, status: int, message: str) -> Reply:
+    return Reply(status, {"message": message}, headers=_error_headers(error_type))
+
+
+def _error_headers(error_type: str) -> dict[str, str]:
+    return {"x-amzn-ErrorType": f"{error_type}:{ERROR_NAMESPACE}", **_id_headers()}
+
+
+def _id_headers() -> dict[str, str]:
+    return {"x-amzn-RequestId": str(uuid.uuid4())}
+
+
+def _summary(model: str, modality: str) -> dict[str, Any]:
+    vendor = model.split(".", 1)[0]
+    return {
+        "modelArn": f"arn:aws:bedrock:us-east-1::foundation-model/{model}",
+        "modelId": model, "modelName": model, "providerName": vendor.capitalize(),
+        "inputModalities": ["TEXT"], "outputModalities": [modality],
+        "responseStreamingSupported": modality == "TEXT", "customizationsSupported": [],
+        "inferenceTypesSupported": ["ON_DEMAND"], "modelLifecycle": {"status": "ACTIVE"},
+    }
+
+
+def _pieces(text: str, parts: int = 4) -> list[str]:
+    size = max(1, -(-len(text) // parts))
+    return [text[index : index + size] for index in range(0, len(text), size)]
