@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.test_cli import clean_env, llmq_command
+from tests.cli.test_cli import clean_env, llmq_command
 
 REQUESTS = 20
 

@@ -15,7 +15,7 @@ from llmq.worker.store.outbox import OutboxFlusher
 from tests.support.fakes.openai import DEFAULT_API_KEY, FakeOpenAI
 from tests.support.harness import Cluster, start_cluster
 from tests.support.pg import PostgresServer, postgres_or_skip
-from tests.test_engine import CONFIG, ask
+from tests.worker.test_engine import CONFIG, ask
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
