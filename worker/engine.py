@@ -18,7 +18,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from llmq.contract import keys
-from llmq.contract.models import Hop, LLMResponse
+from llmq.contract.config import RetrySettings
+from llmq.contract.jobs import WAITING_STATES
+from llmq.contract.models import Hop, JobState, LLMResponse
 from llmq.contract.routing import larger_context_hop
 from llmq.worker import errors
 from llmq.worker.attempt import Attempt, public_error
@@ -121,19 +123,19 @@ def _writer(runtime: Runtime, attempt: Attempt) -> StreamWriter:
 
 async def _succeed(runtime: Runtime, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
     record = attempt.record("succeeded")
-    moved, _, _ = await runtime.jobs.transition(
-        attempt.job_id, new_state="succeeded", allowed=("running",), expected_dispatch=attempt.dispatch,
+    done = await runtime.jobs.transition(
+        attempt.job_id, new_state=JobState.SUCCEEDED, allowed=(JobState.RUNNING,), expected_dispatch=attempt.dispatch,
         ttl_s=runtime.config.service.jobs.result_ttl_s, attempt=_public(record),
         rows=[record, usage_row], fields={"result": response.model_dump_json()},
     )
-    if moved and attempt.request.stream:
+    if done.moved and attempt.request.stream:
         await _writer(runtime, attempt).final(response, attempt.attempt)
 
 
 async def _defer(runtime: Runtime, attempt: Attempt, verdict: Defer) -> None:
     """Set the job aside without a call: it does not count as an attempt."""
     await runtime.jobs.transition(
-        attempt.job_id, new_state=verdict.state, allowed=("running",), expected_dispatch=attempt.dispatch,
+        attempt.job_id, new_state=verdict.state, allowed=(JobState.RUNNING,), expected_dispatch=attempt.dispatch,
         delay_ms=int(verdict.delay_s * 1000), new_dispatch=True,
         fields={"attempt": attempt.attempt - 1, "hop_attempt": attempt.hop_attempt - 1, "waiting_for": verdict.reason},
     )
@@ -169,18 +171,18 @@ async def _after_error(runtime: Runtime, attempt: Attempt, error: errors.Provide
     log.info("job %s attempt %d on %s failed: %s", attempt.job_id, attempt.attempt, attempt.hop.provider, error)
     if error.retryable and attempt.hop_attempt < settings.max_attempts_per_provider:
         delay_s = backoff_s(attempt.hop_attempt, error.retry_after_s, settings)
-        state = "rate_limited" if isinstance(error, errors.RateLimitedError) else "retrying"
+        state = JobState.RATE_LIMITED if isinstance(error, errors.RateLimitedError) else JobState.RETRYING
         await _requeue(runtime, attempt, error, state=state, delay_s=delay_s)
         return
     if isinstance(error, errors.ContextWindowExceededError):
         bigger = larger_context_hop(attempt.hop, runtime.config)
         if bigger is not None and bigger not in attempt.route:
             route = [*attempt.route[: attempt.route_index + 1], bigger, *attempt.route[attempt.route_index + 1 :]]
-            await _requeue(runtime, attempt, error, state="queued", route=route, route_index=attempt.route_index + 1)
+            await _requeue(runtime, attempt, error, state=JobState.QUEUED, route=route, route_index=attempt.route_index + 1)
             return
     next_index = _next_hop(runtime, attempt) if error.fallback else None
     if next_index is not None:
-        await _requeue(runtime, attempt, error, state="queued", route_index=next_index)
+        await _requeue(runtime, attempt, error, state=JobState.QUEUED, route_index=next_index)
         return
     await _fail(runtime, attempt, error)
 
@@ -197,7 +199,7 @@ async def _requeue(
     attempt: Attempt,
     error: errors.LLMQError,
     *,
-    state: str,
+    state: JobState,
     delay_s: float = 0.0,
     route: list[Hop] | None = None,
     route_index: int | None = None,
@@ -210,11 +212,11 @@ async def _requeue(
         hop = (route or attempt.route)[route_index]
         fields.update(route_index=route_index, hop_attempt=0, queue=keys.queue_name(hop.provider))
     record = attempt.record("error", error)
-    moved, _, _ = await runtime.jobs.transition(
-        attempt.job_id, new_state=state, allowed=("running",), expected_dispatch=attempt.dispatch,
+    done = await runtime.jobs.transition(
+        attempt.job_id, new_state=state, allowed=(JobState.RUNNING,), expected_dispatch=attempt.dispatch,
         delay_ms=int(delay_s * 1000), new_dispatch=True, attempt=_public(record), rows=[record], fields=fields,
     )
-    if moved and attempt.request.stream and _writer(runtime, attempt).sent_chunks:
+    if done.moved and attempt.request.stream and _writer(runtime, attempt).sent_chunks:
         # Readers drop what this attempt streamed; the next attempt's chunks follow the marker.
         await _writer(runtime, attempt).reset(attempt.attempt, attempt.hop.provider, attempt.hop.model, public_error(error))
     # delay 0: the promoter publishes within its next tick (< 0.1 s); its safety net covers a crash here.
@@ -222,12 +224,12 @@ async def _requeue(
 
 async def _fail(runtime: Runtime, attempt: Attempt, error: errors.LLMQError) -> None:
     record = attempt.record("error", error)
-    moved, _, _ = await runtime.jobs.transition(
-        attempt.job_id, new_state="failed", allowed=("running",), expected_dispatch=attempt.dispatch,
+    done = await runtime.jobs.transition(
+        attempt.job_id, new_state=JobState.FAILED, allowed=(JobState.RUNNING,), expected_dispatch=attempt.dispatch,
         new_dispatch=True, ttl_s=runtime.config.service.jobs.result_ttl_s, attempt=_public(record), rows=[record],
         fields={"error": json.dumps(public_error(error))},
     )
-    if moved and attempt.request.stream:
+    if done.moved and attempt.request.stream:
         await _writer(runtime, attempt).error(public_error(error))
 
 
@@ -236,12 +238,12 @@ async def _fail_expired(runtime: Runtime, job_id: str) -> None:
         "job did not start before its deadline; raise jobs.deadline_s or the request's deadline, or add workers"
     )
     await runtime.jobs.transition(
-        job_id, new_state="failed", allowed=("queued", "retrying", "rate_limited"), new_dispatch=True,
+        job_id, new_state=JobState.FAILED, allowed=WAITING_STATES, new_dispatch=True,
         ttl_s=runtime.config.service.jobs.result_ttl_s, fields={"error": json.dumps(public_error(error))},
     )
 
 
-def backoff_s(hop_attempt: int, retry_after_s: float | None, settings: Any) -> float:
+def backoff_s(hop_attempt: int, retry_after_s: float | None, settings: RetrySettings) -> float:
     """Exponential backoff with jitter; a provider's retry-after wins, up to the cap."""
     if retry_after_s is not None:
         return min(retry_after_s, settings.retry_after_cap_s) * random.uniform(1.0, 1.1)

@@ -166,7 +166,7 @@ class Runtime:
 
     async def _heartbeat_loop(self) -> None:
         """Say this process is alive (what `llmq up` and the tests wait for); notice Redis restarts."""
-        key = keys.WORKER_PREFIX + self.worker_id
+        key = keys.worker_heartbeat(self.worker_id)
         run_id: str | None = None
         while True:
             try:
@@ -185,7 +185,7 @@ class Runtime:
         run_id = str((await self.redis.info("server"))["run_id"])
         if known is not None and run_id != known:
             # One worker per restart does it; doing it twice would be harmless.
-            if await self.redis.set(keys.RESTART_RECHECK_PREFIX + run_id, self.worker_id, nx=True, ex=3600):
+            if await self.redis.set(keys.restart_recheck(run_id), self.worker_id, nx=True, ex=3600):
                 moved = await self.jobs.recheck_published()
                 log.warning("Redis restarted: %d published jobs no worker has claimed are looked at again now", moved)
         return run_id

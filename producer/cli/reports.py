@@ -240,8 +240,8 @@ async def budget_status(config: LLMConfig) -> dict[str, list[dict[str, Any]]] | 
         seconds, _ = await client.time()
         day = int(seconds) // 86400
         callers = [name for name in budgets.per_caller_daily_usd if name != "*"]
-        spent_callers = [await client.get(f"{keys.budget_spend('caller', name)}:{day}") for name in callers]
-        spent_providers = [await client.get(f"{keys.budget_spend('provider', name)}:{day}") for name in budgets.per_provider_daily_usd]
+        spent_callers = [await client.get(keys.budget_spend_day('caller', name, day)) for name in callers]
+        spent_providers = [await client.get(keys.budget_spend_day('provider', name, day)) for name in budgets.per_provider_daily_usd]
     except (OSError, aioredis.RedisError):
         return None
     finally:

@@ -22,14 +22,8 @@ from typing import Any
 
 from llmq.cli.embedded import RedisServer
 from llmq.cli.output import redact_url
-from llmq.contract.config import LLMConfig, load_config
+from llmq.contract.config import HOME_ENV, LLMConfig, llmq_home, load_config
 from llmq.contract.queueing import REDIS_URL_ENV
-
-HOME_ENV = "LLMQ_HOME"
-
-
-def llmq_home() -> Path:
-    return Path(os.environ.get(HOME_ENV, ".llmq")).resolve()
 
 
 @dataclass

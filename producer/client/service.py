@@ -35,6 +35,7 @@ from llmq.contract.models import (
 from llmq.contract.queueing import async_redis, make_celery, publish_messages
 from llmq.contract.queueing import redis_url as resolve_redis_url
 from llmq.contract.routing import RoutingError, plan_route
+from llmq.contract.validation import first_error, summarize_problems
 
 SUBMIT_CHUNK = 500
 #: The first chunk is small, so workers start on a large batch while the rest is being enqueued.
@@ -235,9 +236,7 @@ class LLMService:
             except RequestError as exc:
                 problems.append((where, str(exc).removeprefix(where + ": ")))
         if problems:
-            first = "; ".join(f"{where}: {message}" for where, message in problems[:3])
-            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-            raise RequestError(f"batch refused, nothing enqueued: {first}{more}", problems)
+            raise RequestError(f"batch refused, nothing enqueued: {summarize_problems(problems)}", problems)
         if not prepared:
             raise RequestError("batch refused: it holds no requests")
         return prepared
@@ -343,11 +342,8 @@ def _describe_state(record: JobRecord | BatchRecord) -> str:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    field = ".".join(str(part) for part in error["loc"]) or "request"
-    message = error["msg"].removeprefix("Value error, ")
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{field}: {message}{more}"
+    error = first_error(exc)
+    return f"{error.location or 'request'}: {error.message}{error.more}"
 
 
 class SyncLLMService:

@@ -26,11 +26,16 @@ from pydantic import (
     model_validator,
 )
 
+from llmq.contract.validation import first_error
+
 CONFIG_ENV = "LLMQ_CONFIG"
 DEFAULT_CONFIG_PATHS = (Path("config/llm_service.yaml"), Path("llm_service.yaml"))
 #: A link to config/llm_service.yaml that the wheel carries as a file.
 PACKAGED_CONFIG = Path(__file__).parents[1] / "data" / "llm_service.yaml"
 ENTRY_POINT_GROUP = "llmq.providers"
+#: Where a local stack keeps its files (SQLite ledger, embedded Redis, logs): $LLMQ_HOME, else ./.llmq.
+HOME_ENV = "LLMQ_HOME"
+DEFAULT_HOME = ".llmq"
 
 #: Adapters that ship with llmq (the registry in llmq.worker.providers maps each to a class).
 BUILTIN_PROVIDER_TYPES = (
@@ -264,6 +269,11 @@ class LLMConfig:
         return found
 
 
+def llmq_home() -> Path:
+    """The local stack's directory ($LLMQ_HOME, default ./.llmq), as an absolute path."""
+    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().resolve()
+
+
 def known_provider_types() -> set[str]:
     names = set(BUILTIN_PROVIDER_TYPES) | set(PROVIDER_TYPE_ALIASES)
     names |= {entry.name for entry in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)}
@@ -304,7 +314,7 @@ def resolve_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
         return PACKAGED_CONFIG
     raise ConfigError(
         f"no config file found: pass --config PATH, set {CONFIG_ENV}, "
-        f"or create {DEFAULT_CONFIG_PATHS[0]} (see README, 'Configuration')"
+        f"or create {DEFAULT_CONFIG_PATHS[0]} (see docs/configuration.md)"
     )
 
 
@@ -352,7 +362,7 @@ def parse_config(text: str, source: Path | None = None, environ: dict[str, str] 
 
 _FIXES = {
     "missing": "add this key",
-    "extra_forbidden": "remove it or fix its spelling (see README, 'Configuration')",
+    "extra_forbidden": "remove it or fix its spelling (see docs/configuration.md)",
     "int_type": "use a whole number",
     "int_parsing": "use a whole number",
     "float_type": "use a number",
@@ -371,14 +381,11 @@ _FIXES = {
 
 
 def _describe(where: str, exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    location = ".".join(str(part) for part in ("llm_service", *error["loc"]))
+    error = first_error(exc, root=("llm_service",))
     # Never echo a value that may be a key: an unknown key's value, or any secret-named field.
-    quiet = error["type"] in {"missing", "extra_forbidden"} or isinstance(error.get("input"), dict) or any(
-        _SECRET_OPTION.search(str(part)) for part in error["loc"]
+    quiet = error.error_type in {"missing", "extra_forbidden"} or isinstance(error.input, dict) or any(
+        _SECRET_OPTION.search(part) for part in error.location.split(".")
     )
-    got = "" if quiet else f" (got {error['input']!r})"
-    fix = _FIXES.get(error["type"], "see README, 'Configuration'")
-    message = error["msg"].removeprefix("Value error, ")
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {location}: {message}{got}; fix: {fix}{more}"
+    got = "" if quiet else f" (got {error.input!r})"
+    fix = _FIXES.get(error.error_type, "see docs/configuration.md")
+    return f"{where}: {error.location}: {error.message}{got}; fix: {fix}{error.more}"

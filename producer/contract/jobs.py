@@ -26,8 +26,8 @@ from llmq.contract.models import (
 )
 from llmq.contract.scripts import read_script
 
-WAITING_STATES = ("queued", "retrying", "rate_limited")
-ACTIVE_STATES = (*WAITING_STATES, "running")
+WAITING_STATES = (JobState.QUEUED, JobState.RETRYING, JobState.RATE_LIMITED)
+ACTIVE_STATES = (*WAITING_STATES, JobState.RUNNING)
 #: A published job not claimed this long, on a queue that holds no message, is published again.
 PUBLISH_GRACE_MS = 30_000
 #: The same watchdog interval for jobs the promoter publishes (retries, fallbacks, re-runs).
@@ -67,6 +67,16 @@ class NewJob:
             "options": json.dumps(self.options),
         }
         return [item for pair in values.items() for item in pair]
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What transition.lua did: whether the job moved, the state it was in, its dispatch number now."""
+
+    moved: bool
+    #: None when there is no such job (expired, or never created).
+    previous_state: JobState | None
+    dispatch: int
 
 
 @dataclass(frozen=True)
@@ -146,9 +156,6 @@ class JobStore:
     async def batch_job_ids(self, batch_id: str) -> list[str]:
         return await self.redis.lrange(keys.batch_jobs(batch_id), 0, -1)
 
-    async def batch_job_id(self, batch_id: str, custom_id: str) -> str | None:
-        return await self.redis.hget(keys.batch_custom_ids(batch_id), custom_id)
-
     async def now_ms(self) -> int:
         seconds, micros = await self.redis.time()
         return int(seconds) * 1000 + int(micros) // 1000
@@ -158,7 +165,7 @@ class JobStore:
     async def claim(self, job_id: str, dispatch: int, worker: str, lease_ms: int) -> Claim:
         # The batch key is completed inside the script from the job's own batch_id: no extra round trip.
         result = await self._claim(
-            keys=[keys.job(job_id), keys.batch(""), keys.LEASES, keys.DELAYED],
+            keys=[keys.job(job_id), keys.BATCH_KEY_PREFIX, keys.LEASES, keys.DELAYED],
             args=[str(dispatch), worker, lease_ms],
         )
         if result[0] == "ok":
@@ -170,8 +177,8 @@ class JobStore:
         self,
         job_id: str,
         *,
-        new_state: str,
-        allowed: tuple[str, ...],
+        new_state: JobState,
+        allowed: tuple[JobState, ...],
         expected_dispatch: int | None = None,
         delay_ms: int = -1,
         new_dispatch: bool = False,
@@ -179,32 +186,35 @@ class JobStore:
         attempt: dict[str, Any] | None = None,
         rows: list[dict[str, Any]] | None = None,
         fields: dict[str, Any] | None = None,
-    ) -> tuple[bool, str, int]:
-        """Move a job if it is in one of `allowed` (and on `expected_dispatch`); returns (moved, old state, dispatch)."""
+    ) -> Transition:
+        """Move a job if it is in one of `allowed` (and on `expected_dispatch`)."""
         flat = [str(item) for pair in (fields or {}).items() for item in pair]
         moved, state, dispatch = await self._transition(
             keys=[
-                keys.job(job_id), keys.job_attempts(job_id), keys.batch(""), keys.LEASES,
+                keys.job(job_id), keys.job_attempts(job_id), keys.BATCH_KEY_PREFIX, keys.LEASES,
                 keys.DELAYED, keys.DEADLINES, keys.OUTBOX,
             ],
             args=[
-                "" if expected_dispatch is None else str(expected_dispatch), ",".join(allowed), new_state,
+                "" if expected_dispatch is None else str(expected_dispatch), ",".join(state.value for state in allowed),
+                new_state.value,
                 delay_ms, "1" if new_dispatch else "0", ttl_s,
                 json.dumps(attempt) if attempt else "", json.dumps(rows) if rows else "", *flat,
             ],
         )
-        return bool(int(moved)), str(state), int(dispatch)
+        # 'missing': no such job (expired or never created).
+        previous = None if state == "missing" else JobState(state)
+        return Transition(bool(int(moved)), previous, int(dispatch))
 
     async def cancel(self, job_id: str, ttl_s: int) -> bool:
         error = {"type": "JobCancelledError", "message": "cancelled by the caller", "retryable": False}
-        moved, _, _ = await self.transition(
-            job_id, new_state="cancelled", allowed=ACTIVE_STATES, new_dispatch=True, ttl_s=ttl_s,
+        done = await self.transition(
+            job_id, new_state=JobState.CANCELLED, allowed=ACTIVE_STATES, new_dispatch=True, ttl_s=ttl_s,
             fields={"error": json.dumps(error)},
         )
-        return moved
+        return done.moved
 
     async def promote_due(self, limit: int = 500) -> list[tuple[str, int, str, int]]:
-        flat = await self._promote(keys=[keys.DELAYED], args=[limit, PROMOTE_IN_FLIGHT_MS, keys.job(""), PROMOTE_RECHECK_MS])
+        flat = await self._promote(keys=[keys.DELAYED], args=[limit, PROMOTE_IN_FLIGHT_MS, keys.JOB_KEY_PREFIX, PROMOTE_RECHECK_MS])
         return [
             (flat[index], int(flat[index + 1]), flat[index + 2], int(flat[index + 3]))
             for index in range(0, len(flat), 4)
@@ -219,7 +229,7 @@ class JobStore:
         """
         moved_total = offset = 0
         while True:
-            moved, scanned = await self._recheck(keys=[keys.DELAYED], args=[RESTART_RECHECK_MS, keys.job(""), offset, page])
+            moved, scanned = await self._recheck(keys=[keys.DELAYED], args=[RESTART_RECHECK_MS, keys.JOB_KEY_PREFIX, offset, page])
             moved_total += int(moved)
             offset += int(scanned) - int(moved)
             if int(scanned) < page:
@@ -228,7 +238,7 @@ class JobStore:
     async def reap(self, limit: int, ttl_s: int) -> tuple[list[str], list[str]]:
         flat = await self._reap(
             keys=[keys.LEASES, keys.DEADLINES, keys.DELAYED, keys.OUTBOX],
-            args=[keys.job(""), keys.batch(""), limit, ttl_s],
+            args=[keys.JOB_KEY_PREFIX, keys.BATCH_KEY_PREFIX, limit, ttl_s],
         )
         split = flat.index("|")
         return flat[:split], flat[split + 1 :]

@@ -73,6 +73,27 @@ RATE_LIMIT_PREFIX = f"{PREFIX}:rl"
 CACHE_PREFIX = f"{PREFIX}:cache"
 
 
+def cache_entry(request_digest: str) -> str:
+    """String: one cached answer (LLMResponse JSON), keyed by the digest of the normalized request."""
+    return f"{CACHE_PREFIX}:{request_digest}"
+
+
+def worker_heartbeat(worker_id: str) -> str:
+    """String (JSON, short TTL): one live worker process's heartbeat (pid, queues, configured providers)."""
+    return WORKER_PREFIX + worker_id
+
+
+def restart_recheck(redis_run_id: str) -> str:
+    """String: taken by the one worker that rechecks published jobs after Redis restarted with this run id."""
+    return RESTART_RECHECK_PREFIX + redis_run_id
+
+
+#: Prefixes the Lua scripts complete with an id taken from a job record (a batch id, say):
+#: a script may only touch keys derived from what it is given, and these keep them in this module.
+JOB_KEY_PREFIX = f"{PREFIX}:job:"
+BATCH_KEY_PREFIX = f"{PREFIX}:batch:"
+
+
 def cache_stats(provider: str) -> str:
     """Hash hits/misses: the response cache's counters for one provider entry."""
     return f"{CACHE_PREFIX}:stats:{provider}"
@@ -90,7 +111,7 @@ def health_history(provider: str) -> str:
 def circuit(provider: str) -> str:
     """Hash: one provider entry's circuit breaker (state, failures, opened_at, probe, last error).
 
-    Written only by worker/circuit.lua; read by `provider_status()`.
+    Written only by worker/middleware/lua/circuit.lua; read by `provider_status()`.
     """
     return f"{PREFIX}:circuit:{provider}"
 
@@ -98,7 +119,13 @@ def circuit(provider: str) -> str:
 def budget_spend(kind: str, name: str) -> str:
     """Base of the daily spend counters (micro-USD) of a caller or provider entry.
 
-    `kind` is "caller" or "provider"; worker/budget.lua appends ":<UTC day number>"
-    (days since the epoch, on Redis's clock) and expires each counter after two days.
+    `kind` is "caller" or "provider"; budget.lua appends ":<UTC day number>" (days since
+    the epoch, on Redis's clock; `budget_spend_day` is the same key) and expires each
+    counter after two days.
     """
     return f"{PREFIX}:budget:{kind}:{name}"
+
+
+def budget_spend_day(kind: str, name: str, utc_day: int) -> str:
+    """Counter (micro-USD) of one caller's or provider entry's spend on one UTC day (days since the epoch)."""
+    return f"{budget_spend(kind, name)}:{utc_day}"

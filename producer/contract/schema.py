@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import (
@@ -38,11 +37,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.types import TypeEngine
 
+from llmq.contract.config import llmq_home
 from llmq.contract.models import TERMINAL_STATES
 
 DATABASE_URL_ENV = "LLMQ_DATABASE_URL"
-HOME_ENV = "LLMQ_HOME"
-DEFAULT_HOME = ".llmq"
 SQLITE_FILE_NAME = "llmq.sqlite3"
 
 USD_SCALE = 10
@@ -184,7 +182,7 @@ def database_url() -> str:
     explicit = os.environ.get(DATABASE_URL_ENV)
     if explicit:
         return explicit
-    home = Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().resolve()
+    home = llmq_home()
     home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{home / SQLITE_FILE_NAME}"
 

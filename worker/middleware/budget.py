@@ -27,7 +27,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from llmq.contract import keys
-from llmq.contract.models import LLMResponse
+from llmq.contract.models import JobState, LLMResponse
 from llmq.contract.scripts import read_script
 from llmq.worker import errors
 from llmq.worker.middleware.base import Defer, Middleware, Skip, Verdict
@@ -93,7 +93,7 @@ class BudgetMiddleware(Middleware):
                 f"daily budget of {over.kind} {over.name!r} is spent (${over.spent_usd:.4f} of ${over.budget_usd:g} "
                 "today, UTC); moved to the next provider", provider=provider, model=attempt.hop.model,
             ))
-        return Defer(int(next_day_s) + random.uniform(0, WAKE_SPREAD_S), "rate_limited", reason="budget")
+        return Defer(int(next_day_s) + random.uniform(0, WAKE_SPREAD_S), JobState.RATE_LIMITED, reason="budget")
 
     async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
         if not self.settings.enabled:

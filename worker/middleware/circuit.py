@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 
 from llmq.contract import keys
 from llmq.contract.config import HealthSettings
-from llmq.contract.models import LLMResponse
+from llmq.contract.models import JobState, LLMResponse
 from llmq.contract.scripts import read_script
 from llmq.worker import errors
 from llmq.worker.logs import redact
@@ -158,7 +158,7 @@ class CircuitBreakerMiddleware(Middleware):
                 f"(probed again in {permission.wait_s:.1f}s)",
                 provider=provider, model=attempt.hop.model,
             ))
-        return Defer(self._wait_s(permission), "retrying", reason="circuit open")
+        return Defer(self._wait_s(permission), JobState.RETRYING, reason="circuit open")
 
     def _wait_s(self, permission: Permission) -> float:
         # While a probe is out, look again soon (it may close the circuit any moment), not

@@ -18,7 +18,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from llmq.contract import keys
-from llmq.contract.models import LLMResponse
+from llmq.contract.models import JobState, LLMResponse
 from llmq.worker import errors
 from llmq.worker.limiter.limiter import RateLimiter, estimate_request_tokens
 from llmq.worker.middleware.base import Defer, Middleware, Skip, Verdict
@@ -76,7 +76,7 @@ class RateLimitMiddleware(Middleware):
                 provider=attempt.hop.provider, model=attempt.hop.model,
             ))
         # A little jitter, so jobs told the same wait do not all come back in the same instant.
-        return Defer(decision.wait_s + random.uniform(0.0, DEFER_JITTER_S), "rate_limited", reason=decision.limit or "rate limit")
+        return Defer(decision.wait_s + random.uniform(0.0, DEFER_JITTER_S), JobState.RATE_LIMITED, reason=decision.limit or "rate limit")
 
     async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
         reserved = attempt.scratch.pop("rate_limit_reserved", None)
