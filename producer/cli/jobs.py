@@ -6,16 +6,25 @@ import argparse
 import asyncio
 import json
 import sys
-from typing import Any
+from collections.abc import AsyncIterator
 
-from llmq.cli.output import EXIT_ERROR, NotFoundError, not_found, result_line, summary_line, wait_with_bar, write_lines
+from llmq.cli.output import (
+    EXIT_ERROR,
+    CommandRegistrar,
+    NotFoundError,
+    not_found,
+    result_line,
+    summary_line,
+    wait_with_bar,
+    write_lines,
+)
 from llmq.client.batchfile import read_batch_file
 from llmq.client.service import LLMService
-from llmq.contract.config import load_config
-from llmq.contract.models import BatchRecord
+from llmq.contract.config import LLMConfig, load_config
+from llmq.contract.models import BatchRecord, LLMResponse
 
 
-def add_commands(command: Any) -> None:
+def add_commands(command: CommandRegistrar) -> None:
     """Register the commands on the CLI's `command(name, handler, help)` helper."""
     command("models", cmd_models, "list the models of configured providers")
     submit = command("submit", cmd_submit, "enqueue a JSONL batch file; prints the batch id")
@@ -158,7 +167,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return asyncio.run(_print_stream(service, service.stream_job(args.id)))
 
 
-async def _print_stream(service: Any, chunks: Any) -> int:
+async def _print_stream(service: LLMService, chunks: AsyncIterator[LLMResponse]) -> int:
     try:
         async for chunk in chunks:
             if chunk.metadata.get("reset"):
@@ -176,7 +185,7 @@ async def _print_stream(service: Any, chunks: Any) -> int:
     return 0
 
 
-def default_model(config: Any) -> str:
+def default_model(config: LLMConfig) -> str:
     names = [config.service.default_provider, *config.service.fallback_chain, *config.providers]
     for name in names:
         entry = config.providers.get(name) if name else None

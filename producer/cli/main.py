@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 import traceback
-from typing import Any
+from collections.abc import Callable
 
 from llmq.cli import demo, jobs, reports, stack, worker
 from llmq.cli.output import EXIT_ERROR, EXIT_USAGE, hint, one_line
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", "-v", action="store_true", help="show details and tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Any, help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
         # Also after the command (`llmq submit FILE -v`); SUPPRESS keeps a flag given before it.

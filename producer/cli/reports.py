@@ -17,7 +17,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from llmq.cli.output import redact_url
+from llmq.cli.output import CommandRegistrar, redact_url
 from llmq.client.status import read_provider_status
 from llmq.contract import keys
 from llmq.contract.config import LLMConfig, load_config
@@ -31,7 +31,7 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 REDIS_TIMEOUT_S = 3.0
 
 
-def add_commands(command: Any) -> None:
+def add_commands(command: CommandRegistrar) -> None:
     """Register the commands on the CLI's `command(name, handler, help)` helper."""
     providers = command("providers", cmd_providers,
                         "every adapter and config entry: configured or not, circuit, health checks, last error, limits in use")

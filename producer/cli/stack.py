@@ -18,10 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from llmq.cli.embedded import RedisServer
-from llmq.cli.output import redact_url
+from llmq.cli.output import CommandRegistrar, redact_url
 from llmq.contract.config import HOME_ENV, LLMConfig, llmq_home, load_config
 from llmq.contract.queueing import REDIS_URL_ENV
 
@@ -119,7 +118,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def add_commands(command: Any) -> None:
+def add_commands(command: CommandRegistrar) -> None:
     """Register the commands on the CLI's `command(name, handler, help)` helper."""
     up = command("up", cmd_up, "run the whole stack on this machine until Ctrl-C")
     up.add_argument("--no-flower", action="store_true")
