@@ -123,14 +123,15 @@ def describe_entry(config: LLMConfig, name: str, status: dict[str, Any] | None) 
 
 
 def describe_circuit(circuit: dict[str, Any], now_s: float) -> str:
+    calls, failures = circuit["window_calls"], circuit["window_failures"]
+    window = f"{failures} of {calls} recent calls failed"
     if circuit["state"] == "closed":
-        failures = circuit["failures"]
-        return "closed" + (f" ({failures} consecutive failure{'s' if failures != 1 else ''})" if failures else "")
+        return "closed" + (f" ({window})" if failures else "")
     if circuit["state"] == "half_open":
-        return "half-open (a probe is out)"
+        return "half-open (probing with health checks)"
     since = ago(circuit["opened_at"], now_s)
     probe = "probe due" if circuit["probe_due"] else f"probe in {circuit['probe_at'] - now_s:.0f}s"
-    return f"OPEN (opened {since} after {circuit['failures']} consecutive failures; skipped by routing; {probe})"
+    return f"OPEN (opened {since}: {window}; skipped by routing; {probe})"
 
 
 def describe_check(check: dict[str, Any] | None, now_s: float, name: str) -> str:

@@ -176,14 +176,25 @@ class JobSettings(_Strict):
 
 
 class HealthSettings(_Strict):
-    """Health checks (Celery beat) and the circuit breaker each provider entry has."""
+    """Health checks (Celery beat) and the circuit breaker each provider entry has.
 
-    #: Seconds between two `health_check()` calls of a provider.
+    The breaker judges the provider over a sliding window of calls (a job that fails
+    again counts once), so a few requests a provider can never answer do not open it.
+    """
+
+    #: Seconds between two `health_check()` calls of a provider (sent by beat).
     interval_s: float = Field(default=30.0, gt=0)
-    #: Consecutive failures (health checks or calls) that open the circuit.
-    failure_threshold: int = Field(default=5, ge=1)
-    #: Seconds an open circuit skips the provider before one probe is let through.
+    #: The sliding window, in seconds, the breaker counts calls over.
+    window_s: float = Field(default=60.0, gt=0)
+    #: Calls in the window (jobs counted once, health checks) before the failure rate is judged.
+    minimum_calls: int = Field(default=10, ge=1)
+    #: Share of the window's calls that failed (0 to 1) at which the circuit opens.
+    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    #: Seconds an open circuit skips the provider before probes are let through.
     cooldown_s: float = Field(default=30.0, gt=0)
+    #: Probes (health checks of the breaker's own) a half-open circuit lets through at once;
+    #: the first that succeeds closes it, one that fails opens it for another cool-down.
+    half_open_probes: int = Field(default=3, ge=1)
 
 
 class BudgetSettings(_Strict):

@@ -109,11 +109,26 @@ def health_history(provider: str) -> str:
 
 
 def circuit(provider: str) -> str:
-    """Hash: one provider entry's circuit breaker (state, failures, opened_at, probe, last error).
+    """Hash: one provider entry's circuit breaker (state, opened_at, window counts, last error).
 
     Written only by worker/middleware/lua/circuit.lua; read by `provider_status()`.
     """
     return f"{PREFIX}:circuit:{provider}"
+
+
+def circuit_failures(provider: str) -> str:
+    """Sorted set call id -> epoch ms: the failed calls in the circuit breaker's window (a job counts once)."""
+    return f"{PREFIX}:circuit:{provider}:failed"
+
+
+def circuit_successes(provider: str) -> str:
+    """Hash window bucket -> count: the successful calls in the circuit breaker's window."""
+    return f"{PREFIX}:circuit:{provider}:ok"
+
+
+def circuit_probes(provider: str) -> str:
+    """Sorted set probe token -> epoch ms its hold ends: the probes a half-open circuit let through."""
+    return f"{PREFIX}:circuit:{provider}:probes"
 
 
 def budget_spend(kind: str, name: str) -> str:

@@ -23,6 +23,15 @@ from llmq.cli.embedded import RedisServer
 from llmq.client.service import BatchItem, SyncLLMService
 from llmq.contract.models import BatchRecord, JobRecord, JobState
 from llmq.worker.store.ledger import Store, jobs_table, usage_table
+from tests.reliability.support import (
+    Figures,
+    assert_each_attempt_recorded_once,
+    assert_ledger_matches,
+    client,
+    drain_ledger,
+    job_keys,
+    wait_until,
+)
 from tests.support.fakes.openai import FakeOpenAI
 from tests.support.harness import (
     Cluster,
@@ -32,15 +41,6 @@ from tests.support.harness import (
     openai_entry,
     service_config,
     start_cluster,
-)
-from tests.reliability.support import (
-    Figures,
-    assert_each_attempt_recorded_once,
-    assert_ledger_matches,
-    client,
-    drain_ledger,
-    job_keys,
-    wait_until,
 )
 
 pytestmark = pytest.mark.slow

@@ -30,11 +30,11 @@ from llmq.client.service import JobFailedError
 from llmq.contract.config import ConfigError, parse_config
 from llmq.contract.models import JobState
 from llmq.worker.store.ledger import metadata
+from tests.reliability.support import Figures, drain_ledger, wait_until
 from tests.support.fakes.anthropic import FakeAnthropic
 from tests.support.fakes.gemini import FakeGemini
 from tests.support.fakes.openai import FakeOpenAI
 from tests.support.harness import Cluster, fast_retry, service_config, start_cluster
-from tests.reliability.support import Figures, drain_ledger, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -22,10 +22,10 @@ from llmq import LLMRequest
 from llmq.contract import keys
 from llmq.contract.models import BatchRecord, JobState
 from llmq.worker.store.ledger import Store
+from tests.reliability.support import Figures, assert_ledger_matches, client, wait_until
 from tests.support.fakes.openai import FakeOpenAI
 from tests.support.harness import Cluster, openai_entry, service_config, start_cluster
 from tests.support.pg import PostgresServer, postgres_or_skip
-from tests.reliability.support import Figures, assert_ledger_matches, client, wait_until
 
 pytestmark = pytest.mark.slow
 

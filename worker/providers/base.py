@@ -37,6 +37,9 @@ class LLMProvider(ABC):
     local: ClassVar[bool] = False
     #: Output is made up (the mock): labelled as simulated wherever it appears.
     simulated: ClassVar[bool] = False
+    #: `health_check()` makes a tiny request of its own: a half-open circuit probes with it
+    #: instead of letting a (possibly poisonous) job through.
+    health_probe: ClassVar[bool] = True
     default_base_url: ClassVar[str | None] = None
 
     def __init__(self, config: ProviderConfig) -> None:

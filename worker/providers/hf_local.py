@@ -78,6 +78,8 @@ class TransformersPipelineProvider(LLMProvider):
     type_name = "huggingface"
     description = "Hugging Face transformers model run in-process (options.mode: pipeline)"
     local = True
+    # Its health check only says the model loads; a job is the better probe of an in-process model.
+    health_probe = False
     requires_api_key = False
     supports_streaming = True
 
