@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--poison-every", type=int, default=10, help="every Nth job is poison (default 10: 10 %%)")
     parser.add_argument("--timeout-s", type=float, default=180.0, help="give up waiting after this long")
+    parser.add_argument("--concurrency", type=int, default=8, help="the worker's job slots (default 8)")
     parser.add_argument("--checkout", type=Path, default=procs.REPO_ROOT, help="llmq checkout whose worker runs")
     parser.add_argument("--python", default=sys.executable, help="that checkout's Python")
     return parser.parse_args(argv)
@@ -67,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         env = procs.clean_env(LLMQ_REDIS_URL=redis_server.url, LLMQ_CONFIG=str(config_path), LLMQ_HOME=str(root),
                               LLMQ_DATABASE_URL=f"sqlite:///{root / 'ledger.sqlite3'}")
         command = [args.python, "-m", worker_module(args.checkout), "--config", str(config_path), "worker",
-                   "--queues", "solo", "--concurrency", "50", "--loglevel", "WARNING"]
+                   "--queues", "solo", "--concurrency", str(args.concurrency), "--loglevel", "WARNING"]
         popen = procs.subprocess.Popen(command, cwd=args.checkout, env=env, stdout=(root / "worker.log").open("ab"),
                                        stderr=procs.subprocess.STDOUT, start_new_session=True)
         worker = procs.Process("worker", popen, root / "worker.log")
         procs.wait_for_key(redis_server.url, f"{keys.WORKER_PREFIX}*", worker)
-        print(f"worker of {args.checkout} ({worker_module(args.checkout)}), {args.jobs} jobs, "
+        print(f"worker of {args.checkout} ({worker_module(args.checkout)}, {args.concurrency} slots), {args.jobs} jobs, "
               f"every {args.poison_every}th poison (HTTP 500 forever), no beat, default retry and health settings")
         report(run(args, parse_config(config_text), redis_server.url, fake), redis_server.url)
     finally:
