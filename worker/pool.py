@@ -20,7 +20,7 @@ Celery's own semantics stay: late acks (the message is acked only after the job'
 outcome is recorded), `Reject(requeue=True)` hands a message back, task events
 for Flower, prefetch bounded by `--concurrency`. Warm shutdown waits for running
 jobs and acks them; a killed process leaves its messages unacked and its job
-leases expire (docs/RELIABILITY.md).
+leases expire (docs/reliability.md).
 
 A task runs here when it has an `llmq_coroutine(*args, **kwargs)` attribute that
 returns (event loop, coroutine) (worker/app.py); any other task runs on a
@@ -28,7 +28,7 @@ small thread pool the way Celery's thread pool would run it.
 
 The pool also watches Celery's consumer (`ConsumerWatchdog`): kombu/celery 5.7's
 Redis consumer sometimes never comes back from a Redis crash while the process
-stays up (docs/RELIABILITY.md, bug 7). When the consumer's loop has not run for
+stays up (https://github.com/celery/celery/issues/10205). When the consumer's loop has not run for
 `LLMQ_CONSUMER_STALL_S` (60 s) while Redis has answered for a while, the worker
 exits, and its supervisor (`llmq up`, docker-compose's restart policy, systemd)
 starts a fresh one; its running jobs' leases run out and they run again.
@@ -272,7 +272,7 @@ class Finished(NamedTuple):
 
 
 class ConsumerWatchdog:
-    """Ends the process when Celery's consumer stopped running while Redis is up (bug 7).
+    """Ends the process when Celery's consumer stopped running while Redis is up (see the module docstring).
 
     The consumer's hub calls `seen` each time it runs the pool's reader; every
     `WATCH_INTERVAL_S` a thread of this pool pokes that reader (a byte in the wake

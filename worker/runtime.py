@@ -10,7 +10,7 @@ Background loops on the same event loop:
 - promoter: publishes delayed jobs (retries, rate-limited waits, fallbacks) when due
 - reaper: re-runs jobs whose worker stopped renewing its lease; fails jobs past their deadline
 - lease renewer: keeps this process's running jobs' leases fresh
-and a child process that drains the SQL outbox (worker/outbox.py).
+and a child process that drains the SQL outbox (worker/store/outbox.py).
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def assert_none_stranded_before_claim(records: list[JobRecord]) -> None:
 
 
 def skip_if_consumer_lost(worker: WorkerProcess) -> None:
-    """Temporary: Celery's Redis consumer does not always come back from a Redis crash (upstream)."""
+    """Temporary: Celery's consumer may not survive a Redis crash (https://github.com/celery/celery/issues/10205)."""
     log = worker.log_path.read_text(errors="replace")
     if worker.process is None or worker.process.poll() is not None or "Unrecoverable error" in log:
         reason = "the worker process exited: its Celery consumer raised an unrecoverable error while reconnecting"

@@ -6,7 +6,7 @@ one echoes the whole key in its error body (the worst case), one resets
 connections, and some jobs succeed. Then everything is scanned: every Redis key
 and value (Celery/kombu messages decoded, in queues and unacked), every SQL row,
 the worker logs, exception messages, and the CLI's output. Flower's API is
-scanned by tests/test_flower.py.
+scanned by tests/worker/test_flower.py.
 """
 
 from __future__ import annotations

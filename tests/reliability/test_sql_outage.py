@@ -80,7 +80,7 @@ def stop_postgres(server: PostgresServer) -> None:
 
 
 def start_postgres_again(server: PostgresServer) -> None:
-    """The same data directory and port as tests/pg.py's start(), without a new initdb."""
+    """The same data directory and port as tests/support/pg.py's start(), without a new initdb."""
     log = open(server.root / "postgres.log", "ab")  # noqa: SIM115 - the server owns it
     server.process = subprocess.Popen(
         ["postgres", "-D", str(server.data_dir), "-p", str(server.port), "-k", str(server.socket_dir),

@@ -1,7 +1,7 @@
 """worker/pool.py against Celery's pool contract, without a broker: what each outcome hands back to Celery.
 
 The real-process side (events, many calls in one process, warm shutdown) is in
-tests/test_worker_process.py; Reject-on-Redis-loss in tests/reliability.
+tests/worker/test_worker_process.py; Reject-on-Redis-loss in tests/reliability.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""The claim watchdog (producer/lua/promote.lua) against a real redis-server.
+"""The claim watchdog (producer/contract/lua/promote.lua) against a real redis-server.
 
 A published job keeps an entry in the delayed set until a worker claims it. When the
 entry comes due: a lost message (its queue is empty) is handed out again; a job whose
 queue still holds messages is looked at again soon (after 5 s, or 1 ms per queued
 message), not after another whole grace period; finished and running jobs drop out.
 After Redis restarts, every published job not yet claimed comes due within a second
-(producer/lua/recheck.lua, run by the worker that notices the new run id).
+(producer/contract/lua/recheck.lua, run by the worker that notices the new run id).
 """
 
 from __future__ import annotations

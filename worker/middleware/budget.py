@@ -1,7 +1,7 @@
 """Daily budgets per caller and per provider entry, as engine middleware.
 
 A caller is the request's `metadata["caller"]`. Spend is counted in Redis per
-UTC day (worker/budget.lua, whole micro-USD, on Redis's clock) from each usage
+UTC day (lua/budget.lua beside this module, whole micro-USD, on Redis's clock) from each usage
 row's cost, after the call; before a call the middleware compares what the
 caller and the provider have spent today with their budgets
 (`llm_service.budgets`). Once either is spent:
