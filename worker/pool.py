@@ -332,7 +332,7 @@ class ConsumerWatchdog:
 
 def _exit_stalled(silent_s: float) -> None:
     log.critical("Celery's consumer has not run for %.0f s while Redis answers (a consumer lost in a broker "
-                 "reconnect, docs/RELIABILITY.md bug 7): this worker stops so that its supervisor starts a new one; "
+                 "reconnect, https://github.com/celery/celery/issues/10205): this worker stops so that its supervisor starts a new one; "
                  "its running jobs run again when their leases run out", silent_s)
     os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown, if its main thread still runs
     time.sleep(STALL_EXIT_GRACE_S)

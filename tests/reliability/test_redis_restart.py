@@ -115,7 +115,7 @@ def skip_if_consumer_lost(worker: WorkerProcess) -> None:
     else:
         return
     pytest.skip(f"upstream bug (kombu/celery 5.7 Redis transport, cf. celery#10205): {reason}; llmq should exit "
-                "and be restarted when its consumer is gone (docs/RELIABILITY.md, bug 7)")
+                "and be restarted when its consumer is gone (https://github.com/celery/celery/issues/10205)")
 
 
 def succeeded_so_far(cluster: Cluster, batch_id: str) -> int:
