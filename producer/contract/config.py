@@ -32,24 +32,17 @@ CONFIG_ENV = "LLMQ_CONFIG"
 DEFAULT_CONFIG_PATHS = (Path("config/llm_service.yaml"), Path("llm_service.yaml"))
 #: A link to config/llm_service.yaml that the wheel carries as a file.
 PACKAGED_CONFIG = Path(__file__).parents[1] / "data" / "llm_service.yaml"
-ENTRY_POINT_GROUP = "llmq.providers"
 #: Where a local stack keeps its files (SQLite ledger, embedded Redis, logs): $LLMQ_HOME, else ./.llmq.
 HOME_ENV = "LLMQ_HOME"
 DEFAULT_HOME = ".llmq"
 
-#: Adapters that ship with llmq (the registry in llmq.worker.providers maps each to a class).
-BUILTIN_PROVIDER_TYPES = (
-    "openai",
-    "azure_openai",
-    "anthropic",
-    "gemini",
-    "bedrock",
-    "ollama",
-    "lmstudio",
-    "localai",
-    "vllm",
-    "huggingface",
-    "mock",
+#: Provider adapters, llmq's own among them, are the entry points of this group
+#: (pyproject.toml); the worker's registry loads them, this module only reads their names.
+ENTRY_POINT_GROUP = "llmq.providers"
+#: What to do when the group is empty: the package was copied, not installed.
+REINSTALL_HINT = (
+    f"no adapters are registered under the {ENTRY_POINT_GROUP!r} entry points; "
+    "install llmq (pip install -e . in a checkout) so its entry points are written"
 )
 #: Names people use for an adapter that is served by another one.
 PROVIDER_TYPE_ALIASES = {"google": "gemini", "palm": "gemini", "azure": "azure_openai", "hf": "huggingface"}
@@ -286,9 +279,12 @@ def llmq_home() -> Path:
 
 
 def known_provider_types() -> set[str]:
-    names = set(BUILTIN_PROVIDER_TYPES) | set(PROVIDER_TYPE_ALIASES)
-    names |= {entry.name for entry in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)}
-    return names
+    """Every `type:` a config may name: the adapters' entry-point names and the aliases.
+
+    Read from package metadata, so checking a config imports no adapter (and not the worker).
+    """
+    names = {entry.name for entry in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    return names | set(PROVIDER_TYPE_ALIASES) if names else set()
 
 
 def interpolate(value: Any, environ: dict[str, str], missing: dict[str, list[str]], path: str = "") -> Any:
@@ -359,14 +355,15 @@ def parse_config(text: str, source: Path | None = None, environ: dict[str, str] 
         service = ServiceConfig.model_validate(section)
     except ValidationError as exc:
         raise ConfigError(_describe(where, exc)) from None
+    known_types = known_provider_types()
     for name, entry in service.providers.items():
         entry.name = name
         prefix = f"llm_service.providers.{name}."
         entry.missing_env = tuple(sorted({var for key, names in missing.items() if key.startswith(prefix) for var in names}))
-        if entry.adapter_type not in known_provider_types():
+        if entry.adapter_type not in known_types:
+            fix = f"use one of: {', '.join(sorted(known_types))}" if known_types else REINSTALL_HINT
             raise ConfigError(
-                f"{where}: llm_service.providers.{name}.type: unknown adapter {entry.adapter_type!r}; "
-                f"use one of: {', '.join(sorted(known_provider_types()))}"
+                f"{where}: llm_service.providers.{name}.type: unknown adapter {entry.adapter_type!r}; {fix}"
             )
     return LLMConfig(service=service, path=source)
 
