@@ -82,10 +82,12 @@ class TransformersPipelineProvider(LLMProvider):
     health_probe = False
     requires_api_key = False
     supports_streaming = True
+    options_model = PipelineOptions
+
+    options: PipelineOptions
 
     def __init__(self, config: ProviderConfig, **_: object) -> None:
         super().__init__(config)
-        self.options = PipelineOptions.model_validate(config.options)
         require_backend()
         self._loaded: _Loaded | None = None
         self._load_lock = threading.Lock()
