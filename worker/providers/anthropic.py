@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmq.contract.models import LLMRequest, LLMResponse, Message, Usage
 from llmq.worker import errors
-from llmq.worker.providers.http import HTTPProvider, StreamState
+from llmq.worker.providers.http import HTTPProvider, StreamState, json_or_none
 
 API_VERSION = "2023-06-01"
 MESSAGES_PATH = "/v1/messages"
@@ -291,10 +291,7 @@ class AnthropicProvider(HTTPProvider[AnthropicStreamState]):
         header_id = super().request_id(response)
         if header_id or response.status_code < 400:
             return header_id
-        try:  # error bodies repeat the id, which survives proxies that drop headers
-            body = response.json()
-        except Exception:
-            return None
+        body = json_or_none(response)  # error bodies repeat the id, which survives proxies that drop headers
         return str(body["request_id"]) if isinstance(body, dict) and body.get("request_id") else None
 
 

@@ -25,7 +25,6 @@ Options (under `options:`): `region` (default us-east-1), `endpoint_url` (runtim
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -47,7 +46,7 @@ from llmq.worker.providers.bedrock_aws import (
     error_type_of,
     event_stream_frames,
 )
-from llmq.worker.providers.http import HTTPProvider, StreamState
+from llmq.worker.providers.http import HTTPProvider, StreamState, json_or_none
 
 #: Error names (x-amzn-ErrorType, or an in-stream `:exception-type` with its first
 #: letter raised) -> class and the status the service model gives them.
@@ -274,10 +273,7 @@ class BedrockProvider(HTTPProvider[ConverseStreamState]):
 
     def error_from_response(self, response: httpx.Response, model: str | None) -> errors.ProviderError:
         # The error's name travels in a header (x-amzn-ErrorType), which map_error does not see.
-        try:
-            body = response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            body = None
+        body = json_or_none(response)
         error_type = error_type_of(response.headers, body)
         detail = self.error_message(body) or response.text[:300] or response.reason_phrase
         message = self.redact(f"{error_type}: {detail}" if error_type else detail)

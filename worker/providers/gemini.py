@@ -54,7 +54,7 @@ from llmq.worker.providers.gemini_format import (
     unwrap,
     usage_from_metadata,
 )
-from llmq.worker.providers.http import HTTPProvider, StreamState
+from llmq.worker.providers.http import HTTPProvider, StreamState, json_or_none
 
 _CONTEXT_WINDOW_MESSAGE = re.compile(r"exceeds the maximum number of tokens|input token count", re.IGNORECASE)
 #: Pages of `models.list` read before giving up (1000 models a page is the documented maximum).
@@ -251,10 +251,7 @@ class GeminiProvider(HTTPProvider[GeminiStreamState]):
     def error_from_response(self, response: httpx.Response, model: str | None) -> errors.ProviderError:
         error = super().error_from_response(response, model)
         if error.retry_after_s is None:
-            try:
-                error.retry_after_s = retry_delay_seconds(response.json())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                pass
+            error.retry_after_s = retry_delay_seconds(json_or_none(response))
         return error
 
     def error_from_body(self, body: Any, model: str | None, request_id: str | None = None) -> errors.ProviderError:

@@ -1,25 +1,27 @@
 """The base of every adapter that speaks HTTP: named hooks, and the calls written once.
 
 `generate`, `stream_generate` and `health_check` live here; an adapter fills in
-the hooks, which have the same names in every adapter:
+hooks that have the same names in every adapter. Each one implements:
 
-==========================================  =============================================
-`request_path(model, stream=)`              where a call goes, relative to base_url
-`build_headers(model, job_id)`              auth and per-call headers (default: Bearer key)
-`build_body(request, stream=)`              the JSON body
-`parse_response(request, body, response)`   a 2xx body -> `LLMResponse`
-`new_stream_state(request, request_id)`     what a stream remembers between events
-`stream_events(response, state)`            the stream's framing (default: server-sent events)
-`parse_stream_event(event, state)`          one event -> its new answer text; the rest into `state`
-`finish_stream(state)`                      the final chunk, once the stream is known complete
-`map_error(status_code, body, message)`     the error class for a failure
-`probe()`                                   a cheap authenticated call (default: list the models)
-==========================================  =============================================
+- `request_path(model, stream=)`: where a call goes, relative to base_url
+- `build_body(request, stream=)`: the JSON body
+- `parse_response(request, body, response)`: a 2xx body -> `LLMResponse`
+- `new_stream_state(request, request_id)`: what a stream remembers between events
+- `parse_stream_event(event, state)`: one event -> its new answer text; the rest into `state`
+- `finish_stream(state)`: the final chunk, once the stream is known complete
+- `probe()`: the cheapest authenticated call, for `health_check`
 
-Optional: `error_message(body)` (where the provider puts its text), `error_from_body`
-(an error object inside a 200), `stream_chunk` (metadata on partial chunks),
-`resolve_base_url`. Transport failures are translated once, in `translate_errors`;
-non-2xx answers in `error_from_response`, through `map_error`.
+and overrides, where its provider differs from the default:
+
+- `build_headers(model, job_id)`: the key as `Authorization: Bearer`, and the job id
+  under `client_request_id_header`
+- `stream_events(response, state)`: the stream's framing; server-sent events
+- `map_error(status_code, body, message)`: the error class; by HTTP status
+- `error_message(body)`, `error_from_body(body, ...)` (an error inside a 200),
+  `stream_chunk(state, text)` (metadata on partial chunks), `resolve_base_url()`
+
+Transport failures are translated once, in `translate_errors`; non-2xx answers in
+`error_from_response`, through `map_error`. Nothing here retries.
 """
 
 from __future__ import annotations
@@ -150,9 +152,9 @@ class HTTPProvider(LLMProvider, Generic[StateT]):
         """The error class for a failure; adapters refine it from the body (context window, filters)."""
         return errors.error_for_status(status_code)
 
+    @abstractmethod
     async def probe(self) -> None:
-        """The cheapest call that proves the provider answers and takes our credentials."""
-        await self.get_available_models()
+        """The cheapest call that proves the provider answers and takes our credentials; raises if not."""
 
     # --- the calls, written once ------------------------------------------------
 
@@ -281,10 +283,7 @@ class HTTPProvider(LLMProvider, Generic[StateT]):
 
     def error_from_response(self, response: httpx.Response, model: str | None) -> errors.ProviderError:
         """Map a non-2xx response to the error tree, with the provider's message and ids."""
-        try:
-            body = response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            body = None
+        body = json_or_none(response)
         message = self.redact(self.error_message(body) or response.text[:300] or response.reason_phrase)
         error_class = self.map_error(response.status_code, body, message)
         return error_class(
@@ -320,6 +319,14 @@ class HTTPProvider(LLMProvider, Generic[StateT]):
     def redact(self, text: str) -> str:
         key = self.api_key
         return text.replace(key, "[redacted]") if key else text
+
+
+def json_or_none(response: httpx.Response) -> Any:
+    """An error response's JSON body; None when it has none (a proxy's HTML page, an empty body)."""
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
 
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str | None, str]]:

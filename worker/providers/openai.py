@@ -108,6 +108,9 @@ class OpenAIProvider(HTTPProvider[ChatStreamState]):
             )
         return [str(item["id"]) for item in data if isinstance(item, dict) and item.get("id")]
 
+    async def probe(self) -> None:
+        await self.get_available_models()
+
     # --- requests -----------------------------------------------------------------
 
     def request_path(self, model: str, *, stream: bool) -> str:
