@@ -267,7 +267,7 @@ def emptied(store: Store) -> Store:
 
 
 # Not shrunk: a failing example of at most 10 rows reads well as drawn, and shrinking takes minutes.
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow],
           phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(rows=st.lists(ledger_rows(), min_size=1, max_size=10), cut=st.integers(0, 10))
 # The corners, every run: a late non-terminal job row, an attempt reopened, a second usage row, in one batch.
