@@ -31,7 +31,7 @@ from celery import Celery
 
 from llmq.contract import keys
 from llmq.contract.jobs import JobStore
-from llmq.contract.queueing import async_redis, publish_messages
+from llmq.contract.queueing import Message, async_redis, publish_messages
 from llmq.worker.middleware.base import Middleware, MiddlewareChain
 from llmq.worker.middleware.budget import BudgetMiddleware
 from llmq.worker.middleware.cache import CacheMiddleware
@@ -115,8 +115,8 @@ class Runtime:
 
     # --- publishing ------------------------------------------------------------------
 
-    async def publish(self, messages: list[tuple[str, int, str]]) -> None:
-        """Send (job_id, dispatch, queue) messages; kombu is blocking, so off the loop."""
+    async def publish(self, messages: list[Message]) -> None:
+        """Send messages; kombu is blocking, so off the loop."""
         if messages:
             await self.loop.run_in_executor(self._publish_executor, publish_messages, self.app, messages)
 
@@ -133,7 +133,7 @@ class Runtime:
                 due = await self.jobs.promote_due(500)
                 if due:
                     # Their watchdog entries stay until a worker claims them (see promote.lua).
-                    await self.publish([(job_id, dispatch, queue) for job_id, dispatch, queue, _ in due])
+                    await self.publish(due)
                     continue
             except Exception as exc:  # Redis restarting: keep going, never die
                 log.warning("promoter: %s", exc)

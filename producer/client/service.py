@@ -260,8 +260,7 @@ class LLMService:
         fresh = [job for job, (created, _) in zip(jobs, results) if created]
         if fresh:
             # Each job's watchdog entry in the delayed set stays until a worker claims it.
-            messages = [(job.job_id, 1, keys.queue_name(job.route[0].provider)) for job in fresh]
-            await asyncio.to_thread(publish_messages, self.celery, messages)
+            await asyncio.to_thread(publish_messages, self.celery, [job.first_message() for job in fresh])
         return [job_id for _, job_id in results]
 
     # --- reading ---------------------------------------------------------------------

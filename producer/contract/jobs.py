@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -24,6 +25,8 @@ from llmq.contract.models import (
     LLMRequest,
     LLMResponse,
 )
+from llmq.contract.labels import TaskLabel
+from llmq.contract.queueing import Message
 from llmq.contract.scripts import read_script
 
 WAITING_STATES = (JobState.QUEUED, JobState.RETRYING, JobState.RATE_LIMITED)
@@ -32,6 +35,8 @@ ACTIVE_STATES = (*WAITING_STATES, JobState.RUNNING)
 PUBLISH_GRACE_MS = 30_000
 #: The same watchdog interval for jobs the promoter publishes (retries, fallbacks, re-runs).
 PROMOTE_IN_FLIGHT_MS = 30_000
+#: promote.lua hands out job_id, dispatch, queue, label, attempt for each job.
+PROMOTED_FIELDS = 5
 #: A published job not yet claimed while its queue still holds messages is looked at again this soon.
 PROMOTE_RECHECK_MS = 5_000
 #: After Redis restarted, every published, unclaimed job is looked at again this soon (recheck.lua).
@@ -56,6 +61,13 @@ class NewJob:
     deadline_s: float = 3600.0
     options: dict[str, Any] = field(default_factory=dict)
 
+    @cached_property
+    def label(self) -> TaskLabel:
+        return TaskLabel.for_job(self.request, self.route[0], batch_id=self.batch_id, custom_id=self.custom_id)
+
+    def first_message(self) -> Message:
+        return Message(self.job_id, 1, keys.queue_name(self.route[0].provider), self.label)
+
     def fields(self) -> list[str]:
         values = {
             "job_id": self.job_id,
@@ -65,6 +77,7 @@ class NewJob:
             "batch_id": self.batch_id or "",
             "custom_id": self.custom_id or "",
             "options": json.dumps(self.options),
+            "label": self.label.stored(),
         }
         return [item for pair in values.items() for item in pair]
 
@@ -213,11 +226,13 @@ class JobStore:
         )
         return done.moved
 
-    async def promote_due(self, limit: int = 500) -> list[tuple[str, int, str, int]]:
+    async def promote_due(self, limit: int = 500) -> list[Message]:
+        """The messages to publish for jobs that came due, each labelled for Flower with the attempt it starts."""
         flat = await self._promote(keys=[keys.DELAYED], args=[limit, PROMOTE_IN_FLIGHT_MS, keys.JOB_KEY_PREFIX, PROMOTE_RECHECK_MS])
         return [
-            (flat[index], int(flat[index + 1]), flat[index + 2], int(flat[index + 3]))
-            for index in range(0, len(flat), 4)
+            Message(flat[index], int(flat[index + 1]), flat[index + 2],
+                    TaskLabel.from_stored(flat[index + 3], attempt=int(flat[index + 4] or 0) + 1))
+            for index in range(0, len(flat), PROMOTED_FIELDS)
         ]
 
     async def recheck_published(self, page: int = 1000) -> int:

@@ -15,7 +15,8 @@
 --
 -- KEYS[1] delayed zset
 -- ARGV[1] max jobs  ARGV[2] in_flight_ms  ARGV[3] job key prefix ("<prefix>:job:")  ARGV[4] recheck_ms
--- Returns a flat list: job_id, dispatch, queue, score, ... (jobs that are gone are dropped).
+-- Returns a flat list: job_id, dispatch, queue, label, attempt, ... (jobs that are gone are dropped);
+-- label and attempt name the message for Flower (contract/labels.py: the attempt it starts is attempt + 1).
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
@@ -23,7 +24,7 @@ local out = {}
 local later = now_ms + tonumber(ARGV[2])
 for _, job_id in ipairs(due) do
   local job_key = ARGV[3] .. job_id
-  local fields = redis.call('HMGET', job_key, 'state', 'dispatch', 'queue', 'published')
+  local fields = redis.call('HMGET', job_key, 'state', 'dispatch', 'queue', 'published', 'label', 'attempt')
   local state, dispatch, queue, published = fields[1], fields[2], fields[3], fields[4]
   if (not state) or state == 'succeeded' or state == 'failed' or state == 'cancelled' or state == 'running' then
     redis.call('ZREM', KEYS[1], job_id)
@@ -40,7 +41,8 @@ for _, job_id in ipairs(due) do
       out[#out + 1] = job_id
       out[#out + 1] = dispatch
       out[#out + 1] = queue
-      out[#out + 1] = tostring(later)
+      out[#out + 1] = fields[5] or ''
+      out[#out + 1] = fields[6] or '0'
     end
   end
 end
