@@ -137,7 +137,8 @@ def _start_runtime(sender: object = None, **_: object) -> None:
     # Background loops (promoter, reaper, outbox) run even while no job arrives.
     worker_app = getattr(sender, "app", None)
     if isinstance(worker_app, WorkerApp):
-        runtime_for(worker_app)
+        # The consumer: the runtime sends some task events itself, as this node (worker/outcome.py).
+        runtime_for(worker_app).consumer = sender
         prestart_threads(getattr(sender, "pool", None))
 
 

@@ -22,6 +22,11 @@ FAILURE, REVOKED) is never replaced by an earlier one, RETRY gives way to whatev
 next. A hop that hands the job on therefore must not say SUCCESS or FAILURE, and a
 stale or duplicate message (dropped at claim) says nothing at all.
 
+A job can also end while no worker holds a message for it: cancelled while it waited
+(or before a worker took its message), or failed by the reaper past its deadline. The
+promoter finds it (promote.lua) and the worker sends Celery's event for it itself
+(`ended_events`): task-revoked or task-failed, as the worker's own node.
+
 Every message is what the job record holds: the error's class and its public,
 secret-free message (`public_error`), never a prompt or a key. With task events off
 (`llmq worker --no-events`) Celery sends none of these; acks stay the same.
@@ -34,7 +39,9 @@ from typing import Any, NoReturn
 
 from celery.exceptions import Ignore, Retry, Terminated
 
-from llmq.contract.models import Hop
+from llmq.contract.jobs import EndedJob
+from llmq.contract.models import Hop, JobState
+from llmq.contract.queueing import TaskEvent
 from llmq.worker import errors
 
 
@@ -115,3 +122,15 @@ class Dropped:
 
 
 Outcome = Succeeded | HandedOn | Failed | Cancelled | Dropped
+
+
+def ended_events(ended: list[EndedJob]) -> list[TaskEvent]:
+    """The events a worker sends for jobs that ended with no message to tell it."""
+    events: list[TaskEvent] = []
+    for job in ended:
+        if job.state is JobState.CANCELLED:
+            events.append(TaskEvent("task-revoked", job.job_id, {"terminated": False, "signum": None, "expired": False}))
+        elif job.error:
+            error = errors.from_record(job.error)
+            events.append(TaskEvent("task-failed", job.job_id, {"exception": repr(error), "traceback": str(error)}))
+    return events

@@ -156,6 +156,31 @@ def _send(app: Celery, producer: Producer, messages: list[Message], *, buffered:
         )
 
 
+class TaskEvent(NamedTuple):
+    """A Celery task event (what Flower shows) about a job no message of which could say it."""
+
+    type: str
+    job_id: str
+    fields: dict[str, Any]
+
+
+def publish_events(app: Celery, events: list[TaskEvent], hostname: str) -> None:
+    """Send task events, pipelined like messages, as the worker `hostname` (Flower lists any other
+    sender of a task event as a worker). They only inform: a failure is logged, never raised."""
+    if not events:
+        return
+    try:
+        with _batch_producer_pool(app).acquire(block=True) as producer, producer.batch(PUBLISH_BATCH_COMMANDS):
+            # Disabled: it opens nothing of its own; `publish` sends through the producer given, as
+            # Celery sends task-sent events.
+            dispatcher = app.events.Dispatcher(producer.connection, hostname=hostname, enabled=False,
+                                               buffer_while_offline=False)
+            for event in events:
+                dispatcher.publish(event.type, {"uuid": event.job_id, **event.fields}, producer)
+    except (KombuError, redis.exceptions.RedisError, OSError) as exc:
+        log.warning("%d task events for Flower not sent: %s", len(events), exc)
+
+
 def _batch_producer_pool(app: Celery) -> ProducerPool:
     """The app's broker connection without redis-py's own retry, as kombu needs for pipelining."""
     made_by, pool = _batch_producers.get(app, (0, None))

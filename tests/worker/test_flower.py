@@ -51,6 +51,7 @@ PROMPT_MARK = f"prompt-text-{secrets.token_hex(8)}"
 REDIS_PASSWORD = f"redis-pw-{secrets.token_hex(8)}"
 FLOWER_USER, FLOWER_PASSWORD = "admin", f"flower-pw-{secrets.token_hex(8)}"
 JOBS = 8
+PROVIDERS = ("primary", "backup", "refusing", "rescue", "strict", "slow", "limited")
 
 # Flower, a worker and a password-protected redis-server start once for the module.
 pytestmark = pytest.mark.slow
@@ -139,10 +140,11 @@ class EventState:
 
 @dataclass
 class Scenario:
-    """One job of each kind, by custom id, in one batch."""
+    """One job of each kind, by custom id, in one batch, and one job that ran out of time."""
 
     batch_id: str
     job_ids: dict[str, str]
+    late_job_id: str
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +173,18 @@ def strict() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture(scope="module")
+def limited() -> Iterator[FakeOpenAI]:
+    """Answers every call with a 429 and a long retry-after: its jobs wait in the delayed set, no message out."""
+    server = FakeOpenAI(api_key=CANARY_KEY).start()
+    server.fail_next(429, 10**6, headers={"retry-after": "30"})
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
 def cluster(
-    tmp_path_factory: pytest.TempPathFactory, fake: FakeOpenAI, refusing: FakeOpenAI, strict: FakeOpenAI
+    tmp_path_factory: pytest.TempPathFactory, fake: FakeOpenAI, refusing: FakeOpenAI, strict: FakeOpenAI,
+    limited: FakeOpenAI,
 ) -> Iterator[Cluster]:
     providers = {
         "primary": openai_entry(fake, api_key=CANARY_KEY),
@@ -181,6 +193,7 @@ def cluster(
         "rescue": {"type": "mock", "models": ["fallback-model"], "options": {"latency_s": 0.01}},
         "strict": openai_entry(strict, api_key=CANARY_KEY, models=["strict-model"]),
         "slow": {"type": "mock", "models": ["slow-model"], "options": {"latency_s": 3.0}},
+        "limited": openai_entry(limited, api_key=CANARY_KEY, models=["limited-model"]),
     }
     config = service_config(providers, fallback_chain=["primary", "backup"], retry=fast_retry(2))
     started = start_cluster(tmp_path_factory.mktemp("flower"), config, redis_password=REDIS_PASSWORD)
@@ -228,18 +241,25 @@ def ask(model: str, custom_id: str) -> BatchItem:
 
 @pytest.fixture(scope="module")
 def scenario(cluster: Cluster, finished_jobs: list[Any]) -> Scenario:
-    """A success, a fallback (401, then another provider), a refused request (400) and a cancel."""
+    """A success, a fallback (401, then another provider), a refused request (400), a cancel while
+    the provider call runs, a cancel while the job waits out a 429 (no message anywhere), and a job
+    whose deadline passes while it waits (failed by the reaper)."""
     items = [ask("gpt-4o-mini", "ok-1"), ask("fallback-model", "fallback-1"), ask("strict-model", "refused-1"),
-             ask("slow-model", "cancelled-1")]
+             ask("slow-model", "cancelled-1"), ask("limited-model", "waiting-1")]
     with cluster.service() as service:
+        late_job_id = service.submit(ask("limited-model", "late").request, deadline_s=3)
         batch_id = service.submit_batch(items)
         job_ids = {job.custom_id: job.job_id for job in service.results(batch_id)}
-        wait_for(lambda: service.poll(job_ids["cancelled-1"]).state is JobState.RUNNING)
+        assert wait_for(lambda: service.poll(job_ids["cancelled-1"]).state is JobState.RUNNING)
         assert service.cancel(job_ids["cancelled-1"]) == 1
+        assert wait_for(lambda: service.poll(job_ids["waiting-1"]).state is JobState.RATE_LIMITED)
+        assert service.cancel(job_ids["waiting-1"]) == 1
         batch = service.wait(batch_id, timeout_s=60)
+        late = service.wait(late_job_id, timeout_s=30)
     assert batch.counts[JobState.SUCCEEDED] == 2 and batch.counts[JobState.FAILED] == 1, batch
-    assert batch.counts[JobState.CANCELLED] == 1, batch
-    return Scenario(batch_id, job_ids)
+    assert batch.counts[JobState.CANCELLED] == 2, batch
+    assert late.state is JobState.FAILED and late.error["type"] == "DeadlineExceededError", late
+    return Scenario(batch_id, job_ids, late_job_id)
 
 
 def wait_for(check: Any, timeout_s: float = 30.0) -> Any:
@@ -319,6 +339,12 @@ def test_each_job_ends_in_flower_as_it_ended(
 
     cancelled = flower_task(flower, ids["cancelled-1"], "REVOKED")
     assert "custom_id=cancelled-1" in cancelled["args"]
+    # Cancelled while it waited out a 429, with no message anywhere: a worker says so all the same.
+    waiting = flower_task(flower, ids["waiting-1"], "REVOKED")
+    assert "custom_id=waiting-1" in waiting["args"]
+    # Failed by the reaper when its deadline passed while it waited: FAILURE with its typed error.
+    late = flower_task(flower, scenario.late_job_id, "FAILURE")
+    assert late["exception"].startswith("DeadlineExceededError('job did not finish before its deadline")
 
     # Every state each task went through, as Flower's event state saw them.
     history = {custom_id: events.history[job_id] for custom_id, job_id in ids.items()}
@@ -327,6 +353,12 @@ def test_each_job_ends_in_flower_as_it_ended(
     assert history["fallback-1"].index("RETRY") < history["fallback-1"].index("SUCCESS"), history
     assert history["refused-1"][-1] == "FAILURE" and "RETRY" not in history["refused-1"], history
     assert history["cancelled-1"][-1] == "REVOKED", history
+    assert history["waiting-1"][-2:] == ["RETRY", "REVOKED"], history
+    late_history = events.history[scenario.late_job_id]
+    assert late_history[-2:] == ["RETRY", "FAILURE"], late_history
+    # Every task event but the producers' task-sent came from the worker: Flower lists no phantom worker.
+    senders = {host for hosts in events.hosts.values() for kind, host in hosts if kind != "task-sent"}
+    assert len(senders) == 1 and next(iter(senders)).startswith("celery@"), senders
     # The worker that held the cancelled job said so when its call came back.
     assert any(kind == "task-revoked" and host.startswith("celery@") for kind, host in events.hosts[ids["cancelled-1"]])
 
@@ -335,7 +367,7 @@ def test_every_message_was_acked_whatever_its_end(cluster: Cluster, scenario: Sc
     # FAILURE, RETRY and REVOKED ack like SUCCESS does (task_acks_on_failure_or_timeout): nothing stays behind.
     broker = redis.Redis.from_url(cluster.redis_url)
     assert wait_for(lambda: broker.hlen("unacked") == 0), broker.hkeys("unacked")
-    queues = [f"llm.{name}" for name in ("primary", "backup", "refusing", "rescue", "strict", "slow")]
+    queues = [f"llm.{name}" for name in PROVIDERS]
     assert all(broker.llen(queue) == 0 for queue in queues)
 
 
@@ -355,7 +387,7 @@ def test_flower_shows_the_worker_and_its_queues(flower: Flower, finished_jobs: l
     (name, details), = workers.items()
     assert name.startswith("celery@")
     assert {queue["name"] for queue in details["active_queues"]} == {
-        f"llm.{name}" for name in ("primary", "backup", "refusing", "rescue", "strict", "slow")}
+        f"llm.{name}" for name in PROVIDERS}
     lengths = flower.get("/api/queues/length")
     assert lengths.status_code == 200
     assert {"llm.primary", "llm.backup"} <= {queue["name"] for queue in lengths.json()["active_queues"]}
