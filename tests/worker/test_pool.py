@@ -12,7 +12,7 @@ import logging
 import select
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from billiard.einfo import ExceptionWithTraceback
@@ -111,6 +111,15 @@ def apply(pool: AsyncioPool, name: str, args: list[Any]) -> tuple[list[Any], lis
     return accepted, outcomes
 
 
+def raising(error: BaseException) -> Callable[[], NoReturn]:
+    """A coroutine's outcome that raises `error`."""
+
+    def outcome() -> NoReturn:
+        raise error
+
+    return outcome
+
+
 def unwrapped(info: Any) -> BaseException:
     """The exception as Celery's Request.on_failure sees it (billiard wraps it with its traceback)."""
     exc = info.exception
@@ -148,21 +157,15 @@ def test_a_finished_coroutine_reaches_celery_on_the_hub_thread(
 def test_a_reject_goes_back_as_a_failure_celery_turns_into_a_requeue(
     app: Celery, pool: AsyncioPool, loop: asyncio.AbstractEventLoop
 ) -> None:
-    def reject() -> None:
-        raise Reject("redis unavailable", requeue=True)
-
-    ((failed, info, _),) = run_once(app, pool, loop, "reject", reject)
+    ((failed, info, _),) = run_once(app, pool, loop, "reject", raising(Reject("redis unavailable", requeue=True)))
     assert failed == 1 and isinstance(unwrapped(info), Reject) and unwrapped(info).requeue
 
 
 def test_an_unexpected_error_is_logged_and_reported(
     app: Celery, pool: AsyncioPool, loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def boom() -> None:
-        raise ValueError("bug")
-
     with caplog.at_level(logging.ERROR, logger="celery.app.trace"):
-        ((failed, info, _),) = run_once(app, pool, loop, "boom", boom)
+        ((failed, info, _),) = run_once(app, pool, loop, "boom", raising(ValueError("bug")))
     assert failed == 1 and isinstance(unwrapped(info), ValueError)
     assert "boom[task-id] raised unexpected" in caplog.text and "bug" in caplog.text
 
@@ -171,11 +174,9 @@ def test_a_retry_reaches_celery_bare_so_its_event_shows_the_cause(
     app: Celery, pool: AsyncioPool, loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Celery's Request.on_retry sends task-retried with repr(info.exception.exc): the typed error.
-    def hand_on() -> None:
-        raise Retry("next: backup/gpt-4o-mini, attempt 2", exc=AuthenticationError("bad key"), when=0)
-
+    hand_on = Retry("next: backup/gpt-4o-mini, attempt 2", exc=AuthenticationError("bad key"), when=0)
     with caplog.at_level(logging.INFO, logger="celery.app.trace"):
-        ((failed, info, _),) = run_once(app, pool, loop, "hand-on", hand_on)
+        ((failed, info, _),) = run_once(app, pool, loop, "hand-on", raising(hand_on))
     assert failed == 1 and isinstance(info.exception, Retry)
     assert repr(info.exception.exc) == "AuthenticationError('bad key')"
     assert "hand-on[task-id] retry: next: backup/gpt-4o-mini, attempt 2" in caplog.text
@@ -185,9 +186,7 @@ def test_a_retry_reaches_celery_bare_so_its_event_shows_the_cause(
 def test_an_error_the_task_declares_is_an_outcome_logged_in_one_line(
     app: Celery, pool: AsyncioPool, loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def refused() -> None:
-        raise BadRequestError("prompt refused")
-
+    refused = raising(BadRequestError("prompt refused"))
     with caplog.at_level(logging.INFO, logger="celery.app.trace"):
         ((failed, info, _),) = run_once(app, pool, loop, "refused", refused, throws=(BadRequestError,))
     # Bare, as a prefork child's arrives: Celery's task-failed event shows repr() of it.
