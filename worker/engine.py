@@ -147,7 +147,8 @@ async def _defer(runtime: Runtime, attempt: Attempt, verdict: Defer) -> Outcome:
     )
     if not done.moved:
         return _not_moved(done)
-    return HandedOn.to(verdict.reason or "capacity", attempt.hop, attempt.attempt, new_hop=False, delay_s=verdict.delay_s)
+    return HandedOn.to(verdict.reason or "capacity", attempt.hop, attempt.attempt, new_hop=False,
+                       delay_s=verdict.delay_s)
 
 
 def _not_moved(done: Transition) -> Outcome:

@@ -86,7 +86,9 @@ class HandedOn:
     delay_s: float = 0.0
 
     @classmethod
-    def to(cls, reason: dict[str, Any] | str, hop: Hop, attempt: int, *, new_hop: bool, delay_s: float = 0.0) -> HandedOn:
+    def to(
+        cls, reason: dict[str, Any] | str, hop: Hop, attempt: int, *, new_hop: bool, delay_s: float = 0.0,
+    ) -> HandedOn:
         """`attempt`: the number the job's next attempt will have."""
         where = f"{'next' if new_hop else 'again'}: {hop.provider}/{hop.model}, attempt {attempt}"
         return cls(reason, where + (f", in {delay_s:.1f} s" if delay_s >= 0.05 else ""), delay_s)
@@ -129,7 +131,8 @@ def ended_events(ended: list[EndedJob]) -> list[TaskEvent]:
     events: list[TaskEvent] = []
     for job in ended:
         if job.state is JobState.CANCELLED:
-            events.append(TaskEvent("task-revoked", job.job_id, {"terminated": False, "signum": None, "expired": False}))
+            revoked = {"terminated": False, "signum": None, "expired": False}
+            events.append(TaskEvent("task-revoked", job.job_id, revoked))
         elif job.error:
             error = errors.from_record(job.error)
             events.append(TaskEvent("task-failed", job.job_id, {"exception": repr(error), "traceback": str(error)}))

@@ -133,7 +133,9 @@ class Runtime:
         """Celery's events for jobs that ended with no message to say it, if this worker sends task events now
         (`--no-events` sends none until a monitor enables them)."""
         dispatcher = getattr(self.consumer, "event_dispatcher", None)
-        if not ended or dispatcher is None or not dispatcher.enabled or (dispatcher.groups and "task" not in dispatcher.groups):
+        if not ended or dispatcher is None or not dispatcher.enabled:
+            return
+        if dispatcher.groups and "task" not in dispatcher.groups:
             return
         await self.loop.run_in_executor(
             self._publish_executor, publish_events, self.app, ended_events(ended), dispatcher.hostname

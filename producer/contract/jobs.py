@@ -255,7 +255,8 @@ class JobStore:
             [Message(messages[index], int(messages[index + 1]), messages[index + 2],
                      TaskLabel.from_stored(messages[index + 3], attempt=int(messages[index + 4] or 0) + 1))
              for index in range(0, len(messages), PROMOTED_FIELDS)],
-            [EndedJob(ended[index], JobState(ended[index + 1]), json.loads(ended[index + 2]) if ended[index + 2] else None)
+            [EndedJob(ended[index], JobState(ended[index + 1]),
+                      json.loads(ended[index + 2]) if ended[index + 2] else None)
              for index in range(0, len(ended), ENDED_FIELDS)],
         )
 

@@ -100,6 +100,7 @@ def make_celery(
 #: Redis commands per pipelined round trip: each message is an LPUSH and its task-sent event's PUBLISH.
 PUBLISH_BATCH_COMMANDS = 1000
 
+
 class Message(NamedTuple):
     """One `llmq.generate` message: the job id is the task id on every hop; `dispatch` numbers the
     job's messages (a stale one is dropped at claim); `label` is what Flower shows (contract/labels.py)."""

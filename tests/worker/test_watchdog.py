@@ -63,7 +63,8 @@ async def scenario(redis_url: str, queued_messages: int) -> tuple[list, float, f
 
 def test_a_lost_message_is_handed_out_again_when_its_queue_is_empty(loop: asyncio.AbstractEventLoop, redis_url: str) -> None:
     handed_out, now_ms, score = loop.run_until_complete(scenario(redis_url, 0))
-    assert [(message.job_id, message.dispatch, message.queue) for message in handed_out.messages] == [("job_w", 1, QUEUE)]
+    messages = handed_out.messages
+    assert [(message.job_id, message.dispatch, message.queue) for message in messages] == [("job_w", 1, QUEUE)]
     # Labelled for Flower: the names of the job, and the attempt the message starts.
     label = handed_out.messages[0].label
     assert label is not None and (label.model, label.provider, label.attempt) == ("gpt-4o-mini", "openai", 1)
