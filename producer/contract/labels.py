@@ -21,13 +21,16 @@ the engine moved it to and the attempt number read from the record.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+import re
+from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 from llmq.contract.models import Hop, LLMRequest
 
 #: A longer value (a custom id, a caller) is cut to this many characters in the label.
 MAX_VALUE_CHARS = 120
+_NEEDS_QUOTES = re.compile(r"[\s'\"]")
 
 
 @dataclass(frozen=True)
@@ -55,9 +58,9 @@ class TaskLabel:
 
     def stored(self) -> str:
         """The job record's `label` field: everything but the attempt number."""
-        fields = asdict(self)
-        del fields["attempt"]
-        return json.dumps(fields, separators=(",", ":"))
+        return json.dumps({"model": self.model, "provider": self.provider, "provider_model": self.provider_model,
+                           "custom_id": self.custom_id, "batch_id": self.batch_id, "caller": self.caller},
+                          separators=(",", ":"))
 
     @classmethod
     def from_stored(cls, text: str | None, *, attempt: int) -> TaskLabel | None:
@@ -69,7 +72,9 @@ class TaskLabel:
         except (ValueError, TypeError):
             return None
 
+    @cached_property
     def names(self) -> dict[str, Any]:
+        """What Flower shows, by name (made once: this runs for every message)."""
         names: dict[str, Any] = {"custom_id": self.custom_id, "batch_id": self.batch_id, "caller": self.caller,
                                  "model": self.model, "provider": self.provider, "provider_model": self.provider_model}
         shown = {name: _cut(value) for name, value in names.items() if value is not None}
@@ -77,14 +82,14 @@ class TaskLabel:
         return shown
 
     def argsrepr(self) -> str:
-        names = self.names()
-        via = f"{names.pop('provider')}/{names.pop('provider_model')}"
-        attempt = names.pop("attempt")
-        return " ".join([*(f"{name}={_word(value)}" for name, value in names.items()), f"via={_word(via)}",
-                         f"attempt={attempt}"])
+        words = [f"{name}={_word(value)}" for name, value in self.names.items()
+                 if name not in ("provider", "provider_model", "attempt")]
+        words += [f"via={_word(self.names['provider'] + '/' + self.names['provider_model'])}",
+                  f"attempt={self.attempt}"]
+        return " ".join(words)
 
     def kwargsrepr(self) -> str:
-        return repr(self.names())
+        return repr(self.names)
 
 
 def _cut(value: str) -> str:
@@ -92,5 +97,5 @@ def _cut(value: str) -> str:
 
 
 def _word(value: str) -> str:
-    """A value as one word of the args line: quoted when it holds a space or is empty."""
-    return value if value and not any(char.isspace() or char in "'\"" for char in value) else repr(value)
+    """A value as one word of the args line: quoted when it holds a space or a quote, or is empty."""
+    return value if value and not _NEEDS_QUOTES.search(value) else repr(value)
