@@ -20,6 +20,7 @@ from llmq.contract.jobs import (
     RESTART_RECHECK_MS,
     WAITING_STATES,
     JobStore,
+    Promoted,
     Transition,
 )
 from llmq.contract.models import TERMINAL_STATES, JobState
@@ -355,14 +356,16 @@ def test_promote_hands_out_a_due_job_and_keeps_its_watchdog_entry(redis_url: str
         )
         before = await store.now_ms()
         handed_out = await store.promote_due()
-        assert [(job_id, dispatch, queue) for job_id, dispatch, queue, _ in handed_out] == [
+        assert [(message.job_id, message.dispatch, message.queue) for message in handed_out.messages] == [
             ("job-1", 2, keys.queue_name("anthropic")),
         ]
+        # Labelled for Flower from the job's record: its names and the attempt this message starts.
+        label = handed_out.messages[0].label
+        assert label is not None and (label.model, label.attempt) == ("gpt-4o-mini", 2)
         watchdog = await store.redis.zscore(keys.DELAYED, "job-1")
-        assert handed_out[0][3] == watchdog
         assert before + PROMOTE_IN_FLIGHT_MS <= watchdog <= before + PROMOTE_IN_FLIGHT_MS + CLOCK_SLACK_MS
         assert await store.redis.hget(keys.job("job-1"), "published") == "2"
-        assert await store.promote_due() == []  # not due again until the watchdog runs out
+        assert await store.promote_due() == Promoted([], [])  # not due again until the watchdog runs out
 
     with_job_store(redis_url, scenario)
 
@@ -375,7 +378,7 @@ def test_promote_leaves_jobs_not_yet_due_and_drops_finished_running_and_gone_one
         await finish(store, "job-done")
         due_now = {"job-running": 0, "job-done": 0, "job-gone": 0}
         await store.redis.zadd(keys.DELAYED, due_now)
-        assert await store.promote_due() == []
+        assert await store.promote_due() == Promoted([], [])
         assert await store.redis.zrange(keys.DELAYED, 0, -1) == ["job-waiting"]
 
     with_job_store(redis_url, scenario)
@@ -386,8 +389,8 @@ def test_promote_hands_out_at_most_its_limit_oldest_first(redis_url: str) -> Non
         await create(store, "job-1", "job-2", "job-3")
         await store.redis.zadd(keys.DELAYED, {"job-1": 3, "job-2": 1, "job-3": 2})  # all due; lost messages
         first = await store.promote_due(limit=2)
-        assert [job_id for job_id, *_ in first] == ["job-2", "job-3"]
-        assert [job_id for job_id, *_ in await store.promote_due(limit=2)] == ["job-1"]
+        assert [message.job_id for message in first.messages] == ["job-2", "job-3"]
+        assert [message.job_id for message in (await store.promote_due(limit=2)).messages] == ["job-1"]
 
     with_job_store(redis_url, scenario)
 
@@ -447,10 +450,18 @@ def test_reap_fails_jobs_past_their_deadline(redis_url: str) -> None:
             assert await store.redis.hget(keys.job(job_id), "dispatch") == "2"  # any message still out is stale
             assert 0 < await store.redis.ttl(keys.job(job_id)) <= 120
         assert await store.redis.zrange(keys.LEASES, 0, -1) == []
-        assert await store.redis.zrange(keys.DELAYED, 0, -1) == ["job-later"]
         assert await store.redis.zrange(keys.DEADLINES, 0, -1) == ["job-later"]
         assert await batch_counts(store, "b1") == {JobState.FAILED: 2, JobState.QUEUED: 1}
         assert {"kind": "job", "job_id": "job-running"} in (await outbox(store))[-2:]
+        # No message will say they failed: they stay due for promote, which hands them out once, with
+        # their typed error, for a worker to tell Flower (worker/outcome.py).
+        promoted = await store.promote_due()
+        assert promoted.messages == []
+        assert sorted((job.job_id, job.state, job.error["type"]) for job in promoted.ended if job.error) == [
+            ("job-queued", JobState.FAILED, "DeadlineExceededError"),
+            ("job-running", JobState.FAILED, "DeadlineExceededError"),
+        ]
+        assert await store.redis.zrange(keys.DELAYED, 0, -1) == ["job-later"]
 
     with_job_store(redis_url, scenario)
 
