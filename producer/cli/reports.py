@@ -99,7 +99,7 @@ async def _limiter_usage_now(client: aioredis.Redis, config: LLMConfig, name: st
         from llmq.worker.limiter.limiter import RateLimiter
     except ImportError:
         return None
-    return await RateLimiter(client, key_prefix=keys.RATE_LIMIT_PREFIX).snapshot(name, config.provider(name).rate_limits)
+    return await RateLimiter(client).snapshot(name, config.provider(name).rate_limits)
 
 
 def describe_entry(config: LLMConfig, name: str, status: dict[str, Any] | None) -> list[str]:
