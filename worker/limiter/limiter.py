@@ -165,7 +165,7 @@ class RateLimiter:
             "buckets": plan.buckets(self.burst_s, measure="tokens"),
             "rings": plan.rings(),
             "daily_key": plan.daily_key,
-            "spent": plan.spent({"tokens": int(actual_tokens), "cost_usd": cost_usd or 0.0}),
+            "spent": plan.spent({"requests": 1, "tokens": int(actual_tokens), "cost_usd": cost_usd or 0.0}),
             "slots": plan.slots(),
         })
         return reply["held"] == "1"
