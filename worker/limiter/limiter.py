@@ -118,12 +118,7 @@ class RateLimiter:
             "waiting_since_s": waiting_since_s or 0.0,
             "claim_grace_s": self.claim_grace_s,
             "line_grace_s": self.line_grace_s,
-            "pauses": plan.pauses(),
-            "daily_key": plan.daily_key,
-            "quotas": plan.quotas(costs),
-            "slots": plan.slots(),
-            "buckets": plan.buckets(self.burst_s, costs),
-            "rings": plan.rings(),
+            **plan.for_acquire(costs, self.burst_s),
         })
         return Decision.from_reply(reply)
 
@@ -162,11 +157,7 @@ class RateLimiter:
             "lease_id": lease_id,
             "reserved_tokens": int(reserved_tokens),
             "settled_tokens": int(bucket_tokens),
-            "buckets": plan.buckets(self.burst_s, measure="tokens"),
-            "rings": plan.rings(),
-            "daily_key": plan.daily_key,
-            "spent": plan.spent({"requests": 1, "tokens": int(actual_tokens), "cost_usd": cost_usd or 0.0}),
-            "slots": plan.slots(),
+            **plan.for_settle({"requests": 1, "tokens": int(actual_tokens), "cost_usd": cost_usd or 0.0}, self.burst_s),
         })
         return reply["held"] == "1"
 
@@ -219,13 +210,7 @@ class RateLimiter:
         "per_model" when a `model` is given.
         """
         plan = LimitPlan(provider, model, limits, api_key_id)
-        reply = await self._scripts.run("snapshot", {
-            "pauses": plan.pauses(),
-            "slots": plan.slots(),
-            "daily_key": plan.daily_key,
-            "quotas": plan.quotas(configured=False),
-            "usage": plan.usage(),
-        })
+        reply = await self._scripts.run("snapshot", plan.for_snapshot())
         now_s, paused_s = float(reply["at_s"]), float(reply["paused_until_s"])
         paused_until_s = paused_s if paused_s > now_s else None
         report: dict[str, Any] = {

@@ -11,7 +11,9 @@ Pauses (a 429, a provider's headers) and the usage rings (what `snapshot` report
 minute) apply to every call whatever is configured.
 
 So a new kind of limit that one of these mechanisms enforces is one entry in `KINDS` and its
-field in `RateLimits` (or `ModelLimits` when `per_model`); the scripts need no change.
+field in `RateLimits` (or `ModelLimits` when `per_model`); the scripts need no change. A new
+mechanism adds its group here (a method, named in the `for_*` of each script that takes it) and
+its loop to that script: lua/acquire.lua to enforce it, lua/snapshot.lua to report it.
 """
 
 from __future__ import annotations
@@ -102,6 +104,28 @@ class LimitPlan:
     model: str | None
     limits: RateLimits
     api_key_id: str | None = None
+
+    # --- each script's groups ----------------------------------------------------
+
+    def for_acquire(self, costs: Amounts, burst_s: Mapping[Measure, float]) -> dict[str, Any]:
+        """acquire.lua's groups: what may hold the call back (pauses, quotas, slots, buckets) and the rings.
+
+        `costs`: what the call takes, by measure; `burst_s`: seconds of its limit each bucket holds, by measure.
+        """
+        return {"pauses": self.pauses(), "daily_key": self.daily_key, "quotas": self.quotas(costs),
+                "slots": self.slots(), "buckets": self.buckets(burst_s, costs), "rings": self.rings()}
+
+    def for_settle(self, amounts: Amounts, burst_s: Mapping[Measure, float]) -> dict[str, Any]:
+        """settle.lua's groups: token buckets and rings to correct, daily counters to add `amounts` to, slots to free."""
+        return {"buckets": self.buckets(burst_s, measure="tokens"), "rings": self.rings(),
+                "daily_key": self.daily_key, "spent": self.spent(amounts), "slots": self.slots()}
+
+    def for_snapshot(self) -> dict[str, Any]:
+        """snapshot.lua's groups: every limit of this call, set or not, with where its usage is counted."""
+        return {"pauses": self.pauses(), "slots": self.slots(), "daily_key": self.daily_key,
+                "quotas": self.quotas(configured=False), "usage": self.usage()}
+
+    # --- the groups ---------------------------------------------------------------
 
     def kinds(self, mechanism: Mechanism | None = None, *, configured: bool = False) -> list[LimitKind]:
         """This call's kinds (of one `mechanism`, if given): per-model ones only with a model; only
