@@ -116,7 +116,8 @@ class LimitPlan:
                 "slots": self.slots(), "buckets": self.buckets(burst_s, costs), "rings": self.rings()}
 
     def for_settle(self, amounts: Amounts, burst_s: Mapping[Measure, float]) -> dict[str, Any]:
-        """settle.lua's groups: token buckets and rings to correct, daily counters to add `amounts` to, slots to free."""
+        """settle.lua's groups: the token buckets and rings to correct, the daily counters to add
+        `amounts` to, the slots to free."""
         return {"buckets": self.buckets(burst_s, measure="tokens"), "rings": self.rings(),
                 "daily_key": self.daily_key, "spent": self.spent(amounts), "slots": self.slots()}
 
@@ -186,22 +187,22 @@ class LimitPlan:
                 continue
             per_minute = kind.value(self.limits, self.model)
             key = keys.rate_limit_bucket(self.scope(per_model=kind.per_model), kind.key_name)
-            group = {"limit": kind.limit, "per_minute": per_minute, "burst": burst_units(per_minute, burst_s[kind.measure]),
-                     "key": key}
+            burst = burst_units(per_minute, burst_s[kind.measure])
+            group = {"limit": kind.limit, "per_minute": per_minute, "burst": burst, "key": key}
             if costs is not None:  # acquire: what the call takes, and the bucket's line
-                group |= {"cost": costs[kind.measure], "claims": kind.measure == "tokens", "line_key": keys.rate_limit_line(key)}
+                claims = kind.measure == "tokens"  # so a large request is not starved by small ones
+                group |= {"cost": costs[kind.measure], "claims": claims, "line_key": keys.rate_limit_line(key)}
             groups.append(group)
         return groups
 
     def rings(self) -> list[dict[str, Any]]:
         """The usage rings of the scopes the buckets live in: the provider's (or API key's), the model's."""
-        names = dict.fromkeys(keys.rate_limit_usage(self.scope(per_model=kind.per_model)) for kind in self.kinds("bucket"))
+        names = dict.fromkeys(self._ring(kind) for kind in self.kinds("bucket"))
         return [{"key": name} for name in names]
 
     def usage(self) -> list[dict[str, Any]]:
         """For `snapshot`: each bucket kind with the ring that counts its measure, configured or not."""
-        return [
-            {"limit": kind.limit, "measure": kind.measure,
-             "key": keys.rate_limit_usage(self.scope(per_model=kind.per_model))}
-            for kind in self.kinds("bucket")
-        ]
+        return [{"limit": kind.limit, "measure": kind.measure, "key": self._ring(kind)} for kind in self.kinds("bucket")]
+
+    def _ring(self, kind: LimitKind) -> str:
+        return keys.rate_limit_usage(self.scope(per_model=kind.per_model))
