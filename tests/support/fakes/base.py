@@ -13,7 +13,9 @@ The base gives every fake the same knobs:
   (a stream cut off part-way), "stream_error" (the provider's in-stream error
   event after a 200), "trickle" (a stream that sends very slowly)
 - `rate_limit(rpm, tpm)`: enforce limits the way the large providers do (429 + retry-after),
-  counting each request's tokens at admission as the provider it imitates does (`tokens_for`)
+  counting each request's tokens at admission as the provider it imitates does (`tokens_for`):
+  over a sliding 60 s window (`mode="window"`, the default), or as a strict token bucket
+  (`mode="bucket"`): refilled continuously at the per-minute rate, holding `burst_s` seconds of it
 - `requests`: every request received (method, path, query, headers, body)
 
 A control API at `/_fake/*` sets the same knobs from another process (benchmarks).
@@ -90,6 +92,8 @@ class Fault:
 class RateLimitPolicy:
     """Requests/min and tokens/min enforced over a sliding 60 s window, as providers do."""
 
+    mode = "window"
+
     def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None, window_s: float = 60.0) -> None:
         self.requests_per_minute = requests_per_minute
         self.tokens_per_minute = tokens_per_minute
@@ -102,25 +106,36 @@ class RateLimitPolicy:
         #: Every admission (monotonic s, tokens), for the busiest-window figures.
         self.admitted: list[tuple[float, int]] = []
 
-    def admit(self, tokens: int) -> float | None:
-        """None when admitted, else seconds until the request would fit."""
-        now = time.monotonic()
+    def admit(self, tokens: int, now: float | None = None) -> float | None:
+        """None when admitted, else seconds until the request would fit. `now`: monotonic seconds
+        (a test's own clock; default the real one)."""
+        now = time.monotonic() if now is None else now
         with self.lock:
-            while self.events and self.events[0][0] <= now - self.window_s:
-                self.events.popleft()
-            used_requests = len(self.events)
-            used_tokens = sum(count for _, count in self.events)
-            over_requests = self.requests_per_minute is not None and used_requests + 1 > self.requests_per_minute
-            over_tokens = self.tokens_per_minute is not None and used_tokens + tokens > self.tokens_per_minute
-            if over_requests or over_tokens:
+            wait_s = self._refusal(now, tokens)
+            if wait_s is not None:
                 self.rejected += 1
-                oldest = self.events[0][0] if self.events else now
-                return max(0.05, oldest + self.window_s - now)
-            self.events.append((now, tokens))
+                return wait_s
+            self._take(now, tokens)
             self.admitted.append((now, tokens))
             self.accepted += 1
             self.accepted_tokens += tokens
             return None
+
+    def _refusal(self, now: float, tokens: int) -> float | None:
+        """Seconds until `tokens` (and one request) would fit, or None when they fit now (lock held)."""
+        while self.events and self.events[0][0] <= now - self.window_s:
+            self.events.popleft()
+        used_requests = len(self.events)
+        used_tokens = sum(count for _, count in self.events)
+        over_requests = self.requests_per_minute is not None and used_requests + 1 > self.requests_per_minute
+        over_tokens = self.tokens_per_minute is not None and used_tokens + tokens > self.tokens_per_minute
+        if not (over_requests or over_tokens):
+            return None
+        oldest = self.events[0][0] if self.events else now
+        return max(0.05, oldest + self.window_s - now)
+
+    def _take(self, now: float, tokens: int) -> None:
+        self.events.append((now, tokens))
 
     def busiest(self, window_s: float | None = None) -> tuple[int, int]:
         """The most requests and the most tokens admitted in any window of `window_s` (default: the policy's)."""
@@ -149,6 +164,88 @@ class RateLimitPolicy:
             requests = None if self.requests_per_minute is None else self.requests_per_minute - len(live)
             tokens = None if self.tokens_per_minute is None else self.tokens_per_minute - sum(c for _, c in live)
             return requests, tokens
+
+    def figures(self) -> dict[str, Any]:
+        """What `/_fake/stats` adds for this policy."""
+        busiest_requests, busiest_tokens = self.busiest()
+        return {"mode": self.mode, "accepted_tokens": self.accepted_tokens,
+                "busiest_window_requests": busiest_requests, "busiest_window_tokens": busiest_tokens}
+
+
+@dataclass
+class _Bucket:
+    """One strict token bucket: `capacity` units, refilled continuously at `rate_per_s`, full at first."""
+
+    capacity: float
+    rate_per_s: float
+    level: float
+    at: float
+    #: The least it held after an admission, as a share of its capacity: how near a 429 the run came.
+    lowest_share: float = 1.0
+
+    def level_at(self, now: float) -> float:
+        return min(self.capacity, self.level + max(0.0, now - self.at) * self.rate_per_s)
+
+    def short_s(self, now: float, amount: float) -> float:
+        """Seconds until `amount` fits (0 when it fits now)."""
+        return max(0.0, (amount - self.level_at(now)) / self.rate_per_s)
+
+    def take(self, now: float, amount: float) -> None:
+        self.level, self.at = self.level_at(now) - amount, now
+        self.lowest_share = min(self.lowest_share, self.level / self.capacity)
+
+
+class TokenBucketPolicy(RateLimitPolicy):
+    """The same limits as strict token buckets, the way Anthropic documents its own (and OpenAI's
+    "enforced over shorter periods"): each refilled continuously at the per-minute rate and holding
+    `burst_s` seconds of it, full at first. A request is admitted only when both buckets hold its
+    share (one request, its tokens); nothing evens out over the minute."""
+
+    mode = "bucket"
+
+    def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None, burst_s: float = 1.0) -> None:
+        super().__init__(requests_per_minute, tokens_per_minute)
+        self.burst_s = burst_s
+        self.buckets: dict[str, _Bucket] = {
+            name: _Bucket(per_minute * burst_s / 60.0, per_minute / 60.0, per_minute * burst_s / 60.0, 0.0)
+            for name, per_minute in (("requests", requests_per_minute), ("tokens", tokens_per_minute))
+            if per_minute is not None
+        }
+
+    def _asks(self, tokens: int) -> dict[str, float]:
+        return {"requests": 1.0, "tokens": float(tokens)}
+
+    def _refusal(self, now: float, tokens: int) -> float | None:
+        asks = self._asks(tokens)
+        short_s = max((bucket.short_s(now, asks[name]) for name, bucket in self.buckets.items()), default=0.0)
+        return None if short_s <= 0 else max(0.001, short_s)
+
+    def _take(self, now: float, tokens: int) -> None:
+        asks = self._asks(tokens)
+        for name, bucket in self.buckets.items():
+            bucket.take(now, asks[name])
+
+    def reset_s(self) -> float:
+        """Seconds until both buckets are full again."""
+        now = time.monotonic()
+        with self.lock:
+            return max((bucket.short_s(now, bucket.capacity) for bucket in self.buckets.values()), default=0.0)
+
+    def remaining(self) -> tuple[int | None, int | None]:
+        """What is left, as a share of the per-minute limit (a full bucket is the whole limit), the way a
+        provider whose headers speak per minute reports a bucket."""
+        now = time.monotonic()
+        with self.lock:
+            shares = {name: bucket.level_at(now) / bucket.capacity for name, bucket in self.buckets.items()}
+        requests = None if self.requests_per_minute is None else int(self.requests_per_minute * shares["requests"])
+        tokens = None if self.tokens_per_minute is None else int(self.tokens_per_minute * shares["tokens"])
+        return requests, tokens
+
+    def figures(self) -> dict[str, Any]:
+        busiest_requests, busiest_tokens = self.busiest(self.burst_s)
+        return {**super().figures(), "burst_s": self.burst_s, "busiest_burst_requests": busiest_requests,
+                "busiest_burst_tokens": busiest_tokens,
+                "lowest_share": {name: round(bucket.lowest_share, 4) for name, bucket in self.buckets.items()}}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -314,8 +411,18 @@ class FakeProviderServer:
         text = request.raw_body.decode("utf-8", "replace")
         return next((status for marker, status in self.poison_markers.items() if marker in text), None)
 
-    def rate_limit(self, requests_per_minute: int | None, tokens_per_minute: int | None, window_s: float = 60.0) -> RateLimitPolicy:
-        self.limits = RateLimitPolicy(requests_per_minute, tokens_per_minute, window_s)
+    def rate_limit(
+        self, requests_per_minute: int | None, tokens_per_minute: int | None, window_s: float = 60.0, *,
+        mode: str = "window", burst_s: float = 1.0,
+    ) -> RateLimitPolicy:
+        """Enforce limits: over a sliding `window_s` (`mode="window"`), or as strict token buckets
+        holding `burst_s` seconds of each limit (`mode="bucket"`)."""
+        if mode == "bucket":
+            self.limits = TokenBucketPolicy(requests_per_minute, tokens_per_minute, burst_s)
+        elif mode == "window":
+            self.limits = RateLimitPolicy(requests_per_minute, tokens_per_minute, window_s)
+        else:
+            raise ValueError(f"unknown rate-limit mode {mode!r}; use 'window' or 'bucket'")
         return self.limits
 
     def reset(self) -> None:
@@ -396,7 +503,8 @@ class FakeProviderServer:
         elif action == "poison":
             self.poison(body["marker"], body.get("status", 500))
         elif action == "rate_limit":
-            self.rate_limit(body.get("requests_per_minute"), body.get("tokens_per_minute"), body.get("window_s", 60.0))
+            self.rate_limit(body.get("requests_per_minute"), body.get("tokens_per_minute"), body.get("window_s", 60.0),
+                            mode=body.get("mode", "window"), burst_s=body.get("burst_s", 1.0))
         elif action == "latency":
             self.latency_s = float(body.get("latency_s", 0.0))
             self.chunk_delay_s = float(body.get("chunk_delay_s", 0.0))
@@ -416,9 +524,7 @@ class FakeProviderServer:
             "accepted": limits.accepted if limits else len(self.requests),
         }
         if limits is not None:
-            busiest_requests, busiest_tokens = limits.busiest()
-            stats.update(accepted_tokens=limits.accepted_tokens, busiest_window_requests=busiest_requests,
-                         busiest_window_tokens=busiest_tokens)
+            stats.update(limits.figures())
         return stats
 
     # --- what each provider's fake defines --------------------------------------------
