@@ -34,17 +34,22 @@ def config_text(url: str, api_key: str, *, rpm: int, tpm: int) -> str:
 
 @dataclass
 class QuietWorker(WorkerProcess):
-    """`llmq worker` at WARNING: per-task INFO lines would measure the log file, not the limiter."""
+    """`llmq worker` at WARNING: per-task INFO lines would measure the log file, not the limiter.
+
+    `checkout` and `python`: run the worker of another checkout of llmq (an older commit, say)."""
 
     loglevel: str = "WARNING"
+    checkout: Path | None = None
+    python: str = sys.executable
 
     def start(self) -> QuietWorker:
         import subprocess
 
-        command = [sys.executable, "-m", "llmq.cli", "--config", str(self.config_path), "worker",
+        command = [self.python, "-m", "llmq.cli", "--config", str(self.config_path), "worker",
                    "--concurrency", str(self.concurrency), "--pool", self.pool, "--loglevel", self.loglevel]
         self.process = subprocess.Popen(
-            command, env=self.env(), stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+            command, env=self.env(), stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=self.checkout,
         )
         return self
 
@@ -59,12 +64,13 @@ class LlmqResult:
 
 
 def run_llmq(url: str, api_key: str, bodies: list[dict[str, Any]], *, rpm: int, tpm: int, workers: int,
-             concurrency: int, timeout_s: float) -> LlmqResult:
+             concurrency: int, timeout_s: float, checkout: Path | None = None, python: str = sys.executable,
+             ) -> LlmqResult:
     root = Path(tempfile.mkdtemp(prefix="llmq-bench-ratelimit-"))
     cluster = start_cluster(root, config_text(url, api_key, rpm=rpm, tpm=tpm))
     try:
         started = [QuietWorker(cluster.config_path, cluster.redis_url, cluster.database_url, root / f"worker-{index}.log",
-                               concurrency=concurrency) for index in range(workers)]
+                               concurrency=concurrency, checkout=checkout, python=python) for index in range(workers)]
         cluster.workers.extend(worker.start() for worker in started)
         wait_for_workers(cluster.redis_url, workers, started, timeout_s=120)
         _wait_until_idle([worker.pid for worker in started])

@@ -168,8 +168,12 @@ class RateLimitPolicy:
     def figures(self) -> dict[str, Any]:
         """What `/_fake/stats` adds for this policy."""
         busiest_requests, busiest_tokens = self.busiest()
+        with self.lock:
+            span_s = self.admitted[-1][0] - self.admitted[0][0] if self.admitted else 0.0
         return {"mode": self.mode, "accepted_tokens": self.accepted_tokens,
-                "busiest_window_requests": busiest_requests, "busiest_window_tokens": busiest_tokens}
+                "busiest_window_requests": busiest_requests, "busiest_window_tokens": busiest_tokens,
+                # From the first admission to the last: the time the provider's limits were in use.
+                "admitted_span_s": round(span_s, 4)}
 
 
 @dataclass

@@ -1,0 +1,111 @@
+"""Pacing against a strict provider bucket: no 429 from jitter, and what it costs in throughput.
+
+The fake OpenAI server (its own process) enforces 1,200 requests/min and 240,000 tokens/min as
+strict token buckets: each refilled continuously at the per-minute rate and holding one second
+of it, nothing evened out over the minute (`/_fake/rate_limit` with `mode: bucket`). 600
+requests of the ratelimit benchmark's batch go through `llmq worker` processes (4 by default,
+100 slots each) whose provider entry has the same limits. Calls the limiter admits reach the
+provider bunched by network and scheduling jitter; a pacing that leaves no room for it draws
+429s.
+
+    .venv/bin/python -m bench.scheduling.jitter
+    .venv/bin/python -m bench.scheduling.jitter --checkout ../base --python ../base/.venv/bin/python
+
+`--checkout` runs the workers of another checkout of llmq (today's pacing, say) against the same
+fake and batch; `--rounds` repeats the run. Figures:
+
+- makespan / minimum: the batch's makespan against its theoretical minimum at the per-minute
+  limits (the larger of requests / rpm and tokens / tpm);
+- pacing loss: 1 - (the least time a strict bucket needs to admit what the fake admitted: the
+  total less one burst, at the refill rate) / (the time from the fake's first admission to its
+  last). Startup and the last call's latency are outside that span, so this is the pacing's cost
+  alone;
+- lowest share: the least either of the fake's buckets held after an admission (0: a 429 was near).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.ratelimit.llmq_runner import run_llmq
+from bench.ratelimit.run import OUT, control, load, start_fake
+from bench.ratelimit.workload import build
+from tests.support.fakes.openai import DEFAULT_API_KEY
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=600)
+    parser.add_argument("--rpm", type=int, default=1200)
+    parser.add_argument("--tpm", type=int, default=240_000)
+    parser.add_argument("--burst-s", type=float, default=1.0, help="seconds of each limit the fake's buckets hold")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=100, help="slots per worker process")
+    parser.add_argument("--latency-s", type=float, default=0.3, help="fake's least latency (s)")
+    parser.add_argument("--latency-jitter-s", type=float, default=0.7, help="fake's extra latency, uniform (s)")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--checkout", type=Path, default=None, help="llmq checkout whose workers run (default this one)")
+    parser.add_argument("--python", default=sys.executable, help="that checkout's Python")
+    parser.add_argument("--json", metavar="PATH", default=str(OUT / "jitter.json"))
+    return parser.parse_args(argv)
+
+
+def strict_minimum_span_s(admitted: dict[str, float], limits: dict[str, int], burst_s: float) -> float:
+    """The least time strict buckets need to admit `admitted` (units by measure): all but one burst, at the refill."""
+    spans = [max(0.0, (admitted[name] - per_minute * burst_s / 60.0) / (per_minute / 60.0))
+             for name, per_minute in limits.items()]
+    return max(spans)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workload = build(args.requests)
+    minimum_s = workload.minimum_s(args.rpm, args.tpm)
+    who = str(args.checkout) if args.checkout else "this checkout"
+    print(f"{args.requests} requests, {workload.total_tokens} tokens as the provider counts them; strict buckets "
+          f"{args.rpm} req/min, {args.tpm} tok/min, {args.burst_s} s of burst; minimum {minimum_s:.1f} s; "
+          f"{args.workers} workers of {who}", flush=True)
+    fake, url = start_fake(args.latency_s, args.latency_jitter_s)
+    rows: list[dict[str, Any]] = []
+    try:
+        for number in range(args.rounds):
+            control(url, "reset")
+            control(url, "rate_limit", {"requests_per_minute": args.rpm, "tokens_per_minute": args.tpm,
+                                        "mode": "bucket", "burst_s": args.burst_s})
+            load_before = load()
+            result = run_llmq(url, DEFAULT_API_KEY, workload.bodies, rpm=args.rpm, tpm=args.tpm, workers=args.workers,
+                              concurrency=args.concurrency, timeout_s=minimum_s * 4 + 120, checkout=args.checkout,
+                              python=args.python)
+            stats = control(url, "stats")
+            admitted = {"requests": stats["accepted"], "tokens": stats["accepted_tokens"]}
+            least_s = strict_minimum_span_s(admitted, {"requests": args.rpm, "tokens": args.tpm}, args.burst_s)
+            span_s = stats["admitted_span_s"]
+            row = {
+                "round": number + 1, "makespan_s": round(result.makespan_s, 2), "minimum_s": round(minimum_s, 2),
+                "ratio": round(result.makespan_s / minimum_s, 4), "provider_429s": stats["rate_limited"],
+                "succeeded": result.succeeded, "failed": result.failed, "lost": result.lost,
+                "admitted_span_s": span_s, "strict_minimum_span_s": round(least_s, 2),
+                "pacing_loss": round(1 - least_s / span_s, 4) if span_s else None,
+                "lowest_share": stats["lowest_share"], "busiest_second": [stats["busiest_burst_requests"],
+                                                                          stats["busiest_burst_tokens"]],
+                "load_before": load_before, "load_after": load(), "notes": result.notes,
+            }
+            rows.append(row)
+            print(f"  round {number + 1}: makespan {row['makespan_s']} s = {row['ratio']:.3f} x minimum; "
+                  f"429s {row['provider_429s']}; pacing loss {row['pacing_loss']:.2%} (admitted over {span_s:.2f} s, "
+                  f"a strict bucket needs {least_s:.2f} s); lowest share {row['lowest_share']}; "
+                  f"load {load_before} -> {row['load_after']}", flush=True)
+    finally:
+        fake.terminate()
+        fake.wait(10)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"args": {**vars(args), "checkout": who}, "rows": rows}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
