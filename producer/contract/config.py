@@ -81,6 +81,11 @@ class RateLimits(_Strict):
     #: tokens/min, as Anthropic does. False for providers that keep counting max_tokens, like OpenAI:
     #: the call then counts its reported prompt tokens plus max_tokens.
     refund_unused_tokens: bool = True
+    #: How the provider counts its per-minute limits: `minute_window` (the safe default: any 60 s
+    #: window may be counted, so pacing gives up about a sixtieth of the rate to keep every window
+    #: within the limit), or `token_bucket` (it refills a bucket continuously, as Anthropic documents:
+    #: pacing runs at the full rate).
+    enforced_as: Literal["minute_window", "token_bucket"] = "minute_window"
 
 
 class ModelPrice(_Strict):

@@ -179,9 +179,15 @@ def rate_limit_bucket(scope: str, name: str) -> str:
     return f"{scope}:{name}"
 
 
-def rate_limit_line(bucket: str) -> str:
-    """Sorted set lease id -> position: the callers waiting in line for the bucket `bucket`."""
-    return f"{bucket}:line"
+def rate_limit_line(bucket: str, lane: str) -> str:
+    """Sorted set lease id -> position: the callers of one lane (interactive, batch) waiting in line
+    for the bucket `bucket`."""
+    return f"{bucket}:line:{lane}"
+
+
+def rate_limit_flows(bucket: str) -> str:
+    """Sorted set flow -> finish tag: the batch lane's flows (callers, batches) sharing the bucket `bucket`."""
+    return f"{bucket}:flows"
 
 
 def rate_limit_usage(scope: str) -> str:

@@ -51,6 +51,46 @@ class Decision:
         return self.limit in QUOTA_LIMITS
 
 
+@dataclass(frozen=True)
+class Ask:
+    """One call asking the limiter (what `acquire` takes), so several can be probed in one round trip."""
+
+    provider: str
+    model: str
+    limits: RateLimits
+    estimated_tokens: int
+    lease_id: str
+    api_key_id: str | None = None
+    lease_ttl_s: float | None = None
+    #: Epoch seconds the caller has waited since (e.g. when the job was submitted).
+    waiting_since_s: float | None = None
+    #: `interactive` callers go before every `batch` caller; batch callers share by `flow` and `weight`.
+    lane: str = "batch"
+    #: Who shares the batch lane fairly (a caller, a batch); None: one flow for every caller naming none.
+    flow: str | None = None
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """A probe's answer: would the call be granted now, or how long would it wait, and what is left."""
+
+    fits: bool
+    wait_s: float
+    #: The binding limit when it would wait (as `Decision.limit`).
+    limit: str | None
+    #: The share of the tightest bucket left to this call after its own need (below 0 when it would
+    #: wait; 1 when no bucket is set).
+    room: float
+    #: Calls holding a slot now.
+    in_flight: int
+
+    @classmethod
+    def from_reply(cls, reply: Mapping[str, str]) -> Headroom:
+        return cls(reply["granted"] == "1", float(reply["wait_s"]), reply["limit"] or None, float(reply["room"]),
+                   int(reply["in_flight"]))
+
+
 class RateLimiter:
     """The fleet-wide limiter. One per worker process, sharing the process's async Redis client.
 
@@ -99,28 +139,58 @@ class RateLimiter:
         lease_id: str,
         lease_ttl_s: float | None = None,
         waiting_since_s: float | None = None,
+        lane: str = "batch",
+        flow: str | None = None,
+        weight: float = 1.0,
     ) -> Decision:
         """Reserve one request and `estimated_tokens` and take a concurrency slot, or say how long to wait.
 
         Ask again for the same call with the same `lease_id`, and pass `waiting_since_s` (epoch
         seconds, e.g. when the job was submitted): among refused calls, the one waiting longest
         has the tokens it needs held for it, so large requests are not starved by small ones.
+        `lane`: an `interactive` call goes before every waiting `batch` call; batch calls share
+        what is left by `flow` (a caller, a batch) in proportion to `weight`.
         """
-        if estimated_tokens < 0:
-            raise ValueError(f"estimated_tokens must be >= 0, got {estimated_tokens}")
-        plan = LimitPlan(provider, model, limits, api_key_id)
-        costs: Amounts = {"requests": 1, "tokens": int(estimated_tokens), "cost_usd": None}
-        reply = await self._scripts.run("acquire", {
-            "lease_id": lease_id,
-            "tokens": int(estimated_tokens),
-            "lease_ttl_s": self.lease_ttl_s if lease_ttl_s is None else lease_ttl_s,
+        ask = Ask(provider, model, limits, estimated_tokens, lease_id, api_key_id, lease_ttl_s, waiting_since_s,
+                  lane, flow, weight)
+        return Decision.from_reply(await self._scripts.run("acquire", self._acquire_call(ask)))
+
+    async def probe(self, asks: list[Ask]) -> list[Headroom]:
+        """What `acquire` would answer for each call now, changing nothing: one round trip for all."""
+        calls = [self._acquire_call(ask, probe=True) for ask in asks]
+        return [Headroom.from_reply(reply) for reply in await self._scripts.run_many("acquire", calls)]
+
+    def _acquire_call(self, ask: Ask, *, probe: bool = False) -> dict[str, Any]:
+        if ask.estimated_tokens < 0:
+            raise ValueError(f"estimated_tokens must be >= 0, got {ask.estimated_tokens}")
+        if ask.weight <= 0:
+            raise ValueError(f"weight must be > 0, got {ask.weight}")
+        plan = LimitPlan(ask.provider, ask.model, ask.limits, ask.api_key_id)
+        costs: Amounts = {"requests": 1, "tokens": int(ask.estimated_tokens), "cost_usd": None}
+        call: dict[str, Any] = {
+            "lease_id": ask.lease_id,
+            "tokens": int(ask.estimated_tokens),
+            "lease_ttl_s": self.lease_ttl_s if ask.lease_ttl_s is None else ask.lease_ttl_s,
             "retry_s": self.concurrency_retry_s,
-            "waiting_since_s": waiting_since_s or 0.0,
+            "waiting_since_s": ask.waiting_since_s or 0.0,
             "claim_grace_s": self.claim_grace_s,
             "line_grace_s": self.line_grace_s,
+            "lane": ask.lane,
+            "weight": float(ask.weight),
+            "probe": probe,
             **plan.for_acquire(costs, self.burst_s),
-        })
-        return Decision.from_reply(reply)
+        }
+        if ask.flow is not None:
+            call["flow"] = ask.flow
+        return call
+
+    async def leave(
+        self, provider: str, model: str, limits: RateLimits, lease_id: str, *, api_key_id: str | None = None
+    ) -> int:
+        """A call waiting in line went elsewhere: it leaves the lines and gives up its claim. Returns the lines left."""
+        plan = LimitPlan(provider, model, limits, api_key_id)
+        reply = await self._scripts.run("leave", {"lease_id": lease_id, **plan.for_leave()})
+        return int(reply["left"])
 
     async def settle(
         self,

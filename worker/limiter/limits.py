@@ -121,6 +121,11 @@ class LimitPlan:
         return {"buckets": self.buckets(burst_s, measure="tokens"), "rings": self.rings(),
                 "daily_key": self.daily_key, "spent": self.spent(amounts), "slots": self.slots()}
 
+    def for_leave(self) -> dict[str, Any]:
+        """leave.lua's group: every bucket set, with its lines."""
+        bucket_keys = [self._bucket_key(kind) for kind in self.kinds("bucket", configured=True)]
+        return {"buckets": [{"key": key, **self._lines(key)} for key in bucket_keys]}
+
     def for_snapshot(self) -> dict[str, Any]:
         """snapshot.lua's groups: every limit of this call, set or not, with where its usage is counted."""
         return {"pauses": self.pauses(), "slots": self.slots(), "daily_key": self.daily_key,
@@ -186,14 +191,24 @@ class LimitPlan:
             if measure is not None and kind.measure != measure:
                 continue
             per_minute = kind.value(self.limits, self.model)
-            key = keys.rate_limit_bucket(self.scope(per_model=kind.per_model), kind.key_name)
+            key = self._bucket_key(kind)
             burst = burst_units(per_minute, burst_s[kind.measure])
-            group = {"limit": kind.limit, "per_minute": per_minute, "burst": burst, "key": key}
-            if costs is not None:  # acquire: what the call takes, and the bucket's line
+            group = {"limit": kind.limit, "per_minute": per_minute, "burst": burst, "key": key,
+                     "minute_window": self.limits.enforced_as == "minute_window"}
+            if costs is not None:  # acquire: what the call takes, and the bucket's lines
                 claims = kind.measure == "tokens"  # so a large request is not starved by small ones
-                group |= {"cost": costs[kind.measure], "claims": claims, "line_key": keys.rate_limit_line(key)}
+                group |= {"cost": costs[kind.measure], "claims": claims, **self._lines(key)}
             groups.append(group)
         return groups
+
+    def _bucket_key(self, kind: LimitKind) -> str:
+        return keys.rate_limit_bucket(self.scope(per_model=kind.per_model), kind.key_name)
+
+    @staticmethod
+    def _lines(bucket_key: str) -> dict[str, str]:
+        """A bucket's lines, one per lane, and its batch lane's flows."""
+        return {"interactive_line_key": keys.rate_limit_line(bucket_key, "interactive"),
+                "batch_line_key": keys.rate_limit_line(bucket_key, "batch"), "flows_key": keys.rate_limit_flows(bucket_key)}
 
     def rings(self) -> list[dict[str, Any]]:
         """The usage rings of the scopes the buckets live in: the provider's (or API key's), the model's."""

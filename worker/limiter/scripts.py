@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from llmq.contract.scripts import read_script
 
-OPERATIONS = ("acquire", "settle", "release", "renew", "penalize", "snapshot")
+OPERATIONS = ("acquire", "settle", "release", "renew", "penalize", "snapshot", "leave")
 PRELUDE = read_script(__file__, "prelude.lua")
 #: Operation -> the source Redis runs: the prelude, then the operation's own script.
 SOURCES: dict[str, str] = {op: f"{PRELUDE}\n{read_script(__file__, f'{op}.lua')}" for op in OPERATIONS}
@@ -30,9 +30,23 @@ class LimiterScripts:
     async def run(self, op: str, call: Mapping[str, Any]) -> dict[str, str]:
         """Run `op` with `call` as its named arguments; its answer as names and values."""
         keys = sorted(set(_keys_named(call)))
-        reply = await self._scripts[op](keys=keys, args=[json.dumps(call, separators=(",", ":"))])
-        texts = [_text(item) for item in reply]
-        return dict(zip(texts[::2], texts[1::2], strict=True))
+        return _answer(await self._scripts[op](keys=keys, args=[json.dumps(call, separators=(",", ":"))]))
+
+    async def run_many(self, op: str, calls: list[Mapping[str, Any]]) -> list[dict[str, str]]:
+        """Run `op` once per call, pipelined: one round trip (each run is still its own atomic script)."""
+        if not calls:
+            return []
+        script = self._scripts[op]
+        async with script.registered_client.pipeline(transaction=False) as pipe:
+            for call in calls:
+                await script(keys=sorted(set(_keys_named(call))), args=[json.dumps(call, separators=(",", ":"))],
+                             client=pipe)
+            return [_answer(reply) for reply in await pipe.execute()]
+
+
+def _answer(reply: list[Any]) -> dict[str, str]:
+    texts = [_text(item) for item in reply]
+    return dict(zip(texts[::2], texts[1::2], strict=True))
 
 
 def _keys_named(value: Any) -> Iterator[str]:

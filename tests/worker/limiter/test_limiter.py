@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from llmq.cli.embedded import RedisServer
 from llmq.contract.config import ModelLimits, RateLimits
@@ -31,7 +30,7 @@ from llmq.worker.limiter.headers import (
 )
 from llmq.worker.limiter.limiter import Decision, RateLimiter
 from llmq.worker.limiter.limits import burst_units
-from llmq.worker.limiter.scripts import SOURCES, LimiterScripts
+from tests.support.limiter import SIMULATED_EPOCH, on_simulated_clock, run_with_limiter
 
 T = TypeVar("T")
 Hammered = tuple[list[tuple[float, int]], tuple[float, float]]
@@ -42,17 +41,6 @@ RATE_MARGIN = 0.005
 #: The Lua script's line: a newcomer's plan errs this much early; before any settle, reservations
 #: are planned at this share of themselves.
 PLAN_EARLY, RATIO_PRIOR = 0.05, 0.5
-
-
-def run_with_limiter(redis_url: str, body: Callable[[RateLimiter], Awaitable[T]], **options: Any) -> T:
-    async def main() -> T:
-        client = aioredis.Redis.from_url(redis_url)
-        try:
-            return await body(RateLimiter(client, **options))
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
 
 
 def _meet(redis_url: str, key: str) -> int:
@@ -161,24 +149,6 @@ def allowed_in_window(per_minute: int, capacity: int, window_s: float) -> int:
 
 def span_s(results: list[Hammered]) -> float:  # seconds (Redis clock) during which every process was asking
     return min(end for _, (_, end) in results) - max(start for _, (start, _) in results)
-
-
-REDIS_CLOCK = "local clock = redis.call('TIME')\nlocal now_s = tonumber(clock[1])\nlocal now = now_s + tonumber(clock[2]) / 1000000"
-SIMULATED_CLOCK = "local now = tonumber(redis.call('GET', 'test:clock'))\nlocal now_s = math.floor(now)"
-#: Where the simulated clock starts (epoch s).
-SIMULATED_EPOCH = 1e6
-
-
-def on_simulated_clock(limiter: RateLimiter) -> Callable[[float], Awaitable[None]]:
-    """Run the limiter's scripts on a clock the test sets (seconds after SIMULATED_EPOCH)."""
-    assert all(REDIS_CLOCK in source for source in SOURCES.values())
-    simulated = {op: source.replace(REDIS_CLOCK, SIMULATED_CLOCK) for op, source in SOURCES.items()}
-    limiter._scripts = LimiterScripts(limiter.redis, simulated)
-
-    async def set_clock(at_s: float) -> None:
-        await limiter.redis.set("test:clock", repr(SIMULATED_EPOCH + at_s))
-
-    return set_clock
 
 
 def test_requests_per_minute_hold_across_processes(pool: ProcessPoolExecutor, redis_url: str) -> None:

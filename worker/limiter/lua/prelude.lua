@@ -56,21 +56,23 @@ local function zset_touch(key)
   if last[2] then redis.call('PEXPIRE', key, math.ceil((tonumber(last[2]) - now) * 1000) + 1000) end
 end
 
--- Token bucket with continuous refill. Capacity `cap` and refill `rate` obey
--- cap + 60 * rate < per_minute + 1, so no closed 60 s window grants more than per_minute
--- whole units. A token bucket grows (while its key lives) to fit the largest reservation
--- seen, lowering its rate to keep that bound.
-local function bucket_params(per_minute, base_cap, stored_cap, cost)
+-- Token bucket with continuous refill. With `minute_window` (a provider that may count any 60 s
+-- window), capacity `cap` and refill `rate` obey cap + 60 * rate < per_minute + 1, so no closed
+-- 60 s window grants more than per_minute whole units; without it (a provider that refills a
+-- bucket itself), the refill is the per-minute rate. A token bucket grows (while its key lives)
+-- to fit the largest reservation seen, lowering its rate to keep that bound.
+local function bucket_params(per_minute, base_cap, stored_cap, cost, minute_window)
   local max_cap = math.max(base_cap, math.floor(per_minute * MAX_CAPACITY_FRACTION))
   local cap = math.max(base_cap, stored_cap or 0, math.min(cost, max_cap))
-  local rate = (per_minute - cap + 1) * (1 - RATE_MARGIN) / 60
+  local refill = minute_window == false and per_minute or (per_minute - cap + 1)
+  local rate = refill * (1 - RATE_MARGIN) / 60
   return cap, rate
 end
 
 -- A bucket's level now (in its units), capacity and refill rate (units per second).
-local function bucket_load(key, per_minute, base_cap, cost)
+local function bucket_load(key, per_minute, base_cap, cost, minute_window)
   local v = redis.call('HMGET', key, 'level', 'ts', 'cap')
-  local cap, rate = bucket_params(per_minute, base_cap, tonumber(v[3]), cost)
+  local cap, rate = bucket_params(per_minute, base_cap, tonumber(v[3]), cost, minute_window)
   local level = cap
   if v[1] then
     level = math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate)

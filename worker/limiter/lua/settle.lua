@@ -8,7 +8,8 @@
 --   reserved_tokens  tokens reserved at acquire
 --   settled_tokens   tokens the per-minute buckets settle to (what the provider counted): the
 --                    difference from reserved_tokens is returned to, or taken from, each bucket
---   buckets[]        the token buckets: per_minute, burst (tokens), key: bucket hash (acquire.lua)
+--   buckets[]        the token buckets: per_minute, burst (tokens), minute_window, key: bucket hash
+--                    (acquire.lua)
 --   rings[]          key: usage ring hash, corrected by the same difference
 --   daily_key        hash: day (UTC days since epoch) and one counter per quota field
 --   spent[]          field (a counter in daily_key), amount (what the call used: tokens, USD)
@@ -20,8 +21,8 @@ local RATIO_WEIGHT = 0.05  -- each settle moves a token bucket's `ratio` at leas
 
 -- Count what the provider counted (`delta` more than reserved) and learn what reservations cost
 -- of themselves, for acquire's plan of the line.
-local function bucket_adjust(key, per_minute, base_cap, delta, reserved)
-  local level, cap, rate = bucket_load(key, per_minute, base_cap, 0)
+local function bucket_adjust(key, per_minute, base_cap, minute_window, delta, reserved)
+  local level, cap, rate = bucket_load(key, per_minute, base_cap, 0, minute_window)
   bucket_store(key, math.min(cap, level - delta), cap, rate)
   if reserved > 0 then  -- moving averages of what was reserved and what it settled to
     local v = redis.call('HMGET', key, 'reserved_avg', 'settled_avg', 'ratio_n')
@@ -47,7 +48,7 @@ end
 
 local reserved = call.reserved_tokens
 local delta = call.settled_tokens - reserved
-for _, b in ipairs(call.buckets) do bucket_adjust(b.key, b.per_minute, b.burst, delta, reserved) end
+for _, b in ipairs(call.buckets) do bucket_adjust(b.key, b.per_minute, b.burst, b.minute_window, delta, reserved) end
 if delta ~= 0 then
   for _, ring in ipairs(call.rings) do ring_add(ring.key, 0, delta) end
 end
