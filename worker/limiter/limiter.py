@@ -25,6 +25,10 @@ from llmq.worker.limiter.scripts import LimiterScripts
 
 log = logging.getLogger(__name__)
 
+#: Seconds of spread between granting calls and their reaching the provider that pacing absorbs:
+#: the limiter's buckets hold this much less than the provider's (bench/RESULTS.md, "scheduling").
+JITTER_S = 0.25
+
 #: An adapter's `header_observer(model, headers)`, called on every response.
 HeaderObserver = Callable[[str | None, Mapping[str, str]], None]
 
@@ -95,8 +99,11 @@ class RateLimiter:
     """The fleet-wide limiter. One per worker process, sharing the process's async Redis client.
 
     `api_key_id` names a key (a digest of it, never the key itself): it becomes part of Redis key
-    names. Bursts are seconds of a per-minute limit a bucket holds (`request_burst_s` for
-    requests/min, `token_burst_s` for tokens/min).
+    names. Bursts are the seconds of a per-minute limit the provider's own bucket holds
+    (`request_burst_s` for requests/min, `token_burst_s` for tokens/min); the limiter's buckets
+    hold that less `jitter_s`, the most that calls granted apart may arrive bunched at the
+    provider (network, scheduling, a busy worker): so bunched, they still fit the provider's
+    bucket (docs/rate-limits.md, "Pacing").
     """
 
     def __init__(
@@ -105,6 +112,7 @@ class RateLimiter:
         *,
         request_burst_s: float = 1.0,
         token_burst_s: float = 1.0,
+        jitter_s: float = JITTER_S,
         lease_ttl_s: float = 120.0,
         concurrency_retry_s: float = 0.25,
         claim_grace_s: float = 1.0,
@@ -112,10 +120,13 @@ class RateLimiter:
         max_pause_s: float = 300.0,
     ) -> None:
         for name, value in (("request_burst_s", request_burst_s), ("token_burst_s", token_burst_s)):
-            if not 0 < value <= 30:
-                raise ValueError(f"{name} must be in (0, 30] seconds, got {value}")
+            if not jitter_s < value <= 30:
+                raise ValueError(f"{name} must be in ({jitter_s}, 30] seconds (more than jitter_s), got {value}")
+        if jitter_s < 0:
+            raise ValueError(f"jitter_s must be >= 0, got {jitter_s}")
         self.redis = redis
-        self.burst_s: dict[Measure, float] = {"requests": request_burst_s, "tokens": token_burst_s}
+        #: What the limiter's own buckets hold, in seconds of each limit.
+        self.burst_s: dict[Measure, float] = {"requests": request_burst_s - jitter_s, "tokens": token_burst_s - jitter_s}
         self.lease_ttl_s = lease_ttl_s
         self.concurrency_retry_s = concurrency_retry_s
         self.claim_grace_s = claim_grace_s

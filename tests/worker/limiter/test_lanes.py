@@ -14,16 +14,20 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
+import pytest
 import redis
 
 from llmq.contract import keys
 from llmq.contract.config import RateLimits
-from llmq.worker.limiter.limiter import Ask, RateLimiter
+from llmq.worker.limiter.limiter import JITTER_S, Ask, RateLimiter
 from llmq.worker.limiter.limits import burst_units
 from tests.support.limiter import SIMULATED_EPOCH, on_simulated_clock, run_with_limiter
 
-#: A 1,000-token bucket refilling at ~978 tokens/s (the limiter's pacing of 60,000 tokens/min).
 LIMITS = RateLimits(tokens_per_minute=60_000)
+#: The limiter's bucket for it: one second of the limit less the room kept for jitter (750 tokens),
+#: refilled at ~983 tokens/s (lua/prelude.lua's pacing).
+CAPACITY = burst_units(60_000, 1.0 - JITTER_S)
+RATE = (60_000 - CAPACITY + 1) * (1 - 0.005) / 60
 
 
 @dataclass
@@ -73,15 +77,14 @@ def test_interactive_calls_overtake_the_batch_line_and_batch_uses_the_rest(redis
         return await simulate(limiter, on_simulated_clock(limiter), batch + interactive, rng)
 
     order = run_with_limiter(redis_url, body)
-    rate = (60_000 - 1000 + 1) * (1 - 0.005) / 60
     for caller in interactive:
         # Behind no batch call: each waited for its own 100 tokens to refill, and a return's delay.
-        assert caller.granted_s - caller.arrived_s <= 100 / rate + 0.1, caller
+        assert caller.granted_s - caller.arrived_s <= 100 / RATE + 0.1, caller
         overtaken = [other for other in batch if other.arrived_s < caller.arrived_s and other.granted_s > caller.granted_s]
         assert len(overtaken) >= 20, caller  # the batch line it went ahead of
     # The batch still used everything the interactive calls left: no refill went to waste.
     total = sum(caller.tokens for caller in batch + interactive)
-    assert max(caller.granted_s for caller in order) <= (total - 1000) / rate + 0.3
+    assert max(caller.granted_s for caller in order) <= (total - CAPACITY) / RATE + 0.3
     assert [c.name for c in order if c.lane == "interactive"] == [c.name for c in interactive]
 
 
@@ -117,7 +120,7 @@ def test_a_probe_answers_like_acquire_and_changes_nothing(redis_url: str) -> Non
     async def body(limiter: RateLimiter) -> None:
         clock = on_simulated_clock(limiter)
         await clock(0.0)
-        assert (await limiter.acquire("p", "m", limits, 700, lease_id="first")).granted  # 300 of 1,000 left
+        assert (await limiter.acquire("p", "m", limits, 450, lease_id="first")).granted  # 300 of 750 left
         waiting = await limiter.acquire("p", "m", limits, 500, lease_id="waiting")
         assert not waiting.granted
         state = await _state(limiter.redis)
@@ -129,7 +132,8 @@ def test_a_probe_answers_like_acquire_and_changes_nothing(redis_url: str) -> Non
         assert not small.fits and not large.fits  # the 300 left are kept for the caller in line
         assert small.in_flight == large.in_flight == 1 and small.room < 0
         assert placed.wait_s > 0 and not placed.fits
-        assert [await limiter.probe([Ask("q", "m", limits, 100, "fresh")])][0][0].room == 0.9  # a full bucket
+        (fresh,) = await limiter.probe([Ask("q", "m", limits, 100, "fresh")])
+        assert fresh.room == pytest.approx(1 - 100 / CAPACITY, abs=1e-5)  # a full bucket, less its own need
         # What a probe says is what acquire then answers.
         await clock(waiting.wait_s + 0.01)
         (ready,) = await limiter.probe([Ask("p", "m", limits, 500, "waiting")])
@@ -142,7 +146,7 @@ def test_a_caller_that_goes_elsewhere_leaves_the_line(redis_url: str) -> None:
     async def body(limiter: RateLimiter) -> None:
         clock = on_simulated_clock(limiter)
         await clock(0.0)
-        assert (await limiter.acquire("p", "m", LIMITS, 1000, lease_id="all")).granted
+        assert (await limiter.acquire("p", "m", LIMITS, CAPACITY, lease_id="all")).granted
         gone = await limiter.acquire("p", "m", LIMITS, 400, lease_id="gone")
         behind = await limiter.acquire("p", "m", LIMITS, 100, lease_id="behind")
         assert not gone.granted and not behind.granted and behind.wait_s > gone.wait_s
@@ -232,4 +236,3 @@ def test_lanes_hold_across_processes(redis_url: str) -> None:
     span_s = max(b[2] for b in batch) - min(b[2] for b in batch)
     granted_tokens = 100 * (len(batch) + len(interactive))
     assert granted_tokens >= 0.75 * span_s * 60_000 / 60
-    assert burst_units(60_000, 1.0) == 1000

@@ -304,7 +304,8 @@ def test_refused_callers_come_back_in_turn_not_all_at_once(redis_url: str) -> No
                 caller.at_s += decision.wait_s + 0.05 + rng.uniform(0.0, 0.02)
         return callers
 
-    callers = run_with_limiter(redis_url, body, token_burst_s=0.5)
+    # A 0.5 s bucket exactly (no room kept for jitter on the way to the provider): the line alone.
+    callers = run_with_limiter(redis_url, body, token_burst_s=0.5, jitter_s=0)
     refusals = sum(caller.asks - 1 for caller in callers)
     refused = sum(1 for caller in callers if caller.asks > 1)
     assert refused > 150  # the batch was over the limit...
