@@ -1,4 +1,4 @@
-"""The Celery app: one queue per configured provider (`llm.<provider>`), one task.
+"""The Celery app: two queues per configured provider (one per lane), one task.
 
 Reliability settings, chosen on purpose:
 - `task_acks_late` + `task_reject_on_worker_lost`: a message is acked only after
@@ -23,6 +23,10 @@ Beat (`celery -A llmq.worker.app beat`, started by `llmq up`) sends `llmq.health
 for each provider entry to its queue (worker/health.py). Every log record of the
 process carries the running job's id and no secret (worker/logs.py).
 
+Each provider entry has a queue per lane, `llm.<provider>` (batch) and
+`llm.<provider>.interactive`; a worker consumes both and polls every interactive queue
+first (kombu's `queue_order_strategy`, contract/queueing.py's LaneFirstCycle).
+
 Start a worker with `llmq worker`: its pool (worker/pool.py) runs each task's
 coroutine on the process's shared event loop, `--concurrency` of them at once,
 with no thread per slot; `--pool threads` gives each slot a thread that waits on
@@ -44,7 +48,7 @@ from celery.exceptions import Ignore, Reject, Terminated
 from kombu import Queue
 
 from llmq.contract import keys
-from llmq.contract.queueing import make_celery
+from llmq.contract.queueing import LANE_FIRST_ORDER, make_celery
 from llmq.worker.errors import LLMQError
 from llmq.worker.health import beat_schedule as health_beat_schedule
 from llmq.worker.logs import configure as configure_logging
@@ -78,7 +82,9 @@ def create_app(settings: WorkerSettings | None = None) -> WorkerApp:
     config = settings.config
     app = make_celery(config, settings.redis_url, name="llmq-worker", app_class=WorkerApp)
     app.settings = settings
-    app.conf.update(WORKER_SETTINGS, task_queues=[Queue(keys.queue_name(name)) for name in config.providers])
+    app.conf.update(WORKER_SETTINGS, task_queues=[Queue(queue) for name in config.providers for queue in keys.lane_queues(name)])
+    # Interactive queues first at every fetch (contract/queueing.py, LaneFirstCycle).
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, **LANE_FIRST_ORDER}
     _created.append(app)
     # Job ids on every log record, no secret in any (worker/logs.py); health checks from beat (worker/health.py).
     configure_logging(config.secrets())

@@ -7,7 +7,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmq.contract.models import Hop, LLMRequest
+from llmq.contract import keys
+from llmq.contract.labels import TaskLabel
+from llmq.contract.models import Hop, Lane, LLMRequest
 from llmq.worker import errors
 from llmq.worker.logs import redact
 
@@ -28,6 +30,10 @@ class Attempt:
     created_at_s: float = 0.0
     #: The caller's id for the job within its batch (what Flower's label shows).
     custom_id: str | None = None
+    #: Interactive jobs go before waiting batch jobs (queues and limits).
+    lane: Lane = Lane.BATCH
+    #: Why the job was last set aside without a call (a limit, "circuit open", ...), if it was.
+    waiting_for: str = ""
     #: Per-job options from the caller (cache, ...).
     options: dict[str, Any] = field(default_factory=dict)
     #: Where middleware keeps what it needs between its hooks (a limiter's reservation, say).
@@ -36,6 +42,19 @@ class Attempt:
     @property
     def hop(self) -> Hop:
         return self.route[self.route_index]
+
+    @property
+    def flow(self) -> str | None:
+        """Whose share of the batch lane this job takes: its caller (metadata["caller"]), else its
+        batch; None for neither (such jobs share one flow)."""
+        caller = self.request.metadata.get("caller")
+        return str(caller) if caller is not None else self.batch_id
+
+    def hop_fields(self, hop: Hop) -> dict[str, str]:
+        """The job record's fields that name the hop a job is on: its queue and what Flower shows."""
+        return {"queue": keys.queue_name(hop.provider, self.lane),
+                "label": TaskLabel.for_job(self.request, hop, batch_id=self.batch_id, custom_id=self.custom_id,
+                                           lane=self.lane).stored()}
 
     @classmethod
     def from_claim(cls, job: dict[str, str], dispatch: int) -> Attempt:
@@ -49,6 +68,8 @@ class Attempt:
             hop_attempt=int(job["hop_attempt"]),
             batch_id=job.get("batch_id") or None,
             custom_id=job.get("custom_id") or None,
+            lane=Lane(job.get("lane") or Lane.BATCH.value),
+            waiting_for=job.get("waiting_for") or "",
             deadline_at_s=int(job["deadline_at"]) / 1000.0,
             created_at_s=int(job.get("created_at") or 0) / 1000.0,
             started_at_s=time.time(),

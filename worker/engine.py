@@ -22,10 +22,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from llmq.contract import keys
 from llmq.contract.config import RetrySettings
-from llmq.contract.jobs import WAITING_STATES, Transition
-from llmq.contract.labels import TaskLabel
+from llmq.contract.jobs import WAITING_STATES, Transition, dump_route
 from llmq.contract.models import Hop, JobState, LLMResponse
 from llmq.contract.routing import larger_context_hop
 from llmq.worker import errors
@@ -221,14 +219,12 @@ async def _requeue(
     details = public_error(error)
     fields: dict[str, Any] = {"error": json.dumps(details)}
     if route is not None:
-        fields["route"] = json.dumps([hop.model_dump() for hop in route])
+        fields["route"] = dump_route(route)
     next_hop = attempt.hop
     if route_index is not None:
         next_hop = (route or attempt.route)[route_index]
-        fields.update(route_index=route_index, hop_attempt=0, queue=keys.queue_name(next_hop.provider))
-        # What Flower shows for the job's next message (the promoter publishes it).
-        fields["label"] = TaskLabel.for_job(attempt.request, next_hop, batch_id=attempt.batch_id,
-                                            custom_id=attempt.custom_id).stored()
+        # Its queue, and what Flower shows for its next message (the promoter publishes it).
+        fields.update(route_index=route_index, hop_attempt=0, **attempt.hop_fields(next_hop))
     record = attempt.record("error", error)
     done = await runtime.jobs.transition(
         attempt.job_id, new_state=state, allowed=(JobState.RUNNING,), expected_dispatch=attempt.dispatch,

@@ -38,6 +38,7 @@ from llmq.worker.middleware.budget import BudgetMiddleware
 from llmq.worker.middleware.cache import CacheMiddleware
 from llmq.worker.middleware.circuit import CircuitBreakerMiddleware
 from llmq.worker.middleware.metrics import MetricsMiddleware
+from llmq.worker.middleware.pool import PoolMiddleware
 from llmq.worker.middleware.ratelimit import RateLimitMiddleware
 from llmq.worker.providers.base import LLMProvider
 from llmq.worker.providers.registry import create_provider
@@ -63,7 +64,9 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 def default_middleware() -> list[Middleware]:
     """The chain every worker runs, in order: the first verdict wins.
 
-    1. metrics: first, so it sees every verdict of the others and every outcome;
+    0. pool: moves a job whose hop is a pool to the member with the most room, before anything
+       else reads the hop (it gives no verdict);
+    1. metrics: first of the rest, so it sees every verdict of the others and every outcome;
     2. cache: a hit answers before any budget, circuit or limit is consulted (it costs nothing);
     3. budget: a spent budget holds or reroutes the job before it takes a probe or a slot;
     4. circuit breaker: an open circuit skips the provider before the limiter reserves for it;
@@ -71,7 +74,8 @@ def default_middleware() -> list[Middleware]:
        verdict that came after it.
     """
 
-    return [MetricsMiddleware(), CacheMiddleware(), BudgetMiddleware(), CircuitBreakerMiddleware(), RateLimitMiddleware()]
+    return [PoolMiddleware(), MetricsMiddleware(), CacheMiddleware(), BudgetMiddleware(), CircuitBreakerMiddleware(),
+            RateLimitMiddleware()]
 
 
 class Runtime:
@@ -104,6 +108,15 @@ class Runtime:
 
     async def _start_middleware(self) -> None:
         self.middleware.start(self)
+        # Adapters made now, not after the first call's grant: building one takes a few hundred ms
+        # of imports and clients, which would reach the provider as jitter the pacing must absorb.
+        for name in dict.fromkeys(keys.queue_provider(queue) for queue in self.settings.consumed_queues):
+            entry = self.config.providers.get(name)
+            if entry is not None and entry.configured:
+                try:
+                    self.provider(name)
+                except Exception:  # the first job on it reports the problem, as before
+                    log.exception("provider %s: adapter not made at start", name)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
         """Run a coroutine on the loop from any thread and wait for it."""

@@ -21,7 +21,8 @@ METRICS_PORT_ENV = "LLMQ_METRICS_PORT"
 class WorkerSettings:
     config: LLMConfig
     redis_url: str
-    #: Queues this process consumes (`llm.<provider>`); empty: every provider entry's queue.
+    #: Queues this process consumes (`llm.<provider>` and `llm.<provider>.interactive`); empty: both
+    #: lanes' queues of every provider entry.
     queues: tuple[str, ...] = ()
     #: Port of this process's Prometheus endpoint; None or 0: no endpoint.
     metrics_port: int | None = None
@@ -37,4 +38,4 @@ class WorkerSettings:
 
     @property
     def consumed_queues(self) -> tuple[str, ...]:
-        return self.queues or tuple(keys.queue_name(name) for name in self.config.providers)
+        return self.queues or tuple(queue for name in self.config.providers for queue in keys.lane_queues(name))

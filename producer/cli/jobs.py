@@ -186,9 +186,9 @@ async def _print_stream(service: LLMService, chunks: AsyncIterator[LLMResponse])
 
 
 def default_model(config: LLMConfig) -> str:
-    names = [config.service.default_provider, *config.service.fallback_chain, *config.providers]
-    for name in names:
-        entry = config.providers.get(name) if name else None
+    names = [member for name in config.chain() for member in config.members(name)]
+    for name in [*names, *config.providers]:
+        entry = config.providers.get(name)
         if entry is not None and entry.configured and entry.models:
             return entry.models[0]
     raise ValueError("no configured provider lists a model; pass --model")

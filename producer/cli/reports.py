@@ -62,9 +62,23 @@ def cmd_providers(args: argparse.Namespace) -> int:
         print(f"  {name:<14} type={entry.adapter_type:<13} {state}")
         for line in describe_entry(config, name, live):
             print(f"  {'':<14} {line}")
+    if config.pools:
+        print("\nPools (calls each member served):")
+        for pool in config.pools:
+            print(f"  {describe_pool(config, pool, status)}")
     if problem:
         print(f"\nlive status unavailable: {problem}")
     return 0
+
+
+def describe_pool(config: LLMConfig, pool: str, status: dict[str, dict[str, Any]] | None) -> str:
+    """One pool's line: its strategy and each member's calls and share, e.g. `gpt (headroom): a 612 (34%), b 1188 (66%)`."""
+    parts = []
+    for member in config.members(pool):
+        split = ((status or {}).get(member) or {}).get("pool") or {}
+        share = split.get("share")
+        parts.append(f"{member} {split.get('calls', 0)}" + (f" ({share:.0%})" if share is not None else ""))
+    return f"{pool} ({config.pools[pool].strategy}): {', '.join(parts)}"
 
 
 def print_adapters() -> None:

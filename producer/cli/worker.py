@@ -13,7 +13,7 @@ from llmq.contract.config import ConfigError, LLMConfig, load_config
 def add_commands(command: CommandRegistrar) -> None:
     """Register the commands on the CLI's `command(name, handler, help)` helper."""
     worker = command("worker", cmd_worker, "run a worker on provider queues")
-    worker.add_argument("--queues", "-Q", help="comma-separated provider names or llm.<name> queues (default: all configured)")
+    worker.add_argument("--queues", "-Q", help="comma-separated provider names or llm.<name> queues; a worker takes both lanes' queues of each (default: all configured)")
     worker.add_argument("--concurrency", "-c", type=int, default=200, help="job slots in this process (default 200)")
     worker.add_argument("--pool", default="async", choices=sorted(POOLS),
                         help="async (default): every job a coroutine on one event loop, no thread per slot "
@@ -37,7 +37,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     names = worker_providers(config, args.queues)
-    queues = [keys.queue_name(name) for name in names]
+    queues = [queue for name in names for queue in keys.lane_queues(name)]
     app = create_app(WorkerSettings.from_environment(config, queues=tuple(queues), metrics_port=args.metrics_port))
     # Celery's CLI names only its own pools; a pool class by path goes through the config.
     app.conf.worker_pool = POOLS[args.pool]
@@ -61,7 +61,10 @@ def worker_providers(config: LLMConfig, queues_option: str | None) -> list[str]:
     docker-compose runs one worker per queue whether or not its key is set.
     """
 
-    requested = [name.strip().removeprefix(keys.QUEUE_PREFIX) for name in (queues_option or "").split(",") if name.strip()]
+    # A provider's name, or either of its queues: the worker takes both lanes of each.
+    requested = list(dict.fromkeys(
+        keys.queue_provider(name.strip()) for name in (queues_option or "").split(",") if name.strip()
+    ))
     if not requested:
         requested = config.configured_providers()
         if not requested:

@@ -29,12 +29,13 @@ from llmq.contract.models import (
     BatchRecord,
     JobRecord,
     JobState,
+    Lane,
     LLMRequest,
     LLMResponse,
 )
 from llmq.contract.queueing import async_redis, make_celery, publish_messages
 from llmq.contract.queueing import redis_url as resolve_redis_url
-from llmq.contract.routing import RoutingError, plan_route
+from llmq.contract.routing import RoutingError, plan_route, spread_pools
 from llmq.contract.validation import first_error, summarize_problems
 
 SUBMIT_CHUNK = 500
@@ -74,9 +75,15 @@ class LLMService:
 
     # --- the ADR's interface ----------------------------------------------------------
 
-    async def generate(self, request: LLMRequest | Mapping[str, Any], *, timeout_s: float | None = None) -> LLMResponse:
-        """Submit one request and wait for its answer; raises JobFailedError if it fails."""
-        job_id = await self.submit(request)
+    async def generate(
+        self, request: LLMRequest | Mapping[str, Any], *, timeout_s: float | None = None,
+        lane: Lane | str = Lane.INTERACTIVE,
+    ) -> LLMResponse:
+        """Submit one request and wait for its answer; raises JobFailedError if it fails.
+
+        `lane`: `interactive` (the default) goes before every waiting batch job; `batch` waits its turn.
+        """
+        job_id = await self.submit(request, lane=lane)
         job = await self.wait(job_id, timeout_s=timeout_s)
         assert isinstance(job, JobRecord)
         if job.state is not JobState.SUCCEEDED or job.result is None:
@@ -84,7 +91,8 @@ class LLMService:
         return job.result
 
     async def stream_generate(
-        self, request: LLMRequest | Mapping[str, Any], *, deadline_s: float | None = None
+        self, request: LLMRequest | Mapping[str, Any], *, deadline_s: float | None = None,
+        lane: Lane | str = Lane.INTERACTIVE,
     ) -> AsyncIterator[LLMResponse]:
         """Submit a request and yield its chunks as the worker receives them from the provider.
 
@@ -97,7 +105,7 @@ class LLMService:
         parsed = self.prepare(request)
         if not parsed.stream:
             parsed = parsed.model_copy(update={"stream": True})
-        job_id = await self.submit(parsed, deadline_s=deadline_s)
+        job_id = await self.submit(parsed, deadline_s=deadline_s, lane=lane)
         async for chunk in self.stream_job(job_id):
             yield chunk
 
@@ -181,11 +189,13 @@ class LLMService:
         job_id: str | None = None,
         deadline_s: float | None = None,
         cache: bool | None = None,
+        lane: Lane | str = Lane.INTERACTIVE,
     ) -> str:
-        """Enqueue one request; returns its job id. `cache` overrides the provider's cache setting."""
+        """Enqueue one request; returns its job id. `cache` overrides the provider's cache setting;
+        `lane`: `interactive` (the default for one request) or `batch`."""
         await self.workers_configured()
         parsed = self.prepare(request)
-        new = self._new_job(parsed, job_id or new_id("job"), None, None, deadline_s, cache)
+        new = self._new_job(parsed, job_id or new_id("job"), None, None, deadline_s, cache, lane=lane)
         created = await self._enqueue([new])
         return created[0]
 
@@ -197,8 +207,14 @@ class LLMService:
         deadline_s: float | None = None,
         cache: bool | None = None,
         on_progress: Callable[[int], None] | None = None,
+        lane: Lane | str = Lane.BATCH,
     ) -> str:
-        """Validate every item first, then create and publish in pipelined chunks."""
+        """Validate every item first, then create and publish in pipelined chunks.
+
+        `lane`: `batch` (the default) shares what interactive calls leave, fairly with other
+        callers' batches (by `metadata["caller"]`, else by batch); `interactive` goes first.
+        """
+        lane = parse_lane(lane)
         batch_id = batch_id or new_id("batch")
         await self.workers_configured()
         prepared = self._prepare_batch(items)
@@ -210,7 +226,7 @@ class LLMService:
             chunk = prepared[start:end]
             job_ids = [_job_id_for(batch_id, item, start + index) for index, item in enumerate(chunk)]
             new = [
-                self._new_job(item.request, job_id, batch_id, item.custom_id, deadline_s, cache)
+                self._new_job(item.request, job_id, batch_id, item.custom_id, deadline_s, cache, lane=lane)
                 for job_id, item in zip(job_ids, chunk)
             ]
             await self._enqueue(new)
@@ -243,15 +259,15 @@ class LLMService:
 
     def _new_job(
         self, request: LLMRequest, job_id: str, batch_id: str | None, custom_id: str | None,
-        deadline_s: float | None, cache: bool | None = None,
+        deadline_s: float | None, cache: bool | None = None, *, lane: Lane | str,
     ) -> NewJob:
         if deadline_s is not None and deadline_s <= 0:
             raise RequestError(f"deadline_s must be a positive number of seconds (got {deadline_s})")
+        route = spread_pools(plan_route(request, self.config, self._workers_configured), self.config)
         return NewJob(
-            job_id=job_id, request=request, route=plan_route(request, self.config, self._workers_configured),
-            batch_id=batch_id,
+            job_id=job_id, request=request, route=route, batch_id=batch_id,
             custom_id=custom_id, deadline_s=deadline_s or self.config.service.jobs.deadline_s,
-            options={} if cache is None else {"cache": cache},
+            options={} if cache is None else {"cache": cache}, lane=parse_lane(lane),
         )
 
     async def _enqueue(self, jobs: list[NewJob]) -> list[str]:
@@ -321,6 +337,13 @@ class LLMService:
                 cancelled += sum(await asyncio.gather(*(self.jobs.cancel(job_id, ttl_s) for job_id in chunk)))
             return cancelled
         return int(await self.jobs.cancel(some_id, ttl_s))
+
+
+def parse_lane(lane: Lane | str) -> Lane:
+    try:
+        return Lane(lane)
+    except ValueError:
+        raise RequestError(f"lane {lane!r}: use one of {', '.join(item.value for item in Lane)}") from None
 
 
 def new_id(kind: str) -> str:

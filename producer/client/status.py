@@ -1,8 +1,8 @@
 """The live status of each provider entry, read from the shared keyspace.
 
 Workers write it (worker/middleware/lua/circuit.lua for the circuit breaker and the last error,
-worker/health.py for health checks); this module only reads, so the producer
-never imports worker code. Times are epoch seconds.
+worker/health.py for health checks, worker/middleware/pool.py for pools' splits); this module
+only reads, so the producer never imports worker code. Times are epoch seconds.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ RECENT_CHECKS = 10
 
 
 async def read_provider_status(client: aioredis.Redis, config: LLMConfig, recent: int = RECENT_CHECKS) -> dict[str, dict[str, Any]]:
-    names = list(config.providers)
+    names, pools = list(config.providers), list(config.pools)
     on_workers = await workers_configured(client)
     async with client.pipeline(transaction=False) as pipe:
         pipe.time()
@@ -28,6 +28,8 @@ async def read_provider_status(client: aioredis.Redis, config: LLMConfig, recent
             pipe.hgetall(keys.circuit(name))
             pipe.hget(keys.HEALTH, name)
             pipe.lrange(keys.health_history(name), 0, recent - 1)
+        for pool in pools:
+            pipe.hgetall(keys.pool_split(pool))
         replies = await pipe.execute()
     seconds, microseconds = replies[0]
     now_s = int(seconds) + int(microseconds) / 1e6
@@ -35,7 +37,20 @@ async def read_provider_status(client: aioredis.Redis, config: LLMConfig, recent
     for index, name in enumerate(names):
         circuit_fields, health, history = replies[1 + 3 * index : 4 + 3 * index]
         status[name] = _provider_status(config, name, circuit_fields or {}, health, history or [], now_s, on_workers)
+    for pool, split in zip(pools, replies[1 + 3 * len(names) :]):
+        for member, share in pool_split(config, pool, split or {}).items():
+            status[member]["pool"] = share
     return status
+
+
+def pool_split(config: LLMConfig, pool: str, counts: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Each member's part of a pool's traffic: the calls it served (keys.pool_split) and their share."""
+    served = {member: int(counts.get(member) or 0) for member in config.members(pool)}
+    total = sum(served.values())
+    since = float(counts["since"]) if counts.get("since") else None
+    return {member: {"name": pool, "strategy": config.pools[pool].strategy, "calls": calls,
+                     "share": round(calls / total, 4) if total else None, "since": since}
+            for member, calls in served.items()}
 
 
 async def workers_configured(client: aioredis.Redis) -> frozenset[str]:

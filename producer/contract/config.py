@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +27,8 @@ from pydantic import (
     model_validator,
 )
 
-from llmq.contract.validation import first_error
+from llmq.contract.scheduling import LaneSettings, PoolSettings, all_pools, chain_names, check_routes
+from llmq.contract.validation import describe_config_error
 
 CONFIG_ENV = "LLMQ_CONFIG"
 DEFAULT_CONFIG_PATHS = (Path("config/llm_service.yaml"), Path("llm_service.yaml"))
@@ -211,8 +213,13 @@ class BudgetSettings(_Strict):
 
 
 class ServiceConfig(_Strict):
+    #: A provider entry, or a pool named under `pools`.
     default_provider: str | None = None
-    fallback_chain: list[str] = Field(default_factory=list)
+    #: Provider entries and pools, in order; a nested list is a pool of its own: [[a, b], c].
+    fallback_chain: list[str | list[str]] = Field(default_factory=list)
+    #: Named pools: provider entries that share one hop's traffic.
+    pools: dict[str, PoolSettings] = Field(default_factory=dict)
+    lanes: LaneSettings = Field(default_factory=LaneSettings)
     #: Model -> a model with a larger context window, tried on ContextWindowExceeded.
     context_fallbacks: dict[str, str] = Field(default_factory=dict)
     retry: RetrySettings = Field(default_factory=RetrySettings)
@@ -224,17 +231,7 @@ class ServiceConfig(_Strict):
     @model_validator(mode="after")
     def _names_refer_to_providers(self) -> ServiceConfig:
         known = set(self.providers)
-        if self.default_provider is not None and self.default_provider not in known:
-            raise ValueError(
-                f"default_provider {self.default_provider!r} is not under providers; "
-                f"use one of: {', '.join(sorted(known))}"
-            )
-        for name in self.fallback_chain:
-            if name not in known:
-                raise ValueError(
-                    f"fallback_chain names {name!r}, which is not under providers; "
-                    f"use only: {', '.join(sorted(known))}"
-                )
+        check_routes(self.default_provider, self.fallback_chain, self.pools, known)
         for name in self.budgets.per_provider_daily_usd:
             if name not in known:
                 raise ValueError(
@@ -265,6 +262,29 @@ class LLMConfig:
 
     def configured_providers(self) -> list[str]:
         return [name for name, entry in self.providers.items() if entry.configured]
+
+    @cached_property
+    def pools(self) -> dict[str, PoolSettings]:
+        """Every pool: the named ones and the fallback chain's nested lists."""
+        return all_pools(self.service.fallback_chain, self.service.pools)
+
+    def chain(self) -> list[str]:
+        """The default provider and the fallback chain, as names of entries and pools, in order."""
+        return chain_names(self.service.default_provider, self.service.fallback_chain)
+
+    def pool_of(self, provider: str) -> str | None:
+        """The pool a provider entry belongs to, if any."""
+        return next((name for name, pool in self.pools.items() if provider in pool.members), None)
+
+    def members(self, name: str) -> list[str]:
+        """The provider entries a routable name stands for: a pool's members, or the entry itself."""
+        pool = self.pools.get(name)
+        return list(pool.members) if pool is not None else [name]
+
+    def pool_weights(self, name: str) -> dict[str, float]:
+        """Each member's share of a pool's traffic: its weight, else its limit (see `PoolSettings.weights`)."""
+        pool = self.pools[name]
+        return pool.shares({member: self.providers[member].rate_limits for member in pool.members})
 
     def secrets(self) -> list[str]:
         """Every API key and credential in the config: what log and error redaction must hide."""
@@ -359,7 +379,7 @@ def parse_config(text: str, source: Path | None = None, environ: dict[str, str] 
     try:
         service = ServiceConfig.model_validate(section)
     except ValidationError as exc:
-        raise ConfigError(_describe(where, exc)) from None
+        raise ConfigError(describe_config_error(where, exc, _SECRET_OPTION)) from None
     known_types = known_provider_types()
     for name, entry in service.providers.items():
         entry.name = name
@@ -371,34 +391,3 @@ def parse_config(text: str, source: Path | None = None, environ: dict[str, str] 
                 f"{where}: llm_service.providers.{name}.type: unknown adapter {entry.adapter_type!r}; {fix}"
             )
     return LLMConfig(service=service, path=source)
-
-
-_FIXES = {
-    "missing": "add this key",
-    "extra_forbidden": "remove it or fix its spelling (see docs/configuration.md)",
-    "int_type": "use a whole number",
-    "int_parsing": "use a whole number",
-    "float_type": "use a number",
-    "float_parsing": "use a number",
-    "bool_type": "use true or false",
-    "bool_parsing": "use true or false",
-    "greater_than": "use a positive number",
-    "greater_than_equal": "use a larger number",
-    "less_than_equal": "use a smaller number",
-    "list_type": "use a YAML list, e.g. [a, b]",
-    "dict_type": "use a mapping of key: value",
-    "string_type": "use a string",
-    "too_short": "add at least one entry",
-    "literal_error": "use one of the allowed values",
-}
-
-
-def _describe(where: str, exc: ValidationError) -> str:
-    error = first_error(exc, root=("llm_service",))
-    # Never echo a value that may be a key: an unknown key's value, or any secret-named field.
-    quiet = error.error_type in {"missing", "extra_forbidden"} or isinstance(error.input, dict) or any(
-        _SECRET_OPTION.search(part) for part in error.location.split(".")
-    )
-    got = "" if quiet else f" (got {error.input!r})"
-    fix = _FIXES.get(error.error_type, "see docs/configuration.md")
-    return f"{where}: {error.location}: {error.message}{got}; fix: {fix}{error.more}"

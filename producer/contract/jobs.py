@@ -22,6 +22,7 @@ from llmq.contract.models import (
     Hop,
     JobRecord,
     JobState,
+    Lane,
     LLMRequest,
     LLMResponse,
 )
@@ -62,20 +63,27 @@ class NewJob:
     custom_id: str | None = None
     deadline_s: float = 3600.0
     options: dict[str, Any] = field(default_factory=dict)
+    lane: Lane = Lane.BATCH
 
     @cached_property
     def label(self) -> TaskLabel:
-        return TaskLabel.for_job(self.request, self.route[0], batch_id=self.batch_id, custom_id=self.custom_id)
+        return TaskLabel.for_job(self.request, self.route[0], batch_id=self.batch_id, custom_id=self.custom_id,
+                                 lane=self.lane)
+
+    @property
+    def queue(self) -> str:
+        return keys.queue_name(self.route[0].provider, self.lane)
 
     def first_message(self) -> Message:
-        return Message(self.job_id, 1, keys.queue_name(self.route[0].provider), self.label)
+        return Message(self.job_id, 1, self.queue, self.label)
 
     def fields(self) -> list[str]:
         values = {
             "job_id": self.job_id,
             "request": self.request.model_dump_json(),
-            "route": json.dumps([hop.model_dump() for hop in self.route]),
-            "queue": keys.queue_name(self.route[0].provider),
+            "route": dump_route(self.route),
+            "queue": self.queue,
+            "lane": self.lane.value,
             "batch_id": self.batch_id or "",
             "custom_id": self.custom_id or "",
             "options": json.dumps(self.options),
@@ -305,6 +313,7 @@ def parse_job(raw: dict[str, str], attempts: list[str]) -> JobRecord | None:
         attempt=int(raw.get("attempt", 0)),
         batch_id=raw.get("batch_id") or None,
         custom_id=raw.get("custom_id") or None,
+        lane=Lane(raw.get("lane") or Lane.BATCH.value),
         created_at=_seconds(raw.get("created_at")),
         updated_at=_seconds(raw.get("updated_at")),
         finished_at=_seconds(raw.get("finished_at")),
@@ -313,6 +322,11 @@ def parse_job(raw: dict[str, str], attempts: list[str]) -> JobRecord | None:
         error=json.loads(raw["error"]) if raw.get("error") else None,
         attempts=[json.loads(item) for item in attempts],
     )
+
+
+def dump_route(route: list[Hop]) -> str:
+    """A route as the job record keeps it (a hop's pool only when it has one)."""
+    return json.dumps([hop.model_dump(exclude_none=True) for hop in route])
 
 
 def _seconds(value: str | None) -> float | None:

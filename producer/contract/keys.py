@@ -13,10 +13,28 @@ PREFIX = os.environ.get("LLMQ_REDIS_PREFIX", "llmq")
 #: Celery task name and queue names: the producer sends by name, never importing worker code.
 TASK_GENERATE = "llmq.generate"
 QUEUE_PREFIX = "llm."
+#: Each provider entry has a queue per lane: `llm.<provider>` (batch) and `llm.<provider>.interactive`.
+LANE_QUEUE_SUFFIXES = {"batch": "", "interactive": ".interactive"}
 
 
-def queue_name(provider: str) -> str:
-    return f"{QUEUE_PREFIX}{provider}"
+def queue_name(provider: str, lane: str = "batch") -> str:
+    """A provider entry's queue for one lane (`Lane` values: batch, interactive)."""
+    return f"{QUEUE_PREFIX}{provider}{LANE_QUEUE_SUFFIXES[getattr(lane, 'value', lane)]}"
+
+
+def lane_queues(provider: str) -> list[str]:
+    """Every queue of a provider entry, the interactive one first."""
+    return [queue_name(provider, "interactive"), queue_name(provider, "batch")]
+
+
+def is_interactive_queue(queue: str) -> bool:
+    return queue.endswith(LANE_QUEUE_SUFFIXES["interactive"])
+
+
+def queue_provider(queue: str) -> str:
+    """The provider entry a queue (or a bare provider name) is for."""
+    name = queue.removeprefix(QUEUE_PREFIX)
+    return name.removesuffix(LANE_QUEUE_SUFFIXES["interactive"])
 
 
 def job(job_id: str) -> str:
@@ -129,6 +147,11 @@ def circuit_successes(provider: str) -> str:
 def circuit_probes(provider: str) -> str:
     """Sorted set probe token -> epoch ms its hold ends: the probes a half-open circuit let through."""
     return f"{PREFIX}:circuit:{provider}:probes"
+
+
+def pool_split(pool: str) -> str:
+    """Hash member -> calls it served for the pool, and `since` (epoch s of the first): `llmq providers`' split."""
+    return f"{PREFIX}:pool:{pool}:split"
 
 
 def budget_spend(kind: str, name: str) -> str:

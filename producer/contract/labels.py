@@ -4,13 +4,14 @@ A `llmq.generate` message carries `(job_id, dispatch)` and nothing else. Celery 
 the sender choose how those arguments are displayed (`argsrepr`, `kwargsrepr`, sent
 in the message and in its task-sent event), so each message names its job instead:
 
-    args:   custom_id=row-17 batch_id=batch_01 caller=etl model=gpt-4o-mini via=openai/gpt-4o-mini attempt=2
+    args:   custom_id=row-17 batch_id=batch_01 caller=etl lane=batch model=gpt-4o-mini via=openai/gpt-4o-mini attempt=2
     kwargs: {'custom_id': 'row-17', 'batch_id': 'batch_01', ..., 'attempt': 2}
 
 The args line is for reading; the kwargs dict is what Flower's search matches
 exactly (`kwargs:custom_id=row-17`). `attempt` is the job's attempt number this
 message starts (Flower's `retries` is that minus one); `via` is this hop's provider
-entry and model.
+entry and model (after a move to another member of a pool, the member that runs it);
+`lane` is interactive or batch.
 
 The producer labels a job's first message. The label (without the attempt) is kept
 on the job record, field `label`, so the worker that publishes the job again (a
@@ -44,14 +45,18 @@ class TaskLabel:
     batch_id: str | None = None
     #: `request.metadata["caller"]`, when the caller names itself.
     caller: str | None = None
+    #: The job's lane (interactive, batch).
+    lane: str | None = None
     #: The attempt number the message starts (1 for the first).
     attempt: int = 1
 
     @classmethod
-    def for_job(cls, request: LLMRequest, hop: Hop, *, batch_id: str | None, custom_id: str | None) -> TaskLabel:
+    def for_job(cls, request: LLMRequest, hop: Hop, *, batch_id: str | None, custom_id: str | None,
+                lane: str | None = None) -> TaskLabel:
         caller = request.metadata.get("caller")
         return cls(model=request.model, provider=hop.provider, provider_model=hop.model, custom_id=custom_id,
-                   batch_id=batch_id, caller=None if caller is None else str(caller))
+                   batch_id=batch_id, caller=None if caller is None else str(caller),
+                   lane=None if lane is None else str(getattr(lane, "value", lane)))
 
     def on_hop(self, hop: Hop) -> TaskLabel:
         return replace(self, provider=hop.provider, provider_model=hop.model)
@@ -59,8 +64,8 @@ class TaskLabel:
     def stored(self) -> str:
         """The job record's `label` field: everything but the attempt number."""
         return json.dumps({"model": self.model, "provider": self.provider, "provider_model": self.provider_model,
-                           "custom_id": self.custom_id, "batch_id": self.batch_id, "caller": self.caller},
-                          separators=(",", ":"))
+                           "custom_id": self.custom_id, "batch_id": self.batch_id, "caller": self.caller,
+                           "lane": self.lane}, separators=(",", ":"))
 
     @classmethod
     def from_stored(cls, text: str | None, *, attempt: int) -> TaskLabel | None:
@@ -76,7 +81,8 @@ class TaskLabel:
     def names(self) -> dict[str, Any]:
         """What Flower shows, by name (made once: this runs for every message)."""
         names: dict[str, Any] = {"custom_id": self.custom_id, "batch_id": self.batch_id, "caller": self.caller,
-                                 "model": self.model, "provider": self.provider, "provider_model": self.provider_model}
+                                 "lane": self.lane, "model": self.model, "provider": self.provider,
+                                 "provider_model": self.provider_model}
         shown = {name: _cut(value) for name, value in names.items() if value is not None}
         shown["attempt"] = self.attempt
         return shown

@@ -156,6 +156,15 @@ class JobState(str, enum.Enum):
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 
+class Lane(str, enum.Enum):
+    """How a job waits for a provider: `interactive` jobs (one call someone is waiting on) go before
+    every waiting `batch` job, in the broker and in the shared limits; batch jobs share what is left
+    fairly by caller."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
 class Hop(BaseModel):
     """One step of a job's route: which provider entry runs it, with which model."""
 
@@ -163,6 +172,9 @@ class Hop(BaseModel):
 
     provider: str
     model: str
+    #: The pool this hop's provider entry belongs to: the hops of one pool stand side by side on the
+    #: route, and a worker runs the job on whichever member has the most room (docs/configuration.md).
+    pool: str | None = None
 
 
 class JobRecord(BaseModel):
@@ -176,6 +188,7 @@ class JobRecord(BaseModel):
     attempt: int = 0
     batch_id: str | None = None
     custom_id: str | None = None
+    lane: Lane = Lane.BATCH
     created_at: float | None = None
     updated_at: float | None = None
     finished_at: float | None = None

@@ -17,6 +17,7 @@ from celery import Celery
 from kombu import Producer, pools
 from kombu.exceptions import KombuError
 from kombu.pools import ProducerPool
+from kombu.utils.scheduling import round_robin_cycle
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 
@@ -87,6 +88,22 @@ def celery_settings(config: LLMConfig, broker_url: str) -> dict[str, object]:
         "worker_send_task_events": True,
         "enable_utc": True,
     }
+
+
+class LaneFirstCycle(round_robin_cycle):
+    """The order a worker's BRPOP polls its queues in: every interactive queue before any batch queue,
+    round robin within each lane (kombu's default is round robin over all of them). So an interactive
+    message is taken at the next fetch, never after a queue of batch messages, and one provider's
+    batch backlog never keeps another's waiting. Named in the worker's `queue_order_strategy`."""
+
+    def consume(self, n: int) -> list[str]:
+        queues = super().consume(n)
+        return ([queue for queue in queues if keys.is_interactive_queue(queue)]
+                + [queue for queue in queues if not keys.is_interactive_queue(queue)])
+
+
+#: The worker's `broker_transport_options` entry that makes kombu poll with LaneFirstCycle.
+LANE_FIRST_ORDER = {"queue_order_strategy": f"{__name__}:LaneFirstCycle"}
 
 
 def make_celery(

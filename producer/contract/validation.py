@@ -6,6 +6,7 @@ shape everywhere: `<where>: <field>: <what is wrong>; <fix> (and N more)`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,3 +48,37 @@ def summarize_problems(problems: list[tuple[str, str]], noun: str = "") -> str:
     """The first few `where: message` problems of a batch, then how many more there are."""
     shown = "; ".join(f"{where}: {message}" for where, message in problems[:PROBLEMS_SHOWN])
     return shown + and_more(len(problems) - PROBLEMS_SHOWN, noun)
+
+
+#: A pydantic error type -> how to fix it in a config file.
+_FIXES = {
+    "missing": "add this key",
+    "extra_forbidden": "remove it or fix its spelling (see docs/configuration.md)",
+    "int_type": "use a whole number",
+    "int_parsing": "use a whole number",
+    "float_type": "use a number",
+    "float_parsing": "use a number",
+    "bool_type": "use true or false",
+    "bool_parsing": "use true or false",
+    "greater_than": "use a positive number",
+    "greater_than_equal": "use a larger number",
+    "less_than_equal": "use a smaller number",
+    "list_type": "use a YAML list, e.g. [a, b]",
+    "dict_type": "use a mapping of key: value",
+    "string_type": "use a string",
+    "too_short": "add at least one entry",
+    "literal_error": "use one of the allowed values",
+}
+
+
+def describe_config_error(where: str, exc: ValidationError, secret_names: re.Pattern[str]) -> str:
+    """A config file's refusal: the file, the key path, what is wrong and the fix; never a value that
+    may be a secret (`secret_names` matches the keys that hold one)."""
+    error = first_error(exc, root=("llm_service",))
+    # Never echo a value that may be a key: an unknown key's value, or any secret-named field.
+    quiet = error.error_type in {"missing", "extra_forbidden"} or isinstance(error.input, dict) or any(
+        secret_names.search(part) for part in error.location.split(".")
+    )
+    got = "" if quiet else f" (got {error.input!r})"
+    fix = _FIXES.get(error.error_type, "see docs/configuration.md")
+    return f"{where}: {error.location}: {error.message}{got}; fix: {fix}{error.more}"

@@ -42,3 +42,12 @@ def test_odd_values_stay_one_word_and_long_ones_are_cut() -> None:
     custom_id = ast.literal_eval(shown.kwargsrepr())["custom_id"]
     assert len(custom_id) == MAX_VALUE_CHARS and custom_id.endswith("...")
     assert shown.argsrepr().startswith("custom_id='a bccc")
+
+
+def test_the_lane_is_named_and_a_label_stored_before_lanes_still_reads() -> None:
+    shown = label(lane="interactive")
+    assert "caller=etl lane=interactive model=gpt-4o-mini" in shown.argsrepr()
+    assert ast.literal_eval(shown.kwargsrepr())["lane"] == "interactive"
+    older = '{"model": "m", "provider": "p", "provider_model": "m", "custom_id": null, "batch_id": null, "caller": null}'
+    again = TaskLabel.from_stored(older, attempt=2)
+    assert again is not None and again.lane is None and "lane=" not in again.argsrepr()

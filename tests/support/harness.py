@@ -5,6 +5,7 @@ run against a fake in an event loop of their own."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -181,10 +182,22 @@ class Cluster:
     def service(self) -> SyncLLMService:
         return SyncLLMService(self.config, redis_url=self.redis_url)
 
+    def run_cli(self, *args: str) -> str:
+        """Run `llmq <args>` against this cluster (its config, Redis and ledger); its stdout."""
+        worker = self.workers[0]
+        reply = subprocess.run([sys.executable, "-m", "llmq.cli", "--config", str(self.config_path), *args],
+                               env=worker.env(), capture_output=True, text=True, timeout=60, check=True)
+        return reply.stdout
+
     def stop(self) -> None:
         for worker in self.workers:
             worker.stop()
         self.redis.stop()
+
+
+def providers_json(cluster: Cluster) -> dict[str, dict[str, Any]]:
+    """`llmq providers --json`: each entry's live status (limits in use, circuit, pool split)."""
+    return json.loads(cluster.run_cli("providers", "--json"))
 
 
 def start_cluster(

@@ -34,6 +34,7 @@ from celery.events.state import State
 from llmq import BatchItem, LLMRequest
 from llmq.cli.embedded import free_port
 from llmq.cli.flower import flower_command
+from llmq.contract import keys
 from llmq.contract.models import JobState
 from tests.support.fakes.openai import FakeOpenAI
 from tests.support.harness import (
@@ -366,7 +367,7 @@ def test_every_message_was_acked_whatever_its_end(cluster: Cluster, scenario: Sc
     # FAILURE, RETRY and REVOKED ack like SUCCESS does (task_acks_on_failure_or_timeout): nothing stays behind.
     broker = redis.Redis.from_url(cluster.redis_url)
     assert wait_for(lambda: broker.hlen("unacked") == 0), broker.hkeys("unacked")
-    queues = [f"llm.{name}" for name in PROVIDERS]
+    queues = [queue for name in PROVIDERS for queue in keys.lane_queues(name)]
     assert all(broker.llen(queue) == 0 for queue in queues)
 
 
@@ -385,8 +386,9 @@ def test_flower_shows_the_worker_and_its_queues(flower: Flower, finished_jobs: l
     assert len(workers) == 1, workers
     (name, details), = workers.items()
     assert name.startswith("celery@")
+    # Each provider's two queues: llm.<name> (batch) and llm.<name>.interactive.
     assert {queue["name"] for queue in details["active_queues"]} == {
-        f"llm.{name}" for name in PROVIDERS}
+        queue for name in PROVIDERS for queue in (f"llm.{name}", f"llm.{name}.interactive")}
     lengths = flower.get("/api/queues/length")
     assert lengths.status_code == 200
     assert {"llm.primary", "llm.backup"} <= {queue["name"] for queue in lengths.json()["active_queues"]}

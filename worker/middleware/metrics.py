@@ -190,15 +190,16 @@ class MetricsMiddleware(Middleware):
         found = self.instruments
         assert found is not None
         names = list(self.runtime.config.providers)
+        queues = [queue for name in names for queue in keys.lane_queues(name)]
         async with self.runtime.redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.llen(keys.queue_name(name))
+            for queue in queues:
+                pipe.llen(queue)
             for name in names:
                 pipe.hget(keys.circuit(name), "state")
             pipe.zcard(keys.DELAYED)
             replies = await pipe.execute()
-        for name, depth in zip(names, replies[: len(names)]):
-            found.queue_depth.labels(keys.queue_name(name)).set(int(depth))
-        for name, state in zip(names, replies[len(names) : 2 * len(names)]):
+        for queue, depth in zip(queues, replies[: len(queues)]):
+            found.queue_depth.labels(queue).set(int(depth))
+        for name, state in zip(names, replies[len(queues) : len(queues) + len(names)]):
             found.circuit.labels(name).set(CIRCUIT_STATE_VALUES.get(state or "closed", 0))
         found.delayed.set(int(replies[-1]))

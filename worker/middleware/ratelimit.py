@@ -3,7 +3,9 @@
 Before a call: reserve one request and the estimated tokens (prompt estimate +
 max_tokens) from the fleet-wide limiter, or set the job aside (`rate_limited`)
 until the limiter says it fits, or, when a daily quota is spent and the provider
-is configured to fall back, move the job to the next provider. After it: settle
+is configured to fall back, move the job to the next provider. The job asks in its
+lane (interactive before batch) and, in the batch lane, as its flow (its caller,
+else its batch) with the flow's weight from `lanes.weights`. After it: settle
 to the real usage (returning what was not used), or, for a provider that keeps
 counting max_tokens (`refund_unused_tokens: false`, OpenAI), to what it counted:
 its reported prompt tokens plus max_tokens; or release the slot; a 429
@@ -17,7 +19,7 @@ import hashlib
 import random
 from typing import TYPE_CHECKING, Any
 
-from llmq.contract.config import RateLimits
+from llmq.contract.config import ProviderConfig, RateLimits
 from llmq.contract.models import JobState, LLMResponse
 from llmq.worker import errors
 from llmq.worker.limiter.estimate import estimate_request_tokens
@@ -51,11 +53,7 @@ class RateLimitMiddleware(Middleware):
         return self.runtime.config.provider(attempt.hop.provider).rate_limits
 
     def _key_id(self, attempt: Attempt) -> str | None:
-        entry = self.runtime.config.provider(attempt.hop.provider)
-        if not entry.rate_limits.per_api_key or entry.api_key is None:
-            return None
-        # A short digest names the key in Redis without the key itself ever being stored.
-        return hashlib.sha256(entry.api_key.get_secret_value().encode()).hexdigest()[:12]
+        return api_key_id(self.runtime.config.provider(attempt.hop.provider))
 
     async def before_attempt(self, attempt: Attempt) -> Verdict | None:
         limits = self._limits(attempt)
@@ -63,11 +61,13 @@ class RateLimitMiddleware(Middleware):
             return None
         estimate = estimate_request_tokens(attempt.request.model_copy(update={"model": attempt.hop.model}))
         timeout_s = self.runtime.config.provider(attempt.hop.provider).timeout_s
+        flow = attempt.flow
         decision = await self.limiter.acquire(
             attempt.hop.provider, attempt.hop.model, limits, estimate,
-            api_key_id=self._key_id(attempt), lease_id=_lease_id(attempt),
+            api_key_id=self._key_id(attempt), lease_id=lease_id(attempt),
             # The slot outlives the longest call; a dead worker's slot frees itself after that.
             lease_ttl_s=timeout_s + LEASE_MARGIN_S, waiting_since_s=attempt.created_at_s or None,
+            lane=attempt.lane.value, flow=flow, weight=self.runtime.config.service.lanes.weight(flow),
         )
         if decision.granted:
             attempt.scratch["rate_limit_reserved"] = estimate
@@ -87,7 +87,7 @@ class RateLimitMiddleware(Middleware):
         cost = usage_row.get("cost_usd")
         limits = self._limits(attempt)
         await self.limiter.settle(
-            attempt.hop.provider, attempt.hop.model, limits, _lease_id(attempt), reserved,
+            attempt.hop.provider, attempt.hop.model, limits, lease_id(attempt), reserved,
             response.usage.total_tokens, float(cost) if cost is not None else None, api_key_id=self._key_id(attempt),
             refund_unused=limits.refund_unused_tokens,
             counted_tokens=_counted_tokens(attempt, response),
@@ -103,7 +103,7 @@ class RateLimitMiddleware(Middleware):
     async def after_attempt(self, attempt: Attempt) -> None:
         if attempt.scratch.pop("rate_limit_reserved", None) is not None:
             await self.limiter.release(
-                attempt.hop.provider, attempt.hop.model, self._limits(attempt), _lease_id(attempt),
+                attempt.hop.provider, attempt.hop.model, self._limits(attempt), lease_id(attempt),
                 api_key_id=self._key_id(attempt),
             )
 
@@ -116,5 +116,14 @@ def _counted_tokens(attempt: Attempt, response: LLMResponse) -> int | None:
     return response.usage.prompt_tokens + attempt.request.max_tokens
 
 
-def _lease_id(attempt: Attempt) -> str:
+def lease_id(attempt: Attempt) -> str:
+    """The attempt's lease in the limiter: the same across the times it is set aside and comes back."""
     return f"{attempt.job_id}:{attempt.attempt}"
+
+
+def api_key_id(entry: ProviderConfig) -> str | None:
+    """How the limiter names an entry's key when its limits are kept per key (else None)."""
+    if not entry.rate_limits.per_api_key or entry.api_key is None:
+        return None
+    # A short digest names the key in Redis without the key itself ever being stored.
+    return hashlib.sha256(entry.api_key.get_secret_value().encode()).hexdigest()[:12]

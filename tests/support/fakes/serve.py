@@ -16,9 +16,14 @@ import importlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import httpx
 
 from tests.support.fakes.base import FakeProviderServer
 
@@ -42,6 +47,39 @@ def build_fake(provider: str, *, port: int = 0, latency_s: float = 0.0, api_key:
     # The base binds with a 1024 backlog; a thousand clients connecting at once need more.
     fake._server.socket.listen(backlog)
     return fake
+
+
+@dataclass
+class ServedFake:
+    """A fake provider in a process of its own (`serve_fake`), driven through its control API: what
+    a test uses when the fake must not share the GIL with the client (its admission times would
+    carry the GIL's waits)."""
+
+    process: subprocess.Popen[str]
+    url: str
+
+    def control(self, action: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        reply = httpx.post(f"{self.url}/_fake/{action}", json=body or {}, timeout=30)
+        reply.raise_for_status()
+        answer: dict[str, Any] = reply.json()
+        return answer
+
+    def stats(self) -> dict[str, Any]:
+        return self.control("stats")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+def serve_fake(provider: str = "openai", *, latency_s: float = 0.0, latency_jitter_s: float = 0.0) -> ServedFake:
+    """Start `python -m tests.support.fakes.serve <provider>` and wait until it accepts connections."""
+    command = [sys.executable, "-m", "tests.support.fakes.serve", provider, "--latency-s", str(latency_s),
+               "--latency-jitter-s", str(latency_jitter_s)]
+    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[3], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    return ServedFake(process, json.loads(process.stdout.readline())["url"])
 
 
 def main(argv: list[str] | None = None) -> int:

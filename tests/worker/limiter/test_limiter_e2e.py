@@ -11,8 +11,6 @@ through at once would send every job in the first second.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from tests.support.harness import (
     Cluster,
     fast_retry,
     openai_entry,
+    providers_json,
     service_config,
     start_cluster,
 )
@@ -126,11 +125,3 @@ def test_workers_together_stay_within_the_providers_limits(cluster: Cluster, fak
     # Settled to what the provider counted (its prompt tokens plus max_tokens), the same sum the fake admitted.
     assert status["tokens_per_minute"]["used"] == counted == policy.accepted_tokens
 
-
-def providers_json(cluster: Cluster) -> dict[str, dict[str, object]]:
-    worker = cluster.workers[0]
-    reply = subprocess.run(
-        [sys.executable, "-m", "llmq.cli", "--config", str(cluster.config_path), "providers", "--json"],
-        env=worker.env(), capture_output=True, text=True, timeout=60, check=True,
-    )
-    return json.loads(reply.stdout)
