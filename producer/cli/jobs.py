@@ -21,7 +21,9 @@ from llmq.cli.output import (
 from llmq.client.batchfile import read_batch_file
 from llmq.client.service import LLMService
 from llmq.contract.config import LLMConfig, load_config
-from llmq.contract.models import BatchRecord, LLMResponse
+from llmq.contract.models import BatchRecord, Lane, LLMResponse
+
+LANES = [lane.value for lane in Lane]
 
 
 def add_commands(command: CommandRegistrar) -> None:
@@ -33,6 +35,8 @@ def add_commands(command: CommandRegistrar) -> None:
     submit.add_argument("--output", "-o", help="with --wait: write one result line per job here")
     submit.add_argument("--batch-id", help="reuse a batch id (re-submitting never runs a custom_id twice)")
     submit.add_argument("--deadline", type=float, help="seconds each job may take before it fails")
+    submit.add_argument("--lane", choices=LANES, default="batch",
+                        help="batch (default): share what interactive calls leave, fairly by caller; interactive: go first")
 
     for name, handler, help_text in (
         ("status", cmd_status, "show a job or batch"),
@@ -51,6 +55,8 @@ def add_commands(command: CommandRegistrar) -> None:
     chat.add_argument("--system", help="a system message")
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--max-tokens", type=int, default=2000)
+    chat.add_argument("--lane", choices=LANES, default="interactive",
+                      help="interactive (default): before any waiting batch job; batch: wait with the batches")
     tail = command("tail", cmd_tail, "follow a streamed job's output (resumes from the start)")
     tail.add_argument("id", help="job id")
 
@@ -84,7 +90,8 @@ async def _submit(service: LLMService, args: argparse.Namespace) -> int:
         await service.workers_configured()  # lines may route to providers only the workers hold keys for
         items = read_batch_file(args.file, service)
         with tqdm(total=len(items), desc="enqueue", unit="job", disable=not sys.stderr.isatty()) as bar:
-            batch_id = await service.submit_batch(items, batch_id=args.batch_id, deadline_s=args.deadline, on_progress=bar.update)
+            batch_id = await service.submit_batch(items, batch_id=args.batch_id, deadline_s=args.deadline,
+                                                  on_progress=bar.update, lane=args.lane)
         print(batch_id)
         if not args.wait:
             return 0
@@ -159,7 +166,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
     request = {"messages": messages, "model": model, "temperature": args.temperature, "max_tokens": args.max_tokens,
                "stream": True, "provider": args.provider, "metadata": {"caller": "llmq-chat"}}
-    return asyncio.run(_print_stream(service, service.stream_generate(request)))
+    return asyncio.run(_print_stream(service, service.stream_generate(request, lane=args.lane)))
 
 
 def cmd_tail(args: argparse.Namespace) -> int:

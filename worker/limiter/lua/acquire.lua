@@ -342,9 +342,14 @@ for i, after in pairs(taken) do
     line_leave(b.key, line_key, interactive and INTERACTIVE or BATCH, lease_id, after.place)
   end
   if not interactive then
-    -- The batch lane's virtual time moves to the tag served; a newcomer served at once moves its
-    -- flow on as if it had waited; flows that finished before the virtual time are forgotten.
+    -- The batch lane's virtual time moves to the tag served, but never past a caller still
+    -- waiting: tokens nobody came for go to whoever is there (a caller far back, a newcomer), and
+    -- a flow arriving later must still start beside the front of the line, not behind it. A
+    -- newcomer served at once moves its flow on as if it had waited; flows that finished before
+    -- the virtual time are forgotten.
     local served = after.place and after.place[1] or after.tag
+    local first = redis.call('ZRANGE', b.batch_line_key, 0, 0, 'WITHSCORES')
+    if first[2] then served = math.min(served, tonumber(first[2])) end
     local vtime = math.max(tonumber(redis.call('HGET', b.key, 'vtime')) or 0, served)
     redis.call('HSET', b.key, 'vtime', fmt(vtime))
     if not after.place then
