@@ -26,15 +26,17 @@ class WorkerSettings:
     queues: tuple[str, ...] = ()
     #: Port of this process's Prometheus endpoint; None or 0: no endpoint.
     metrics_port: int | None = None
+    #: Job slots in this process (`llmq worker --concurrency`); None when not told.
+    concurrency: int | None = None
 
     @classmethod
     def from_environment(
         cls, config: LLMConfig | None = None, broker_url: str | None = None, *, queues: tuple[str, ...] = (),
-        metrics_port: int | None = None,
+        metrics_port: int | None = None, concurrency: int | None = None,
     ) -> WorkerSettings:
         if metrics_port is None and os.environ.get(METRICS_PORT_ENV):
             metrics_port = int(os.environ[METRICS_PORT_ENV])
-        return cls(config or load_config(), redis_url(broker_url), queues, metrics_port)
+        return cls(config or load_config(), redis_url(broker_url), queues, metrics_port, concurrency)
 
     @property
     def consumed_queues(self) -> tuple[str, ...]:

@@ -25,9 +25,9 @@ from tests.support.harness import (
 )
 
 
-def config_text(url: str, api_key: str, *, rpm: int, tpm: int) -> str:
+def config_text(url: str, api_key: str, *, rpm: int, tpm: int, **limit_settings: Any) -> str:
     # OpenAI keeps counting max_tokens: llmq settles to its prompt count plus max_tokens.
-    limits = {"requests_per_minute": rpm, "tokens_per_minute": tpm, "refund_unused_tokens": False}
+    limits = {"requests_per_minute": rpm, "tokens_per_minute": tpm, "refund_unused_tokens": False, **limit_settings}
     entry = openai_entry(url, api_key=api_key, timeout=120, rate_limits=limits)
     return service_config({"openai": entry}, retry={"max_attempts_per_provider": 8}, jobs={"deadline_s": 3600})
 
@@ -65,9 +65,10 @@ class LlmqResult:
 
 def run_llmq(url: str, api_key: str, bodies: list[dict[str, Any]], *, rpm: int, tpm: int, workers: int,
              concurrency: int, timeout_s: float, checkout: Path | None = None, python: str = sys.executable,
-             ) -> LlmqResult:
+             limit_settings: dict[str, Any] | None = None) -> LlmqResult:
+    """`limit_settings`: more `rate_limits` settings for the provider entry (e.g. enforced_as)."""
     root = Path(tempfile.mkdtemp(prefix="llmq-bench-ratelimit-"))
-    cluster = start_cluster(root, config_text(url, api_key, rpm=rpm, tpm=tpm))
+    cluster = start_cluster(root, config_text(url, api_key, rpm=rpm, tpm=tpm, **(limit_settings or {})))
     try:
         started = [QuietWorker(cluster.config_path, cluster.redis_url, cluster.database_url, root / f"worker-{index}.log",
                                concurrency=concurrency, checkout=checkout, python=python) for index in range(workers)]

@@ -20,6 +20,8 @@ fake and batch; `--rounds` repeats the run. Figures:
   total less one burst, at the refill rate) / (the time from the fake's first admission to its
   last). Startup and the last call's latency are outside that span, so this is the pacing's cost
   alone;
+- steady share: what the fake admitted a second, away from the run's first and last five seconds,
+  as a share of the refill of each of its buckets (the binding one is the pacing's throughput);
 - lowest share: the least either of the fake's buckets held after an admission (0: a 429 was near).
 """
 
@@ -48,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-s", type=float, default=0.3, help="fake's least latency (s)")
     parser.add_argument("--latency-jitter-s", type=float, default=0.7, help="fake's extra latency, uniform (s)")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--enforced-as", choices=("minute_window", "token_bucket"), default=None,
+                        help="the entry's rate_limits.enforced_as (default: not set, the entry's default)")
     parser.add_argument("--checkout", type=Path, default=None, help="llmq checkout whose workers run (default this one)")
     parser.add_argument("--python", default=sys.executable, help="that checkout's Python")
     parser.add_argument("--json", metavar="PATH", default=str(OUT / "jitter.json"))
@@ -68,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     who = str(args.checkout) if args.checkout else "this checkout"
     print(f"{args.requests} requests, {workload.total_tokens} tokens as the provider counts them; strict buckets "
           f"{args.rpm} req/min, {args.tpm} tok/min, {args.burst_s} s of burst; minimum {minimum_s:.1f} s; "
-          f"{args.workers} workers of {who}", flush=True)
+          f"{args.workers} workers of {who}" + (f", enforced_as {args.enforced_as}" if args.enforced_as else ""),
+          flush=True)
     fake, url = start_fake(args.latency_s, args.latency_jitter_s)
     rows: list[dict[str, Any]] = []
     try:
@@ -79,25 +84,34 @@ def main(argv: list[str] | None = None) -> int:
             load_before = load()
             result = run_llmq(url, DEFAULT_API_KEY, workload.bodies, rpm=args.rpm, tpm=args.tpm, workers=args.workers,
                               concurrency=args.concurrency, timeout_s=minimum_s * 4 + 120, checkout=args.checkout,
-                              python=args.python)
+                              python=args.python,
+                              limit_settings={"enforced_as": args.enforced_as} if args.enforced_as else None)
             stats = control(url, "stats")
             admitted = {"requests": stats["accepted"], "tokens": stats["accepted_tokens"]}
             least_s = strict_minimum_span_s(admitted, {"requests": args.rpm, "tokens": args.tpm}, args.burst_s)
             span_s = stats["admitted_span_s"]
+            # The pacing alone, away from the start and the end: what the fake admitted a second in
+            # the middle of the run, against the provider's refill (the binding measure).
+            middle = stats["admitted_per_second"][5:-5]
+            steady = {"requests": sum(r for r, _ in middle) / max(1, len(middle)) / (args.rpm / 60),
+                      "tokens": sum(t for _, t in middle) / max(1, len(middle)) / (args.tpm / 60)}
             row = {
                 "round": number + 1, "makespan_s": round(result.makespan_s, 2), "minimum_s": round(minimum_s, 2),
                 "ratio": round(result.makespan_s / minimum_s, 4), "provider_429s": stats["rate_limited"],
                 "succeeded": result.succeeded, "failed": result.failed, "lost": result.lost,
                 "admitted_span_s": span_s, "strict_minimum_span_s": round(least_s, 2),
                 "pacing_loss": round(1 - least_s / span_s, 4) if span_s else None,
+                "steady_share": {name: round(share, 4) for name, share in steady.items()},
                 "lowest_share": stats["lowest_share"], "busiest_second": [stats["busiest_burst_requests"],
                                                                           stats["busiest_burst_tokens"]],
                 "load_before": load_before, "load_after": load(), "notes": result.notes,
+                "admitted_per_second": stats["admitted_per_second"],
             }
             rows.append(row)
             print(f"  round {number + 1}: makespan {row['makespan_s']} s = {row['ratio']:.3f} x minimum; "
                   f"429s {row['provider_429s']}; pacing loss {row['pacing_loss']:.2%} (admitted over {span_s:.2f} s, "
-                  f"a strict bucket needs {least_s:.2f} s); lowest share {row['lowest_share']}; "
+                  f"a strict bucket needs {least_s:.2f} s); steady share of the refill {row['steady_share']}; "
+                  f"lowest share {row['lowest_share']}; "
                   f"load {load_before} -> {row['load_after']}", flush=True)
     finally:
         fake.terminate()

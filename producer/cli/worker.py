@@ -38,7 +38,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     names = worker_providers(config, args.queues)
     queues = [queue for name in names for queue in keys.lane_queues(name)]
-    app = create_app(WorkerSettings.from_environment(config, queues=tuple(queues), metrics_port=args.metrics_port))
+    app = create_app(WorkerSettings.from_environment(config, queues=tuple(queues), metrics_port=args.metrics_port,
+                                                     concurrency=args.concurrency))
     # Celery's CLI names only its own pools; a pool class by path goes through the config.
     app.conf.worker_pool = POOLS[args.pool]
     worker_args = ["worker", f"--concurrency={args.concurrency}", f"--queues={','.join(queues)}",

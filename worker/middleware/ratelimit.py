@@ -1,8 +1,9 @@
 """The shared rate limiter as engine middleware.
 
 Before a call: reserve one request and the estimated tokens (prompt estimate +
-max_tokens) from the fleet-wide limiter, or set the job aside (`rate_limited`)
-until the limiter says it fits, or, when a daily quota is spent and the provider
+max_tokens) from the fleet-wide limiter, or wait here for a turn that is at most
+HOLD_S away, or set the job aside (`rate_limited`) until the limiter says it
+fits, or, when a daily quota is spent and the provider
 is configured to fall back, move the job to the next provider. The job asks in its
 lane (interactive before batch) and, in the batch lane, as its flow (its caller,
 else its batch) with the flow's weight from `lanes.weights`. After it: settle
@@ -15,15 +16,17 @@ limit is spent (read by the adapter's header observer).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
+import time
 from typing import TYPE_CHECKING, Any
 
 from llmq.contract.config import ProviderConfig, RateLimits
 from llmq.contract.models import JobState, LLMResponse
 from llmq.worker import errors
 from llmq.worker.limiter.estimate import estimate_request_tokens
-from llmq.worker.limiter.limiter import RateLimiter
+from llmq.worker.limiter.limiter import Decision, RateLimiter
 from llmq.worker.limiter.limits import any_configured
 from llmq.worker.middleware.base import Defer, Middleware, Skip, Verdict
 from llmq.worker.providers.base import LLMProvider
@@ -38,12 +41,29 @@ DEFAULT_PENALTY_S = 1.0
 LEASE_MARGIN_S = 30.0
 #: Up to this much is added to a limiter's wait.
 DEFER_JITTER_S = 0.02
+#: A wait of at most this long is spent in the worker, asking again at its turn (the job keeps its
+#: slot); a longer one sets the job aside. At most MAX_HOLD_S is spent so per attempt, and at most
+#: a HELD_SHARE of the process's slots wait so at once (the rest keep taking messages: a job new
+#: to the line must reach it to take its place).
+HOLD_S = 0.5
+MAX_HOLD_S = 2.0
+HELD_SHARE = 0.25
+#: A job set aside comes back this much before its turn (or this share of its wait, if more: a
+#: long wait is planned on what reservations have been costing, which can change), and waits the
+#: rest here, or is told again.
+RETURN_EARLY_S = 0.2
+RETURN_EARLY_SHARE = 0.1
+#: How many may wait so at once when the process's slots are not known.
+HELD_WHEN_UNKNOWN = 16
 
 
 class RateLimitMiddleware(Middleware):
     def start(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.limiter = RateLimiter(runtime.redis)
+        slots = runtime.settings.concurrency
+        self.most_held = max(1, int(slots * HELD_SHARE)) if slots else HELD_WHEN_UNKNOWN
+        self.held = 0
 
     def provider_created(self, provider: LLMProvider) -> None:
         if hasattr(provider, "header_observer"):
@@ -60,25 +80,50 @@ class RateLimitMiddleware(Middleware):
         if not any_configured(limits):
             return None
         estimate = estimate_request_tokens(attempt.request.model_copy(update={"model": attempt.hop.model}))
-        timeout_s = self.runtime.config.provider(attempt.hop.provider).timeout_s
-        flow = attempt.flow
-        decision = await self.limiter.acquire(
-            attempt.hop.provider, attempt.hop.model, limits, estimate,
-            api_key_id=self._key_id(attempt), lease_id=lease_id(attempt),
-            # The slot outlives the longest call; a dead worker's slot frees itself after that.
-            lease_ttl_s=timeout_s + LEASE_MARGIN_S, waiting_since_s=attempt.created_at_s or None,
-            lane=attempt.lane.value, flow=flow, weight=self.runtime.config.service.lanes.weight(flow),
-        )
-        if decision.granted:
-            attempt.scratch["rate_limit_reserved"] = estimate
-            return None
+        held_s = 0.0
+        while True:
+            decision = await self._acquire(attempt, limits, estimate)
+            if decision.granted:
+                attempt.scratch["rate_limit_reserved"] = estimate
+                return None
+            # A short wait is spent here, the place in line kept: set aside, the job would come back
+            # through the delayed set and the broker, later than its turn by their delay, and the
+            # refill no one came for would be lost. Longer waits do not hold the slot.
+            wait_s = min(decision.wait_s, attempt.deadline_at_s - time.time())
+            if (decision.quota_exhausted or decision.limit == "paused" or wait_s > HOLD_S
+                    or held_s + wait_s > MAX_HOLD_S or self.held >= self.most_held):
+                break
+            self.held += 1
+            try:
+                await asyncio.sleep(wait_s)
+            finally:
+                self.held -= 1
+            held_s += wait_s
         if decision.quota_exhausted and limits.on_quota_exhausted == "fallback":
             return Skip(errors.QuotaExceededError(
                 f"daily quota {decision.limit} of provider {attempt.hop.provider!r} is spent",
                 provider=attempt.hop.provider, model=attempt.hop.model,
             ))
         # A little jitter, so jobs told the same wait do not all come back in the same instant.
-        return Defer(decision.wait_s + random.uniform(0.0, DEFER_JITTER_S), JobState.RATE_LIMITED, reason=decision.limit or "rate limit")
+        # Back a little before its turn (the delayed set and the broker take about that long), then
+        # the last of the wait is spent here, so the turn is taken when it comes. A little jitter, so
+        # jobs told the same wait do not all come back in the same instant.
+        early_s = 0.0
+        if decision.limit != "paused" and not decision.quota_exhausted:
+            early_s = max(RETURN_EARLY_S, RETURN_EARLY_SHARE * decision.wait_s)
+        delay_s = max(decision.wait_s - early_s, min(decision.wait_s, HOLD_S / 2)) + random.uniform(0.0, DEFER_JITTER_S)
+        return Defer(delay_s, JobState.RATE_LIMITED, reason=decision.limit or "rate limit")
+
+    async def _acquire(self, attempt: Attempt, limits: RateLimits, estimate: int) -> Decision:
+        timeout_s = self.runtime.config.provider(attempt.hop.provider).timeout_s
+        flow = attempt.flow
+        return await self.limiter.acquire(
+            attempt.hop.provider, attempt.hop.model, limits, estimate,
+            api_key_id=self._key_id(attempt), lease_id=lease_id(attempt),
+            # The slot outlives the longest call; a dead worker's slot frees itself after that.
+            lease_ttl_s=timeout_s + LEASE_MARGIN_S, waiting_since_s=attempt.created_at_s or None,
+            lane=attempt.lane.value, flow=flow, weight=self.runtime.config.service.lanes.weight(flow),
+        )
 
     async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
         reserved = attempt.scratch.pop("rate_limit_reserved", None)

@@ -169,11 +169,18 @@ class RateLimitPolicy:
         """What `/_fake/stats` adds for this policy."""
         busiest_requests, busiest_tokens = self.busiest()
         with self.lock:
-            span_s = self.admitted[-1][0] - self.admitted[0][0] if self.admitted else 0.0
+            admitted = list(self.admitted)
+        span_s = admitted[-1][0] - admitted[0][0] if admitted else 0.0
+        per_second: list[list[int]] = []  # [requests, tokens] admitted in each second from the first admission
+        for at, tokens in admitted:
+            second = int(at - admitted[0][0])
+            per_second.extend([0, 0] for _ in range(second + 1 - len(per_second)))
+            per_second[second][0] += 1
+            per_second[second][1] += tokens
         return {"mode": self.mode, "accepted_tokens": self.accepted_tokens,
                 "busiest_window_requests": busiest_requests, "busiest_window_tokens": busiest_tokens,
                 # From the first admission to the last: the time the provider's limits were in use.
-                "admitted_span_s": round(span_s, 4)}
+                "admitted_span_s": round(span_s, 4), "admitted_per_second": per_second}
 
 
 @dataclass

@@ -40,7 +40,7 @@ HAMMER_S = 1.5
 RATE_MARGIN = 0.005
 #: The Lua script's line: a newcomer's plan errs this much early; before any settle, reservations
 #: are planned at this share of themselves.
-PLAN_EARLY, RATIO_PRIOR = 0.05, 0.5
+PLAN_EARLY, RATIO_PRIOR = 0.15, 0.5
 
 
 def _meet(redis_url: str, key: str) -> int:
@@ -326,8 +326,8 @@ def test_refused_callers_come_back_in_turn_not_all_at_once(redis_url: str) -> No
 def test_the_line_is_planned_at_what_reservations_end_up_costing(redis_url: str) -> None:
     """Settling returns a high estimate's excess: callers told turns for whole reservations would come
     back after those refunds had overflowed the bucket. So the line advances by what reservations
-    have recently settled to (half, until one has settled), and a newcomer is told to come back a
-    little early (back early, it is told again from its place)."""
+    have recently settled to (half, until twenty have settled), and a newcomer is told to come back
+    early (back early, it is told again from its place)."""
     limits = RateLimits(tokens_per_minute=60_000, refund_unused_tokens=False)  # a 1,000-token bucket
     rate = (60_000 - 1000 + 1) * (1 - RATE_MARGIN) / 60
 

@@ -47,11 +47,12 @@
 
 local EPSILON = 1e-6                -- tokens; stored levels and times are rounded to 6 decimals
 local MIN_WAIT_S = 0.001           -- a refusal always asks for a real wait
-local PLAN_EARLY = 0.05            -- a newcomer is told to come back this much early (share of its wait)
-local RATIO_PRIOR = 0.5            -- a token bucket's `ratio` before any settle (low: back early, told again)
+local PLAN_EARLY = 0.15            -- a newcomer is told to come back this much early (share of its wait)
+local RATIO_PRIOR = 0.5            -- a token bucket's `ratio` for newcomers until settles have taught it
+local RATIO_SETTLED = 20           -- ... this many (low: back early, told again; the first few settles vary)
 local LINE_FRONT = 64              -- callers at the front of a line read on each ask
 local LINE_EXACT = 1000            -- callers ahead summed exactly when one is told again
-local REPLAN_LATE = 0.1            -- a caller told again aims this share of `hold` past its turn
+local REPLAN_LATE = 0              -- a caller told again aims this share of `hold` past its turn
 local MIN_RATIO, MAX_RATIO = 0.1, 2 -- bounds on `ratio`, which only plans the line
 
 local lease_id = call.lease_id
@@ -154,7 +155,8 @@ end
 -- whoever is there rather than overflow (a queue of messages in the broker, or a busy worker,
 -- delays callers), with room left for settles' refunds. The plan: token buckets count
 -- reservations at what they end up costing (`ratio`: settling returns a high estimate's excess;
--- `RATIO_PRIOR` before any settle), and a newcomer's plan errs early (`PLAN_EARLY`): told too
+-- `RATIO_PRIOR` for newcomers before `RATIO_SETTLED` settles), and a newcomer's plan errs early
+-- (`PLAN_EARLY`): told too
 -- late, the refill would overflow while nobody asks. The line decides who goes first and when
 -- callers come back; what is granted is the bucket's alone.
 --
@@ -180,7 +182,7 @@ local function bucket_check(b)
   local front_b = interactive and {} or line_front(key, b.batch_line_key, BATCH)
   local s = redis.call('HMGET', key, 'head', 'tail', 'ihead', 'itail', 'reserved_avg', 'settled_avg',
                        't:' .. lease_id, 'claim_id', 'claim_tokens', 'claim_until', 'claim_since', 'claim_lane',
-                       'vtime')
+                       'vtime', 'ratio_n')
   local waiting_b = (tonumber(s[2]) or 0) - (tonumber(s[1]) or 0)
   local waiting_i = (tonumber(s[4]) or 0) - (tonumber(s[3]) or 0)
   local place = place_read(s[7])
@@ -236,7 +238,7 @@ local function bucket_check(b)
     end
   end
   local ratio = 1  -- requests; tokens before any settle, for a caller told again
-  if claimant and tonumber(s[5]) then
+  if claimant and tonumber(s[5]) and (place or (tonumber(s[14]) or 0) >= RATIO_SETTLED) then
     ratio = math.max(MIN_RATIO, math.min(MAX_RATIO, tonumber(s[6]) / tonumber(s[5])))
   elseif claimant and not place then
     ratio = RATIO_PRIOR
@@ -244,6 +246,9 @@ local function bucket_check(b)
   if not place then ratio = ratio * (1 - PLAN_EARLY) end
   local first = ahead <= EPSILON
   local turn = (math.max(ahead * ratio, kept) + need - level + (first and held or 0)) / rate
+  -- Never sooner than the bucket could pass what it is short now (a claim held for another caller
+  -- included): a caller held in its worker would otherwise ask again and again for nothing.
+  turn = math.max(turn, (kept + held + need - level) / rate)
   if claimant and first and (free or ours or takeover) and not probe then
     redis.call('HSET', key, 'cap', cap, 'claim_id', claimant, 'claim_tokens', need,
                'claim_until', fmt(now + math.max(0, turn) + call.claim_grace_s),
