@@ -8,6 +8,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,18 +70,35 @@ def run_llmq(url: str, api_key: str, bodies: list[dict[str, Any]], *, rpm: int, 
              concurrency: int, timeout_s: float, checkout: Path | None = None, python: str = sys.executable,
              limit_settings: dict[str, Any] | None = None) -> LlmqResult:
     """`limit_settings`: more `rate_limits` settings for the provider entry (e.g. enforced_as)."""
-    root = Path(tempfile.mkdtemp(prefix="llmq-bench-ratelimit-"))
-    cluster = start_cluster(root, config_text(url, api_key, rpm=rpm, tpm=tpm, **(limit_settings or {})))
+    config = config_text(url, api_key, rpm=rpm, tpm=tpm, **(limit_settings or {}))
+    return run_config(config, bodies, workers=workers, concurrency=concurrency, timeout_s=timeout_s,
+                      checkout=checkout, python=python)
+
+
+def run_config(config: str, bodies: list[dict[str, Any]], *, workers: int, concurrency: int, timeout_s: float,
+               checkout: Path | None = None, python: str = sys.executable) -> LlmqResult:
+    """The batch through `workers` llmq workers on `config` (YAML text), submitted once they idle."""
+    with idle_workers(config, workers=workers, concurrency=concurrency, checkout=checkout, python=python) as (
+            cluster, started):
+        cpu_before = sum(_cpu_s(worker.pid) for worker in started)
+        result = asyncio.run(_submit_and_wait(cluster, bodies, timeout_s))
+        result.notes["worker CPU s"] = round(sum(_cpu_s(worker.pid) for worker in started) - cpu_before, 1)
+        return result
+
+
+@contextmanager
+def idle_workers(config: str, *, workers: int, concurrency: int, checkout: Path | None = None,
+                 python: str = sys.executable) -> Iterator[tuple[Cluster, list[QuietWorker]]]:
+    """A fresh redis-server and `workers` llmq worker processes on `config`, idle and ready; stopped after."""
+    root = Path(tempfile.mkdtemp(prefix="llmq-bench-"))
+    cluster = start_cluster(root, config)
     try:
         started = [QuietWorker(cluster.config_path, cluster.redis_url, cluster.database_url, root / f"worker-{index}.log",
                                concurrency=concurrency, checkout=checkout, python=python) for index in range(workers)]
         cluster.workers.extend(worker.start() for worker in started)
         wait_for_workers(cluster.redis_url, workers, started, timeout_s=120)
         _wait_until_idle([worker.pid for worker in started])
-        cpu_before = sum(_cpu_s(worker.pid) for worker in started)
-        result = asyncio.run(_submit_and_wait(cluster, bodies, timeout_s))
-        result.notes["worker CPU s"] = round(sum(_cpu_s(worker.pid) for worker in started) - cpu_before, 1)
-        return result
+        yield cluster, started
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -103,13 +123,15 @@ async def _submit_and_wait(cluster: Cluster, bodies: list[dict[str, Any]], timeo
     finished = [job.finished_at for job in jobs if job.finished_at]
     makespan_s = (max(finished) - began) if finished else float("inf")
     calls = [attempt for job in jobs for attempt in job.attempts]
+    served = Counter(job.result.provider for job in succeeded if job.result is not None)
     return LlmqResult(
         makespan_s, len(succeeded), failed, len(bodies) - len(succeeded) - failed,
         {"submit s": round(submitted_s, 2), "dispatches per job": round(dispatches / max(1, len(jobs)), 2),
          "calls per job": round(len(calls) / max(1, len(jobs)), 3),
          # From the start of submit_batch: the first call, and the last call's end.
          "first call s": round(min((call["started_at"] for call in calls), default=0.0) - began, 2),
-         "last call ended s": round(max((call["finished_at"] for call in calls), default=0.0) - began, 2)},
+         "last call ended s": round(max((call["finished_at"] for call in calls), default=0.0) - began, 2),
+         "served by": dict(sorted(served.items()))},
     )
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the entry's rate_limits.enforced_as (default: not set, the entry's default)")
     parser.add_argument("--checkout", type=Path, default=None, help="llmq checkout whose workers run (default this one)")
     parser.add_argument("--python", default=sys.executable, help="that checkout's Python")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="run this many CPU-bound processes beside the workers (a loaded machine: more jitter)")
     parser.add_argument("--json", metavar="PATH", default=str(OUT / "jitter.json"))
     return parser.parse_args(argv)
 
@@ -72,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     who = str(args.checkout) if args.checkout else "this checkout"
     print(f"{args.requests} requests, {workload.total_tokens} tokens as the provider counts them; strict buckets "
           f"{args.rpm} req/min, {args.tpm} tok/min, {args.burst_s} s of burst; minimum {minimum_s:.1f} s; "
-          f"{args.workers} workers of {who}" + (f", enforced_as {args.enforced_as}" if args.enforced_as else ""),
+          f"{args.workers} workers of {who}" + (f", enforced_as {args.enforced_as}" if args.enforced_as else "")
+          + (f", {args.busy} CPU-bound processes beside them" if args.busy else ""),
           flush=True)
     fake, url = start_fake(args.latency_s, args.latency_jitter_s)
     rows: list[dict[str, Any]] = []
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     try:
         for number in range(args.rounds):
             control(url, "reset")
@@ -114,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"lowest share {row['lowest_share']}; "
                   f"load {load_before} -> {row['load_after']}", flush=True)
     finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
         fake.terminate()
         fake.wait(10)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

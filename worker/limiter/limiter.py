@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from llmq.contract.config import RateLimits
 from llmq.worker.limiter.headers import pause_from_headers
 from llmq.worker.limiter.limits import QUOTA_LIMITS, Amounts, LimitPlan, Measure, pause_key
-from llmq.worker.limiter.scripts import LimiterScripts
+from llmq.worker.limiter.scripts import LimiterScripts, as_text
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,13 @@ class Decision:
     limit: str | None
     #: Redis time of the decision (epoch seconds).
     at_s: float = 0.0
+    #: Granted: the share of the tightest bucket still full after this call (refill nobody came for).
+    spare: float = 0.0
 
     @classmethod
     def from_reply(cls, reply: Mapping[str, str]) -> Decision:
-        return cls(reply["granted"] == "1", float(reply["wait_s"]), reply["limit"] or None, float(reply["at_s"]))
+        return cls(reply["granted"] == "1", float(reply["wait_s"]), reply["limit"] or None, float(reply["at_s"]),
+                   float(reply.get("spare") or 0.0))
 
     @property
     def quota_exhausted(self) -> bool:
@@ -73,6 +76,8 @@ class Ask:
     #: Who shares the batch lane fairly (a caller, a batch); None: one flow for every caller naming none.
     flow: str | None = None
     weight: float = 1.0
+    #: False: refused, the call takes no place in line (it keeps one elsewhere).
+    join: bool = True
 
 
 @dataclass(frozen=True)
@@ -88,11 +93,13 @@ class Headroom:
     room: float
     #: Calls holding a slot now.
     in_flight: int
+    #: The call holds a place in a line here (it was set aside here and kept its place).
+    placed: bool = False
 
     @classmethod
     def from_reply(cls, reply: Mapping[str, str]) -> Headroom:
         return cls(reply["granted"] == "1", float(reply["wait_s"]), reply["limit"] or None, float(reply["room"]),
-                   int(reply["in_flight"]))
+                   int(reply["in_flight"]), reply["placed"] == "1")
 
 
 class RateLimiter:
@@ -153,6 +160,7 @@ class RateLimiter:
         lane: str = "batch",
         flow: str | None = None,
         weight: float = 1.0,
+        join: bool = True,
     ) -> Decision:
         """Reserve one request and `estimated_tokens` and take a concurrency slot, or say how long to wait.
 
@@ -160,10 +168,11 @@ class RateLimiter:
         seconds, e.g. when the job was submitted): among refused calls, the one waiting longest
         has the tokens it needs held for it, so large requests are not starved by small ones.
         `lane`: an `interactive` call goes before every waiting `batch` call; batch calls share
-        what is left by `flow` (a caller, a batch) in proportion to `weight`.
+        what is left by `flow` (a caller, a batch) in proportion to `weight`. `join=False`: a refused
+        call takes no place in line (it waits elsewhere).
         """
         ask = Ask(provider, model, limits, estimated_tokens, lease_id, api_key_id, lease_ttl_s, waiting_since_s,
-                  lane, flow, weight)
+                  lane, flow, weight, join)
         return Decision.from_reply(await self._scripts.run("acquire", self._acquire_call(ask)))
 
     async def probe(self, asks: list[Ask]) -> list[Headroom]:
@@ -189,11 +198,24 @@ class RateLimiter:
             "lane": ask.lane,
             "weight": float(ask.weight),
             "probe": probe,
+            "join": ask.join,
             **plan.for_acquire(costs, self.burst_s),
         }
         if ask.flow is not None:
             call["flow"] = ask.flow
         return call
+
+    async def waiting(self, provider: str, model: str, limits: RateLimits, count: int, *,
+                      api_key_id: str | None = None) -> list[str]:
+        """The leases of up to `count` callers at the front of each of the call's lines, interactive first."""
+        plan = LimitPlan(provider, model, limits, api_key_id)
+        buckets = plan.for_leave()["buckets"]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for bucket in buckets:
+                for line in (bucket["interactive_line_key"], bucket["batch_line_key"]):
+                    pipe.zrange(line, 0, count - 1)
+            found = await pipe.execute()
+        return list(dict.fromkeys(as_text(lease) for leases in found for lease in leases))
 
     async def leave(
         self, provider: str, model: str, limits: RateLimits, lease_id: str, *, api_key_id: str | None = None

@@ -45,7 +45,7 @@ class LimiterScripts:
 
 
 def _answer(reply: list[Any]) -> dict[str, str]:
-    texts = [_text(item) for item in reply]
+    texts = [as_text(item) for item in reply]
     return dict(zip(texts[::2], texts[1::2], strict=True))
 
 
@@ -62,5 +62,6 @@ def _keys_named(value: Any) -> Iterator[str]:
             yield from _keys_named(item)
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A reply item as text (clients without decode_responses answer bytes)."""
     return value.decode() if isinstance(value, bytes) else str(value)

@@ -39,7 +39,7 @@ from llmq.worker.limiter.estimate import estimate_request_tokens
 from llmq.worker.limiter.limiter import Ask, Headroom, RateLimiter
 from llmq.worker.limiter.limits import any_configured
 from llmq.worker.middleware.base import Middleware, Verdict
-from llmq.worker.middleware.ratelimit import api_key_id, lease_id
+from llmq.worker.middleware.ratelimit import PLACED_AT, api_key_id, lease_id
 
 if TYPE_CHECKING:
     from llmq.worker.attempt import Attempt
@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 CIRCUIT_VIEW_S = 0.5
 #: Weight of the newest call in a member's moving average of latency.
 LATENCY_WEIGHT = 0.2
+#: A job whose turn in its member's line is nearer than this stays there, even when another
+#: member could take it now.
+MOVE_AFTER_S = 2.0
 #: What a member with no limits set answers a probe: room, and no wait.
 UNLIMITED = Headroom(fits=True, wait_s=0.0, limit=None, room=1.0, in_flight=0)
 
@@ -64,6 +67,8 @@ class Member:
     in_flight: int
     latency_s: float
     weight: float
+    #: What the call would reserve there (its estimate for that member's model).
+    tokens: int
 
 
 class PoolMiddleware(Middleware):
@@ -75,13 +80,22 @@ class PoolMiddleware(Middleware):
         #: provider -> moving average of its calls' latency (s), and calls in flight in this process.
         self._latency_s: dict[str, float] = {}
         self._in_flight: Counter[str] = Counter()
+        #: provider -> tokens of the new jobs this process sent to it (estimates).
+        self._assigned: Counter[str] = Counter()
 
     async def before_attempt(self, attempt: Attempt) -> Verdict | None:
         group = pool_group(attempt.route, attempt.route_index)
         config = self.runtime.config
         candidates = [index for index in group if config.provider(attempt.route[index].provider).configured]
         if len(candidates) > 1:
-            best = (await self.rank(attempt, candidates))[0]
+            ranked = await self.rank(attempt, candidates)
+            best = ranked[0]
+            if not any(member.headroom.placed for member in ranked):
+                self._assigned[best.provider] += best.tokens  # a newcomer's work, wherever it goes
+            placed = next((member for member in ranked if member.headroom.placed), None)
+            if placed is not None and placed.index != best.index:
+                # It keeps that place until the member it tries grants the call: then it leaves it.
+                attempt.scratch[PLACED_AT] = attempt.route[placed.index]
             if best.index != attempt.route_index:
                 await self._move(attempt, best.index)
         if attempt.hop.pool is not None:
@@ -92,40 +106,53 @@ class PoolMiddleware(Middleware):
     async def rank(self, attempt: Attempt, candidates: list[int]) -> list[Member]:
         """The candidates (route indexes), best first, by the pool's strategy."""
         hops = [attempt.route[index] for index in candidates]
-        headrooms = await self._probe(attempt, hops)
+        tokens = [estimate_request_tokens(attempt.request.model_copy(update={"model": hop.model})) for hop in hops]
+        headrooms = await self._probe(attempt, hops, tokens)
         circuits = await self._circuits_open([hop.provider for hop in hops])
         pool = self.runtime.config.pools.get(attempt.hop.pool or "")
         weights = self.runtime.config.pool_weights(attempt.hop.pool) if pool else {}
         members = [
             Member(index, hop.provider, headroom, circuits[hop.provider], max(headroom.in_flight, self._in_flight[hop.provider]),
-                   self._latency_s.get(hop.provider, 0.0), weights.get(hop.provider, 1.0))
-            for index, hop, headroom in zip(candidates, hops, headrooms)
+                   self._latency_s.get(hop.provider, 0.0), weights.get(hop.provider, 1.0), count)
+            for index, hop, headroom, count in zip(candidates, hops, headrooms, tokens)
         ]
         strategy = pool.strategy if pool else "headroom"
         draws = {member.index: -math.log(1.0 - random.random()) / member.weight for member in members}
+        newcomer = not any(member.headroom.placed for member in members)
 
         def order(member: Member) -> tuple[Any, ...]:
-            waits = not member.headroom.fits
+            # A place in line whose turn is near counts as room now: a job leaves it only for a
+            # member that can take it now when the turn is far (moving shifts every later turn).
+            near = member.headroom.placed and member.headroom.wait_s < MOVE_AFTER_S
+            waits = not member.headroom.fits and not near
             if strategy == "weighted":
                 chosen: tuple[Any, ...] = (draws[member.index],)
             elif strategy == "latency":
                 chosen = (member.headroom.wait_s, member.latency_s) if waits else (member.latency_s,)
+            elif waits and newcomer:
+                # Where every member would set it aside, a new job joins the line that this process
+                # has given the least work for its share of the pool: the lines' work then keeps the
+                # members' proportions, and they finish together (waits planned from each line
+                # differ by how each has settled so far).
+                chosen = (self._assigned[member.provider] / member.weight, member.headroom.wait_s)
             else:
                 chosen = (member.headroom.wait_s, -member.headroom.room, member.in_flight, member.latency_s)
-            # On a tie the job stays where it is: a move costs a round trip.
-            return (member.circuit_open, waits, *chosen, member.index != attempt.route_index)
+            # Where no member can take it now, a job keeps the place in line it holds: moving to the
+            # end of another line, with waits planned another way, would only put it back. On a tie
+            # it stays where it is: a move costs a round trip.
+            stays = not (waits and member.headroom.placed)
+            return (member.circuit_open, waits, stays, *chosen, member.index != attempt.route_index)
 
         return sorted(members, key=order)
 
-    async def _probe(self, attempt: Attempt, hops: list[Any]) -> list[Headroom]:
-        """What each member's limiter would answer this call now, in one round trip."""
+    async def _probe(self, attempt: Attempt, hops: list[Any], tokens: list[int]) -> list[Headroom]:
+        """What each member's limiter would answer this call (`tokens` at each) now, in one round trip."""
         config = self.runtime.config
         asks, limited = [], []
         for position, hop in enumerate(hops):
             limits = config.provider(hop.provider).rate_limits
             if any_configured(limits):
-                request = attempt.request.model_copy(update={"model": hop.model})
-                asks.append(Ask(hop.provider, hop.model, limits, estimate_request_tokens(request), lease_id(attempt),
+                asks.append(Ask(hop.provider, hop.model, limits, tokens[position], lease_id(attempt),
                                 api_key_id=api_key_id(config.provider(hop.provider)),
                                 waiting_since_s=attempt.created_at_s or None,
                                 lane=attempt.lane.value, flow=attempt.flow,
@@ -151,7 +178,7 @@ class PoolMiddleware(Middleware):
         """Run the job on the member at `index`: it takes the current place on the route."""
         route = list(attempt.route)
         route.insert(attempt.route_index, route.pop(index))
-        previous, hop = attempt.hop, route[attempt.route_index]
+        hop = route[attempt.route_index]
         done = await self.runtime.jobs.transition(
             attempt.job_id, new_state=JobState.RUNNING, allowed=(JobState.RUNNING,), expected_dispatch=attempt.dispatch,
             fields={"route": dump_route(route), **attempt.hop_fields(hop)},
@@ -159,11 +186,6 @@ class PoolMiddleware(Middleware):
         if not done.moved:  # cancelled meanwhile: the rest of the attempt finds out
             return
         attempt.route = route
-        if attempt.waiting_for:  # it waited in the previous member's line: nothing is kept for it there now
-            entry = self.runtime.config.provider(previous.provider)
-            if any_configured(entry.rate_limits):
-                await self.limiter.leave(previous.provider, previous.model, entry.rate_limits, lease_id(attempt),
-                                         api_key_id=api_key_id(entry))
 
     async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
         pool, provider = attempt.hop.pool, attempt.hop.provider

@@ -22,8 +22,9 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
+from llmq.contract import keys
 from llmq.contract.config import ProviderConfig, RateLimits
-from llmq.contract.models import JobState, LLMResponse
+from llmq.contract.models import Hop, JobState, LLMResponse
 from llmq.worker import errors
 from llmq.worker.limiter.estimate import estimate_request_tokens
 from llmq.worker.limiter.limiter import Decision, RateLimiter
@@ -48,6 +49,16 @@ DEFER_JITTER_S = 0.02
 HOLD_S = 0.5
 MAX_HOLD_S = 2.0
 HELD_SHARE = 0.25
+#: A grant that leaves at least this share of the bucket full (refill nobody came for) brings the
+#: first PULL_JOBS callers of its lines back now (a process does so at most every PULL_EVERY_S per
+#: provider).
+PULL_SPARE = 0.5
+PULL_JOBS = 8
+PULL_EVERY_S = 0.25
+#: Scratch key: where a pool's job keeps its place in line while it tries another member (pool.py).
+PLACED_AT = "pool_placed_at"
+#: A pool's job that found no room at the member it tried comes back this soon to choose again.
+TRY_AGAIN_S = 0.05
 #: A job set aside comes back this much before its turn (or this share of its wait, if more: a
 #: long wait is planned on what reservations have been costing, which can change), and waits the
 #: rest here, or is told again.
@@ -64,6 +75,8 @@ class RateLimitMiddleware(Middleware):
         slots = runtime.settings.concurrency
         self.most_held = max(1, int(slots * HELD_SHARE)) if slots else HELD_WHEN_UNKNOWN
         self.held = 0
+        #: provider -> monotonic time this process last brought the front of its line forward.
+        self._pulled_at: dict[str, float] = {}
 
     def provider_created(self, provider: LLMProvider) -> None:
         if hasattr(provider, "header_observer"):
@@ -80,12 +93,20 @@ class RateLimitMiddleware(Middleware):
         if not any_configured(limits):
             return None
         estimate = estimate_request_tokens(attempt.request.model_copy(update={"model": attempt.hop.model}))
+        # A pool's job trying this member while it keeps its place in another member's line.
+        placed_at: Hop | None = attempt.scratch.get(PLACED_AT)
         held_s = 0.0
         while True:
-            decision = await self._acquire(attempt, limits, estimate)
+            decision = await self._acquire(attempt, limits, estimate, join=placed_at is None)
             if decision.granted:
                 attempt.scratch["rate_limit_reserved"] = estimate
+                if placed_at is not None:
+                    await self._leave(attempt, placed_at)
+                if decision.spare >= PULL_SPARE:
+                    await self._pull_forward(attempt, limits)
                 return None
+            if placed_at is not None:  # another job took the room first: back soon, to its place in line
+                return Defer(TRY_AGAIN_S, JobState.RATE_LIMITED, reason=decision.limit or "rate limit")
             # A short wait is spent here, the place in line kept: set aside, the job would come back
             # through the delayed set and the broker, later than its turn by their delay, and the
             # refill no one came for would be lost. Longer waits do not hold the slot.
@@ -114,7 +135,7 @@ class RateLimitMiddleware(Middleware):
         delay_s = max(decision.wait_s - early_s, min(decision.wait_s, HOLD_S / 2)) + random.uniform(0.0, DEFER_JITTER_S)
         return Defer(delay_s, JobState.RATE_LIMITED, reason=decision.limit or "rate limit")
 
-    async def _acquire(self, attempt: Attempt, limits: RateLimits, estimate: int) -> Decision:
+    async def _acquire(self, attempt: Attempt, limits: RateLimits, estimate: int, *, join: bool) -> Decision:
         timeout_s = self.runtime.config.provider(attempt.hop.provider).timeout_s
         flow = attempt.flow
         return await self.limiter.acquire(
@@ -122,8 +143,28 @@ class RateLimitMiddleware(Middleware):
             api_key_id=self._key_id(attempt), lease_id=lease_id(attempt),
             # The slot outlives the longest call; a dead worker's slot frees itself after that.
             lease_ttl_s=timeout_s + LEASE_MARGIN_S, waiting_since_s=attempt.created_at_s or None,
-            lane=attempt.lane.value, flow=flow, weight=self.runtime.config.service.lanes.weight(flow),
+            lane=attempt.lane.value, flow=flow, weight=self.runtime.config.service.lanes.weight(flow), join=join,
         )
+
+    async def _pull_forward(self, attempt: Attempt, limits: RateLimits) -> None:
+        """Room no one in line is there for: the jobs at the front of the line come back now rather
+        than when they were told. Their turns were planned on what was ahead of them, and some of
+        that went elsewhere (another member of a pool) or cost less than planned."""
+        provider, now_s = attempt.hop.provider, time.monotonic()
+        if now_s - self._pulled_at.get(provider, -1e9) < PULL_EVERY_S:
+            return
+        self._pulled_at[provider] = now_s
+        leases = await self.limiter.waiting(provider, attempt.hop.model, limits, PULL_JOBS,
+                                            api_key_id=self._key_id(attempt))
+        job_ids = {lease.rpartition(":")[0] for lease in leases} - {attempt.job_id}
+        if job_ids:  # due now in the delayed set; only jobs still waiting there (XX)
+            await self.runtime.redis.zadd(keys.DELAYED, dict.fromkeys(job_ids, await self.runtime.jobs.now_ms()), xx=True)
+
+    async def _leave(self, attempt: Attempt, hop: Hop) -> None:
+        """The job was granted elsewhere: nothing is kept for it in `hop`'s lines any more."""
+        entry = self.runtime.config.provider(hop.provider)
+        await self.limiter.leave(hop.provider, hop.model, entry.rate_limits, lease_id(attempt),
+                                 api_key_id=api_key_id(entry))
 
     async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
         reserved = attempt.scratch.pop("rate_limit_reserved", None)

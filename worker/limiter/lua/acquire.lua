@@ -18,6 +18,8 @@
 --   probe            true: answer as if asking, and change nothing (no grant, no place in a line,
 --                    no claim); `granted` 1 then means "would be granted now". Pools rank their
 --                    members by it
+--   join             false: grant if it fits, else answer without taking a place or a claim (a
+--                    pool's job trying another member while it keeps its place in this one's line)
 --   pauses[]         key: string, paused until (epoch s); one per pause that applies
 --   daily_key        hash: day (UTC days since epoch) and one counter per quota field
 --   quotas[]         limit (config name), field (its counter in daily_key), quota (most a day),
@@ -42,8 +44,10 @@
 -- reservations cost of themselves).
 --
 -- Returns: granted 1|0, wait_s (string), limit (config name, or '' when granted), at_s (Redis
--- time, string); with probe, also room (the share of the tightest bucket left to this caller
--- after its own need; below 0 when refused) and in_flight (calls holding a slot).
+-- time, string); when granted, also spare (the share of the tightest bucket still full after the
+-- grant: refill nobody came for); with probe, also room (the share of the tightest bucket left after
+-- this caller's need and what is kept for callers ahead; below 0 when refused), in_flight (calls
+-- holding a slot) and placed (1 when the caller holds a place in a line here).
 
 local EPSILON = 1e-6                -- tokens; stored levels and times are rounded to 6 decimals
 local MIN_WAIT_S = 0.001           -- a refusal always asks for a real wait
@@ -62,6 +66,7 @@ local interactive = call.lane == 'interactive'
 local flow = call.flow or ''  -- callers naming no flow share one: first come, first served
 local weight = (call.weight and call.weight > 0) and call.weight or 1
 local probe = call.probe == true
+local join = call.join ~= false and not probe  -- false: granted, or refused without a place or a claim
 
 -- A caller's place in a bucket's line, from `t:<lease id>`: {position, need, due}. The line's
 -- sorted set orders callers by position (what those before them needed, counted as they joined);
@@ -238,18 +243,18 @@ local function bucket_check(b)
     end
   end
   local ratio = 1  -- requests; tokens before any settle, for a caller told again
-  if claimant and tonumber(s[5]) and (place or (tonumber(s[14]) or 0) >= RATIO_SETTLED) then
+  if claimant and tonumber(s[5]) and (place or probe or (tonumber(s[14]) or 0) >= RATIO_SETTLED) then
     ratio = math.max(MIN_RATIO, math.min(MAX_RATIO, tonumber(s[6]) / tonumber(s[5])))
   elseif claimant and not place then
     ratio = RATIO_PRIOR
   end
-  if not place then ratio = ratio * (1 - PLAN_EARLY) end
+  if not place and not probe then ratio = ratio * (1 - PLAN_EARLY) end  -- a probe compares waits as they are
   local first = ahead <= EPSILON
   local turn = (math.max(ahead * ratio, kept) + need - level + (first and held or 0)) / rate
   -- Never sooner than the bucket could pass what it is short now (a claim held for another caller
   -- included): a caller held in its worker would otherwise ask again and again for nothing.
   turn = math.max(turn, (kept + held + need - level) / rate)
-  if claimant and first and (free or ours or takeover) and not probe then
+  if claimant and first and (free or ours or takeover) and join then
     redis.call('HSET', key, 'cap', cap, 'claim_id', claimant, 'claim_tokens', need,
                'claim_until', fmt(now + math.max(0, turn) + call.claim_grace_s),
                'claim_since', fmt(waiting_since), 'claim_lane', interactive and 'interactive' or 'batch')
@@ -322,16 +327,17 @@ for i, b in ipairs(call.buckets) do
 end
 
 if probe then
-  local in_flight = 0
+  local in_flight, placed = 0, 0
   for _, slot in ipairs(call.slots) do in_flight = math.max(in_flight, redis.call('ZCARD', slot.key)) end
+  for i in ipairs(call.buckets) do if places[i] then placed = 1 end end
   return {'granted', worst_wait > 0 and 0 or 1, 'wait_s', fmt(worst_wait), 'limit', worst_limit, 'at_s', fmt(now),
-          'room', fmt(least_room), 'in_flight', in_flight}
+          'room', fmt(least_room), 'in_flight', in_flight, 'placed', placed}
 end
 
 if worst_wait > 0 then
   for i, b in ipairs(call.buckets) do
     -- Callers wait in line where they are short, and keep any place they hold elsewhere.
-    if places[i] or not taken[i] then line_wait(b, places[i], needs[i], worst_wait, tags[i]) end
+    if join and (places[i] or not taken[i]) then line_wait(b, places[i], needs[i], worst_wait, tags[i]) end
   end
   return {'granted', 0, 'wait_s', fmt(worst_wait), 'limit', worst_limit, 'at_s', fmt(now)}
 end
@@ -369,4 +375,6 @@ for _, slot in ipairs(call.slots) do
   zset_touch(slot.key)
 end
 for _, ring in ipairs(call.rings) do ring_add(ring.key, 1, call.tokens) end
-return {'granted', 1, 'wait_s', fmt(0), 'limit', '', 'at_s', fmt(now)}
+local spare = 1
+for _, after in pairs(taken) do spare = math.min(spare, after.level / after.cap) end
+return {'granted', 1, 'wait_s', fmt(0), 'limit', '', 'at_s', fmt(now), 'spare', fmt(spare)}
