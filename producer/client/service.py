@@ -24,7 +24,7 @@ from llmq.client.errors import JobFailedError, RequestError
 from llmq.client.streams import read_stream
 from llmq.contract import keys
 from llmq.contract.config import LLMConfig, load_config
-from llmq.contract.jobs import JobStore, NewJob
+from llmq.contract.jobs import CALLER_BUDGET_OPTION, JobStore, NewJob
 from llmq.contract.models import (
     BatchRecord,
     JobRecord,
@@ -181,11 +181,13 @@ class LLMService:
         job_id: str | None = None,
         deadline_s: float | None = None,
         cache: bool | None = None,
+        caller_daily_usd: float | None = None,
     ) -> str:
-        """Enqueue one request; returns its job id. `cache` overrides the provider's cache setting."""
+        """Enqueue one request; returns its job id. `cache` overrides the provider's cache setting;
+        `caller_daily_usd` is the caller's own daily budget (before `per_caller_daily_usd`)."""
         await self.workers_configured()
         parsed = self.prepare(request)
-        new = self._new_job(parsed, job_id or new_id("job"), None, None, deadline_s, cache)
+        new = self._new_job(parsed, job_id or new_id("job"), None, None, deadline_s, cache, caller_daily_usd)
         created = await self._enqueue([new])
         return created[0]
 
@@ -197,6 +199,7 @@ class LLMService:
         deadline_s: float | None = None,
         cache: bool | None = None,
         on_progress: Callable[[int], None] | None = None,
+        caller_daily_usd: float | None = None,
     ) -> str:
         """Validate every item first, then create and publish in pipelined chunks."""
         batch_id = batch_id or new_id("batch")
@@ -210,7 +213,7 @@ class LLMService:
             chunk = prepared[start:end]
             job_ids = [_job_id_for(batch_id, item, start + index) for index, item in enumerate(chunk)]
             new = [
-                self._new_job(item.request, job_id, batch_id, item.custom_id, deadline_s, cache)
+                self._new_job(item.request, job_id, batch_id, item.custom_id, deadline_s, cache, caller_daily_usd)
                 for job_id, item in zip(job_ids, chunk)
             ]
             await self._enqueue(new)
@@ -243,15 +246,18 @@ class LLMService:
 
     def _new_job(
         self, request: LLMRequest, job_id: str, batch_id: str | None, custom_id: str | None,
-        deadline_s: float | None, cache: bool | None = None,
+        deadline_s: float | None, cache: bool | None = None, caller_daily_usd: float | None = None,
     ) -> NewJob:
         if deadline_s is not None and deadline_s <= 0:
             raise RequestError(f"deadline_s must be a positive number of seconds (got {deadline_s})")
+        options: dict[str, Any] = {} if cache is None else {"cache": cache}
+        if caller_daily_usd is not None:
+            options[CALLER_BUDGET_OPTION] = caller_daily_usd
         return NewJob(
             job_id=job_id, request=request, route=plan_route(request, self.config, self._workers_configured),
             batch_id=batch_id,
             custom_id=custom_id, deadline_s=deadline_s or self.config.service.jobs.deadline_s,
-            options={} if cache is None else {"cache": cache},
+            options=options,
         )
 
     async def _enqueue(self, jobs: list[NewJob]) -> list[str]:

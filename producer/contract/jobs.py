@@ -45,6 +45,10 @@ PROMOTE_RECHECK_MS = 5_000
 RESTART_RECHECK_MS = 1_000
 
 
+#: Job option (`NewJob.options`) carrying the caller's own daily budget in USD (an HTTP front
+#: key's `--daily-usd`); the worker's budget middleware uses it before `per_caller_daily_usd`.
+CALLER_BUDGET_OPTION = "caller_daily_usd"
+
 #: Compare-and-delete for the locks several processes take (reaper, outbox flusher).
 RELEASE_LOCK = read_script(__file__, "release_lock.lua")
 

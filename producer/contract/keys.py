@@ -187,3 +187,8 @@ def rate_limit_line(bucket: str) -> str:
 def rate_limit_usage(scope: str) -> str:
     """Hash: the scope's requests and tokens in each of the last 60 one-second slots, for reports."""
     return f"{scope}:usage"
+
+
+def caller_requests(caller: str) -> str:
+    """String (epoch s, float): one caller's requests/min bucket for the HTTP front (worker/limiter/lua/caller_limits.lua)."""
+    return f"{PREFIX}:caller:{caller}:requests"
