@@ -35,7 +35,7 @@ class FrontStack:
 
     def client(self, key: str | None = None, **options: object) -> openai.OpenAI:
         """The official SDK on this front; no retries of its own, so each error class shows as is."""
-        return openai.OpenAI(base_url=self.base_url, api_key=key or self.key()[1], max_retries=0, **options)  # type: ignore[arg-type]
+        return openai.OpenAI(base_url=self.base_url, api_key=key or self.key()[1], **{"max_retries": 0, **options})  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="package")
