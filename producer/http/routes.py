@@ -174,7 +174,7 @@ async def create_file(request: Request) -> Response:
         raise
     except Exception as exc:  # a malformed multipart body: Starlette says what is wrong
         raise InvalidRequestError(f"send the file as multipart/form-data with fields 'file' and 'purpose': {exc}") from None
-    async with form:
+    try:
         purpose, upload = form.get("purpose"), form.get("file")
         if purpose != "batch":
             raise InvalidRequestError(f"purpose must be 'batch' (got {purpose!r}): files here feed batches", param="purpose")
@@ -182,6 +182,8 @@ async def create_file(request: Request) -> Response:
             raise InvalidRequestError("'file' is required: the JSONL batch input, as a file part", param="file")
         content = await upload.read()
         record = await anyio.to_thread.run_sync(front.files.create, key.name, "batch", upload.filename or "upload.jsonl", content)
+    finally:
+        await form.close()  # the upload's spooled temporary file
     return JSONResponse(file_body(record))
 
 

@@ -5,8 +5,11 @@ fit; a caller's own limits answer at once instead, so the front can refuse with 
 `retry-after`: a caller over its limit should hear so, not wait in a provider's line.
 
 - requests per minute: a GCRA token bucket (one key, one float: the theoretical arrival
-  time) on Redis's clock, `burst_s` seconds' worth of requests let through at once (at
-  least one), so no front's clock matters and several fronts share one limit;
+  time) on Redis's clock, so no front's clock matters and several fronts share one limit.
+  `burst_s` seconds' worth of requests (10 s by default, at least one request) go through
+  at once, then one every 60/rpm seconds: `--rpm 60` lets 10 through together, then one a
+  second; no 60 s window passes more than rpm + burst - 1. A caller is not a provider to be
+  paced to the second, and agents send in small bursts;
 - daily USD budget: today's spend of the caller as the worker's budget middleware counts
   it (`keys.budget_spend("caller", name)`, micro-USD per UTC day); once spent, refused until
   the next UTC day. Jobs already queued (a batch) are held by the same middleware.
@@ -52,7 +55,7 @@ class CallerDecision:
 
 
 class CallerLimiter:
-    def __init__(self, redis: aioredis.Redis, *, burst_s: float = 1.0) -> None:
+    def __init__(self, redis: aioredis.Redis, *, burst_s: float = 10.0) -> None:
         if not 0 < burst_s <= 60:
             raise ValueError(f"burst_s must be in (0, 60] seconds, got {burst_s}")
         self.burst_s = burst_s
