@@ -202,7 +202,7 @@ async def concurrent_streams(url: str, key: str, streams: int, duration_s: float
     return stats, time.monotonic() - began
 
 
-def print_streams(stats: StreamStats, elapsed_s: float, streams: int, front_cpu_s: float, args: argparse.Namespace) -> None:
+def print_streams(stats: StreamStats, elapsed_s: float, streams: int, cpu: dict[str, float], args: argparse.Namespace) -> None:
     print(f"\n2. concurrent streams through one front process: {streams} clients for {args.duration_s:.0f} s "
           f"(+{args.ramp_s:.0f} s ramp), fake first byte {args.first_byte_s * 1000:.0f} ms, a chunk every "
           f"{args.chunk_delay_s * 1000:.0f} ms")
@@ -213,7 +213,9 @@ def print_streams(stats: StreamStats, elapsed_s: float, streams: int, front_cpu_
         print(f"time to first chunk: p50 {statistics.median(stats.first_chunk_s) * 1000:.0f} ms, "
               f"p99 {percentile(stats.first_chunk_s, 0.99) * 1000:.0f} ms")
     if stats.completed:
-        print(f"front process CPU: {front_cpu_s:.1f} s, {front_cpu_s / stats.completed * 1000:.2f} ms per stream")
+        print("CPU per stream: " + ", ".join(
+            f"{name} {seconds / stats.completed * 1000:.2f} ms" for name, seconds in cpu.items()
+        ) + f" (the front: {cpu['front'] / elapsed_s * 100:.0f}% of a core)")
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -243,9 +245,13 @@ def main() -> int:
             print_latency(results, args.runs)
         if args.streams:
             httpx.post(f"{fake_url}/_fake/latency", json={"latency_s": args.first_byte_s, "chunk_delay_s": args.chunk_delay_s})
-            cpu_before = cpu_s(front.process.pid)
+            pids = {"front": front.process.pid, "worker": cluster.workers[0].pid, "fake": fake.pid, "client": os.getpid()}
+            if cluster.redis.process is not None:
+                pids["redis"] = cluster.redis.process.pid
+            before = {name: cpu_s(pid) for name, pid in pids.items()}
             stats, elapsed_s = asyncio.run(concurrent_streams(front.url, key, args.streams, args.duration_s, args.ramp_s))
-            print_streams(stats, elapsed_s, args.streams, cpu_s(front.process.pid) - cpu_before, args)
+            cpu = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
+            print_streams(stats, elapsed_s, args.streams, cpu, args)
     finally:
         if front is not None:
             front.stop()

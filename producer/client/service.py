@@ -51,9 +51,15 @@ class BatchItem:
 
 
 class LLMService:
-    def __init__(self, config: LLMConfig | str | None = None, *, redis_url: str | None = None) -> None:
+    def __init__(
+        self, config: LLMConfig | str | None = None, *, redis_url: str | None = None,
+        redis_max_connections: int | None = None,
+    ) -> None:
+        """`redis_max_connections`: the Redis pool's size (redis-py's default is 100); each stream
+        being read holds a connection while it waits, so a server reading many at once needs more."""
         self.config = config if isinstance(config, LLMConfig) else load_config(config)
         self.redis_url = resolve_redis_url(redis_url)
+        self.redis_max_connections = redis_max_connections
         self.celery = make_celery(self.config, self.redis_url, name="llmq-producer")
         self._redis: aioredis.Redis | None = None
         self._jobs: JobStore | None = None
@@ -63,7 +69,8 @@ class LLMService:
     @property
     def jobs(self) -> JobStore:
         if self._jobs is None:
-            self._redis = async_redis(self.redis_url)
+            options = {"max_connections": self.redis_max_connections} if self.redis_max_connections else {}
+            self._redis = async_redis(self.redis_url, **options)
             self._jobs = JobStore(self._redis)
         return self._jobs
 

@@ -60,7 +60,7 @@ ROUTES = [
 def create_app(config: LLMConfig, settings: ServeSettings, *, redis_url: str | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        service = LLMService(config, redis_url=redis_url)
+        service = LLMService(config, redis_url=redis_url, redis_max_connections=settings.redis_max_connections)
         engine = await asyncio.to_thread(open_database, settings.database_url)
         app.state.front = Front(service, engine, settings)
         try:

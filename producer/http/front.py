@@ -49,6 +49,9 @@ class ServeSettings:
     key_cache_s: float = 5.0
     database_url: str | None = None
     access_log: bool = False
+    #: Redis connections of this process: each stream being read holds one while it waits
+    #: (redis-server's own default limit is 10,000 clients).
+    redis_max_connections: int = 4000
 
 
 class ClientGone(Exception):
