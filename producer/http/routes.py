@@ -219,7 +219,9 @@ def file_body(record: FileRecord) -> dict[str, Any]:
 async def create_batch(request: Request) -> Response:
     front = front_of(request)
     key = await front.authenticate(request)
-    body = await front.batches.create(key, await json_body(request))
+    body = await json_body(request)
+    await front.check_limits(key)  # a batch is one request against the key's requests/min, refused once its budget is spent
+    body = await front.batches.create(key, body)
     return JSONResponse(body, headers={BATCH_ID_HEADER: body["id"]})
 
 

@@ -78,6 +78,25 @@ def test_a_key_whose_daily_budget_is_spent_is_rate_limited_until_midnight_utc(st
     assert abs(int(limited.value.response.headers["retry-after"]) - seconds_to_midnight) < 5
 
 
+def test_a_spent_key_s_queued_jobs_are_held_by_the_workers_and_its_batches_refused(stack: FrontStack) -> None:
+    from llmq.client.service import SyncLLMService
+    from llmq.contract.models import JobState
+
+    name, key = stack.key("--daily-usd", "0.05")
+    client = stack.client(key)
+    client.chat.completions.create(**CHAT)
+    with pytest.raises(openai.RateLimitError):
+        client.batches.create(input_file_id="file-any", endpoint="/v1/chat/completions", completion_window="24h")
+    # A job of that caller already queued (a batch's, say) carries the key's budget: the worker holds it.
+    with SyncLLMService(stack.cluster.config, redis_url=stack.cluster.redis_url) as service:
+        job_id = service.submit({**CHAT, "metadata": {"caller": name}}, caller_daily_usd=0.05)
+        deadline = time.monotonic() + 20
+        while (job := service.poll(job_id)).state is not JobState.RATE_LIMITED:
+            assert not job.state.terminal and time.monotonic() < deadline, job.state
+            time.sleep(0.1)
+        service.cancel(job_id)
+
+
 def test_a_job_that_fails_on_every_provider_is_a_502_that_the_sdk_does_not_retry(stack: FrontStack, fake: FakeOpenAI) -> None:
     fake.poison("POISON-500", 500)
     client = stack.client(max_retries=2)  # the SDK's default retries: x-should-retry stops them
