@@ -39,22 +39,12 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-from bench.streaming.run import start_fake
+from bench.streaming.run import CONFIG, start_fake
 from llmq.client.service import LLMService
 from tests.http.support import FrontProcess, create_key
 from tests.support.fakes.openai import DEFAULT_API_KEY
 from tests.support.harness import start_cluster
 
-CONFIG = """
-llm_service:
-  jobs: {{deadline_s: 600, lease_s: 30}}
-  providers:
-    fake:
-      type: openai
-      api_key: "{key}"
-      base_url: "{url}/v1"
-      models: [gpt-4o-mini]
-"""
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "propose the next task"}], "max_tokens": 64,
         "temperature": 0}
 

@@ -188,21 +188,22 @@ async def create_file(request: Request) -> Response:
 
 
 async def get_file(request: Request) -> Response:
-    front = front_of(request)
-    key = await front.authenticate(request)
-    record = await anyio.to_thread.run_sync(front.files.get, key.name, request.path_params["file_id"])
-    if record is None:
-        raise NotFoundError(f"No such File object: {request.path_params['file_id']}", param="file_id")
-    return JSONResponse(file_body(record))
+    return JSONResponse(file_body(await _own_file(request, "get")))
 
 
 async def file_content(request: Request) -> Response:
+    return Response(await _own_file(request, "content"), media_type="application/octet-stream")
+
+
+async def _own_file(request: Request, what: str) -> Any:
+    """The caller's file (its record or its bytes, `FileStore.get` / `.content`); any other is 404."""
     front = front_of(request)
     key = await front.authenticate(request)
-    content = await anyio.to_thread.run_sync(front.files.content, key.name, request.path_params["file_id"])
-    if content is None:
-        raise NotFoundError(f"No such File object: {request.path_params['file_id']}", param="file_id")
-    return Response(content, media_type="application/octet-stream")
+    file_id = request.path_params["file_id"]
+    found = await anyio.to_thread.run_sync(getattr(front.files, what), key.name, file_id)
+    if found is None:
+        raise NotFoundError(f"No such File object: {file_id}", param="file_id")
+    return found
 
 
 def file_body(record: FileRecord) -> dict[str, Any]:
