@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -82,6 +81,15 @@ async def http_stream(session: aiohttp.ClientSession, url: str) -> float:
     return time.perf_counter() - began
 
 
+async def http_health(session: aiohttp.ClientSession, url: str) -> float:
+    """A bare round trip to the same server (no key, no job): what HTTP alone costs here."""
+    began = time.perf_counter()
+    async with session.get(f"{url}/health") as reply:
+        await reply.read()
+    assert reply.status == 200
+    return time.perf_counter() - began
+
+
 async def inproc_wait(service: LLMService) -> float:
     began = time.perf_counter()
     response = await service.generate(BODY)
@@ -99,7 +107,9 @@ async def inproc_stream(service: LLMService) -> float:
 
 
 async def added_latency(url: str, key: str, service: LLMService, runs: int) -> dict[str, dict[str, list[float]]]:
-    results: dict[str, dict[str, list[float]]] = {"wait": {"llmq": [], "front": []}, "stream": {"llmq": [], "front": []}}
+    results: dict[str, dict[str, list[float]]] = {
+        "wait": {"llmq": [], "front": []}, "stream": {"llmq": [], "front": []}, "health": {"front": []},
+    }
     async with aiohttp.ClientSession(headers={"authorization": f"Bearer {key}"}) as session:
         for _ in range(10):  # warm-up: connections, scripts, the key cache, the adapter's pool
             await http_wait(session, url), await inproc_wait(service), await http_stream(session, url), await inproc_stream(service)
@@ -111,14 +121,15 @@ async def added_latency(url: str, key: str, service: LLMService, runs: int) -> d
                 first_s, second_s = await first, await second
                 results[kind]["llmq"].append(first_s if run % 2 == 0 else second_s)
                 results[kind]["front"].append(second_s if run % 2 == 0 else first_s)
+            results["health"]["front"].append(await http_health(session, url))
     return results
 
 
 def print_latency(results: dict[str, dict[str, list[float]]], runs: int) -> None:
     print(f"\n1. added latency: {runs} sequential requests per path, alternating, zero-latency fake")
     print(f"{'path':<8} {'in-process p50':>15} {'p99':>8} {'via front p50':>14} {'p99':>8} {'added p50':>10} {'added p99':>10} {'ratio p50':>10}")
-    for kind, paths in results.items():
-        llmq, front = paths["llmq"], paths["front"]
+    for kind in ("wait", "stream"):
+        llmq, front = results[kind]["llmq"], results[kind]["front"]
         p50s = statistics.median(llmq), statistics.median(front)
         p99s = percentile(llmq, 0.99), percentile(front, 0.99)
         print(f"{kind:<8} {p50s[0] * 1000:12.2f} ms {p99s[0] * 1000:5.1f} ms {p50s[1] * 1000:11.2f} ms {p99s[1] * 1000:5.1f} ms "
@@ -126,6 +137,10 @@ def print_latency(results: dict[str, dict[str, list[float]]], runs: int) -> None
     paired = [front - llmq for llmq, front in zip(results["stream"]["llmq"], results["stream"]["front"])]
     print(f"stream, paired differences (each front request minus its in-process neighbour): "
           f"median {statistics.median(paired) * 1000:.2f} ms, p99 {percentile(paired, 0.99) * 1000:.2f} ms")
+    health = results["health"]["front"]
+    print(f"bare HTTP round trip to the same server (GET /health): p50 {statistics.median(health) * 1000:.2f} ms, "
+          f"p99 {percentile(health, 0.99) * 1000:.2f} ms")
+    print(f"load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 # --- 2. concurrent streams ------------------------------------------------------------------
@@ -247,7 +262,6 @@ def main() -> int:
             front.stop()
         cluster.stop()
         fake.terminate()
-    print(json.dumps({"machine": f"{os.cpu_count()} cores"}))
     return 0
 
 
