@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,25 +191,61 @@ async def one_stream(session: aiohttp.ClientSession, url: str, stats: StreamStat
         stats.in_flight -= 1
 
 
-async def concurrent_streams(url: str, key: str, streams: int, duration_s: float, ramp_s: float) -> tuple[StreamStats, float]:
+async def one_inproc_stream(service: LLMService, stats: StreamStats) -> None:
+    """The same stream read in this process through `LLMService.stream_generate` (no front)."""
+    began = time.perf_counter()
+    stats.in_flight += 1
+    stats.peak = max(stats.peak, stats.in_flight)
+    try:
+        first, final = True, False
+        async for chunk in service.stream_generate({**BODY, "stream": True}):
+            if first:
+                stats.first_chunk_s.append(time.perf_counter() - began)
+                first = False
+            final = bool(chunk.metadata.get("final"))
+        if final:
+            stats.completed += 1
+        else:
+            stats.error("no final chunk")
+    except Exception as exc:  # counted, not raised: the run goes on
+        stats.error(type(exc).__name__)
+    finally:
+        stats.in_flight -= 1
+
+
+async def run_clients(streams: int, duration_s: float, ramp_s: float, one: Callable[[StreamStats], Awaitable[None]]) -> tuple[StreamStats, float]:
     stats = StreamStats()
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
-    timeout = aiohttp.ClientTimeout(total=300)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers={"authorization": f"Bearer {key}"}) as session:
-        stop_at = time.monotonic() + ramp_s + duration_s
+    stop_at = time.monotonic() + ramp_s + duration_s
 
-        async def client(index: int) -> None:
-            await asyncio.sleep(ramp_s * index / streams)  # ramp up, so the front is not met by one wall of connects
-            while time.monotonic() < stop_at:
-                await one_stream(session, url, stats)
+    async def client(index: int) -> None:
+        await asyncio.sleep(ramp_s * index / streams)  # ramp up, so the front is not met by one wall of connects
+        while time.monotonic() < stop_at:
+            await one(stats)
 
-        began = time.monotonic()
-        await asyncio.gather(*(client(index) for index in range(streams)))
+    began = time.monotonic()
+    await asyncio.gather(*(client(index) for index in range(streams)))
     return stats, time.monotonic() - began
 
 
-def print_streams(stats: StreamStats, elapsed_s: float, streams: int, cpu: dict[str, float], args: argparse.Namespace) -> None:
-    print(f"\n2. concurrent streams through one front process: {streams} clients for {args.duration_s:.0f} s "
+async def concurrent_streams(url: str, key: str, streams: int, duration_s: float, ramp_s: float) -> tuple[StreamStats, float]:
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers={"authorization": f"Bearer {key}"}) as session:
+        return await run_clients(streams, duration_s, ramp_s, lambda stats: one_stream(session, url, stats))
+
+
+async def concurrent_inproc_streams(config: object, redis_url: str, streams: int, duration_s: float, ramp_s: float) -> tuple[StreamStats, float]:
+    service = LLMService(config, redis_url=redis_url, redis_max_connections=streams + 100)  # type: ignore[arg-type]
+    try:
+        return await run_clients(streams, duration_s, ramp_s, lambda stats: one_inproc_stream(service, stats))
+    finally:
+        await service.aclose()
+
+
+def print_streams(
+    stats: StreamStats, elapsed_s: float, streams: int, cpu: dict[str, float], args: argparse.Namespace, *, title: str,
+) -> None:
+    print(f"\n{title}: {streams} clients for {args.duration_s:.0f} s "
           f"(+{args.ramp_s:.0f} s ramp), fake first byte {args.first_byte_s * 1000:.0f} ms, a chunk every "
           f"{args.chunk_delay_s * 1000:.0f} ms")
     total = stats.completed + sum(stats.errors.values())
@@ -221,6 +258,7 @@ def print_streams(stats: StreamStats, elapsed_s: float, streams: int, cpu: dict[
         print("CPU per stream: " + ", ".join(
             f"{name} {seconds / stats.completed * 1000:.2f} ms" for name, seconds in cpu.items()
         ) + f" (the front: {cpu['front'] / elapsed_s * 100:.0f}% of a core)")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -234,6 +272,8 @@ def main() -> int:
     parser.add_argument("--ramp-s", type=float, default=5.0)
     parser.add_argument("--first-byte-s", type=float, default=0.2, help="streams: the fake's delay before the first byte")
     parser.add_argument("--chunk-delay-s", type=float, default=0.05, help="streams: the fake's delay between chunks")
+    parser.add_argument("--compare-in-process", action="store_true",
+                        help="then run the same streams through LLMService in this process, without the front")
     args = parser.parse_args()
     fake, fake_url = start_fake(0.0, 0.0)
     root = Path(tempfile.mkdtemp(prefix="llmq-bench-front-"))
@@ -253,10 +293,17 @@ def main() -> int:
             pids = {"front": front.process.pid, "worker": cluster.workers[0].pid, "fake": fake.pid, "client": os.getpid()}
             if cluster.redis.process is not None:
                 pids["redis"] = cluster.redis.process.pid
-            before = {name: cpu_s(pid) for name, pid in pids.items()}
-            stats, elapsed_s = asyncio.run(concurrent_streams(front.url, key, args.streams, args.duration_s, args.ramp_s))
-            cpu = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
-            print_streams(stats, elapsed_s, args.streams, cpu, args)
+            runs = [("2. concurrent streams through one front process",
+                     lambda: concurrent_streams(front.url, key, args.streams, args.duration_s, args.ramp_s))]
+            if args.compare_in_process:
+                runs.append(("2b. the same streams read in this process (LLMService.stream_generate, no front)",
+                             lambda: concurrent_inproc_streams(cluster.config, cluster.redis_url, args.streams,
+                                                               args.duration_s, args.ramp_s)))
+            for title, load in runs:
+                before = {name: cpu_s(pid) for name, pid in pids.items()}
+                stats, elapsed_s = asyncio.run(load())
+                cpu = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
+                print_streams(stats, elapsed_s, args.streams, cpu, args, title=title)
     finally:
         if front is not None:
             front.stop()

@@ -199,6 +199,25 @@ def test_no_cors_unless_configured(stack: FrontStack) -> None:
     assert "access-control-allow-origin" not in preflight.headers
 
 
+def test_cors_only_for_the_configured_origins(stack: FrontStack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    front = FrontProcess(stack.cluster, tmp_path / "front.log", ("--cors-origin", "https://app.example")).start()
+    try:
+        def preflight(origin: str) -> httpx.Response:
+            return httpx.options(f"{front.url}/v1/chat/completions", headers={
+                "origin": origin, "access-control-request-method": "POST", "access-control-request-headers": "authorization"})
+
+        assert preflight("https://app.example").headers["access-control-allow-origin"] == "https://app.example"
+        assert "access-control-allow-origin" not in preflight("https://evil.example").headers
+    finally:
+        front.stop()
+
+
+def test_serve_binds_loopback_unless_told() -> None:
+    from llmq.cli.main import build_parser
+
+    assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
+
+
 def test_keys_never_reach_the_front_s_log(stack: FrontStack) -> None:
     _, key = stack.key()
     httpx.post(f"{stack.base_url}/chat/completions", json=CHAT, headers={"authorization": f"Bearer {key}"})
