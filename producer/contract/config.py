@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from llmq.contract.capabilities import CapabilityOverride
 from llmq.contract.validation import first_error
 
 CONFIG_ENV = "LLMQ_CONFIG"
@@ -115,6 +116,9 @@ class ProviderConfig(_Strict):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     #: Adapter-specific settings (api_version, region, latency_s, ...); each adapter checks its own.
     options: dict[str, Any] = Field(default_factory=dict)
+    #: Model name or fnmatch pattern ("*": every model) -> capabilities laid over the adapter's
+    #: defaults (producer/data/capabilities.yaml), e.g. {"*": {tools: true}} for a vLLM started with tools.
+    capabilities: dict[str, CapabilityOverride] = Field(default_factory=dict)
 
     # Filled by the loader, never from YAML.
     name: str = Field(default="", exclude=True)
@@ -157,6 +161,9 @@ class RetrySettings(_Strict):
     backoff_max_s: float = Field(default=30.0, gt=0)
     #: A provider's `retry-after` is honoured up to this many seconds.
     retry_after_cap_s: float = Field(default=120.0, gt=0)
+    #: Times an answer that does not match the requested JSON schema is asked for again on the
+    #: same provider before the job moves on along its route (OutputValidationError).
+    invalid_output_retries: int = Field(default=1, ge=0, le=10)
 
 
 class JobSettings(_Strict):
