@@ -64,10 +64,10 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from llmq.contract.config import ModelLimits, RateLimits
-from llmq.contract.models import LLMRequest
+from llmq.contract.models import JobRequest
 from llmq.contract.scripts import read_script
 from llmq.worker.limiter.headers import pause_from_headers
-from llmq.worker.tokens import estimate_prompt_tokens
+from llmq.worker.tokens import estimate_request_prompt_tokens
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,10 @@ class Decision:
         return self.limit in QUOTA_LIMITS
 
 
-def estimate_request_tokens(request: LLMRequest) -> int:
-    """Tokens to reserve before a call: the prompt estimate plus the most the reply may use."""
-    messages: list[object] = list(request.messages)
-    return estimate_prompt_tokens(messages) + request.max_tokens
+def estimate_request_tokens(request: JobRequest) -> int:
+    """Tokens to reserve before a call: the prompt estimate (images, tools and embedding inputs
+    included) plus the most the reply may use."""
+    return estimate_request_prompt_tokens(request) + request.max_tokens
 
 
 def burst_units(per_minute: int | None, burst_s: float) -> int:
