@@ -12,9 +12,12 @@ import json
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic import BaseModel
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -26,8 +29,13 @@ from llmq.contract import keys
 from llmq.contract.config import LLMConfig, load_config
 from llmq.contract.jobs import JobStore, NewJob
 from llmq.contract.models import (
+    REQUEST_MODELS,
     BatchRecord,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    JobKind,
     JobRecord,
+    JobRequest,
     JobState,
     LLMRequest,
     LLMResponse,
@@ -42,11 +50,15 @@ SUBMIT_CHUNK = 500
 FIRST_SUBMIT_CHUNK = 50
 #: How long the providers that live workers report configured are trusted (seconds).
 WORKERS_CACHE_S = 5.0
+#: Jobs whose pydantic response_format class this process remembers, to hand `parsed` back typed.
+RESPONSE_MODELS_KEPT = 10_000
+
+RequestInput = LLMRequest | EmbeddingRequest | Mapping[str, Any]
 
 
 @dataclass
 class BatchItem:
-    request: LLMRequest
+    request: JobRequest
     custom_id: str | None = None
 
 
@@ -59,6 +71,8 @@ class LLMService:
         self._jobs: JobStore | None = None
         self._workers_configured: frozenset[str] = frozenset()
         self._workers_seen_at = float("-inf")
+        #: job id -> the pydantic class its request gave as response_format (this process only).
+        self._response_models: OrderedDict[str, type[BaseModel]] = OrderedDict()
 
     @property
     def jobs(self) -> JobStore:
@@ -75,7 +89,25 @@ class LLMService:
     # --- the ADR's interface ----------------------------------------------------------
 
     async def generate(self, request: LLMRequest | Mapping[str, Any], *, timeout_s: float | None = None) -> LLMResponse:
-        """Submit one request and wait for its answer; raises JobFailedError if it fails."""
+        """Submit one request and wait for its answer; raises JobFailedError if it fails.
+
+        With a pydantic class as `response_format`, the answer's `parsed` is an instance of it.
+        """
+        result = await self._run_to_end(self.prepare(request), timeout_s)
+        assert isinstance(result, LLMResponse)
+        return result
+
+    async def embed(
+        self, input: str | list[str], *, model: str, timeout_s: float | None = None, **fields: Any
+    ) -> EmbeddingResponse:
+        """Embed one text or many (`fields`: dimensions, provider, metadata, provider_options);
+        returns the vectors in input order and the tokens counted."""
+        request = self.prepare({"input": input, "model": model, **fields}, kind=JobKind.EMBEDDING)
+        result = await self._run_to_end(request, timeout_s)
+        assert isinstance(result, EmbeddingResponse)
+        return result
+
+    async def _run_to_end(self, request: JobRequest, timeout_s: float | None) -> LLMResponse | EmbeddingResponse:
         job_id = await self.submit(request)
         job = await self.wait(job_id, timeout_s=timeout_s)
         assert isinstance(job, JobRecord)
@@ -95,6 +127,8 @@ class LLMService:
         """
         await self.workers_configured()
         parsed = self.prepare(request)
+        if not isinstance(parsed, LLMRequest):
+            raise RequestError("request: an embedding job does not stream; use embed() or submit()")
         if not parsed.stream:
             parsed = parsed.model_copy(update={"stream": True})
         job_id = await self.submit(parsed, deadline_s=deadline_s)
@@ -102,9 +136,10 @@ class LLMService:
             yield chunk
 
     async def stream_job(self, job_id: str, after_id: str = "0-0") -> AsyncIterator[LLMResponse]:
-        """Read a streamed job's chunks after `after_id`: none lost, none repeated, across reconnects."""
+        """Read a streamed job's chunks after `after_id`: none lost, none repeated, across reconnects.
+        Chunks carry `tool_call_deltas`; the final one the whole `tool_calls` and `parsed`."""
         async for chunk in read_stream(self.jobs, job_id, after_id):
-            yield chunk
+            yield self._typed_response(job_id, chunk) if chunk.metadata.get("final") else chunk
 
     async def workers_configured(self) -> frozenset[str]:
         """Providers that live workers hold keys for, read from their heartbeats (cached a few seconds).
@@ -163,10 +198,15 @@ class LLMService:
 
     # --- submitting ------------------------------------------------------------------
 
-    def prepare(self, request: LLMRequest | Mapping[str, Any], where: str = "request") -> LLMRequest:
-        """Validate a request and its route; raises RequestError naming the field and the fix."""
+    def prepare(self, request: RequestInput, where: str = "request", *, kind: JobKind = JobKind.CHAT) -> JobRequest:
+        """Validate a request and its route; raises RequestError naming the field and the fix.
+
+        A mapping is read as a request of `kind` (a chat unless told otherwise)."""
         try:
-            parsed = request if isinstance(request, LLMRequest) else LLMRequest.model_validate(request)
+            if isinstance(request, (LLMRequest, EmbeddingRequest)):
+                parsed: JobRequest = request
+            else:
+                parsed = REQUEST_MODELS[kind].model_validate(request)
             plan_route(parsed, self.config, self._workers_configured)
         except ValidationError as exc:
             raise RequestError(f"{where}: {describe_validation_error(exc)}") from None
@@ -176,7 +216,7 @@ class LLMService:
 
     async def submit(
         self,
-        request: LLMRequest | Mapping[str, Any],
+        request: RequestInput,
         *,
         job_id: str | None = None,
         deadline_s: float | None = None,
@@ -187,11 +227,12 @@ class LLMService:
         parsed = self.prepare(request)
         new = self._new_job(parsed, job_id or new_id("job"), None, None, deadline_s, cache)
         created = await self._enqueue([new])
+        self._remember_response_model(created[0], parsed)
         return created[0]
 
     async def submit_batch(
         self,
-        items: Iterable[BatchItem | LLMRequest | Mapping[str, Any]],
+        items: Iterable[BatchItem | RequestInput],
         *,
         batch_id: str | None = None,
         deadline_s: float | None = None,
@@ -214,12 +255,14 @@ class LLMService:
                 for job_id, item in zip(job_ids, chunk)
             ]
             await self._enqueue(new)
+            for job_id, item in zip(job_ids, chunk):
+                self._remember_response_model(job_id, item.request)
             if on_progress:
                 on_progress(len(chunk))
         await self.jobs.expire_batch(batch_id, ttl_s)
         return batch_id
 
-    def _prepare_batch(self, items: Iterable[BatchItem | LLMRequest | Mapping[str, Any]]) -> list[BatchItem]:
+    def _prepare_batch(self, items: Iterable[BatchItem | RequestInput]) -> list[BatchItem]:
         prepared: list[BatchItem] = []
         problems: list[tuple[str, str]] = []
         seen: dict[str, int] = {}
@@ -241,8 +284,28 @@ class LLMService:
             raise RequestError("batch refused: it holds no requests")
         return prepared
 
+    def _remember_response_model(self, job_id: str, request: JobRequest) -> None:
+        model_class = getattr(request, "response_model", None)
+        if model_class is not None:
+            self._response_models[job_id] = model_class
+            while len(self._response_models) > RESPONSE_MODELS_KEPT:
+                self._response_models.popitem(last=False)
+
+    def typed(self, record: JobRecord) -> JobRecord:
+        """The record with `result.parsed` as an instance of the pydantic class its request gave
+        (when this process submitted it); the JSON as it came otherwise."""
+        if record.job_id not in self._response_models or not isinstance(record.result, LLMResponse):
+            return record
+        return record.model_copy(update={"result": self._typed_response(record.job_id, record.result)})
+
+    def _typed_response(self, job_id: str, response: LLMResponse) -> LLMResponse:
+        model_class = self._response_models.get(job_id)
+        if model_class is None or not isinstance(response.parsed, (dict, list)):
+            return response
+        return response.model_copy(update={"parsed": model_class.model_validate(response.parsed)})
+
     def _new_job(
-        self, request: LLMRequest, job_id: str, batch_id: str | None, custom_id: str | None,
+        self, request: JobRequest, job_id: str, batch_id: str | None, custom_id: str | None,
         deadline_s: float | None, cache: bool | None = None,
     ) -> NewJob:
         if deadline_s is not None and deadline_s <= 0:
@@ -267,7 +330,8 @@ class LLMService:
     # --- reading ---------------------------------------------------------------------
 
     async def poll(self, job_id: str) -> JobRecord | None:
-        return await self.jobs.get(job_id)
+        record = await self.jobs.get(job_id)
+        return self.typed(record) if record is not None else None
 
     async def batch(self, batch_id: str) -> BatchRecord | None:
         return await self.jobs.batch(batch_id)
@@ -292,7 +356,7 @@ class LLMService:
             if isinstance(record, BatchRecord) and on_progress:
                 on_progress(record)
             if record.done:
-                return record
+                return self.typed(record) if isinstance(record, JobRecord) else record
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{some_id} not finished after {timeout_s}s (state: {_describe_state(record)})")
             await asyncio.sleep(interval_s)
@@ -304,7 +368,7 @@ class LLMService:
         records: list[JobRecord] = []
         for start in range(0, len(job_ids), SUBMIT_CHUNK):
             found = await self.jobs.get_many(job_ids[start : start + SUBMIT_CHUNK])
-            records += [record for record in found if record is not None]
+            records += [self.typed(record) for record in found if record is not None]
         return records
 
     async def results_by_custom_id(self, batch_id: str) -> dict[str, JobRecord]:
@@ -343,7 +407,14 @@ def _describe_state(record: JobRecord | BatchRecord) -> str:
 
 def describe_validation_error(exc: ValidationError) -> str:
     error = first_error(exc)
-    return f"{error.location or 'request'}: {error.message}{error.more}"
+    message = error.message
+    if error.error_type == "extra_forbidden":
+        # A field of OpenAI's body that llmq has no field for (frequency_penalty, n, ...).
+        message = (
+            "llmq's request has no such field; remove it, fix its spelling, or pass a provider's own "
+            "parameter under provider_options (docs/requests.md)"
+        )
+    return f"{error.location or 'request'}: {message}{error.more}"
 
 
 class SyncLLMService:
