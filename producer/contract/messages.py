@@ -15,7 +15,7 @@ import re
 from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 MAX_MESSAGE_CHARS = 2_000_000
 #: OpenAI's limits: tools per request, stop sequences, parts per message.
@@ -211,6 +211,11 @@ class ResponseFormat(_Part):
 
 
 Role = Literal["system", "user", "assistant", "tool"]
+#: Text, or a list of parts; told apart before validation so a bad part's error names the part.
+Content = Annotated[
+    Annotated[str, Field(max_length=MAX_MESSAGE_CHARS), Tag("text")] | Annotated[list[ContentPart], Tag("parts")],
+    Discriminator(lambda value: "parts" if isinstance(value, list) else "text"),
+]
 
 
 class Message(BaseModel):
@@ -221,7 +226,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     role: Role
-    content: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | list[ContentPart] | None = None
+    content: Content | None = None
     name: str | None = Field(default=None, max_length=256)
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
