@@ -410,8 +410,8 @@ def describe_validation_error(exc: ValidationError) -> str:
     message = error.message
     if error.error_type == "extra_forbidden":
         # A field of OpenAI's body that llmq has no field for (frequency_penalty, n, ...).
-        message = (
-            "llmq's request has no such field; remove it, fix its spelling, or pass a provider's own "
+        message += (
+            "; llmq's request has no such field: remove it, fix its spelling, or pass a provider's own "
             "parameter under provider_options (docs/requests.md)"
         )
     return f"{error.location or 'request'}: {message}{error.more}"

@@ -15,7 +15,16 @@ import re
 from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_MESSAGE_CHARS = 2_000_000
 #: OpenAI's limits: tools per request, stop sequences, parts per message.
@@ -226,10 +235,12 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     role: Role
-    content: Content | None = None
-    name: str | None = Field(default=None, max_length=256)
+    # Before content, whose check reads them.
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
+    # Checked even when absent: only an assistant message with tool_calls may leave it out.
+    content: Content | None = Field(default=None, validate_default=True)
+    name: str | None = Field(default=None, max_length=256)
 
     @field_validator("role", mode="before")
     @classmethod
@@ -238,9 +249,15 @@ class Message(BaseModel):
 
     @field_validator("content")
     @classmethod
-    def _parts_bounded(cls, value: Any) -> Any:
+    def _content_fits_role(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, list) and not 1 <= len(value) <= MAX_PARTS:
             raise ValueError(f"content holds {len(value)} parts; give between 1 and {MAX_PARTS}")
+        role = info.data.get("role")
+        if value is None and not (role == "assistant" and info.data.get("tool_calls")):
+            raise ValueError(f"content is missing; give the {role or 'message'}'s text (only an assistant message "
+                             "with tool_calls may leave it out)")
+        if isinstance(value, list) and role not in ("user", None) and any(isinstance(part, ImagePart) for part in value):
+            raise ValueError(f"image parts belong in user messages, not in a {role} message")
         return value
 
     @model_validator(mode="after")
@@ -248,18 +265,10 @@ class Message(BaseModel):
         if self.role == "tool":
             if self.tool_call_id is None:
                 raise ValueError("a tool message needs tool_call_id: the id of the tool call it answers")
-            if self.content is None:
-                raise ValueError("a tool message needs content: the tool's result as text")
         elif self.tool_call_id is not None:
             raise ValueError(f"tool_call_id belongs on a tool message, not on a {self.role} message")
         if self.tool_calls is not None and self.role != "assistant":
             raise ValueError(f"tool_calls belong on an assistant message, not on a {self.role} message")
-        if self.content is None and not self.tool_calls:
-            raise ValueError("content is missing; give the message's text (only an assistant message with tool_calls may omit it)")
-        if isinstance(self.content, list) and self.role != "user" and any(
-            isinstance(part, ImagePart) for part in self.content
-        ):
-            raise ValueError(f"image parts belong in user messages, not in a {self.role} message")
         return self
 
     @property

@@ -67,6 +67,7 @@ def test_an_openai_body_maps_field_for_field() -> None:
         ({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "c9", "content": "x"}]},
          "answers no tool call"),
         ({"messages": [{"role": "assistant"}]}, "content is missing"),
+        ({"messages": [{"role": "user"}]}, "messages.0.content: Value error, content is missing"),
         ({"messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": PNG}}]}]},
          "image parts belong in user messages"),
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools.0.function.name"),
