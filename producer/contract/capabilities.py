@@ -10,6 +10,7 @@ request needs, and a request no hop can serve is refused at submit.
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,7 +64,10 @@ class Capabilities(BaseModel):
 
     def lacks(self, needs: Needs) -> list[str]:
         """What of `needs` this model cannot give, in words for a refusal."""
-        missing = [feature for feature in needs.features if not getattr(self, feature)]
+        if needs.features == _CHAT_ONLY and self.chat:  # the plain request: only the output room to check
+            missing = []
+        else:
+            missing = [feature for feature in needs.features if not getattr(self, feature)]
         if self.max_output_tokens is not None and needs.output_tokens > self.max_output_tokens:
             missing.append(f"max_tokens {needs.output_tokens} (at most {self.max_output_tokens})")
         return missing
@@ -76,10 +80,10 @@ class Capabilities(BaseModel):
         return ", ".join(features + limits)
 
 
-class Needs(BaseModel):
-    """What a request needs of a model: features, and room for its output."""
-
-    model_config = ConfigDict(frozen=True)
+@dataclass(frozen=True, slots=True)
+class Needs:
+    """What a request needs of a model: features, and room for its output (a dataclass: routing
+    builds one per request)."""
 
     features: tuple[str, ...]
     output_tokens: int = 0
@@ -126,11 +130,16 @@ def needs_of(request: JobRequest) -> Needs:
     if request.kind is JobKind.EMBEDDING:
         return Needs(features=("embeddings",))
     features = ["chat"]
-    if request.uses_tools:  # type: ignore[union-attr]
+    messages = request.messages  # type: ignore[union-attr]
+    plain = all(type(message.content) is str and message.role != "tool" and not message.tool_calls for message in messages)
+    if request.tools is not None or (not plain and request.uses_tools):  # type: ignore[union-attr]
         features.append("tools")
     response_format = request.response_format  # type: ignore[union-attr]
     if response_format is not None and response_format.wants_json:
         features.append(response_format.type)
-    if any(message.images for message in request.messages):  # type: ignore[union-attr]
+    if not plain and any(message.images for message in messages):
         features.append("vision")
     return Needs(features=tuple(features), output_tokens=request.max_tokens)
+
+
+_CHAT_ONLY = ("chat",)

@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     ValidationInfo,
     field_validator,
@@ -201,6 +202,13 @@ class ResponseFormat(_Part):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
+    #: The pydantic class it was made from (`response_format_for_model`): lives in this process only.
+    _model_class: type[BaseModel] | None = PrivateAttr(default=None)
+
+    @property
+    def model_class(self) -> type[BaseModel] | None:
+        return self._model_class
+
     @model_validator(mode="after")
     def _schema_iff_json_schema(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
@@ -249,27 +257,26 @@ class Message(BaseModel):
 
     @field_validator("content")
     @classmethod
-    def _content_fits_role(cls, value: Any, info: ValidationInfo) -> Any:
+    def _shape_fits_role(cls, value: Any, info: ValidationInfo) -> Any:
+        """Every check of how a message's parts fit its role, in one call (it runs for every message)."""
+        role, data = info.data.get("role"), info.data
+        if type(value) is str and role in ("user", "system", "assistant") and data.get("tool_call_id") is None \
+                and data.get("tool_calls") is None:
+            return value  # the plain text message
         if isinstance(value, list) and not 1 <= len(value) <= MAX_PARTS:
             raise ValueError(f"content holds {len(value)} parts; give between 1 and {MAX_PARTS}")
-        role = info.data.get("role")
-        if value is None and not (role == "assistant" and info.data.get("tool_calls")):
+        if value is None and not (role == "assistant" and data.get("tool_calls")):
             raise ValueError(f"content is missing; give the {role or 'message'}'s text (only an assistant message "
                              "with tool_calls may leave it out)")
         if isinstance(value, list) and role not in ("user", None) and any(isinstance(part, ImagePart) for part in value):
             raise ValueError(f"image parts belong in user messages, not in a {role} message")
+        if role == "tool" and data.get("tool_call_id") is None:
+            raise ValueError("a tool message needs tool_call_id: the id of the tool call it answers")
+        if role != "tool" and data.get("tool_call_id") is not None:
+            raise ValueError(f"tool_call_id belongs on a tool message, not on a {role} message")
+        if data.get("tool_calls") is not None and role != "assistant":
+            raise ValueError(f"tool_calls belong on an assistant message, not on a {role} message")
         return value
-
-    @model_validator(mode="after")
-    def _shape_fits_role(self) -> Message:
-        if self.role == "tool":
-            if self.tool_call_id is None:
-                raise ValueError("a tool message needs tool_call_id: the id of the tool call it answers")
-        elif self.tool_call_id is not None:
-            raise ValueError(f"tool_call_id belongs on a tool message, not on a {self.role} message")
-        if self.tool_calls is not None and self.role != "assistant":
-            raise ValueError(f"tool_calls belong on an assistant message, not on a {self.role} message")
-        return self
 
     @property
     def text(self) -> str:
@@ -330,7 +337,9 @@ def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
 def response_format_for_model(model_class: type[BaseModel]) -> ResponseFormat:
     """`response_format=MyModel` from Python: the class's JSON schema, strict, named after it."""
     name = re.sub(r"[^a-zA-Z0-9_-]", "_", model_class.__name__)[:64]
-    return ResponseFormat(
+    made = ResponseFormat(
         type="json_schema",
         json_schema=JSONSchemaFormat(name=name, schema=strict_schema(model_class.model_json_schema()), strict=True),
     )
+    made._model_class = model_class
+    return made

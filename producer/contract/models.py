@@ -18,9 +18,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
-    ValidationInfo,
-    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -89,27 +86,14 @@ class LLMRequest(BaseModel):
     #: Provider parameters llmq has no field for (frequency_penalty, reasoning_effort, ...), sent
     #: as they are; each adapter refuses the names it does not allow.
     provider_options: dict[str, Any] = Field(default_factory=dict)
+    #: OpenAI's newer name for max_tokens: read into max_tokens, never stored.
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS, exclude=True)
 
-    #: The pydantic class given as response_format, if any: never serialized, lives in this process.
-    _response_model: type[BaseModel] | None = PrivateAttr(default=None)
-
-    @model_validator(mode="wrap")
+    @field_validator("response_format", mode="before")
     @classmethod
-    def _edge_forms(cls, data: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
-        model_class = None
-        if isinstance(data, dict) and ("max_completion_tokens" in data or _is_model_class(data.get("response_format"))):
-            data = dict(data)
-            if "max_completion_tokens" in data:
-                if "max_tokens" in data:
-                    raise ValueError("give max_tokens or max_completion_tokens, not both (they mean the same here)")
-                data["max_tokens"] = data.pop("max_completion_tokens")
-            if _is_model_class(data.get("response_format")):
-                model_class = data["response_format"]
-                data["response_format"] = response_format_for_model(model_class)
-        made = handler(data)
-        if model_class is not None:
-            made._response_model = model_class
-        return made
+    def _model_class_to_schema(cls, value: Any) -> Any:
+        # Runs only when response_format is given: a plain request pays nothing for it.
+        return response_format_for_model(value) if isinstance(value, type) and issubclass(value, BaseModel) else value
 
     @field_validator("model")
     @classmethod
@@ -138,7 +122,7 @@ class LLMRequest(BaseModel):
     @field_validator("messages")
     @classmethod
     def _request_bounded(cls, value: list[Message]) -> list[Message]:
-        total = sum(message.size_chars() for message in value)
+        total = sum(len(message.content) if type(message.content) is str else message.size_chars() for message in value)
         if total > MAX_REQUEST_CHARS:
             raise ValueError(
                 f"messages hold {total} characters in all; the limit is {MAX_REQUEST_CHARS} "
@@ -147,7 +131,11 @@ class LLMRequest(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _tools_consistent(self) -> LLMRequest:
+    def _one_max_tokens_and_tools_consistent(self) -> LLMRequest:
+        if self.max_completion_tokens is not None:
+            if "max_tokens" in self.model_fields_set:
+                raise ValueError("give max_tokens or max_completion_tokens, not both (they mean the same here)")
+            self.max_tokens, self.max_completion_tokens = self.max_completion_tokens, None
         if self.tools is None and self.tool_choice is None and all(message.role != "tool" for message in self.messages):
             return self  # the plain text request: nothing more to check
         names = [tool.function.name for tool in self.tools or ()]
@@ -164,7 +152,7 @@ class LLMRequest(BaseModel):
     @property
     def response_model(self) -> type[BaseModel] | None:
         """The pydantic class the caller gave as response_format, in the caller's process only."""
-        return self._response_model
+        return self.response_format.model_class if self.response_format is not None else None
 
     @property
     def uses_tools(self) -> bool:
@@ -178,10 +166,6 @@ class LLMRequest(BaseModel):
             parts.append(message.text)
             parts += [f"{call.function.name}({call.function.arguments})" for call in message.tool_calls or ()]
         return "\n".join(parts)
-
-
-def _is_model_class(value: Any) -> bool:
-    return isinstance(value, type) and issubclass(value, BaseModel)
 
 
 def _check_tool_answers(messages: list[Message]) -> None:
