@@ -136,7 +136,7 @@ async def _limiter_usage(runtime: Runtime, provider: str) -> dict[str, Any] | No
         return None
     limits = runtime.config.provider(provider).rate_limits
     try:
-        return await RateLimiter(runtime.redis, key_prefix=keys.RATE_LIMIT_PREFIX).snapshot(provider, limits)
+        return await RateLimiter(runtime.redis).snapshot(provider, limits)
     except Exception as exc:  # status is a report: a limiter hiccup must not lose the health result
         log.debug("rate-limit snapshot of %s failed: %s", provider, exc)
         return None

@@ -18,7 +18,10 @@ This pool keeps two threads busy, Celery's consumer and the event loop:
 
 Celery's own semantics stay: late acks (the message is acked only after the job's
 outcome is recorded), `Reject(requeue=True)` hands a message back, task events
-for Flower, prefetch bounded by `--concurrency`. Warm shutdown waits for running
+for Flower (a `Retry` raised by the coroutine is Celery's task-retried, `Terminated`
+its task-revoked, any other exception task-failed: worker/outcome.py), prefetch
+bounded by `--concurrency`. Exceptions the task declares in `throws` are logged the
+way Celery's tracer logs them: one line at INFO, no traceback. Warm shutdown waits for running
 jobs and acks them; a killed process leaves its messages unacked and its job
 leases expire (docs/reliability.md).
 
@@ -50,10 +53,10 @@ from time import monotonic
 from typing import Any, NamedTuple
 
 from billiard.einfo import ExceptionInfo
-from celery.app.trace import LOG_FAILURE, LOG_REJECTED, LOG_SUCCESS
+from celery.app.trace import LOG_FAILURE, LOG_REJECTED, LOG_RETRY, LOG_SUCCESS
 from celery.app.trace import logger as trace_logger
 from celery.concurrency.base import BasePool, apply_target
-from celery.exceptions import Reject
+from celery.exceptions import Reject, Retry
 
 log = logging.getLogger("llmq.worker")
 
@@ -112,13 +115,14 @@ class AsyncioPool(BasePool):
         # Celery's trace functions take (task name, task id, request, body, content type, encoding);
         # the request dict already holds the arguments Celery's Request decoded from the body.
         name, task_id, request = (args or ())[:3]
-        start = getattr(self.app.tasks.get(name), "llmq_coroutine", None)
+        task = self.app.tasks.get(name)
+        start = getattr(task, "llmq_coroutine", None)
         if start is None:
             return self._other.submit(apply_target, target, args, kwargs, callback, accept_callback)
         if accept_callback is not None:
             accept_callback(os.getpid(), monotonic())
         loop, coroutine = start(*request["args"], **request["kwargs"])
-        job = Job(self, callback, name, task_id)
+        job = Job(self, callback, name, task_id, tuple(getattr(task, "throws", ())))
         loop.call_soon_threadsafe(job.spawn, loop, coroutine)  # raises if the loop is closed: nothing to wait for
         with self._running_lock:
             self._running += 1
@@ -219,10 +223,14 @@ class AsyncioPool(BasePool):
 class Job:
     """One task's coroutine on the loop; tells the pool when it ends."""
 
-    __slots__ = ("pool", "callback", "name", "task_id", "started", "__weakref__")
+    __slots__ = ("pool", "callback", "name", "task_id", "expected", "started", "__weakref__")
 
-    def __init__(self, pool: AsyncioPool, callback: Callback | None, name: str, task_id: str) -> None:
+    def __init__(
+        self, pool: AsyncioPool, callback: Callback | None, name: str, task_id: str,
+        expected: tuple[type[BaseException], ...] = (),
+    ) -> None:
         self.pool, self.callback, self.name, self.task_id = pool, callback, name, task_id
+        self.expected = expected  # the task's `throws`
         self.started = monotonic()
 
     def spawn(self, loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any]) -> None:
@@ -236,8 +244,13 @@ class Job:
         if error is None:
             outcome: tuple[int, Any, float] = (0, repr(task.result()), runtime)
         else:
-            outcome = (1, ExceptionInfo((type(error), error, error.__traceback__)), runtime)
-        self.pool._finished_job(Finished(self.callback, outcome, self.name, self.task_id, error))
+            info = ExceptionInfo((type(error), error, error.__traceback__))
+            # Bare, as a prefork child's ExceptionInfo arrives unpickled: Celery's task-failed event
+            # shows repr() of it, which for billiard's wrapper is `ExceptionWithTraceback()`.
+            info.exception = error
+            outcome = (1, info, runtime)
+        expected = error is not None and isinstance(error, self.expected)
+        self.pool._finished_job(Finished(self.callback, outcome, self.name, self.task_id, error, expected))
 
 
 class Finished(NamedTuple):
@@ -248,6 +261,8 @@ class Finished(NamedTuple):
     name: str
     task_id: str
     error: BaseException | None
+    #: The error is one the task declares it raises (`throws`): an outcome, not a bug.
+    expected: bool = False
 
     def report(self) -> None:
         """Log it the way Celery's tracer does, then hand Celery its outcome (ack, events, requeue)."""
@@ -258,6 +273,10 @@ class Finished(NamedTuple):
                 trace_logger.info(LOG_SUCCESS, {**fields, "return_value": value, "runtime": runtime})
         elif isinstance(error, Reject):
             trace_logger.info(LOG_REJECTED, {**fields, "exc": error})
+        elif isinstance(error, Retry):
+            trace_logger.info(LOG_RETRY, {**fields, "exc": error})
+        elif self.expected:
+            trace_logger.info(LOG_FAILURE, {**fields, "exc": repr(error), "description": "raised expected"})
         else:
             trace_logger.error(LOG_FAILURE, {**fields, "exc": repr(error), "description": "raised unexpected"},
                                exc_info=(type(error), error, error.__traceback__))

@@ -64,6 +64,9 @@ def run_demo(config: LLMConfig, requests_path: Path, *, flower_port: int | None)
     with running_stack(config, flower_port=flower_port) as stack:
         print(f"\nStack up: redis {redact_url(stack.redis_url)}, {len(stack.processes)} processes"
               + (f", Flower at http://127.0.0.1:{flower_port}" if flower_port else ""))
+        if stack.flower_credentials is not None:
+            login = stack.flower_credentials
+            print(f"  Flower login: user {login.user}, password in {login.source}")
         service = LLMService(config, redis_url=stack.redis_url)
         items = read_batch_file(requests_path, service)
         for model in sorted({item.request.model for item in items}):

@@ -99,14 +99,16 @@ async def _limiter_usage_now(client: aioredis.Redis, config: LLMConfig, name: st
         from llmq.worker.limiter.limiter import RateLimiter
     except ImportError:
         return None
-    return await RateLimiter(client, key_prefix=keys.RATE_LIMIT_PREFIX).snapshot(name, config.provider(name).rate_limits)
+    return await RateLimiter(client).snapshot(name, config.provider(name).rate_limits)
 
 
 def describe_entry(config: LLMConfig, name: str, status: dict[str, Any] | None) -> list[str]:
+    from llmq.worker.limiter.limits import KINDS
+
     entry = config.provider(name)
-    limits = entry.rate_limits
+    paced = (kind for kind in KINDS if kind.mechanism == "bucket" and not kind.per_model)
     limit_text = ", ".join(
-        f"{value} {unit}" for value, unit in ((limits.requests_per_minute, "req/min"), (limits.tokens_per_minute, "tok/min")) if value
+        f"{value} {kind.label}" for kind in paced if (value := kind.value(entry.rate_limits, None))
     )
     lines = [f"models: {', '.join(entry.models) or '(any)'}" + (f"; limits: {limit_text}" if limit_text else "")]
     if status is None or not status["configured"]:
@@ -143,14 +145,16 @@ def describe_check(check: dict[str, Any] | None, now_s: float, name: str) -> str
 
 
 def describe_limits(snapshot: dict[str, Any] | None) -> str:
+    """The provider-wide limits set, as used/limit with each kind's unit (the limiter's KINDS)."""
     if not snapshot:
         return ""
+    from llmq.worker.limiter.limits import KINDS
+
     parts = []
-    for key, unit in (("requests_per_minute", "req/min"), ("tokens_per_minute", "tok/min"), ("max_concurrent", "in flight"),
-                      ("daily_tokens", "tokens today"), ("daily_cost_usd", "USD today")):
-        item = snapshot.get(key) or {}
+    for kind in (kind for kind in KINDS if not kind.per_model):
+        item = snapshot.get(kind.field) or {}
         if item.get("limit"):
-            parts.append(f"{item['used']}/{item['limit']} {unit}")
+            parts.append(f"{item['used']}/{item['limit']} {kind.label}")
     if snapshot.get("paused_for_s"):
         parts.append(f"paused {snapshot['paused_for_s']:.1f}s more")
     return ", ".join(parts)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmq.cli.embedded import RedisServer
+from llmq.cli.flower import FlowerCredentials, flower_command, how_to_reach, local_credentials
 from llmq.cli.output import CommandRegistrar, redact_url
 from llmq.contract.config import HOME_ENV, LLMConfig, llmq_home, load_config
 from llmq.contract.queueing import REDIS_URL_ENV
@@ -37,6 +38,8 @@ class Stack:
     redis_url: str = ""
     processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     commands: dict[str, tuple[list[str], Path]] = field(default_factory=dict)
+    #: Flower's login, for its UI and its API (cli/flower.py); set when Flower runs.
+    flower_credentials: FlowerCredentials | None = None
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -60,14 +63,15 @@ class Stack:
         self._spawn("beat", [sys.executable, "-m", "celery", "-A", "llmq.worker.app", "beat",
                              "--schedule", str(self.home / "beat-schedule"), "--loglevel", "WARNING"], logs)
         if self.flower_port:
-            self._spawn("flower", [sys.executable, "-m", "celery", "-A", "llmq.worker.app", "flower",
-                                   f"--port={self.flower_port}", "--address=127.0.0.1"], logs)
+            self.flower_credentials = local_credentials(self.home)
+            self._spawn("flower", flower_command(self.flower_port), logs)
         return self
 
     def _spawn(self, name: str, command: list[str], logs: Path) -> None:
         self.commands[name] = (command, logs)
         log_file = (logs / f"{name.replace(' ', '-')}.log").open("ab")
-        process = subprocess.Popen(command, env=self.env(), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        env = {**self.env(), **(self.flower_credentials.env() if name == "flower" and self.flower_credentials else {})}
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append((name, process))
 
     def restart_dead(self) -> list[str]:
@@ -133,8 +137,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"llmq is up: redis {redact_url(stack.redis_url)}, data in {stack.home}")
         for name, process in stack.processes:
             print(f"  {name:<24} pid {process.pid}")
-        if not args.no_flower:
-            print(f"  Flower: http://127.0.0.1:{args.flower_port}")
+        if stack.flower_credentials is not None:
+            print("\n".join(how_to_reach(args.flower_port, stack.flower_credentials)))
         print(f"Submit work from another terminal with: LLMQ_REDIS_URL={stack.redis_url} llmq submit FILE.jsonl --wait")
         print("Ctrl-C stops everything.")
         try:

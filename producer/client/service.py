@@ -8,23 +8,22 @@ so a bad request never leaves half a batch in the queue.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel
 
 import redis.asyncio as aioredis
 import redis.exceptions
 from pydantic import ValidationError
 
-from llmq.client.errors import JobFailedError, RequestError
+from llmq.client.errors import JobFailedError, RequestError, describe_validation_error
+from llmq.client.status import read_cache_stats, read_workers_configured
 from llmq.client.streams import read_stream
+from llmq.client.typed import ResponseModels
 from llmq.contract import keys
 from llmq.contract.config import LLMConfig, load_config
 from llmq.contract.jobs import JobStore, NewJob
@@ -43,15 +42,13 @@ from llmq.contract.models import (
 from llmq.contract.queueing import async_redis, make_celery, publish_messages
 from llmq.contract.queueing import redis_url as resolve_redis_url
 from llmq.contract.routing import RoutingError, plan_route
-from llmq.contract.validation import first_error, summarize_problems
+from llmq.contract.validation import summarize_problems
 
 SUBMIT_CHUNK = 500
 #: The first chunk is small, so workers start on a large batch while the rest is being enqueued.
 FIRST_SUBMIT_CHUNK = 50
 #: How long the providers that live workers report configured are trusted (seconds).
 WORKERS_CACHE_S = 5.0
-#: Jobs whose pydantic response_format class this process remembers, to hand `parsed` back typed.
-RESPONSE_MODELS_KEPT = 10_000
 
 RequestInput = LLMRequest | EmbeddingRequest | Mapping[str, Any]
 
@@ -71,8 +68,8 @@ class LLMService:
         self._jobs: JobStore | None = None
         self._workers_configured: frozenset[str] = frozenset()
         self._workers_seen_at = float("-inf")
-        #: job id -> the pydantic class its request gave as response_format (this process only).
-        self._response_models: OrderedDict[str, type[BaseModel]] = OrderedDict()
+        #: The pydantic classes requests gave as response_format, by job id (this process only).
+        self.response_models = ResponseModels()
 
     @property
     def jobs(self) -> JobStore:
@@ -139,7 +136,7 @@ class LLMService:
         """Read a streamed job's chunks after `after_id`: none lost, none repeated, across reconnects.
         Chunks carry `tool_call_deltas`; the final one the whole `tool_calls` and `parsed`."""
         async for chunk in read_stream(self.jobs, job_id, after_id):
-            yield self._typed_response(job_id, chunk) if chunk.metadata.get("final") else chunk
+            yield self.response_models.response(job_id, chunk) if chunk.metadata.get("final") else chunk
 
     async def workers_configured(self) -> frozenset[str]:
         """Providers that live workers hold keys for, read from their heartbeats (cached a few seconds).
@@ -151,15 +148,7 @@ class LLMService:
         now = time.monotonic()
         if now - self._workers_seen_at > WORKERS_CACHE_S:
             self._workers_seen_at = now
-            try:
-                client = self.jobs.redis
-                beat_keys = [key async for key in client.scan_iter(keys.WORKER_PREFIX + "*", count=500)]
-                beats = await client.mget(beat_keys) if beat_keys else []
-                self._workers_configured = frozenset(
-                    name for beat in beats if beat for name in json.loads(beat).get("configured", [])
-                )
-            except redis.exceptions.RedisError:
-                self._workers_configured = frozenset()
+            self._workers_configured = await read_workers_configured(self.jobs.redis)
         return self._workers_configured
 
     def get_available_models(self) -> list[str]:
@@ -171,13 +160,7 @@ class LLMService:
 
     async def cache_stats(self) -> dict[str, dict[str, float]]:
         """Response-cache hits, misses and hit ratio per provider entry (last 7 days)."""
-        stats: dict[str, dict[str, float]] = {}
-        for name in self.config.providers:
-            raw = await self.jobs.redis.hgetall(keys.cache_stats(name))
-            hits, misses = int(raw.get("hits", 0)), int(raw.get("misses", 0))
-            if hits or misses:
-                stats[name] = {"hits": hits, "misses": misses, "hit_ratio": round(hits / (hits + misses), 4)}
-        return stats
+        return await read_cache_stats(self.jobs.redis, self.config)
 
     def get_provider_status(self) -> dict[str, bool]:
         """The ADR's view: configured or not (no I/O); `provider_status()` has the live detail."""
@@ -227,7 +210,7 @@ class LLMService:
         parsed = self.prepare(request)
         new = self._new_job(parsed, job_id or new_id("job"), None, None, deadline_s, cache)
         created = await self._enqueue([new])
-        self._remember_response_model(created[0], parsed)
+        self.response_models.remember(created[0], parsed)
         return created[0]
 
     async def submit_batch(
@@ -256,7 +239,7 @@ class LLMService:
             ]
             await self._enqueue(new)
             for job_id, item in zip(job_ids, chunk):
-                self._remember_response_model(job_id, item.request)
+                self.response_models.remember(job_id, item.request)
             if on_progress:
                 on_progress(len(chunk))
         await self.jobs.expire_batch(batch_id, ttl_s)
@@ -284,26 +267,6 @@ class LLMService:
             raise RequestError("batch refused: it holds no requests")
         return prepared
 
-    def _remember_response_model(self, job_id: str, request: JobRequest) -> None:
-        model_class = getattr(request, "response_model", None)
-        if model_class is not None:
-            self._response_models[job_id] = model_class
-            while len(self._response_models) > RESPONSE_MODELS_KEPT:
-                self._response_models.popitem(last=False)
-
-    def typed(self, record: JobRecord) -> JobRecord:
-        """The record with `result.parsed` as an instance of the pydantic class its request gave
-        (when this process submitted it); the JSON as it came otherwise."""
-        if record.job_id not in self._response_models or not isinstance(record.result, LLMResponse):
-            return record
-        return record.model_copy(update={"result": self._typed_response(record.job_id, record.result)})
-
-    def _typed_response(self, job_id: str, response: LLMResponse) -> LLMResponse:
-        model_class = self._response_models.get(job_id)
-        if model_class is None or not isinstance(response.parsed, (dict, list)):
-            return response
-        return response.model_copy(update={"parsed": model_class.model_validate(response.parsed)})
-
     def _new_job(
         self, request: JobRequest, job_id: str, batch_id: str | None, custom_id: str | None,
         deadline_s: float | None, cache: bool | None = None,
@@ -323,15 +286,14 @@ class LLMService:
         fresh = [job for job, (created, _) in zip(jobs, results) if created]
         if fresh:
             # Each job's watchdog entry in the delayed set stays until a worker claims it.
-            messages = [(job.job_id, 1, keys.queue_name(job.route[0].provider)) for job in fresh]
-            await asyncio.to_thread(publish_messages, self.celery, messages)
+            await asyncio.to_thread(publish_messages, self.celery, [job.first_message() for job in fresh])
         return [job_id for _, job_id in results]
 
     # --- reading ---------------------------------------------------------------------
 
     async def poll(self, job_id: str) -> JobRecord | None:
         record = await self.jobs.get(job_id)
-        return self.typed(record) if record is not None else None
+        return self.response_models.record(record) if record is not None else None
 
     async def batch(self, batch_id: str) -> BatchRecord | None:
         return await self.jobs.batch(batch_id)
@@ -356,7 +318,7 @@ class LLMService:
             if isinstance(record, BatchRecord) and on_progress:
                 on_progress(record)
             if record.done:
-                return self.typed(record) if isinstance(record, JobRecord) else record
+                return self.response_models.record(record) if isinstance(record, JobRecord) else record
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{some_id} not finished after {timeout_s}s (state: {_describe_state(record)})")
             await asyncio.sleep(interval_s)
@@ -368,7 +330,7 @@ class LLMService:
         records: list[JobRecord] = []
         for start in range(0, len(job_ids), SUBMIT_CHUNK):
             found = await self.jobs.get_many(job_ids[start : start + SUBMIT_CHUNK])
-            records += [self.typed(record) for record in found if record is not None]
+            records += [self.response_models.record(record) for record in found if record is not None]
         return records
 
     async def results_by_custom_id(self, batch_id: str) -> dict[str, JobRecord]:
@@ -403,18 +365,6 @@ def _describe_state(record: JobRecord | BatchRecord) -> str:
     if isinstance(record, JobRecord):
         return record.state.value
     return ", ".join(f"{state.value} {count}" for state, count in record.counts.items() if count)
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    error = first_error(exc)
-    message = error.message
-    if error.error_type == "extra_forbidden":
-        # A field of OpenAI's body that llmq has no field for (frequency_penalty, n, ...).
-        message += (
-            "; llmq's request has no such field: remove it, fix its spelling, or pass a provider's own "
-            "parameter under provider_options (docs/requests.md)"
-        )
-    return f"{error.location or 'request'}: {message}{error.more}"
 
 
 class SyncLLMService:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 
@@ -27,6 +28,8 @@ from llmq.contract.models import (
     JobResponse,
     JobState,
 )
+from llmq.contract.labels import TaskLabel
+from llmq.contract.queueing import Message
 from llmq.contract.scripts import read_script
 
 WAITING_STATES = (JobState.QUEUED, JobState.RETRYING, JobState.RATE_LIMITED)
@@ -35,6 +38,10 @@ ACTIVE_STATES = (*WAITING_STATES, JobState.RUNNING)
 PUBLISH_GRACE_MS = 30_000
 #: The same watchdog interval for jobs the promoter publishes (retries, fallbacks, re-runs).
 PROMOTE_IN_FLIGHT_MS = 30_000
+#: promote.lua hands out job_id, dispatch, queue, label, attempt for each message to publish,
+#: and job_id, state, error for each job that ended with no message to tell it.
+PROMOTED_FIELDS = 5
+ENDED_FIELDS = 3
 #: A published job not yet claimed while its queue still holds messages is looked at again this soon.
 PROMOTE_RECHECK_MS = 5_000
 #: After Redis restarted, every published, unclaimed job is looked at again this soon (recheck.lua).
@@ -59,6 +66,13 @@ class NewJob:
     deadline_s: float = 3600.0
     options: dict[str, Any] = field(default_factory=dict)
 
+    @cached_property
+    def label(self) -> TaskLabel:
+        return TaskLabel.for_job(self.request, self.route[0], batch_id=self.batch_id, custom_id=self.custom_id)
+
+    def first_message(self) -> Message:
+        return Message(self.job_id, 1, keys.queue_name(self.route[0].provider), self.label)
+
     def fields(self) -> list[str]:
         values = {
             "job_id": self.job_id,
@@ -69,6 +83,7 @@ class NewJob:
             "batch_id": self.batch_id or "",
             "custom_id": self.custom_id or "",
             "options": json.dumps(self.options),
+            "label": self.label.stored(),
         }
         return [item for pair in values.items() for item in pair]
 
@@ -81,6 +96,20 @@ class Transition:
     #: None when there is no such job (expired, or never created).
     previous_state: JobState | None
     dispatch: int
+
+
+class EndedJob(NamedTuple):
+    """A job that ended while no worker held a message for it: cancelled, or failed by the reaper."""
+
+    job_id: str
+    state: JobState
+    #: Its public error record (the job's `error` field), if it has one.
+    error: dict[str, Any] | None
+
+
+class Promoted(NamedTuple):
+    messages: list[Message]
+    ended: list[EndedJob]
 
 
 @dataclass(frozen=True)
@@ -211,18 +240,29 @@ class JobStore:
 
     async def cancel(self, job_id: str, ttl_s: int) -> bool:
         error = {"type": "JobCancelledError", "message": "cancelled by the caller", "retryable": False}
+        # delay 0: due now in the delayed set, where the promoter finds it and a worker tells Flower (promote.lua).
         done = await self.transition(
             job_id, new_state=JobState.CANCELLED, allowed=ACTIVE_STATES, new_dispatch=True, ttl_s=ttl_s,
-            fields={"error": json.dumps(error)},
+            delay_ms=0, fields={"error": json.dumps(error)},
         )
         return done.moved
 
-    async def promote_due(self, limit: int = 500) -> list[tuple[str, int, str, int]]:
-        flat = await self._promote(keys=[keys.DELAYED], args=[limit, PROMOTE_IN_FLIGHT_MS, keys.JOB_KEY_PREFIX, PROMOTE_RECHECK_MS])
-        return [
-            (flat[index], int(flat[index + 1]), flat[index + 2], int(flat[index + 3]))
-            for index in range(0, len(flat), 4)
-        ]
+    async def promote_due(self, limit: int = 500, *, hand_out_ended: bool = True) -> Promoted:
+        """Jobs that came due: the messages to publish (labelled for Flower with the attempt each
+        starts), and the jobs that ended with no message to tell Flower so (see promote.lua).
+        `hand_out_ended=False` leaves those to a process that can send Celery's events."""
+        messages, ended = await self._promote(
+            keys=[keys.DELAYED],
+            args=[limit, PROMOTE_IN_FLIGHT_MS, keys.JOB_KEY_PREFIX, PROMOTE_RECHECK_MS, int(hand_out_ended)],
+        )
+        return Promoted(
+            [Message(messages[index], int(messages[index + 1]), messages[index + 2],
+                     TaskLabel.from_stored(messages[index + 3], attempt=int(messages[index + 4] or 0) + 1))
+             for index in range(0, len(messages), PROMOTED_FIELDS)],
+            [EndedJob(ended[index], JobState(ended[index + 1]),
+                      json.loads(ended[index + 2]) if ended[index + 2] else None)
+             for index in range(0, len(ended), ENDED_FIELDS)],
+        )
 
     async def recheck_published(self, page: int = 1000) -> int:
         """After a Redis restart: every published job no worker has claimed is looked at within a second.

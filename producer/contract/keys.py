@@ -67,7 +67,7 @@ RESTART_RECHECK_PREFIX = f"{PREFIX}:restart-recheck:"
 WORKER_PREFIX = f"{PREFIX}:worker:"
 #: Hash provider -> JSON health record; and per-provider history lists.
 HEALTH = f"{PREFIX}:health"
-#: Prefix of rate-limit keys (see worker/ratelimit.lua).
+#: Prefix of rate-limit keys (the `rate_limit_*` builders below; worker/limiter/lua/ uses them).
 RATE_LIMIT_PREFIX = f"{PREFIX}:rl"
 #: Prefix of response-cache keys.
 CACHE_PREFIX = f"{PREFIX}:cache"
@@ -144,3 +144,46 @@ def budget_spend(kind: str, name: str) -> str:
 def budget_spend_day(kind: str, name: str, utc_day: int) -> str:
     """Counter (micro-USD) of one caller's or provider entry's spend on one UTC day (days since the epoch)."""
     return f"{budget_spend(kind, name)}:{utc_day}"
+
+
+def rate_limit_scope(provider: str, *, api_key_id: str | None = None, model: str | None = None) -> str:
+    """Base of one scope's rate-limit keys: a provider entry, one of its API keys, a model under either.
+
+    The braces make the provider a Redis Cluster hash tag, so each limiter script touches one slot.
+    """
+    scope = f"{RATE_LIMIT_PREFIX}:{{{provider}}}"
+    if api_key_id is not None:
+        scope = f"{scope}:key:{api_key_id}"
+    if model is not None:
+        scope = f"{scope}:model:{model}"
+    return scope
+
+
+def rate_limit_pause(scope: str) -> str:
+    """String: epoch seconds until which the scope is paused (after a 429, or headers saying a limit is spent)."""
+    return f"{scope}:pause"
+
+
+def rate_limit_leases(scope: str) -> str:
+    """Sorted set lease id -> lease expiry (epoch s): the scope's calls in flight."""
+    return f"{scope}:leases"
+
+
+def rate_limit_daily(provider: str) -> str:
+    """Hash: day (UTC days since the epoch) and one counter per daily quota, provider-wide."""
+    return f"{rate_limit_scope(provider)}:daily"
+
+
+def rate_limit_bucket(scope: str, name: str) -> str:
+    """Hash: one paced bucket (`name`: rpm, tpm) with its line's places and, for tokens, its claim."""
+    return f"{scope}:{name}"
+
+
+def rate_limit_line(bucket: str) -> str:
+    """Sorted set lease id -> position: the callers waiting in line for the bucket `bucket`."""
+    return f"{bucket}:line"
+
+
+def rate_limit_usage(scope: str) -> str:
+    """Hash: the scope's requests and tokens in each of the last 60 one-second slots, for reports."""
+    return f"{scope}:usage"

@@ -33,6 +33,7 @@ from sqlalchemy.engine import make_url
 
 from llmq import LLMRequest
 from llmq.cli.embedded import free_port, redis_server_binary
+from llmq.cli.flower import TASK_COLUMNS
 from llmq.client.service import SyncLLMService
 from llmq.contract import keys
 from llmq.contract.config import load_config
@@ -111,6 +112,7 @@ def test_compose_sets_credentials_on_redis_and_flower(compose: dict[str, Service
     assert redis_command[redis_command.index("--requirepass") + 1] == HOST_ENV["REDIS_PASSWORD"]
     assert "ports" not in compose["redis"].spec and "ports" not in compose["postgres"].spec
     assert f"--basic-auth={HOST_ENV['FLOWER_USER']}:{HOST_ENV['FLOWER_PASSWORD']}" in compose["flower"].command
+    assert f"--tasks_columns={TASK_COLUMNS}" in compose["flower"].command  # the columns `llmq up` shows
     assert compose["flower"].spec["ports"] == ["${FLOWER_BIND:-127.0.0.1}:5555:5555"]  # loopback unless asked
     for name, service in compose.items():
         url = service.environment.get("LLMQ_REDIS_URL")
@@ -368,6 +370,10 @@ def test_the_flower_service_answers_only_with_its_credentials(running: dict[str,
     credentials = (HOST_ENV["FLOWER_USER"], HOST_ENV["FLOWER_PASSWORD"])
     assert httpx.get(url + "/", auth=credentials, timeout=10.0).status_code == 200
     assert httpx.get(url + "/api/workers", auth=(HOST_ENV["FLOWER_USER"], "guess"), timeout=10.0).status_code == 401
+    # Flower's API answers behind the UI's credentials, and only behind them.
+    assert httpx.get(url + "/api/tasks", timeout=10.0).status_code == 401
+    api = httpx.get(url + "/api/tasks", auth=credentials, timeout=10.0)
+    assert api.status_code == 200 and isinstance(api.json(), dict)
     broker = httpx.get(url + "/broker", auth=credentials, timeout=10.0)
     assert broker.status_code == 200 and HOST_ENV["REDIS_PASSWORD"] not in broker.text
 

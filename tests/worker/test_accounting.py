@@ -15,7 +15,7 @@ import pytest
 from llmq.contract.messages import ImageURL
 from llmq.contract.models import EmbeddingRequest, Hop, JobRequest, LLMRequest, Usage
 from llmq.worker.attempt import Attempt
-from llmq.worker.limiter.limiter import estimate_request_tokens
+from llmq.worker.limiter.estimate import estimate_request_tokens
 from llmq.worker.middleware.cache import cache_key
 from llmq.worker.pricing import cost_usd
 from llmq.worker.tokens import UNKNOWN_IMAGE_TOKENS, estimate_tokens, image_tokens

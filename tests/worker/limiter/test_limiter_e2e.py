@@ -20,7 +20,7 @@ import pytest
 
 from llmq import LLMRequest
 from llmq.contract.models import JobState
-from llmq.worker.limiter.limiter import estimate_request_tokens
+from llmq.worker.limiter.estimate import estimate_request_tokens
 from tests.support.fakes.base import RecordedRequest
 from tests.support.fakes.openai import FakeOpenAI
 from tests.support.harness import (
