@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-
 import redis.asyncio as aioredis
 import redis.exceptions
 from pydantic import ValidationError

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 
 from llmq.contract import keys
+from llmq.contract.labels import TaskLabel
 from llmq.contract.models import (
     REQUEST_MODELS,
     RESPONSE_MODELS,
@@ -28,7 +29,6 @@ from llmq.contract.models import (
     JobResponse,
     JobState,
 )
-from llmq.contract.labels import TaskLabel
 from llmq.contract.queueing import Message
 from llmq.contract.scripts import read_script
 

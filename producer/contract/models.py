@@ -11,7 +11,6 @@ caller's process with a message that names the field and the fix.
 from __future__ import annotations
 
 import enum
-import json
 from typing import Any, ClassVar, Literal
 
 from pydantic import (

@@ -44,8 +44,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 import httpx
 
 from llmq.contract.config import ProviderConfig
-from llmq.contract.models import EmbeddingRequest, EmbeddingResponse, LLMRequest, LLMResponse, Usage
 from llmq.contract.messages import ToolCallDelta
+from llmq.contract.models import EmbeddingRequest, EmbeddingResponse, LLMRequest, LLMResponse, Usage
 from llmq.worker import errors
 from llmq.worker.providers.base import LLMProvider, retry_after_seconds
 from llmq.worker.providers.features import ToolCallAssembler
