@@ -7,7 +7,7 @@ import enum
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_METADATA_BYTES = 16 * 1024
 #: provider_options never reach these: the adapter owns the URL, the credentials and the model.
@@ -93,3 +93,23 @@ class Usage(BaseModel):
 
     def keys(self) -> list[str]:
         return list(type(self).model_fields)
+
+
+class RequestChecks(BaseModel):
+    """The checks of the fields every kind of request has (`model`, `metadata`, `provider_options`),
+    written once; each request model declares the fields themselves."""
+
+    @field_validator("model", check_fields=False)
+    @classmethod
+    def _model_not_blank(cls, value: str) -> str:
+        return check_model_name(value)
+
+    @field_validator("metadata", check_fields=False)
+    @classmethod
+    def _metadata_json_and_bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_metadata(value)
+
+    @field_validator("provider_options", check_fields=False)
+    @classmethod
+    def _provider_options_safe(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_provider_options(value) if value else value

@@ -31,7 +31,7 @@ from pydantic import (
     field_validator,
 )
 
-from llmq.contract.common import JobKind, Usage, check_metadata, check_model_name, check_provider_options
+from llmq.contract.common import JobKind, RequestChecks, Usage
 
 #: OpenAI's limits: inputs per request, and characters we let one input carry.
 MAX_INPUTS = 2048
@@ -71,7 +71,7 @@ def _write_vectors(vectors: list[list[float]], info: SerializationInfo) -> Any:
 Vectors = Annotated[list[list[float]], BeforeValidator(_read_vectors), PlainSerializer(_write_vectors)]
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(RequestChecks):
     """Embed one text or many (OpenAI's `/v1/embeddings` body, plus llmq's routing fields)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -105,21 +105,6 @@ class EmbeddingRequest(BaseModel):
             if len(text) > MAX_INPUT_CHARS:
                 raise ValueError(f"input[{index}] has {len(text)} characters; the limit is {MAX_INPUT_CHARS}")
         return value
-
-    @field_validator("model")
-    @classmethod
-    def _model_not_blank(cls, value: str) -> str:
-        return check_model_name(value)
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_json_and_bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_metadata(value)
-
-    @field_validator("provider_options")
-    @classmethod
-    def _provider_options_safe(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_provider_options(value) if value else value
 
     @property
     def texts(self) -> list[str]:

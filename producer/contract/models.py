@@ -25,10 +25,8 @@ from llmq.contract.common import (
     MAX_METADATA_BYTES,
     RESERVED_PROVIDER_OPTIONS,
     JobKind,
+    RequestChecks,
     Usage,
-    check_metadata,
-    check_model_name,
-    check_provider_options,
 )
 from llmq.contract.embeddings import EmbeddingRequest, EmbeddingResponse
 from llmq.contract.messages import (
@@ -57,7 +55,7 @@ MAX_REQUEST_CHARS = 8 * 1024 * 1024
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
 
-class LLMRequest(BaseModel):
+class LLMRequest(RequestChecks):
     """One chat request (ADR-0015's `LLMRequest`, grown by OpenAI's optional fields).
 
     `response_format` also takes a pydantic model class from Python: it is sent as that
@@ -93,21 +91,6 @@ class LLMRequest(BaseModel):
     def _model_class_to_schema(cls, value: Any) -> Any:
         # Runs only when response_format is given: a plain request pays nothing for it.
         return response_format_for_model(value) if isinstance(value, type) and issubclass(value, BaseModel) else value
-
-    @field_validator("model")
-    @classmethod
-    def _model_not_blank(cls, value: str) -> str:
-        return check_model_name(value)
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_json_and_bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_metadata(value)
-
-    @field_validator("provider_options")
-    @classmethod
-    def _provider_options_safe(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_provider_options(value) if value else value
 
     @field_validator("stop")
     @classmethod
