@@ -61,7 +61,8 @@ class TextPart(_Part):
 class ImageURL(_Part):
     #: `https://...`, or `data:image/png;base64,...` (png, jpeg, gif, webp).
     url: str = Field(min_length=1)
-    detail: Literal["auto", "low", "high"] | None = None
+    #: "original" keeps the image's own resolution (OpenAI's newest models).
+    detail: Literal["auto", "low", "high", "original"] | None = None
 
     @field_validator("url")
     @classmethod

@@ -103,8 +103,8 @@ class OpenAIProvider(HTTPProvider[ChatStreamState]):
     #: Chat Completions parameters llmq has no field for, taken from a request's provider_options.
     allowed_provider_options: ClassVar[frozenset[str]] = frozenset({
         "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "user",
-        "service_tier", "reasoning_effort", "verbosity", "parallel_tool_calls", "store", "prediction",
-        "prompt_cache_key", "safety_identifier",
+        "service_tier", "reasoning_effort", "verbosity", "parallel_tool_calls", "store", "metadata", "prediction",
+        "prompt_cache_key", "prompt_cache_retention", "safety_identifier", "web_search_options",
     })
     #: Relative to base_url (httpx appends it to the base path).
     chat_completions_path: ClassVar[str] = "/chat/completions"
