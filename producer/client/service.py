@@ -8,7 +8,6 @@ so a bad request never leaves half a batch in the queue.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 import uuid
@@ -20,14 +19,21 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from pydantic import ValidationError
 
-from llmq.client.errors import JobFailedError, RequestError
+from llmq.client.errors import JobFailedError, RequestError, describe_validation_error
+from llmq.client.status import read_cache_stats, read_workers_configured
 from llmq.client.streams import read_stream
+from llmq.client.typed import ResponseModels
 from llmq.contract import keys
 from llmq.contract.config import LLMConfig, load_config
 from llmq.contract.jobs import CALLER_BUDGET_OPTION, JobStore, NewJob
 from llmq.contract.models import (
+    REQUEST_MODELS,
     BatchRecord,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    JobKind,
     JobRecord,
+    JobRequest,
     JobState,
     LLMRequest,
     LLMResponse,
@@ -35,7 +41,7 @@ from llmq.contract.models import (
 from llmq.contract.queueing import async_redis, make_celery, publish_messages
 from llmq.contract.queueing import redis_url as resolve_redis_url
 from llmq.contract.routing import RoutingError, plan_route
-from llmq.contract.validation import first_error, summarize_problems
+from llmq.contract.validation import summarize_problems
 
 SUBMIT_CHUNK = 500
 #: The first chunk is small, so workers start on a large batch while the rest is being enqueued.
@@ -43,10 +49,12 @@ FIRST_SUBMIT_CHUNK = 50
 #: How long the providers that live workers report configured are trusted (seconds).
 WORKERS_CACHE_S = 5.0
 
+RequestInput = LLMRequest | EmbeddingRequest | Mapping[str, Any]
+
 
 @dataclass
 class BatchItem:
-    request: LLMRequest
+    request: JobRequest
     custom_id: str | None = None
 
 
@@ -65,6 +73,8 @@ class LLMService:
         self._jobs: JobStore | None = None
         self._workers_configured: frozenset[str] = frozenset()
         self._workers_seen_at = float("-inf")
+        #: The pydantic classes requests gave as response_format, by job id (this process only).
+        self.response_models = ResponseModels()
 
     @property
     def jobs(self) -> JobStore:
@@ -82,7 +92,25 @@ class LLMService:
     # --- the ADR's interface ----------------------------------------------------------
 
     async def generate(self, request: LLMRequest | Mapping[str, Any], *, timeout_s: float | None = None) -> LLMResponse:
-        """Submit one request and wait for its answer; raises JobFailedError if it fails."""
+        """Submit one request and wait for its answer; raises JobFailedError if it fails.
+
+        With a pydantic class as `response_format`, the answer's `parsed` is an instance of it.
+        """
+        result = await self._run_to_end(self.prepare(request), timeout_s)
+        assert isinstance(result, LLMResponse)
+        return result
+
+    async def embed(
+        self, input: str | list[str], *, model: str, timeout_s: float | None = None, **fields: Any
+    ) -> EmbeddingResponse:
+        """Embed one text or many (`fields`: dimensions, provider, metadata, provider_options);
+        returns the vectors in input order and the tokens counted."""
+        request = self.prepare({"input": input, "model": model, **fields}, kind=JobKind.EMBEDDING)
+        result = await self._run_to_end(request, timeout_s)
+        assert isinstance(result, EmbeddingResponse)
+        return result
+
+    async def _run_to_end(self, request: JobRequest, timeout_s: float | None) -> LLMResponse | EmbeddingResponse:
         job_id = await self.submit(request)
         job = await self.wait(job_id, timeout_s=timeout_s)
         assert isinstance(job, JobRecord)
@@ -102,6 +130,8 @@ class LLMService:
         """
         await self.workers_configured()
         parsed = self.prepare(request)
+        if not isinstance(parsed, LLMRequest):
+            raise RequestError("request: an embedding job does not stream; use embed() or submit()")
         if not parsed.stream:
             parsed = parsed.model_copy(update={"stream": True})
         job_id = await self.submit(parsed, deadline_s=deadline_s)
@@ -109,9 +139,10 @@ class LLMService:
             yield chunk
 
     async def stream_job(self, job_id: str, after_id: str = "0-0") -> AsyncIterator[LLMResponse]:
-        """Read a streamed job's chunks after `after_id`: none lost, none repeated, across reconnects."""
+        """Read a streamed job's chunks after `after_id`: none lost, none repeated, across reconnects.
+        Chunks carry `tool_call_deltas`; the final one the whole `tool_calls` and `parsed`."""
         async for chunk in read_stream(self.jobs, job_id, after_id):
-            yield chunk
+            yield self.response_models.response(job_id, chunk) if chunk.metadata.get("final") else chunk
 
     async def workers_configured(self) -> frozenset[str]:
         """Providers that live workers hold keys for, read from their heartbeats (cached a few seconds).
@@ -123,15 +154,7 @@ class LLMService:
         now = time.monotonic()
         if now - self._workers_seen_at > WORKERS_CACHE_S:
             self._workers_seen_at = now
-            try:
-                client = self.jobs.redis
-                beat_keys = [key async for key in client.scan_iter(keys.WORKER_PREFIX + "*", count=500)]
-                beats = await client.mget(beat_keys) if beat_keys else []
-                self._workers_configured = frozenset(
-                    name for beat in beats if beat for name in json.loads(beat).get("configured", [])
-                )
-            except redis.exceptions.RedisError:
-                self._workers_configured = frozenset()
+            self._workers_configured = await read_workers_configured(self.jobs.redis)
         return self._workers_configured
 
     def get_available_models(self) -> list[str]:
@@ -143,13 +166,7 @@ class LLMService:
 
     async def cache_stats(self) -> dict[str, dict[str, float]]:
         """Response-cache hits, misses and hit ratio per provider entry (last 7 days)."""
-        stats: dict[str, dict[str, float]] = {}
-        for name in self.config.providers:
-            raw = await self.jobs.redis.hgetall(keys.cache_stats(name))
-            hits, misses = int(raw.get("hits", 0)), int(raw.get("misses", 0))
-            if hits or misses:
-                stats[name] = {"hits": hits, "misses": misses, "hit_ratio": round(hits / (hits + misses), 4)}
-        return stats
+        return await read_cache_stats(self.jobs.redis, self.config)
 
     def get_provider_status(self) -> dict[str, bool]:
         """The ADR's view: configured or not (no I/O); `provider_status()` has the live detail."""
@@ -170,10 +187,15 @@ class LLMService:
 
     # --- submitting ------------------------------------------------------------------
 
-    def prepare(self, request: LLMRequest | Mapping[str, Any], where: str = "request") -> LLMRequest:
-        """Validate a request and its route; raises RequestError naming the field and the fix."""
+    def prepare(self, request: RequestInput, where: str = "request", *, kind: JobKind = JobKind.CHAT) -> JobRequest:
+        """Validate a request and its route; raises RequestError naming the field and the fix.
+
+        A mapping is read as a request of `kind` (a chat unless told otherwise)."""
         try:
-            parsed = request if isinstance(request, LLMRequest) else LLMRequest.model_validate(request)
+            if isinstance(request, (LLMRequest, EmbeddingRequest)):
+                parsed: JobRequest = request
+            else:
+                parsed = REQUEST_MODELS[kind].model_validate(request)
             plan_route(parsed, self.config, self._workers_configured)
         except ValidationError as exc:
             raise RequestError(f"{where}: {describe_validation_error(exc)}") from None
@@ -183,7 +205,7 @@ class LLMService:
 
     async def submit(
         self,
-        request: LLMRequest | Mapping[str, Any],
+        request: RequestInput,
         *,
         job_id: str | None = None,
         deadline_s: float | None = None,
@@ -196,11 +218,12 @@ class LLMService:
         parsed = self.prepare(request)
         new = self._new_job(parsed, job_id or new_id("job"), None, None, deadline_s, cache, caller_daily_usd)
         created = await self._enqueue([new])
+        self.response_models.remember(created[0], parsed)
         return created[0]
 
     async def submit_batch(
         self,
-        items: Iterable[BatchItem | LLMRequest | Mapping[str, Any]],
+        items: Iterable[BatchItem | RequestInput],
         *,
         batch_id: str | None = None,
         deadline_s: float | None = None,
@@ -224,12 +247,14 @@ class LLMService:
                 for job_id, item in zip(job_ids, chunk)
             ]
             await self._enqueue(new)
+            for job_id, item in zip(job_ids, chunk):
+                self.response_models.remember(job_id, item.request)
             if on_progress:
                 on_progress(len(chunk))
         await self.jobs.expire_batch(batch_id, ttl_s)
         return batch_id
 
-    def _prepare_batch(self, items: Iterable[BatchItem | LLMRequest | Mapping[str, Any]]) -> list[BatchItem]:
+    def _prepare_batch(self, items: Iterable[BatchItem | RequestInput]) -> list[BatchItem]:
         prepared: list[BatchItem] = []
         problems: list[tuple[str, str]] = []
         seen: dict[str, int] = {}
@@ -252,7 +277,7 @@ class LLMService:
         return prepared
 
     def _new_job(
-        self, request: LLMRequest, job_id: str, batch_id: str | None, custom_id: str | None,
+        self, request: JobRequest, job_id: str, batch_id: str | None, custom_id: str | None,
         deadline_s: float | None, cache: bool | None = None, caller_daily_usd: float | None = None,
     ) -> NewJob:
         if deadline_s is not None and deadline_s <= 0:
@@ -279,7 +304,8 @@ class LLMService:
     # --- reading ---------------------------------------------------------------------
 
     async def poll(self, job_id: str) -> JobRecord | None:
-        return await self.jobs.get(job_id)
+        record = await self.jobs.get(job_id)
+        return self.response_models.record(record) if record is not None else None
 
     async def batch(self, batch_id: str) -> BatchRecord | None:
         return await self.jobs.batch(batch_id)
@@ -304,7 +330,7 @@ class LLMService:
             if isinstance(record, BatchRecord) and on_progress:
                 on_progress(record)
             if record.done:
-                return record
+                return self.response_models.record(record) if isinstance(record, JobRecord) else record
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{some_id} not finished after {timeout_s}s (state: {_describe_state(record)})")
             await asyncio.sleep(interval_s)
@@ -316,7 +342,7 @@ class LLMService:
         records: list[JobRecord] = []
         for start in range(0, len(job_ids), SUBMIT_CHUNK):
             found = await self.jobs.get_many(job_ids[start : start + SUBMIT_CHUNK])
-            records += [record for record in found if record is not None]
+            records += [self.response_models.record(record) for record in found if record is not None]
         return records
 
     async def results_by_custom_id(self, batch_id: str) -> dict[str, JobRecord]:
@@ -351,11 +377,6 @@ def _describe_state(record: JobRecord | BatchRecord) -> str:
     if isinstance(record, JobRecord):
         return record.state.value
     return ", ".join(f"{state.value} {count}" for state, count in record.counts.items() if count)
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    error = first_error(exc)
-    return f"{error.location or 'request'}: {error.message}{error.more}"
 
 
 class SyncLLMService:

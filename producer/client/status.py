@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from llmq.contract import keys
 from llmq.contract.config import LLMConfig
@@ -99,3 +100,24 @@ def _circuit(fields: dict[str, str], cooldown_s: float, now_s: float) -> dict[st
 
 def _seconds(epoch_ms: str | None) -> float | None:
     return int(epoch_ms) / 1000.0 if epoch_ms else None
+
+
+async def read_workers_configured(client: aioredis.Redis) -> frozenset[str]:
+    """Providers that live workers hold keys for, read from their heartbeats; none when Redis is away."""
+    try:
+        beat_keys = [key async for key in client.scan_iter(keys.WORKER_PREFIX + "*", count=500)]
+        beats = await client.mget(beat_keys) if beat_keys else []
+    except redis.exceptions.RedisError:
+        return frozenset()
+    return frozenset(name for beat in beats if beat for name in json.loads(beat).get("configured", []))
+
+
+async def read_cache_stats(client: aioredis.Redis, config: LLMConfig) -> dict[str, dict[str, float]]:
+    """Response-cache hits, misses and hit ratio per provider entry (last 7 days)."""
+    stats: dict[str, dict[str, float]] = {}
+    for name in config.providers:
+        raw = await client.hgetall(keys.cache_stats(name))
+        hits, misses = int(raw.get("hits", 0)), int(raw.get("misses", 0))
+        if hits or misses:
+            stats[name] = {"hits": hits, "misses": misses, "hit_ratio": round(hits / (hits + misses), 4)}
+    return stats
