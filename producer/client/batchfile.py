@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llmq.client.service import BatchItem, LLMService, RequestError
+from llmq.contract.models import MAX_METADATA_DEPTH, id_problem
 
 #: A line longer than this is refused rather than read into memory whole.
 MAX_LINE_BYTES = 8 * 1024 * 1024
@@ -52,6 +53,10 @@ def _parse_line(raw: bytes, where: str, service: LLMService, seen: dict[str, int
         line: Any = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(f"{where}: not valid JSON ({exc})") from None
+    except RecursionError:
+        # Python's parser gives up near a thousand levels; a request never needs more than a few.
+        raise RequestError(f"{where}: JSON nested too deeply to read (metadata may nest {MAX_METADATA_DEPTH} "
+                           "levels); flatten it") from None
     if not isinstance(line, dict):
         raise RequestError(f"{where}: must be a JSON object with custom_id and body")
     unknown = sorted(set(line) - {"custom_id", "body"})
@@ -60,10 +65,9 @@ def _parse_line(raw: bytes, where: str, service: LLMService, seen: dict[str, int
     custom_id = line.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id.strip() or len(custom_id) > 256:
         raise RequestError(f"{where}: custom_id must be a non-empty string of at most 256 characters")
-    try:
-        custom_id.encode("utf-8")
-    except UnicodeEncodeError:
-        raise RequestError(f"{where}: custom_id must be valid Unicode text (it holds a lone surrogate)") from None
+    problem = id_problem(custom_id)
+    if problem:
+        raise RequestError(f"{where}: custom_id {problem}")
     if custom_id in seen:
         raise RequestError(f"{where}: custom_id {custom_id!r} repeats line {seen[custom_id]}; give each line its own")
     body = line.get("body")

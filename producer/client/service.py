@@ -3,12 +3,15 @@
 Everything is checked before anything is enqueued: the request (pydantic), its
 route (a configured provider must serve the model), and for batches every line,
 so a bad request never leaves half a batch in the queue.
+
+Two Redis clients: `jobs` retries through a Redis restart (~30 s) for writes and
+reads; `poller` fails fast, for waits and interactive checks, which decide
+themselves how long to keep trying and say why they wait (client/waiting.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 import uuid
@@ -19,9 +22,12 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 from pydantic import ValidationError
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 
-from llmq.client.errors import JobFailedError, RequestError
+from llmq.client.errors import JobFailedError, NoLiveWorkerError, RedisUnreachableError, RequestError
 from llmq.client.streams import read_stream
+from llmq.client.waiting import REDIS_AWAY, Unavailable, WaitNotice, WaitWatch, no_worker_text, read_heartbeats, served_queues
 from llmq.contract import keys
 from llmq.contract.config import LLMConfig, load_config
 from llmq.contract.jobs import JobStore, NewJob
@@ -31,8 +37,16 @@ from llmq.contract.models import (
     JobState,
     LLMRequest,
     LLMResponse,
+    id_problem,
 )
-from llmq.contract.queueing import async_redis, make_celery, publish_messages
+from llmq.contract.queueing import (
+    REDIS_URL_ENV,
+    async_redis,
+    make_celery,
+    publish_messages,
+    redact_url,
+    redis_url_source,
+)
 from llmq.contract.queueing import redis_url as resolve_redis_url
 from llmq.contract.routing import RoutingError, plan_route
 
@@ -41,6 +55,10 @@ SUBMIT_CHUNK = 500
 FIRST_SUBMIT_CHUNK = 50
 #: How long the providers that live workers report configured are trusted (seconds).
 WORKERS_CACHE_S = 5.0
+#: The fail-fast client's read timeout: above a stream read's block (client/streams.py BLOCK_MS).
+POLL_SOCKET_TIMEOUT_S = 5.0
+
+Notify = Callable[[WaitNotice | None], None]
 
 
 @dataclass
@@ -53,9 +71,11 @@ class LLMService:
     def __init__(self, config: LLMConfig | str | None = None, *, redis_url: str | None = None) -> None:
         self.config = config if isinstance(config, LLMConfig) else load_config(config)
         self.redis_url = resolve_redis_url(redis_url)
+        self._redis_url_source = redis_url_source(redis_url)
         self.celery = make_celery(self.config, self.redis_url, name="llmq-producer")
         self._redis: aioredis.Redis | None = None
         self._jobs: JobStore | None = None
+        self._poller: JobStore | None = None
         self._workers_configured: frozenset[str] = frozenset()
         self._workers_seen_at = float("-inf")
 
@@ -66,10 +86,55 @@ class LLMService:
             self._jobs = JobStore(self._redis)
         return self._jobs
 
+    @property
+    def poller(self) -> JobStore:
+        """Job records through a client that never retries and times out in seconds."""
+        if self._poller is None:
+            timeout_s = self.config.service.client.connect_timeout_s
+            client = aioredis.from_url(
+                self.redis_url, decode_responses=True, retry=AsyncRetry(NoBackoff(), 0),
+                socket_connect_timeout=timeout_s, socket_timeout=max(POLL_SOCKET_TIMEOUT_S, timeout_s),
+            )
+            self._poller = JobStore(client)
+        return self._poller
+
     async def aclose(self) -> None:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis, self._jobs = None, None
+        if self._poller is not None:
+            await self._poller.redis.aclose()
+            self._poller = None
+
+    async def ping(self) -> None:
+        """Check that Redis answers within `client.connect_timeout_s`; RedisUnreachableError says it does not.
+
+        Interactive commands call this first, so a missing Redis is reported in seconds,
+        not after the ~30 s the job client spends riding through a restart.
+        """
+        timeout_s = self.config.service.client.connect_timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                await asyncio.wait_for(self.poller.redis.ping(), timeout_s)
+                return
+            except (*REDIS_AWAY, asyncio.TimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise RedisUnreachableError(
+                        f"cannot reach Redis at {redact_url(self.redis_url)} ({self._redis_url_source}) within "
+                        f"{timeout_s:g} s ({type(exc).__name__}: {exc}); start the stack with `llmq up`, "
+                        f"or point {REDIS_URL_ENV} at a running Redis"
+                    ) from None
+                await asyncio.sleep(0.1)
+
+    async def require_live_worker(self, request: LLMRequest | Mapping[str, Any]) -> None:
+        """Raise NoLiveWorkerError when no live worker consumes a queue of any hop of the request's route."""
+        await self.workers_configured()
+        parsed = self.prepare(request)
+        queues = list(dict.fromkeys(keys.queue_name(hop.provider)
+                                    for hop in plan_route(parsed, self.config, self._workers_configured)))
+        if not set(queues) & await served_queues(self.poller.redis):
+            raise NoLiveWorkerError(no_worker_text(queues, what="serves any hop of this route:"), queues)
 
     # --- the ADR's interface ----------------------------------------------------------
 
@@ -83,7 +148,8 @@ class LLMService:
         return job.result
 
     async def stream_generate(
-        self, request: LLMRequest | Mapping[str, Any], *, deadline_s: float | None = None
+        self, request: LLMRequest | Mapping[str, Any], *, deadline_s: float | None = None,
+        on_notice: Notify | None = None,
     ) -> AsyncIterator[LLMResponse]:
         """Submit a request and yield its chunks as the worker receives them from the provider.
 
@@ -97,12 +163,20 @@ class LLMService:
         if not parsed.stream:
             parsed = parsed.model_copy(update={"stream": True})
         job_id = await self.submit(parsed, deadline_s=deadline_s)
-        async for chunk in self.stream_job(job_id):
+        async for chunk in self.stream_job(job_id, on_notice=on_notice):
             yield chunk
 
-    async def stream_job(self, job_id: str, after_id: str = "0-0") -> AsyncIterator[LLMResponse]:
-        """Read a streamed job's chunks after `after_id`: none lost, none repeated, across reconnects."""
-        async for chunk in read_stream(self.jobs, job_id, after_id):
+    async def stream_job(
+        self, job_id: str, after_id: str = "0-0", *, on_notice: Notify | None = None
+    ) -> AsyncIterator[LLMResponse]:
+        """Read a streamed job's chunks after `after_id`: none lost, none repeated, across reconnects.
+
+        While Redis is away `on_notice` hears it (see `wait`); past `client.redis_unreachable_s`
+        the read ends with RedisUnreachableError.
+        """
+        give_up_s = self.config.service.client.redis_unreachable_s
+        watch = WaitWatch(self.poller, job_id, give_up_s=give_up_s, on_notice=on_notice)
+        async for chunk in read_stream(self.poller, job_id, after_id, watch=watch):
             yield chunk
 
     async def workers_configured(self) -> frozenset[str]:
@@ -116,12 +190,8 @@ class LLMService:
         if now - self._workers_seen_at > WORKERS_CACHE_S:
             self._workers_seen_at = now
             try:
-                client = self.jobs.redis
-                beat_keys = [key async for key in client.scan_iter(keys.WORKER_PREFIX + "*", count=500)]
-                beats = await client.mget(beat_keys) if beat_keys else []
-                self._workers_configured = frozenset(
-                    name for beat in beats if beat for name in json.loads(beat).get("configured", [])
-                )
+                beats = await read_heartbeats(self.jobs.redis)
+                self._workers_configured = frozenset(name for beat in beats for name in beat.get("configured", []))
             except redis.exceptions.RedisError:
                 self._workers_configured = frozenset()
         return self._workers_configured
@@ -182,6 +252,7 @@ class LLMService:
         cache: bool | None = None,
     ) -> str:
         """Enqueue one request; returns its job id. `cache` overrides the provider's cache setting."""
+        _check_id("job_id", job_id)
         await self.workers_configured()
         parsed = self.prepare(request)
         new = self._new_job(parsed, job_id or new_id("job"), None, None, deadline_s, cache)
@@ -198,6 +269,7 @@ class LLMService:
         on_progress: Callable[[int], None] | None = None,
     ) -> str:
         """Validate every item first, then create and publish in pipelined chunks."""
+        _check_id("batch_id", batch_id)
         batch_id = batch_id or new_id("batch")
         await self.workers_configured()
         prepared = self._prepare_batch(items)
@@ -225,6 +297,10 @@ class LLMService:
         for index, item in enumerate(items):
             item = item if isinstance(item, BatchItem) else BatchItem(item)  # type: ignore[arg-type]
             where = f"item {index + 1}" + (f" (custom_id {item.custom_id!r})" if item.custom_id else "")
+            problem = id_problem(item.custom_id) if isinstance(item.custom_id, str) else None
+            if problem:
+                problems.append((where, f"custom_id {problem}"))
+                continue
             if item.custom_id is not None and item.custom_id in seen:
                 problems.append((where, f"custom_id repeats item {seen[item.custom_id] + 1}; give each request its own"))
                 continue
@@ -278,24 +354,37 @@ class LLMService:
         return await self.jobs.batch(some_id) or await self.jobs.get(some_id)
 
     async def wait(
-        self, some_id: str, *, timeout_s: float | None = None, on_progress: Callable[[BatchRecord], None] | None = None
+        self, some_id: str, *, timeout_s: float | None = None, on_progress: Callable[[BatchRecord], None] | None = None,
+        on_notice: Notify | None = None,
     ) -> JobRecord | BatchRecord:
+        """Poll a job or batch until it is done; `on_progress` gets each batch record.
+
+        A wait never hangs silently: `on_notice` hears why it is not moving, when that
+        changes (a `WaitNotice`: Redis unreachable, or no live worker on a queue its jobs
+        wait in), and None once the reason is gone. After `client.redis_unreachable_s`
+        without Redis it raises RedisUnreachableError, which says how to resume;
+        after `timeout_s` it raises TimeoutError.
+        """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        give_up_s = self.config.service.client.redis_unreachable_s
+        watch = WaitWatch(self.poller, some_id, give_up_s=give_up_s, on_notice=on_notice)
         interval_s = 0.02
         while True:
             try:
-                record = await self.status(some_id)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                await asyncio.sleep(interval_s)  # Redis restarting: keep waiting (the client retries too)
-                continue
-            if record is None:
-                raise KeyError(f"no job or batch with id {some_id!r} (it may have expired from Redis)")
-            if isinstance(record, BatchRecord) and on_progress:
-                on_progress(record)
-            if record.done:
-                return record
+                record = await watch.poll(some_id)
+            except Unavailable:
+                record, interval_s = None, 0.5
+            else:
+                if record is None:
+                    raise KeyError(f"no job or batch with id {some_id!r} (it may have expired from Redis)")
+                if isinstance(record, BatchRecord) and on_progress:
+                    on_progress(record)
+                if record.done:
+                    return record
+                await watch.check_workers(record)
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{some_id} not finished after {timeout_s}s (state: {_describe_state(record)})")
+                state = _describe_state(record) if record is not None else "Redis unreachable"
+                raise TimeoutError(f"{some_id} not finished after {timeout_s}s (state: {state})")
             await asyncio.sleep(interval_s)
             interval_s = min(0.5, interval_s * 1.5)
 
@@ -323,6 +412,12 @@ class LLMService:
                 cancelled += sum(await asyncio.gather(*(self.jobs.cancel(job_id, ttl_s) for job_id in chunk)))
             return cancelled
         return int(await self.jobs.cancel(some_id, ttl_s))
+
+
+def _check_id(field: str, value: str | None) -> None:
+    problem = id_problem(value) if isinstance(value, str) else None
+    if problem:
+        raise RequestError(f"{field}: {problem}")
 
 
 def new_id(kind: str) -> str:

@@ -1,8 +1,8 @@
-"""The live status of each provider entry, read from the shared keyspace.
+"""The live status of each provider entry, and of the ledger's outbox, read from the shared keyspace.
 
 Workers write it (worker/circuit.lua for the circuit breaker and the last error,
-worker/health.py for health checks); this module only reads, so the producer
-never imports worker code. Times are epoch seconds.
+worker/health.py for health checks, worker/store/outbox.py for the outbox); this
+module only reads, so the producer never imports worker code. Times are epoch seconds.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from llmq.client.waiting import read_heartbeats
 from llmq.contract import keys
 from llmq.contract.config import LLMConfig
 
@@ -40,12 +41,7 @@ async def read_provider_status(client: aioredis.Redis, config: LLMConfig, recent
 
 async def workers_configured(client: aioredis.Redis) -> frozenset[str]:
     """Providers that live workers hold keys for (their heartbeats say), which this process may not."""
-    names: set[str] = set()
-    async for key in client.scan_iter(keys.WORKER_PREFIX + "*", count=500):
-        beat = await client.get(key)
-        if beat:
-            names.update(json.loads(beat).get("configured", []))
-    return frozenset(names)
+    return frozenset(name for beat in await read_heartbeats(client) for name in beat.get("configured", []))
 
 
 def _provider_status(
@@ -97,3 +93,14 @@ def _circuit(fields: dict[str, str], cooldown_s: float, now_s: float) -> dict[st
 
 def _seconds(epoch_ms: str | None) -> float | None:
     return int(epoch_ms) / 1000.0 if epoch_ms else None
+
+
+async def ledger_backlog(client: aioredis.Redis) -> dict[str, int]:
+    """The SQL ledger as the outbox sees it: `outbox` rows waiting for SQL, `needs_attention`
+    (rows the ledger refused, in the dead-letter list) and `quarantined_total` (refused so far)."""
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.llen(keys.OUTBOX)
+        pipe.llen(keys.OUTBOX_DEAD)
+        pipe.get(keys.OUTBOX_QUARANTINED)
+        outbox, dead, total = await pipe.execute()
+    return {"outbox": int(outbox), "needs_attention": int(dead), "quarantined_total": int(total or 0)}

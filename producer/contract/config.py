@@ -196,6 +196,16 @@ class BudgetSettings(_Strict):
         return bool(self.per_caller_daily_usd or self.per_provider_daily_usd)
 
 
+class ClientSettings(_Strict):
+    """How callers (`LLMService`, the `llmq` command) wait on Redis."""
+
+    #: A wait already under way gives up when Redis has been unreachable this long (seconds);
+    #: the jobs are not lost, and `llmq results ID` reads them once Redis is back.
+    redis_unreachable_s: float = Field(default=120.0, gt=0)
+    #: An interactive command (chat, submit, status, ...) says Redis cannot be reached after this long.
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+
+
 class ServiceConfig(_Strict):
     default_provider: str | None = None
     fallback_chain: list[str] = Field(default_factory=list)
@@ -205,6 +215,7 @@ class ServiceConfig(_Strict):
     jobs: JobSettings = Field(default_factory=JobSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
+    client: ClientSettings = Field(default_factory=ClientSettings)
     providers: dict[str, ProviderConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -1,0 +1,164 @@
+"""What a wait says while it waits, and when it stops waiting for Redis.
+
+A wait polls Redis through a client that fails fast, so it can tell the caller
+why nothing moves instead of hanging silently:
+
+- Redis does not answer: `Redis unreachable for 12 s, retrying`, and after
+  `client.redis_unreachable_s` of that, `RedisUnreachableError` naming how to
+  resume (`llmq results ID` once Redis is back: the jobs are not lost);
+- jobs wait on a queue that no live worker consumes (workers' heartbeats,
+  `keys.WORKER_PREFIX`): `no live worker on llm.x`, with how to start one.
+
+Each reason is a `WaitNotice`; the caller hears it when it changes, and None
+when it is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from llmq.client.errors import RedisUnreachableError
+from llmq.contract import keys
+from llmq.contract.jobs import WAITING_STATES, JobStore
+from llmq.contract.models import BatchRecord, JobRecord
+
+#: Errors that mean Redis is away (down, restarting, or a dropped link), not a bad request.
+REDIS_AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+#: How often a wait looks at the workers' heartbeats.
+WORKER_CHECK_S = 5.0
+#: A batch's jobs looked at per worker check (a window that moves along larger batches).
+JOBS_PER_CHECK = 1000
+
+NoticeKind = Literal["redis_unreachable", "no_live_worker"]
+
+
+@dataclass(frozen=True)
+class WaitNotice:
+    kind: NoticeKind
+    text: str
+
+
+def no_worker_text(queues: Iterable[str], *, what: str = "on") -> str:
+    """The one message for queues no live worker consumes, with how to start one."""
+    queues = list(queues)
+    names = ",".join(queue.removeprefix(keys.QUEUE_PREFIX) for queue in queues)
+    return (f"no live worker {what} {', '.join(queues)}; start one with `llmq worker --queues {names}`, "
+            "or the whole stack with `llmq up`")
+
+
+async def read_heartbeats(client: aioredis.Redis) -> list[dict[str, Any]]:
+    """Every live worker's heartbeat: pid, running, queues, configured (see worker/runtime.py)."""
+    beat_keys = [key async for key in client.scan_iter(keys.WORKER_PREFIX + "*", count=500)]
+    beats = await client.mget(beat_keys) if beat_keys else []
+    return [json.loads(beat) for beat in beats if beat]
+
+
+async def served_queues(client: aioredis.Redis) -> set[str]:
+    """Queues at least one live worker consumes."""
+    return {str(queue) for beat in await read_heartbeats(client) for queue in beat.get("queues", [])}
+
+
+class Outage:
+    """How long Redis has not answered during a wait; past `give_up_s`, the wait ends."""
+
+    def __init__(self, some_id: str, give_up_s: float) -> None:
+        self.some_id = some_id
+        self.give_up_s = give_up_s
+        self.since: float | None = None
+
+    def failed(self, exc: BaseException) -> WaitNotice:
+        """A poll that found no Redis: the notice to show, or RedisUnreachableError past the bound."""
+        now = time.monotonic()
+        self.since = self.since if self.since is not None else now
+        away_s = now - self.since
+        if away_s >= self.give_up_s:
+            raise RedisUnreachableError(
+                f"Redis unreachable for {away_s:.0f} s while waiting for {self.some_id} ({type(exc).__name__}); "
+                f"gave up waiting, but its jobs are not lost: once Redis is back, run `llmq results {self.some_id}`"
+            ) from None
+        return WaitNotice("redis_unreachable", f"Redis unreachable for {away_s:.0f} s, retrying")
+
+    def answered(self) -> float | None:
+        """Redis answered: how long it had been away (None when it had not)."""
+        away_s = None if self.since is None else time.monotonic() - self.since
+        self.since = None
+        return away_s
+
+
+class WaitWatch:
+    """One wait's poller: records through a fail-fast client, notices when the reason to wait changes."""
+
+    def __init__(
+        self, jobs: JobStore, some_id: str, *, give_up_s: float,
+        on_notice: Callable[[WaitNotice | None], None] | None = None,
+    ) -> None:
+        self.jobs = jobs
+        self.outage = Outage(some_id, give_up_s)
+        self.on_notice = on_notice
+        self.notice: WaitNotice | None = None
+        self.worker_notice: WaitNotice | None = None
+        self._checked_workers_at = float("-inf")
+        self._window = 0
+
+    async def poll(self, some_id: str) -> JobRecord | BatchRecord | None:
+        """The record (None if Redis has no such id); raises `Unavailable` while Redis is away."""
+        try:
+            record = await self.jobs.batch(some_id) or await self.jobs.get(some_id)
+        except REDIS_AWAY as exc:
+            self.away(exc)
+            raise Unavailable from exc
+        self.back()
+        return record
+
+    def away(self, exc: BaseException) -> None:
+        """A read found Redis away: say so (RedisUnreachableError once it has been away too long)."""
+        self._tell(self.outage.failed(exc))
+
+    def back(self) -> None:
+        """A read got an answer: an outage, if there was one, is over."""
+        if self.outage.answered() is not None:
+            self._tell(self.worker_notice)
+
+    async def check_workers(self, record: JobRecord | BatchRecord) -> None:
+        """Every `WORKER_CHECK_S`: do the queues its jobs wait in have a live worker?"""
+        if time.monotonic() - self._checked_workers_at < WORKER_CHECK_S:
+            return
+        self._checked_workers_at = time.monotonic()
+        try:
+            waiting = await self._waiting_queues(record)
+            missing = sorted(waiting - await served_queues(self.jobs.redis)) if waiting else []
+        except REDIS_AWAY:
+            return  # the next poll reports the outage
+        self.worker_notice = WaitNotice("no_live_worker", no_worker_text(missing)) if missing else None
+        self._tell(self.worker_notice)
+
+    async def _waiting_queues(self, record: JobRecord | BatchRecord) -> set[str]:
+        if isinstance(record, JobRecord):
+            if record.state.value not in WAITING_STATES:
+                return set()
+            return {keys.queue_name(record.route[record.route_index].provider)}
+        start = self._window
+        job_ids = await self.jobs.redis.lrange(keys.batch_jobs(record.batch_id), start, start + JOBS_PER_CHECK - 1)
+        self._window = start + JOBS_PER_CHECK if len(job_ids) == JOBS_PER_CHECK else 0
+        async with self.jobs.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(keys.job(job_id), "state", "queue")
+            replies = await pipe.execute()
+        return {queue for state, queue in replies if state in WAITING_STATES and queue}
+
+    def _tell(self, notice: WaitNotice | None) -> None:
+        if notice != self.notice:
+            self.notice = notice
+            if self.on_notice is not None:
+                self.on_notice(notice)
+
+
+class Unavailable(Exception):
+    """A poll found Redis away (already told to the caller); the wait polls again."""
