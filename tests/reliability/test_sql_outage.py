@@ -25,7 +25,8 @@ from llmq.worker.store.ledger import Store
 from tests.support.fakes.openai import FakeOpenAI
 from tests.support.harness import Cluster, openai_entry, service_config, start_cluster
 from tests.support.pg import PostgresServer, postgres_or_skip
-from tests.reliability.support import Figures, assert_ledger_matches, client, wait_until
+from tests.reliability.support import Figures, client, wait_until
+from tests.reliability.support import ledger_complete as support_ledger_complete
 
 pytestmark = pytest.mark.slow
 
@@ -58,16 +59,7 @@ def outbox_rows(cluster: Cluster) -> int:
 
 def ledger_complete(cluster: Cluster, records: list) -> bool:
     """True once the workers' flusher has brought every row to SQL (checked without flushing)."""
-    if outbox_rows(cluster):
-        return False
-    store = Store(cluster.database_url)
-    try:
-        assert_ledger_matches(store, records)
-    except AssertionError:
-        return False
-    finally:
-        store.close()
-    return True
+    return support_ledger_complete(cluster.redis_url, cluster.database_url, records)
 
 
 # --- PostgreSQL stopped ----------------------------------------------------------------
