@@ -21,7 +21,7 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from tests.support.fakes.base import (
@@ -151,7 +151,10 @@ _TGI_ERRORS: dict[int, dict[str, Any]] = {
 
 class FakeOpenAI(FakeProviderServer):
     """OpenAI-family fake. Knobs beyond the base: `cached_tokens`, `reasoning_tokens`,
-    `finish_reason` (forces one, e.g. "content_filter"), `models`, `deployments`."""
+    `finish_reason` (forces one, e.g. "content_filter"), `models`, `deployments`, and
+    `answer`: the reply's text from the last message's content instead of the usual
+    fake text (e.g. `json.loads`, so a prompt can ask for any reply, lone surrogates,
+    NUL and megabytes included; the reply goes out JSON-escaped, as a provider's does)."""
 
     name = "openai"
 
@@ -174,6 +177,7 @@ class FakeOpenAI(FakeProviderServer):
         self.cached_tokens = 0
         self.reasoning_tokens = 0
         self.finish_reason: str | None = None
+        self.answer: Callable[[str], str] | None = None
         #: Azure deployments that exist; empty means every name exists.
         self.deployments: set[str] = set()
 
@@ -258,7 +262,7 @@ class FakeOpenAI(FakeProviderServer):
         body = request.body or {}
         messages = body.get("messages") or [{"content": ""}]
         prompt = str(messages[-1].get("content", ""))
-        text = fake_reply_text(prompt, self._dialect(request))
+        text = self.answer(prompt) if self.answer is not None else fake_reply_text(prompt, self._dialect(request))
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         finish = "stop"
         if limit is not None and count_words(text) > int(limit):
