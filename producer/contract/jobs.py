@@ -23,6 +23,7 @@ from llmq.contract.models import (
     JobState,
     LLMRequest,
     LLMResponse,
+    replace_lone_surrogates,
 )
 from llmq.contract.scripts import read_script
 
@@ -190,7 +191,7 @@ class JobStore:
             args=[
                 "" if expected_dispatch is None else str(expected_dispatch), ",".join(allowed), new_state,
                 delay_ms, "1" if new_dispatch else "0", ttl_s,
-                json.dumps(attempt) if attempt else "", json.dumps(rows) if rows else "", *flat,
+                _lua_json(attempt) if attempt else "", _lua_json(rows) if rows else "", *flat,
             ],
         )
         return bool(int(moved)), str(state), int(dispatch)
@@ -241,6 +242,12 @@ class JobStore:
         if job_ids:
             expiry = await self.now_ms() + lease_ms
             await self.redis.zadd(keys.LEASES, {job_id: expiry for job_id in job_ids}, xx=True)
+
+
+def _lua_json(value: Any) -> str:
+    """JSON for a script that decodes it: Redis's cjson refuses a lone surrogate's escape, and a
+    provider's error message may hold one, which would leave the job unable to move."""
+    return json.dumps(replace_lone_surrogates(value))
 
 
 def parse_job(raw: dict[str, str], attempts: list[str]) -> JobRecord | None:

@@ -448,3 +448,17 @@ def test_hostile_text_is_stored_faithfully_in_redis_and_the_ledger(
             assert (row["custom_id"], row["content"], row["metadata"], row["caller"]) == (
                 item.custom_id, record.result.content, item.request.metadata, item.request.metadata["caller"])
         assert store.quarantined_count() == 0
+
+
+def test_a_provider_error_holding_a_lone_surrogate_is_recorded_and_the_job_goes_on(
+    hostile_cluster: Cluster, echoing_fake: FakeOpenAI
+) -> None:
+    # Redis's Lua JSON decoder refuses "\ud800": recorded as it was, the attempt would never be.
+    echoing_fake.fail_next(500, body={"error": {"message": "upstream \ud800 broke", "type": "server_error"}})
+    with hostile_cluster.service() as service:
+        record = service.wait(service.submit(small(json.dumps("fine"), max_tokens=16)), timeout_s=60)
+    assert record.state is JobState.SUCCEEDED and record.result.content == "fine"
+    assert [attempt["outcome"] for attempt in record.attempts] == ["error", "succeeded"]
+    assert "upstream \ufffd broke" in record.attempts[0]["error_message"]
+    wait_until(lambda: ledger_complete(hostile_cluster.redis_url, hostile_cluster.database_url, [record]), 60,
+               "the worker's flusher to write every row")
