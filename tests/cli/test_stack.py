@@ -24,8 +24,9 @@ from llmq.client.service import SyncLLMService
 from llmq.contract import keys
 from llmq.contract.config import load_config
 from llmq.contract.models import BatchRecord, JobState
+from llmq.worker.store.ledger import Store
 from tests.cli.test_cli import clean_env, llmq_command, write_jsonl
-from tests.reliability.support import Figures, alive, child_pids, client, ledger_complete, wait_until
+from tests.reliability.support import Figures, alive, child_pids, client, ledger_complete, ledger_rows, wait_until
 from tests.support.harness import live_workers, write_config
 
 pytestmark = pytest.mark.slow
@@ -178,8 +179,9 @@ def test_a_killed_redis_is_started_again_and_the_batch_completes_with_every_row(
     assert batch.total == JOBS and batch.counts[JobState.SUCCEEDED] == JOBS
     figures = Figures.tally("llmq up: its Redis SIGKILLed mid-batch", [r.job_id for r in records], records,
                             succeeded_before_kill=before, redis_restart_s=float(restart.group(2)),
-                            kill_to_batch_done_s=round(done_s, 1), ledger_rows_quarantined=0).record()
-    assert figures.succeeded == JOBS and figures.lost == 0
+                            kill_to_batch_done_s=round(done_s, 1), ledger_rows_written=written(up, records),
+                            ledger_rows_quarantined=quarantined(up)).record()
+    assert figures.succeeded == JOBS and figures.lost == 0 and figures.measured["ledger_rows_quarantined"] == 0
 
 
 def test_a_killed_worker_is_started_again_and_what_it_left_behind_is_stopped(up: Up) -> None:
@@ -203,10 +205,19 @@ def test_a_killed_worker_is_started_again_and_what_it_left_behind_is_stopped(up:
     assert not alive(flusher) and alive(int(said.group(2)))
     assert batch.counts[JobState.SUCCEEDED] == JOBS
     figures = Figures.tally("llmq up: a worker SIGKILLed mid-batch, its outbox flusher stuck", [r.job_id for r in records],
-                            records, kill_to_batch_done_s=round(done_s, 1), ledger_rows_quarantined=0,
-                            rerun_after_lost_lease=sum(1 for r in records for a in r.attempts
+                            records, kill_to_batch_done_s=round(done_s, 1), ledger_rows_written=written(up, records),
+                            ledger_rows_quarantined=quarantined(up), rerun_after_lost_lease=sum(1 for r in records for a in r.attempts
                                                        if a["outcome"] == "worker_lost")).record()
     assert figures.succeeded == JOBS and figures.lost == 0
+
+
+def written(up: Up, records: list) -> int:
+    with Store(database_url(up)) as store:
+        return ledger_rows(store, records)
+
+
+def quarantined(up: Up) -> int:
+    return int(client(up.redis_url).llen(keys.OUTBOX_DEAD))
 
 
 def current_worker(up: Up) -> int:

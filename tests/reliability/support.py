@@ -145,6 +145,12 @@ def ledger_complete(redis_url: str, database_url: str, records: list[JobRecord])
     return True
 
 
+def ledger_rows(store: Store, records: Iterable[JobRecord]) -> int:
+    """How many rows the ledger holds for these jobs: a job row, and an attempt and a usage row per call."""
+    return sum((store.job(record.job_id) is not None) + len(store.attempts(record.job_id))
+               + len(store.usage_rows(record.job_id)) for record in records)
+
+
 def assert_ledger_matches(store: Store, records: list[JobRecord]) -> None:
     """SQL holds every job in its Redis state, one usage row per successful attempt and
     none twice: checked with GROUP BY, not only through the primary keys. A job that

@@ -24,7 +24,7 @@ from llmq.contract import keys
 from llmq.contract.models import JobState
 from llmq.worker.store.ledger import Store
 from tests.cli.test_cli import Cli, clean_env
-from tests.reliability.support import Figures, client, ledger_complete, wait_until
+from tests.reliability.support import Figures, client, ledger_complete, ledger_rows, wait_until
 from tests.support.fakes.openai import FakeOpenAI
 from tests.support.harness import Cluster, openai_entry, service_config, start_cluster
 from tests.support.pg import PostgresServer, postgres_or_skip
@@ -87,7 +87,7 @@ def test_the_issues_batch_with_nul_in_prompts_and_answers_reaches_postgresql(clu
     with Store(cluster.database_url) as store:
         contents = {store.job(record.job_id)["custom_id"]: store.job(record.job_id)["content"] for record in records}
         quarantined = store.quarantined_count()
-        written = rows_of(store, records)
+        written = ledger_rows(store, records)
     assert contents["c5"] == "answer 5\x00!" and contents["c0"] == "answer 0"
     assert quarantined == 0
     Figures.tally("NUL in prompts and answers, PostgreSQL ledger", [r.job_id for r in records], records,
@@ -113,7 +113,7 @@ def test_a_row_postgresql_refuses_is_set_aside_and_the_rows_after_it_are_written
         poison_attempts = store.attempts(poison.job_id)
         poison_usage = store.usage_rows(poison.job_id)
         [quarantined] = store.quarantined()
-        written = rows_of(store, [*before, poison, *after])
+        written = ledger_rows(store, [*before, poison, *after])
     assert poison_job is not None and poison_job["state"] == "succeeded" and poison_attempts
     assert poison_usage == []
     assert (quarantined["job_id"], quarantined["kind"]) == (poison.job_id, "usage")
@@ -133,12 +133,6 @@ def test_a_row_postgresql_refuses_is_set_aside_and_the_rows_after_it_are_written
     records = [*before, poison, *after]
     Figures.tally("a usage row PostgreSQL refuses, among 41 jobs", [r.job_id for r in records], records,
                   ledger_rows_written=written, ledger_rows_quarantined=1).record()
-
-
-def rows_of(store: Store, records: list) -> int:
-    """The jobs' rows in the ledger: a job row, and an attempt and a usage row per call."""
-    return sum((store.job(record.job_id) is not None) + len(store.attempts(record.job_id))
-               + len(store.usage_rows(record.job_id)) for record in records)
 
 
 def scrape(port: int) -> dict[str, float]:
