@@ -376,7 +376,9 @@ class LLMService:
                 record, interval_s = None, 0.5
             else:
                 if record is None:
-                    raise KeyError(f"no job or batch with id {some_id!r} (it may have expired from Redis)")
+                    why = ("Redis restarted during the wait without its data (no persistence?); the SQL ledger "
+                           "has what finished before" if watch.restarted else "it may have expired from Redis")
+                    raise KeyError(f"no job or batch with id {some_id!r} ({why})")
                 if isinstance(record, BatchRecord) and on_progress:
                     on_progress(record)
                 if record.done:

@@ -6,6 +6,8 @@ why nothing moves instead of hanging silently:
 - Redis does not answer: `Redis unreachable for 12 s, retrying`, and after
   `client.redis_unreachable_s` of that, `RedisUnreachableError` naming how to
   resume (`llmq results ID` once Redis is back: the jobs are not lost);
+- Redis restarted between two polls (its run id changed), however briefly it
+  was away: `Redis restarted ...; carrying on`;
 - jobs wait on a queue that no live worker consumes (workers' heartbeats,
   `keys.WORKER_PREFIX`): `no live worker on llm.x`, with how to start one.
 
@@ -36,7 +38,8 @@ WORKER_CHECK_S = 5.0
 #: A batch's jobs looked at per worker check (a window that moves along larger batches).
 JOBS_PER_CHECK = 1000
 
-NoticeKind = Literal["redis_unreachable", "no_live_worker"]
+NoticeKind = Literal["redis_unreachable", "redis_restarted", "no_live_worker"]
+RESTARTED = "Redis restarted (a new run id); carrying on"
 
 
 @dataclass(frozen=True)
@@ -106,24 +109,40 @@ class WaitWatch:
         self.worker_notice: WaitNotice | None = None
         self._checked_workers_at = float("-inf")
         self._window = 0
+        #: Redis's run id as first seen: it changes when Redis restarts.
+        self.run_id: str | None = None
+        self.restarted = False
 
     async def poll(self, some_id: str) -> JobRecord | BatchRecord | None:
         """The record (None if Redis has no such id); raises `Unavailable` while Redis is away."""
         try:
             record = await self.jobs.batch(some_id) or await self.jobs.get(some_id)
+            run_id = await self._run_id()
         except REDIS_AWAY as exc:
             self.away(exc)
             raise Unavailable from exc
-        self.back()
+        self.back(run_id)
         return record
+
+    async def _run_id(self) -> str | None:
+        try:
+            return str((await self.jobs.redis.info("server")).get("run_id", "")) or None
+        except redis.exceptions.ResponseError:  # INFO renamed or refused (some hosted Redis): no restart check
+            return None
 
     def away(self, exc: BaseException) -> None:
         """A read found Redis away: say so (RedisUnreachableError once it has been away too long)."""
         self._tell(self.outage.failed(exc))
 
-    def back(self) -> None:
-        """A read got an answer: an outage, if there was one, is over."""
-        if self.outage.answered() is not None:
+    def back(self, run_id: str | None = None) -> None:
+        """A read got an answer (from Redis with `run_id`, when known): an outage, if there was one, is over."""
+        away_s = self.outage.answered()
+        restarted = None not in (run_id, self.run_id) and run_id != self.run_id
+        self.run_id = run_id or self.run_id
+        if restarted:
+            self.restarted = True
+            self._tell(WaitNotice("redis_restarted", RESTARTED))
+        elif away_s is not None or (self.notice is not None and self.notice.kind == "redis_restarted"):
             self._tell(self.worker_notice)
 
     async def check_workers(self, record: JobRecord | BatchRecord) -> None:

@@ -14,7 +14,7 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,28 +158,49 @@ def test_other_terminals_find_the_stack(up: Up) -> None:
     assert "`llmq up` is already running with data in" in again.stderr
 
 
-def test_a_killed_redis_is_started_again_and_the_batch_completes_with_every_row(up: Up) -> None:
-    submit, batch_id = start_batch(up, "redis")
+@dataclass
+class Crashed:
+    """A batch that something was killed under: what the waiting submit said, and how it ended."""
+
+    err: str
+    batch: BatchRecord
+    records: list
+    crash_to_done_s: float
+    succeeded_before: int
+
+
+def batch_through(up: Up, prefix: str, crash: Callable[[], None], said: str) -> Crashed:
+    """`llmq submit --wait` of JOBS jobs; `crash()` once a sixth have succeeded, then `llmq up` must
+    say `said`; returns once the batch has ended and every ledger row is in SQL."""
+    submit, batch_id = start_batch(up, prefix)
     wait_until(lambda: succeeded(up, batch_id) >= 50, 120, "a sixth of the batch")
     before = succeeded(up, batch_id)
-    killed_at = time.monotonic()
-    os.kill(up.pid_of("redis-server"), signal.SIGKILL)
-    wait_until(lambda: "llmq up: redis-server was killed by SIGKILL" in up.err.read_text(), 30,
-               "llmq up to say it restarted Redis")
+    crashed_at = time.monotonic()
+    crash()
+    wait_until(lambda: said in up.err.read_text(), 30, f"llmq up to say {said!r}")
     err, batch, records = finish(up, submit, batch_id)
-    done_s = time.monotonic() - killed_at
+    done_s = time.monotonic() - crashed_at
     assert submit.returncode == 0, err
     wait_until(lambda: ledger_complete(up.redis_url, database_url(up), records), 120, "every ledger row in SQL")
+    return Crashed(err, batch, records, round(done_s, 1), before)
+
+
+def test_a_killed_redis_is_started_again_and_the_batch_completes_with_every_row(up: Up) -> None:
+    redis_pid = up.pid_of("redis-server")
+    run = batch_through(up, "redis", lambda: os.kill(redis_pid, signal.SIGKILL),
+                        "llmq up: redis-server was killed by SIGKILL")
 
     restart = re.search(r"llmq up: redis-server was killed by SIGKILL; started again on port (\d+) with its password "
                         r"and its append-only file in ([\d.]+) s", up.err.read_text())
     assert restart and restart.group(1) in up.redis_url
-    assert "llmq: Redis unreachable, retrying (this wait gives up after 120 s)" in err  # the outage, as it happened
-    assert re.search(r"llmq: Redis answers again, after [\d.]+ s", err)
-    assert batch.total == JOBS and batch.counts[JobState.SUCCEEDED] == JOBS
-    figures = Figures.tally("llmq up: its Redis SIGKILLed mid-batch", [r.job_id for r in records], records,
-                            succeeded_before_kill=before, redis_restart_s=float(restart.group(2)),
-                            kill_to_batch_done_s=round(done_s, 1), ledger_rows_written=written(up, records),
+    # The waiting submit saw it, however short: a poll that met no Redis, or Redis's new run id.
+    assert "llmq: Redis restarted (a new run id); carrying on" in run.err, run.err
+    if "llmq: Redis unreachable, retrying (this wait gives up after 120 s)" in run.err:
+        assert re.search(r"llmq: Redis answers again, after [\d.]+ s", run.err)
+    assert run.batch.total == JOBS and run.batch.counts[JobState.SUCCEEDED] == JOBS
+    figures = Figures.tally("llmq up: its Redis SIGKILLed mid-batch", [r.job_id for r in run.records], run.records,
+                            succeeded_before_kill=run.succeeded_before, redis_restart_s=float(restart.group(2)),
+                            kill_to_batch_done_s=run.crash_to_done_s, ledger_rows_written=written(up, run.records),
                             ledger_rows_quarantined=quarantined(up)).record()
     assert figures.succeeded == JOBS and figures.lost == 0 and figures.measured["ledger_rows_quarantined"] == 0
 
@@ -187,27 +208,23 @@ def test_a_killed_redis_is_started_again_and_the_batch_completes_with_every_row(
 def test_a_killed_worker_is_started_again_and_what_it_left_behind_is_stopped(up: Up) -> None:
     worker = current_worker(up)
     [flusher] = [pid for pid in child_pids(worker) if b"llmq.worker.store.outbox" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    submit, batch_id = start_batch(up, "worker")
-    wait_until(lambda: succeeded(up, batch_id) >= 50, 120, "a sixth of the batch")
-    os.kill(flusher, signal.SIGSTOP)  # stuck (in a slow SQL call, say): it cannot leave on its own
-    killed_at = time.monotonic()
-    os.kill(worker, signal.SIGKILL)
-    wait_until(lambda: "llmq up: worker mock_a was killed by SIGKILL" in up.err.read_text(), 30,
-               "llmq up to restart the worker")
-    err, batch, records = finish(up, submit, batch_id)
-    done_s = time.monotonic() - killed_at
-    assert submit.returncode == 0, err
-    wait_until(lambda: ledger_complete(up.redis_url, database_url(up), records), 120, "every ledger row in SQL")
+
+    def crash() -> None:
+        os.kill(flusher, signal.SIGSTOP)  # stuck (in a slow SQL call, say): it cannot leave on its own
+        os.kill(worker, signal.SIGKILL)
+
+    run = batch_through(up, "worker", crash, "llmq up: worker mock_a was killed by SIGKILL")
 
     said = re.search(r"llmq up: worker mock_a was killed by SIGKILL; stopped what it left behind: pid (\d+) \([^)]*"
                      r"llmq\.worker\.store\.outbox\); started again \(pid (\d+)\)", up.err.read_text())
     assert said and int(said.group(1)) == flusher, up.err.read_text()
     assert not alive(flusher) and alive(int(said.group(2)))
-    assert batch.counts[JobState.SUCCEEDED] == JOBS
-    figures = Figures.tally("llmq up: a worker SIGKILLed mid-batch, its outbox flusher stuck", [r.job_id for r in records],
-                            records, kill_to_batch_done_s=round(done_s, 1), ledger_rows_written=written(up, records),
-                            ledger_rows_quarantined=quarantined(up), rerun_after_lost_lease=sum(1 for r in records for a in r.attempts
-                                                       if a["outcome"] == "worker_lost")).record()
+    assert run.batch.counts[JobState.SUCCEEDED] == JOBS
+    lost_leases = sum(1 for r in run.records for a in r.attempts if a["outcome"] == "worker_lost")
+    figures = Figures.tally("llmq up: a worker SIGKILLed mid-batch, its outbox flusher stuck",
+                            [r.job_id for r in run.records], run.records, kill_to_batch_done_s=run.crash_to_done_s,
+                            ledger_rows_written=written(up, run.records), ledger_rows_quarantined=quarantined(up),
+                            rerun_after_lost_lease=lost_leases).record()
     assert figures.succeeded == JOBS and figures.lost == 0
 
 

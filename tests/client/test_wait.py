@@ -111,7 +111,8 @@ def test_a_wait_reports_a_lost_redis_and_carries_on_once_it_is_back(tmp_path: Pa
     assert "no_live_worker" in kinds[:lost]
     assert kinds[lost + 1 :].count("redis_unreachable") >= 1  # the seconds count up on the bar
     assert "Redis unreachable for 2 s, retrying" in [notice.text for notice in notices if notice]
-    assert kinds[-1] != "redis_unreachable"  # and the notice went once Redis answered
+    assert kinds[lost:].index("redis_restarted") > 0  # back, with a new run id
+    assert kinds[-1] not in ("redis_unreachable", "redis_restarted")  # and the notice went once Redis answered
 
 
 def test_a_wait_gives_up_on_a_lost_redis_after_its_bound_saying_how_to_resume(tmp_path: Path) -> None:

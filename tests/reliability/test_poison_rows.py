@@ -27,18 +27,13 @@ from tests.cli.test_cli import Cli, clean_env
 from tests.reliability.support import Figures, client, ledger_complete, ledger_rows, wait_until
 from tests.support.fakes.openai import FakeOpenAI
 from tests.support.harness import Cluster, openai_entry, service_config, start_cluster
-from tests.support.pg import PostgresServer, postgres_or_skip
+from tests.support.pg import PostgresServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 #: More completion tokens than PostgreSQL's INTEGER holds: a provider's absurd usage report.
 ABSURD_TOKENS = 3_000_000_000
 
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    with postgres_or_skip() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

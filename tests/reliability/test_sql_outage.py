@@ -85,6 +85,7 @@ def start_postgres_again(server: PostgresServer) -> None:
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:
+    """A server of this module's own (not the session's): these tests stop and start it."""
     with postgres_or_skip() as server:
         yield server
 
