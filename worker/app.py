@@ -10,8 +10,14 @@ Reliability settings, chosen on purpose:
   last resort. Leases re-run a dead worker's jobs within `jobs.lease_s` (30 s by
   default); a redelivered message arriving later is recognised as stale and dropped.
 - JSON serialization only; task arguments are (job_id, dispatch): no request
-  text, no key, nothing secret reaches the broker, Flower or the logs.
-- No result backend: the job record in Redis is the source of truth.
+  text, no key, nothing secret reaches the broker, Flower or the logs. Flower shows
+  each message's label instead (custom id, batch, caller, model, hop, attempt:
+  contract/labels.py).
+- No result backend: the job record in Redis is the source of truth. What a task
+  returns or raises only tells Celery's events, and so Flower, how the message ended
+  (worker/outcome.py): SUCCESS with a short summary, RETRY when the job was handed on,
+  FAILURE with the typed error, REVOKED when cancelled. Every one of them acks the
+  message, as `task_acks_on_failure_or_timeout` makes a failure do.
 
 Beat (`celery -A llmq.worker.app beat`, started by `llmq up`) sends `llmq.health_check`
 for each provider entry to its queue (worker/health.py). Every log record of the
@@ -34,11 +40,12 @@ from typing import Any
 
 import redis.exceptions
 from celery import Celery, signals
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject, Terminated
 from kombu import Queue
 
 from llmq.contract import keys
 from llmq.contract.queueing import make_celery
+from llmq.worker.errors import LLMQError
 from llmq.worker.health import beat_schedule as health_beat_schedule
 from llmq.worker.logs import configure as configure_logging
 from llmq.worker.logs import with_job_id
@@ -77,15 +84,16 @@ def create_app(settings: WorkerSettings | None = None) -> WorkerApp:
     configure_logging(config.secrets())
     app.conf.beat_schedule = health_beat_schedule(config)
 
-    async def generate_job(runtime: Runtime, job_id: str, dispatch: int) -> None:
+    async def generate_job(runtime: Runtime, job_id: str, dispatch: int) -> dict[str, Any]:
         from llmq.worker.engine import execute
 
         try:
-            await with_job_id(job_id, execute(runtime, job_id, int(dispatch)))
+            outcome = await with_job_id(job_id, execute(runtime, job_id, int(dispatch)))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             # Redis went away for longer than the client's retries: hand the message back
             # rather than ack a job that never ran (a stale copy is dropped at claim).
             raise Reject(f"redis unavailable: {exc}", requeue=True) from exc
+        return outcome.tell_celery()  # the summary, or Retry / the typed error / Terminated / Ignore
 
     async def check_health(runtime: Runtime, provider: str) -> None:
         from llmq.worker.health import run_health_check
@@ -99,16 +107,21 @@ def create_app(settings: WorkerSettings | None = None) -> WorkerApp:
     return app
 
 
-def _register_coroutine_task(app: WorkerApp, name: str, body: Callable[..., Coroutine[Any, Any, None]]) -> None:
-    def start(*args: Any) -> tuple[asyncio.AbstractEventLoop, Coroutine[Any, Any, None]]:
+#: A job's typed failure, its cancellation and a dropped message are outcomes, not bugs: Celery
+#: (and worker/pool.py) log them in one line at INFO, without a traceback.
+EXPECTED_OUTCOMES = (LLMQError, Terminated, Ignore)
+
+
+def _register_coroutine_task(app: WorkerApp, name: str, body: Callable[..., Coroutine[Any, Any, Any]]) -> None:
+    def start(*args: Any) -> tuple[asyncio.AbstractEventLoop, Coroutine[Any, Any, Any]]:
         runtime = runtime_for(app)
         return runtime.loop, body(runtime, *args)
 
-    def run(*args: Any) -> None:
+    def run(*args: Any) -> Any:
         loop, coroutine = start(*args)
-        asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
 
-    task = app.task(name=name, ignore_result=True)(run)
+    task = app.task(name=name, ignore_result=True, throws=EXPECTED_OUTCOMES)(run)
     task.llmq_coroutine = start
 
 
@@ -124,7 +137,8 @@ def _start_runtime(sender: object = None, **_: object) -> None:
     # Background loops (promoter, reaper, outbox) run even while no job arrives.
     worker_app = getattr(sender, "app", None)
     if isinstance(worker_app, WorkerApp):
-        runtime_for(worker_app)
+        # The consumer: the runtime sends some task events itself, as this node (worker/outcome.py).
+        runtime_for(worker_app).consumer = sender
         prestart_threads(getattr(sender, "pool", None))
 
 

@@ -26,6 +26,8 @@ class Attempt:
     started_at_s: float
     #: When the job was submitted (epoch s): waiting jobs are served roughly in this order.
     created_at_s: float = 0.0
+    #: The caller's id for the job within its batch (what Flower's label shows).
+    custom_id: str | None = None
     #: Per-job options from the caller (cache, ...).
     options: dict[str, Any] = field(default_factory=dict)
     #: Where middleware keeps what it needs between its hooks (a limiter's reservation, say).
@@ -46,6 +48,7 @@ class Attempt:
             attempt=int(job["attempt"]),
             hop_attempt=int(job["hop_attempt"]),
             batch_id=job.get("batch_id") or None,
+            custom_id=job.get("custom_id") or None,
             deadline_at_s=int(job["deadline_at"]) / 1000.0,
             created_at_s=int(job.get("created_at") or 0) / 1000.0,
             started_at_s=time.time(),

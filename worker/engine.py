@@ -5,6 +5,11 @@ retryable -> the same provider again after backoff (waiting in the delayed set,
 never in worker memory); context window -> a larger model when the config names
 one; fallback -> the same job id on the next provider's queue; otherwise the job
 fails with the typed error and every attempt on record.
+
+Every message ends in an outcome (worker/outcome.py) that the task tells Celery, and
+so Flower: succeeded, handed on (a retry or the next hop), failed, cancelled, or
+dropped (stale). It is decided by what the job record says after the step, never
+changes it.
 """
 
 from __future__ import annotations
@@ -18,70 +23,70 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from llmq.contract import keys
-from llmq.contract.models import Hop, LLMResponse
+from llmq.contract.config import RetrySettings
+from llmq.contract.jobs import WAITING_STATES, Transition
+from llmq.contract.labels import TaskLabel
+from llmq.contract.models import Hop, JobState, LLMResponse
 from llmq.contract.routing import larger_context_hop
 from llmq.worker import errors
 from llmq.worker.attempt import Attempt, public_error
 from llmq.worker.middleware.base import Defer, Serve, Skip
+from llmq.worker.outcome import Cancelled, Dropped, Failed, HandedOn, Outcome, Succeeded
 from llmq.worker.pricing import cost_usd
 from llmq.worker.runtime import Runtime
 from llmq.worker.streaming import StreamWriter
 
 log = logging.getLogger("llmq.worker")
 
-async def execute(runtime: Runtime, job_id: str, dispatch: int) -> None:
+async def execute(runtime: Runtime, job_id: str, dispatch: int) -> Outcome:
     lease_ms = int(runtime.config.service.jobs.lease_s * 1000)
     claim = await runtime.jobs.claim(job_id, dispatch, runtime.worker_id, lease_ms)
     if claim.outcome == "skip":
         log.debug("job %s: message for dispatch %s dropped (state %s)", job_id, dispatch, claim.state)
-        return
+        return Cancelled() if claim.state == JobState.CANCELLED.value else Dropped()
     if claim.outcome == "expired":
-        await _fail_expired(runtime, job_id)
-        return
+        return await _fail_expired(runtime, job_id)
     attempt = Attempt.from_claim(claim.job, dispatch)
     runtime.running.add(job_id)
     try:
-        await _run(runtime, attempt)
+        return await _run(runtime, attempt)
     finally:
         runtime.running.discard(job_id)
 
 
-async def _run(runtime: Runtime, attempt: Attempt) -> None:
+async def _run(runtime: Runtime, attempt: Attempt) -> Outcome:
     verdict = await runtime.middleware.before_attempt(attempt)
     if isinstance(verdict, Defer):
-        await _defer(runtime, attempt, verdict)
-        return
+        return await _defer(runtime, attempt, verdict)
     if isinstance(verdict, Skip):
-        await _after_error(runtime, attempt, verdict.error)
-        return
+        return await _after_error(runtime, attempt, verdict.error)
     if isinstance(verdict, Serve):
         usage_row = usage_record(runtime, attempt, verdict.response, cached=verdict.cached)
         await runtime.middleware.after_success(attempt, verdict.response, usage_row)
-        await _succeed(runtime, attempt, verdict.response, usage_row)
-        return
+        return await _succeed(runtime, attempt, verdict.response, usage_row)
     try:
         response = await _call(runtime, attempt)
     except errors.ProviderError as error:
         await runtime.middleware.after_error(attempt, error)
-        await _after_error(runtime, attempt, error)
+        return await _after_error(runtime, attempt, error)
     except TimeoutError:
         error = errors.DeadlineExceededError(
             f"job did not finish before its deadline (ran out during attempt {attempt.attempt} "
             f"on {attempt.hop.provider}); raise jobs.deadline_s or the request's deadline"
         )
         await runtime.middleware.after_error(attempt, error)
-        await _fail(runtime, attempt, error)
+        return await _fail(runtime, attempt, error)
     except Exception as exc:  # a bug in an adapter must not lose the job
         log.exception("job %s: unexpected error from provider %s", attempt.job_id, attempt.hop.provider)
         error = errors.ServerError(
             f"unexpected {type(exc).__name__} in adapter: {exc}", provider=attempt.hop.provider, model=attempt.hop.model
         )
         await runtime.middleware.after_error(attempt, error)
-        await _after_error(runtime, attempt, error)
+        return await _after_error(runtime, attempt, error)
     else:
         usage_row = usage_record(runtime, attempt, response)
         await runtime.middleware.after_success(attempt, response, usage_row)
-        await _succeed(runtime, attempt, response, usage_row)
+        return await _succeed(runtime, attempt, response, usage_row)
     finally:
         await runtime.middleware.after_attempt(attempt)
 
@@ -119,24 +124,36 @@ def _writer(runtime: Runtime, attempt: Attempt) -> StreamWriter:
     return attempt.scratch["stream"]
 
 
-async def _succeed(runtime: Runtime, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
+async def _succeed(runtime: Runtime, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> Outcome:
     record = attempt.record("succeeded")
-    moved, _, _ = await runtime.jobs.transition(
-        attempt.job_id, new_state="succeeded", allowed=("running",), expected_dispatch=attempt.dispatch,
+    done = await runtime.jobs.transition(
+        attempt.job_id, new_state=JobState.SUCCEEDED, allowed=(JobState.RUNNING,), expected_dispatch=attempt.dispatch,
         ttl_s=runtime.config.service.jobs.result_ttl_s, attempt=_public(record),
         rows=[record, usage_row], fields={"result": response.model_dump_json()},
     )
-    if moved and attempt.request.stream:
+    if not done.moved:
+        return _not_moved(done)
+    if attempt.request.stream:
         await _writer(runtime, attempt).final(response, attempt.attempt)
+    return Succeeded.from_usage(usage_row)
 
 
-async def _defer(runtime: Runtime, attempt: Attempt, verdict: Defer) -> None:
+async def _defer(runtime: Runtime, attempt: Attempt, verdict: Defer) -> Outcome:
     """Set the job aside without a call: it does not count as an attempt."""
-    await runtime.jobs.transition(
-        attempt.job_id, new_state=verdict.state, allowed=("running",), expected_dispatch=attempt.dispatch,
+    done = await runtime.jobs.transition(
+        attempt.job_id, new_state=verdict.state, allowed=(JobState.RUNNING,), expected_dispatch=attempt.dispatch,
         delay_ms=int(verdict.delay_s * 1000), new_dispatch=True,
         fields={"attempt": attempt.attempt - 1, "hop_attempt": attempt.hop_attempt - 1, "waiting_for": verdict.reason},
     )
+    if not done.moved:
+        return _not_moved(done)
+    return HandedOn.to(verdict.reason or "capacity", attempt.hop, attempt.attempt, new_hop=False,
+                       delay_s=verdict.delay_s)
+
+
+def _not_moved(done: Transition) -> Outcome:
+    """The job was no longer this attempt's to move: cancelled meanwhile, or taken over after a lost lease."""
+    return Cancelled() if done.previous_state is JobState.CANCELLED else Dropped()
 
 
 def usage_record(runtime: Runtime, attempt: Attempt, response: LLMResponse, *, cached: bool = False) -> dict[str, Any]:
@@ -164,25 +181,23 @@ def usage_record(runtime: Runtime, attempt: Attempt, response: LLMResponse, *, c
     }
 
 
-async def _after_error(runtime: Runtime, attempt: Attempt, error: errors.ProviderError) -> None:
+async def _after_error(runtime: Runtime, attempt: Attempt, error: errors.ProviderError) -> Outcome:
     settings = runtime.config.service.retry
     log.info("job %s attempt %d on %s failed: %s", attempt.job_id, attempt.attempt, attempt.hop.provider, error)
     if error.retryable and attempt.hop_attempt < settings.max_attempts_per_provider:
         delay_s = backoff_s(attempt.hop_attempt, error.retry_after_s, settings)
-        state = "rate_limited" if isinstance(error, errors.RateLimitedError) else "retrying"
-        await _requeue(runtime, attempt, error, state=state, delay_s=delay_s)
-        return
+        state = JobState.RATE_LIMITED if isinstance(error, errors.RateLimitedError) else JobState.RETRYING
+        return await _requeue(runtime, attempt, error, state=state, delay_s=delay_s)
     if isinstance(error, errors.ContextWindowExceededError):
         bigger = larger_context_hop(attempt.hop, runtime.config)
         if bigger is not None and bigger not in attempt.route:
             route = [*attempt.route[: attempt.route_index + 1], bigger, *attempt.route[attempt.route_index + 1 :]]
-            await _requeue(runtime, attempt, error, state="queued", route=route, route_index=attempt.route_index + 1)
-            return
+            return await _requeue(runtime, attempt, error, state=JobState.QUEUED, route=route,
+                                  route_index=attempt.route_index + 1)
     next_index = _next_hop(runtime, attempt) if error.fallback else None
     if next_index is not None:
-        await _requeue(runtime, attempt, error, state="queued", route_index=next_index)
-        return
-    await _fail(runtime, attempt, error)
+        return await _requeue(runtime, attempt, error, state=JobState.QUEUED, route_index=next_index)
+    return await _fail(runtime, attempt, error)
 
 
 def _next_hop(runtime: Runtime, attempt: Attempt) -> int | None:
@@ -197,51 +212,64 @@ async def _requeue(
     attempt: Attempt,
     error: errors.LLMQError,
     *,
-    state: str,
+    state: JobState,
     delay_s: float = 0.0,
     route: list[Hop] | None = None,
     route_index: int | None = None,
-) -> None:
+) -> Outcome:
     """Send the same job id on: later to the same provider, or now to another hop's queue."""
-    fields: dict[str, Any] = {"error": json.dumps(public_error(error))}
+    details = public_error(error)
+    fields: dict[str, Any] = {"error": json.dumps(details)}
     if route is not None:
         fields["route"] = json.dumps([hop.model_dump() for hop in route])
+    next_hop = attempt.hop
     if route_index is not None:
-        hop = (route or attempt.route)[route_index]
-        fields.update(route_index=route_index, hop_attempt=0, queue=keys.queue_name(hop.provider))
+        next_hop = (route or attempt.route)[route_index]
+        fields.update(route_index=route_index, hop_attempt=0, queue=keys.queue_name(next_hop.provider))
+        # What Flower shows for the job's next message (the promoter publishes it).
+        fields["label"] = TaskLabel.for_job(attempt.request, next_hop, batch_id=attempt.batch_id,
+                                            custom_id=attempt.custom_id).stored()
     record = attempt.record("error", error)
-    moved, _, _ = await runtime.jobs.transition(
-        attempt.job_id, new_state=state, allowed=("running",), expected_dispatch=attempt.dispatch,
+    done = await runtime.jobs.transition(
+        attempt.job_id, new_state=state, allowed=(JobState.RUNNING,), expected_dispatch=attempt.dispatch,
         delay_ms=int(delay_s * 1000), new_dispatch=True, attempt=_public(record), rows=[record], fields=fields,
     )
-    if moved and attempt.request.stream and _writer(runtime, attempt).sent_chunks:
+    if not done.moved:
+        return _not_moved(done)
+    if attempt.request.stream and _writer(runtime, attempt).sent_chunks:
         # Readers drop what this attempt streamed; the next attempt's chunks follow the marker.
-        await _writer(runtime, attempt).reset(attempt.attempt, attempt.hop.provider, attempt.hop.model, public_error(error))
+        await _writer(runtime, attempt).reset(attempt.attempt, attempt.hop.provider, attempt.hop.model, details)
     # delay 0: the promoter publishes within its next tick (< 0.1 s); its safety net covers a crash here.
+    return HandedOn.to(details, next_hop, attempt.attempt + 1, new_hop=route_index is not None, delay_s=delay_s)
 
 
-async def _fail(runtime: Runtime, attempt: Attempt, error: errors.LLMQError) -> None:
+async def _fail(runtime: Runtime, attempt: Attempt, error: errors.LLMQError) -> Outcome:
+    details = public_error(error)
     record = attempt.record("error", error)
-    moved, _, _ = await runtime.jobs.transition(
-        attempt.job_id, new_state="failed", allowed=("running",), expected_dispatch=attempt.dispatch,
+    done = await runtime.jobs.transition(
+        attempt.job_id, new_state=JobState.FAILED, allowed=(JobState.RUNNING,), expected_dispatch=attempt.dispatch,
         new_dispatch=True, ttl_s=runtime.config.service.jobs.result_ttl_s, attempt=_public(record), rows=[record],
-        fields={"error": json.dumps(public_error(error))},
+        fields={"error": json.dumps(details)},
     )
-    if moved and attempt.request.stream:
-        await _writer(runtime, attempt).error(public_error(error))
+    if not done.moved:
+        return _not_moved(done)
+    if attempt.request.stream:
+        await _writer(runtime, attempt).error(details)
+    return Failed(details)
 
 
-async def _fail_expired(runtime: Runtime, job_id: str) -> None:
-    error = errors.DeadlineExceededError(
+async def _fail_expired(runtime: Runtime, job_id: str) -> Outcome:
+    details = public_error(errors.DeadlineExceededError(
         "job did not start before its deadline; raise jobs.deadline_s or the request's deadline, or add workers"
+    ))
+    done = await runtime.jobs.transition(
+        job_id, new_state=JobState.FAILED, allowed=WAITING_STATES, new_dispatch=True,
+        ttl_s=runtime.config.service.jobs.result_ttl_s, fields={"error": json.dumps(details)},
     )
-    await runtime.jobs.transition(
-        job_id, new_state="failed", allowed=("queued", "retrying", "rate_limited"), new_dispatch=True,
-        ttl_s=runtime.config.service.jobs.result_ttl_s, fields={"error": json.dumps(public_error(error))},
-    )
+    return Failed(details) if done.moved else _not_moved(done)
 
 
-def backoff_s(hop_attempt: int, retry_after_s: float | None, settings: Any) -> float:
+def backoff_s(hop_attempt: int, retry_after_s: float | None, settings: RetrySettings) -> float:
     """Exponential backoff with jitter; a provider's retry-after wins, up to the cap."""
     if retry_after_s is not None:
         return min(retry_after_s, settings.retry_after_cap_s) * random.uniform(1.0, 1.1)

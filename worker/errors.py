@@ -28,6 +28,7 @@ exc`). Retry and fallback decide on the class alone, never on message text::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 
@@ -156,6 +157,19 @@ ERRORS_BY_NAME: dict[str, type[LLMQError]] = {
         JobCancelledError, DeadlineExceededError,
     )
 }
+
+
+def from_record(details: Mapping[str, Any]) -> LLMQError:
+    """The typed error again from its record (`to_dict`, as a job's `error` field stores it)."""
+    name, message = str(details.get("type")), str(details.get("message", ""))
+    cls = ERRORS_BY_NAME.get(name)
+    if cls is None:
+        return LLMQError(f"{name}: {message}")
+    if issubclass(cls, ProviderError):
+        return cls(message, provider=details.get("provider"), model=details.get("model"),
+                   status_code=details.get("status_code"), request_id=details.get("request_id"),
+                   retry_after_s=details.get("retry_after_s"))
+    return cls(message)
 
 
 def error_for_status(status_code: int) -> type[ProviderError]:

@@ -9,10 +9,10 @@ already feed the circuit breaker with fresher news.
 
 Each check calls the adapter's `health_check()` (bounded by the provider's
 timeout and the interval), stores the result in the `HEALTH` hash and a bounded
-history list, and feeds the provider's circuit breaker (worker/circuit.py): a
-failing check counts as a failure, a passing one as a success, so an idle
-provider that goes down opens its circuit, and a check after the cool-down is
-the half-open probe that closes it again. The shared limiter's usage is stored
+history list, and feeds the provider's circuit breaker (worker/middleware/circuit.py): each check
+is a call in the breaker's window, so an idle provider that goes down opens its
+circuit, and a check after the cool-down is a half-open probe that closes it
+again (workers probe too, as jobs arrive, so beat is not needed for recovery). The shared limiter's usage is stored
 with the result, so `provider_status()` shows it without importing worker code.
 """
 
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from llmq.contract import keys
 from llmq.contract.config import LLMConfig
 from llmq.worker.logs import redact
-from llmq.worker.middleware.circuit import CircuitBreaker
+from llmq.worker.middleware.circuit import PROBE_GRACE_S, CircuitBreaker
 
 if TYPE_CHECKING:
     from llmq.worker.runtime import Runtime
@@ -74,14 +74,20 @@ async def run_health_check(runtime: Runtime, provider: str) -> HealthResult | No
     entry = runtime.config.providers.get(provider)
     if entry is None or not entry.configured:
         return None
-    result = await _check(runtime, provider, timeout_s=min(entry.timeout_s, runtime.config.service.health.interval_s))
+    timeout_s = min(entry.timeout_s, runtime.config.service.health.interval_s)
+    breaker = CircuitBreaker(runtime.redis, runtime.config.service.health)
+    # Each check is one call of its own in the breaker's window; past an open circuit's
+    # cool-down it is also the half-open probe.
+    token = f"health:{runtime.worker_id}:{time.time_ns()}"
+    permission = await breaker.allow(provider, token, timeout_s + PROBE_GRACE_S)
+    source = "probe" if permission.verdict == "probe" else "health"
+    result = await _check(runtime, provider, timeout_s=timeout_s)
     result.rate_limits = await _limiter_usage(runtime, provider)
     await _store(runtime, result)
-    breaker = CircuitBreaker(runtime.redis, runtime.config.service.health)
     if result.ok:
-        await breaker.record_success(provider, "health")
+        await breaker.record_success(provider, source, call_id=token)
     else:
-        await breaker.record_failure(provider, f"health check: {result.error}", "health")
+        await breaker.record_failure(provider, token, f"health check: {result.error}", source)
         log.warning("health check of provider %s failed: %s", provider, result.error)
     return result
 
@@ -130,7 +136,7 @@ async def _limiter_usage(runtime: Runtime, provider: str) -> dict[str, Any] | No
         return None
     limits = runtime.config.provider(provider).rate_limits
     try:
-        return await RateLimiter(runtime.redis, key_prefix=keys.RATE_LIMIT_PREFIX).snapshot(provider, limits)
+        return await RateLimiter(runtime.redis).snapshot(provider, limits)
     except Exception as exc:  # status is a report: a limiter hiccup must not lose the health result
         log.debug("rate-limit snapshot of %s failed: %s", provider, exc)
         return None

@@ -18,9 +18,12 @@ This pool keeps two threads busy, Celery's consumer and the event loop:
 
 Celery's own semantics stay: late acks (the message is acked only after the job's
 outcome is recorded), `Reject(requeue=True)` hands a message back, task events
-for Flower, prefetch bounded by `--concurrency`. Warm shutdown waits for running
+for Flower (a `Retry` raised by the coroutine is Celery's task-retried, `Terminated`
+its task-revoked, any other exception task-failed: worker/outcome.py), prefetch
+bounded by `--concurrency`. Exceptions the task declares in `throws` are logged the
+way Celery's tracer logs them: one line at INFO, no traceback. Warm shutdown waits for running
 jobs and acks them; a killed process leaves its messages unacked and its job
-leases expire (docs/RELIABILITY.md).
+leases expire (docs/reliability.md).
 
 A task runs here when it has an `llmq_coroutine(*args, **kwargs)` attribute that
 returns (event loop, coroutine) (worker/app.py); any other task runs on a
@@ -28,7 +31,7 @@ small thread pool the way Celery's thread pool would run it.
 
 The pool also watches Celery's consumer (`ConsumerWatchdog`): kombu/celery 5.7's
 Redis consumer sometimes never comes back from a Redis crash while the process
-stays up (docs/RELIABILITY.md, bug 7). When the consumer's loop has not run for
+stays up (https://github.com/celery/celery/issues/10205). When the consumer's loop has not run for
 `LLMQ_CONSUMER_STALL_S` (60 s) while Redis has answered for a while, the worker
 exits, and its supervisor (`llmq up`, docker-compose's restart policy, systemd)
 starts a fresh one; its running jobs' leases run out and they run again.
@@ -50,10 +53,10 @@ from time import monotonic
 from typing import Any, NamedTuple
 
 from billiard.einfo import ExceptionInfo
-from celery.app.trace import LOG_FAILURE, LOG_REJECTED, LOG_SUCCESS
+from celery.app.trace import LOG_FAILURE, LOG_REJECTED, LOG_RETRY, LOG_SUCCESS
 from celery.app.trace import logger as trace_logger
 from celery.concurrency.base import BasePool, apply_target
-from celery.exceptions import Reject
+from celery.exceptions import Reject, Retry
 
 log = logging.getLogger("llmq.worker")
 
@@ -112,13 +115,14 @@ class AsyncioPool(BasePool):
         # Celery's trace functions take (task name, task id, request, body, content type, encoding);
         # the request dict already holds the arguments Celery's Request decoded from the body.
         name, task_id, request = (args or ())[:3]
-        start = getattr(self.app.tasks.get(name), "llmq_coroutine", None)
+        task = self.app.tasks.get(name)
+        start = getattr(task, "llmq_coroutine", None)
         if start is None:
             return self._other.submit(apply_target, target, args, kwargs, callback, accept_callback)
         if accept_callback is not None:
             accept_callback(os.getpid(), monotonic())
         loop, coroutine = start(*request["args"], **request["kwargs"])
-        job = Job(self, callback, name, task_id)
+        job = Job(self, callback, name, task_id, tuple(getattr(task, "throws", ())))
         loop.call_soon_threadsafe(job.spawn, loop, coroutine)  # raises if the loop is closed: nothing to wait for
         with self._running_lock:
             self._running += 1
@@ -219,10 +223,14 @@ class AsyncioPool(BasePool):
 class Job:
     """One task's coroutine on the loop; tells the pool when it ends."""
 
-    __slots__ = ("pool", "callback", "name", "task_id", "started", "__weakref__")
+    __slots__ = ("pool", "callback", "name", "task_id", "expected", "started", "__weakref__")
 
-    def __init__(self, pool: AsyncioPool, callback: Callback | None, name: str, task_id: str) -> None:
+    def __init__(
+        self, pool: AsyncioPool, callback: Callback | None, name: str, task_id: str,
+        expected: tuple[type[BaseException], ...] = (),
+    ) -> None:
         self.pool, self.callback, self.name, self.task_id = pool, callback, name, task_id
+        self.expected = expected  # the task's `throws`
         self.started = monotonic()
 
     def spawn(self, loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any]) -> None:
@@ -236,8 +244,13 @@ class Job:
         if error is None:
             outcome: tuple[int, Any, float] = (0, repr(task.result()), runtime)
         else:
-            outcome = (1, ExceptionInfo((type(error), error, error.__traceback__)), runtime)
-        self.pool._finished_job(Finished(self.callback, outcome, self.name, self.task_id, error))
+            info = ExceptionInfo((type(error), error, error.__traceback__))
+            # Bare, as a prefork child's ExceptionInfo arrives unpickled: Celery's task-failed event
+            # shows repr() of it, which for billiard's wrapper is `ExceptionWithTraceback()`.
+            info.exception = error
+            outcome = (1, info, runtime)
+        expected = error is not None and isinstance(error, self.expected)
+        self.pool._finished_job(Finished(self.callback, outcome, self.name, self.task_id, error, expected))
 
 
 class Finished(NamedTuple):
@@ -248,6 +261,8 @@ class Finished(NamedTuple):
     name: str
     task_id: str
     error: BaseException | None
+    #: The error is one the task declares it raises (`throws`): an outcome, not a bug.
+    expected: bool = False
 
     def report(self) -> None:
         """Log it the way Celery's tracer does, then hand Celery its outcome (ack, events, requeue)."""
@@ -258,6 +273,10 @@ class Finished(NamedTuple):
                 trace_logger.info(LOG_SUCCESS, {**fields, "return_value": value, "runtime": runtime})
         elif isinstance(error, Reject):
             trace_logger.info(LOG_REJECTED, {**fields, "exc": error})
+        elif isinstance(error, Retry):
+            trace_logger.info(LOG_RETRY, {**fields, "exc": error})
+        elif self.expected:
+            trace_logger.info(LOG_FAILURE, {**fields, "exc": repr(error), "description": "raised expected"})
         else:
             trace_logger.error(LOG_FAILURE, {**fields, "exc": repr(error), "description": "raised unexpected"},
                                exc_info=(type(error), error, error.__traceback__))
@@ -272,7 +291,7 @@ class Finished(NamedTuple):
 
 
 class ConsumerWatchdog:
-    """Ends the process when Celery's consumer stopped running while Redis is up (bug 7).
+    """Ends the process when Celery's consumer stopped running while Redis is up (see the module docstring).
 
     The consumer's hub calls `seen` each time it runs the pool's reader; every
     `WATCH_INTERVAL_S` a thread of this pool pokes that reader (a byte in the wake
@@ -332,7 +351,7 @@ class ConsumerWatchdog:
 
 def _exit_stalled(silent_s: float) -> None:
     log.critical("Celery's consumer has not run for %.0f s while Redis answers (a consumer lost in a broker "
-                 "reconnect, docs/RELIABILITY.md bug 7): this worker stops so that its supervisor starts a new one; "
+                 "reconnect, https://github.com/celery/celery/issues/10205): this worker stops so that its supervisor starts a new one; "
                  "its running jobs run again when their leases run out", silent_s)
     os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown, if its main thread still runs
     time.sleep(STALL_EXIT_GRACE_S)

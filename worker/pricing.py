@@ -5,11 +5,12 @@ Three sources, in this order:
 1. A `pricing:` entry in the provider's config (`llmq.contract.config.ModelPrice`,
    USD per million tokens) wins over everything, so an operator can charge an
    internal rate even for local hardware.
-2. Local providers (ollama, LM Studio, LocalAI, vLLM, an in-process Hugging Face
-   pipeline, the mock) cost nothing: `Decimal(0)`, priced.
-3. The maintained table of pydantic's `genai-prices`, read from the data bundled
-   in the installed package. Only `genai_prices.UpdatePrices` ever fetches newer
-   prices over the network, and llmq never starts it, so pricing works offline
+2. Local providers (adapters with `local = True`: ollama, LM Studio, LocalAI, vLLM,
+   an in-process Hugging Face pipeline, the mock) cost nothing: `Decimal(0)`, priced.
+3. The maintained table of pydantic's `genai-prices`, under the provider id the
+   adapter class names (`price_provider_id`, `price_table_key`), read from the data
+   bundled in the installed package. Only `genai_prices.UpdatePrices` ever fetches
+   newer prices over the network, and llmq never starts it, so pricing works offline
    and a worker's figures change only when the package is upgraded.
 
 A model found in none of them is unpriced: `(None, False)`, never a guess.
@@ -36,27 +37,11 @@ from genai_prices.data_snapshot import get_snapshot
 
 from llmq.contract.config import ModelPrice
 from llmq.contract.models import Usage
+from llmq.worker.providers.registry import adapter_class
 
 logger = logging.getLogger(__name__)
 
 TOKENS_PER_MILLION = Decimal(1_000_000)
-
-#: Adapter types whose calls run on hardware the operator already pays for.
-LOCAL_PROVIDER_TYPES = frozenset({"ollama", "lmstudio", "localai", "vllm", "mock"})
-
-#: Our adapter type -> the provider id in genai-prices' data.
-GENAI_PRICES_PROVIDER_IDS: dict[str, str] = {
-    "openai": "openai",
-    "azure_openai": "azure",
-    "anthropic": "anthropic",
-    "gemini": "google",
-    "bedrock": "aws",
-}
-
-#: The Hugging Face router picks a backend with a `model:backend` suffix
-#: (https://huggingface.co/docs/inference-providers/en/providers/cerebras);
-#: genai-prices lists each backend as `huggingface_<backend>`.
-HUGGINGFACE_PROVIDER_PREFIX = "huggingface_"
 
 
 def cost_usd(
@@ -138,26 +123,14 @@ def _cost_from_table(
 
 def table_lookup(provider_type: str, model: str) -> tuple[str, str] | None:
     """The (genai-prices provider id, model reference) to price a call with, if any."""
-    if provider_type == "huggingface":
-        return _huggingface_lookup(model)
-    provider_id = GENAI_PRICES_PROVIDER_IDS.get(provider_type)
-    if provider_id is None and _known_provider_id(provider_type):
-        # An outside adapter named after a provider the table knows (groq, mistral, ...).
-        provider_id = provider_type
-    if provider_id is None:
+    try:
+        target = adapter_class(provider_type).price_table_key(model)
+    except KeyError:
+        # No adapter of that name in this process (a usage row from elsewhere): the name itself.
+        target = provider_type, model
+    if target is None or not _known_provider_id(target[0]):
         return None
-    return provider_id, model
-
-
-def _huggingface_lookup(model: str) -> tuple[str, str] | None:
-    model_ref, separator, backend = model.rpartition(":")
-    if not separator or not model_ref or not backend:
-        # No backend named: the router chooses one per call, so the rate is unknown.
-        return None
-    provider_id = HUGGINGFACE_PROVIDER_PREFIX + backend.lower()
-    if not _known_provider_id(provider_id):
-        return None
-    return provider_id, model_ref
+    return target
 
 
 def _known_provider_id(provider_id: str) -> bool:

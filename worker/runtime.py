@@ -10,7 +10,7 @@ Background loops on the same event loop:
 - promoter: publishes delayed jobs (retries, rate-limited waits, fallbacks) when due
 - reaper: re-runs jobs whose worker stopped renewing its lease; fails jobs past their deadline
 - lease renewer: keeps this process's running jobs' leases fresh
-and a child process that drains the SQL outbox (worker/outbox.py).
+and a child process that drains the SQL outbox (worker/store/outbox.py).
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from llmq.contract import keys
-from llmq.contract.jobs import JobStore
-from llmq.contract.queueing import async_redis, publish_messages
+from llmq.contract.jobs import EndedJob, JobStore
+from llmq.contract.queueing import Message, async_redis, publish_events, publish_messages
 from llmq.worker.middleware.base import Middleware, MiddlewareChain
+from llmq.worker.outcome import ended_events
 from llmq.worker.middleware.budget import BudgetMiddleware
 from llmq.worker.middleware.cache import CacheMiddleware
 from llmq.worker.middleware.circuit import CircuitBreakerMiddleware
@@ -81,6 +82,9 @@ class Runtime:
         self.app = app
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.running: set[str] = set()
+        #: Celery's consumer in this process, once the worker is ready (worker/app.py): its event
+        #: dispatcher says whether task events are on, and as which node.
+        self.consumer: Any = None
         self.providers: dict[str, LLMProvider] = {}
         self._publish_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llmq-publish")
         self.loop = new_event_loop()
@@ -115,10 +119,27 @@ class Runtime:
 
     # --- publishing ------------------------------------------------------------------
 
-    async def publish(self, messages: list[tuple[str, int, str]]) -> None:
-        """Send (job_id, dispatch, queue) messages; kombu is blocking, so off the loop."""
+    async def publish(self, messages: list[Message]) -> None:
+        """Send messages; kombu is blocking, so off the loop."""
         if messages:
             await self.loop.run_in_executor(self._publish_executor, publish_messages, self.app, messages)
+
+    @property
+    def tells_flower(self) -> bool:
+        """This process runs Celery's consumer (not a prefork child): it can send task events as its node."""
+        return self.consumer is not None
+
+    async def tell_flower(self, ended: list[EndedJob]) -> None:
+        """Celery's events for jobs that ended with no message to say it, if this worker sends task events now
+        (`--no-events` sends none until a monitor enables them)."""
+        dispatcher = getattr(self.consumer, "event_dispatcher", None)
+        if not ended or dispatcher is None or not dispatcher.enabled:
+            return
+        if dispatcher.groups and "task" not in dispatcher.groups:
+            return
+        await self.loop.run_in_executor(
+            self._publish_executor, publish_events, self.app, ended_events(ended), dispatcher.hostname
+        )
 
     # --- background ------------------------------------------------------------------
 
@@ -130,10 +151,11 @@ class Runtime:
     async def _promote_loop(self) -> None:
         while True:
             try:
-                due = await self.jobs.promote_due(500)
-                if due:
+                promoted = await self.jobs.promote_due(500, hand_out_ended=self.tells_flower)
+                await self.tell_flower(promoted.ended)
+                if promoted.messages or promoted.ended:
                     # Their watchdog entries stay until a worker claims them (see promote.lua).
-                    await self.publish([(job_id, dispatch, queue) for job_id, dispatch, queue, _ in due])
+                    await self.publish(promoted.messages)
                     continue
             except Exception as exc:  # Redis restarting: keep going, never die
                 log.warning("promoter: %s", exc)
@@ -166,7 +188,7 @@ class Runtime:
 
     async def _heartbeat_loop(self) -> None:
         """Say this process is alive (what `llmq up` and the tests wait for); notice Redis restarts."""
-        key = keys.WORKER_PREFIX + self.worker_id
+        key = keys.worker_heartbeat(self.worker_id)
         run_id: str | None = None
         while True:
             try:
@@ -185,7 +207,7 @@ class Runtime:
         run_id = str((await self.redis.info("server"))["run_id"])
         if known is not None and run_id != known:
             # One worker per restart does it; doing it twice would be harmless.
-            if await self.redis.set(keys.RESTART_RECHECK_PREFIX + run_id, self.worker_id, nx=True, ex=3600):
+            if await self.redis.set(keys.restart_recheck(run_id), self.worker_id, nx=True, ex=3600):
                 moved = await self.jobs.recheck_published()
                 log.warning("Redis restarted: %d published jobs no worker has claimed are looked at again now", moved)
         return run_id

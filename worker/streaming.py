@@ -1,6 +1,6 @@
 """The worker's side of streaming through the queue: chunks appended to the job's Redis Stream.
 
-See producer/streams.py for the entry format and the reader.
+See llmq.contract.streams for the entry format and llmq.client.streams for the reader.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         with redis.Redis.from_url(broker_url) as client:
             client.set(f"{READY_PREFIX}{os.getpid()}", "1", ex=600)
 
-    # The same worker arguments `llmq worker` passes (producer/cli.py cmd_worker).
+    # The same worker arguments `llmq worker` passes (producer/cli/worker.py cmd_worker).
     worker_args = ["worker", "--pool=threads", f"--concurrency={args.concurrency}", f"--queues={QUEUE}",
                    f"--loglevel={args.loglevel}", "--without-gossip", "--without-mingle"]
     if args.no_events:

@@ -36,7 +36,7 @@ def prompt(index: int) -> str:
 
 
 def expected_content(index: int) -> str:
-    """What FakeOpenAI answers (tests/fakes/base.py fake_reply_text)."""
+    """What FakeOpenAI answers (tests/support/fakes/base.py fake_reply_text)."""
     return f"Task: fake openai answer to '{prompt(index)}'"
 
 

@@ -14,10 +14,9 @@ import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from llmq.cli.embedded import free_port
-from llmq.cli.output import redact_url, summary_line, wait_with_bar
+from llmq.cli.output import CommandRegistrar, redact_url, summary_line, wait_with_bar
 from llmq.cli.stack import Stack, llmq_home, running_stack
 from llmq.client.batchfile import read_batch_file
 from llmq.client.service import LLMService
@@ -29,7 +28,7 @@ from llmq.contract.routing import plan_route
 WAIT_TIMEOUT_S = 600.0
 
 
-def add_commands(command: Any) -> None:
+def add_commands(command: CommandRegistrar) -> None:
     """Register the commands on the CLI's `command(name, handler, help)` helper."""
     demo = command("demo", cmd_demo, "bring the stack up, run a batch like the agent's, show results and costs")
     demo.add_argument("--requests", type=int, default=60, help="how many requests to send (default 60)")
@@ -65,6 +64,9 @@ def run_demo(config: LLMConfig, requests_path: Path, *, flower_port: int | None)
     with running_stack(config, flower_port=flower_port) as stack:
         print(f"\nStack up: redis {redact_url(stack.redis_url)}, {len(stack.processes)} processes"
               + (f", Flower at http://127.0.0.1:{flower_port}" if flower_port else ""))
+        if stack.flower_credentials is not None:
+            login = stack.flower_credentials
+            print(f"  Flower login: user {login.user}, password in {login.source}")
         service = LLMService(config, redis_url=stack.redis_url)
         items = read_batch_file(requests_path, service)
         for model in sorted({item.request.model for item in items}):

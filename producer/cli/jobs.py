@@ -1,7 +1,7 @@
 """`llmq submit | status | results | cancel | chat | tail | models`: the client's commands.
 
 Each one first checks that Redis answers (`LLMService.ping`), so a missing Redis is
-said within `client.connect_timeout_s`, not after a long retry; a wait already
+said within `CONNECT_TIMEOUT_S` (2 s), not after a long retry; a wait already
 under way rides out an outage and says so (client/waiting.py).
 """
 
@@ -11,11 +11,11 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from llmq.cli.output import (
     EXIT_ERROR,
+    CommandRegistrar,
     NoticeLines,
     NotFoundError,
     not_found,
@@ -28,11 +28,11 @@ from llmq.client.batchfile import read_batch_file
 from llmq.client.service import LLMService
 from llmq.client.status import ledger_backlog
 from llmq.contract import keys
-from llmq.contract.config import load_config
-from llmq.contract.models import BatchRecord
+from llmq.contract.config import LLMConfig, load_config
+from llmq.contract.models import BatchRecord, LLMResponse
 
 
-def add_commands(command: Any) -> None:
+def add_commands(command: CommandRegistrar) -> None:
     """Register the commands on the CLI's `command(name, handler, help)` helper."""
     command("models", cmd_models, "list the models of configured providers")
     submit = command("submit", cmd_submit, "enqueue a JSONL batch file; prints the batch id")
@@ -211,7 +211,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return _run(args, lambda service: _print_stream(service.stream_job(args.id, on_notice=_notices(service))))
 
 
-async def _print_stream(chunks: Any) -> int:
+async def _print_stream(chunks: AsyncIterator[LLMResponse]) -> int:
     async for chunk in chunks:
         if chunk.metadata.get("reset"):
             error = chunk.metadata.get("error", {})
@@ -226,7 +226,7 @@ async def _print_stream(chunks: Any) -> int:
     return 0
 
 
-def default_model(config: Any) -> str:
+def default_model(config: LLMConfig) -> str:
     names = [config.service.default_provider, *config.service.fallback_chain, *config.providers]
     for name in names:
         entry = config.providers.get(name) if name else None

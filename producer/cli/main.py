@@ -2,7 +2,7 @@
 
 Each command group is a module with `add_commands(command)`: `jobs` (submit,
 status, results, cancel, chat, tail, models), `reports` (providers, usage),
-`worker`, `stack` (up) and `demo`. A new command is one function in one of them.
+`worker`, `stack` (up), `serve` (serve, keys: the HTTP front) and `demo`. A new command is one function in one of them.
 Commands that run worker code import it inside the command, so the client's
 commands start without it.
 """
@@ -13,9 +13,9 @@ import argparse
 import logging
 import sys
 import traceback
-from typing import Any
+from collections.abc import Callable
 
-from llmq.cli import demo, jobs, reports, stack, worker
+from llmq.cli import demo, jobs, reports, serve, stack, worker
 from llmq.cli.output import EXIT_ERROR, EXIT_USAGE, hint, one_line
 from llmq.contract.config import ConfigError
 
@@ -42,14 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", "-v", action="store_true", help="show details and tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Any, help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
         # Also after the command (`llmq submit FILE -v`); SUPPRESS keeps a flag given before it.
         sub.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="show details and tracebacks")
         return sub
 
-    for module in (jobs, reports, worker, stack, demo):
+    for module in (jobs, reports, worker, stack, serve, demo):
         module.add_commands(command)
     return parser
 

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from llmq.client.service import LLMService
 from llmq.client.waiting import WaitNotice
 from llmq.contract.models import BatchRecord, JobRecord
 from llmq.contract.queueing import redact_url
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+
+#: `command(name, handler, help)`: what main.py hands each command module's `add_commands`.
+CommandRegistrar = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
 class NotFoundError(LookupError):
@@ -73,7 +77,7 @@ class NoticeLines:
 
 
 async def wait_with_bar(
-    service: Any, batch_id: str, *, timeout_s: float | None = None, on_poll: Any = None
+    service: LLMService, batch_id: str, *, timeout_s: float | None = None, on_poll: Callable[[], None] | None = None
 ) -> BatchRecord:
     """Wait for a batch with a progress bar; `on_poll()` runs on every poll (and may raise
     to stop waiting, e.g. when a process the caller started has died). Why the batch is not

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from llmq.cli.output import redact_url
+from llmq.cli.output import CommandRegistrar, redact_url
 from llmq.client.status import read_provider_status
 from llmq.contract import keys
 from llmq.contract.config import LLMConfig, load_config
@@ -31,7 +31,7 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 REDIS_TIMEOUT_S = 3.0
 
 
-def add_commands(command: Any) -> None:
+def add_commands(command: CommandRegistrar) -> None:
     """Register the commands on the CLI's `command(name, handler, help)` helper."""
     providers = command("providers", cmd_providers,
                         "every adapter and config entry: configured or not, circuit, health checks, last error, limits in use")
@@ -99,14 +99,16 @@ async def _limiter_usage_now(client: aioredis.Redis, config: LLMConfig, name: st
         from llmq.worker.limiter.limiter import RateLimiter
     except ImportError:
         return None
-    return await RateLimiter(client, key_prefix=keys.RATE_LIMIT_PREFIX).snapshot(name, config.provider(name).rate_limits)
+    return await RateLimiter(client).snapshot(name, config.provider(name).rate_limits)
 
 
 def describe_entry(config: LLMConfig, name: str, status: dict[str, Any] | None) -> list[str]:
+    from llmq.worker.limiter.limits import KINDS
+
     entry = config.provider(name)
-    limits = entry.rate_limits
+    paced = (kind for kind in KINDS if kind.mechanism == "bucket" and not kind.per_model)
     limit_text = ", ".join(
-        f"{value} {unit}" for value, unit in ((limits.requests_per_minute, "req/min"), (limits.tokens_per_minute, "tok/min")) if value
+        f"{value} {kind.label}" for kind in paced if (value := kind.value(entry.rate_limits, None))
     )
     lines = [f"models: {', '.join(entry.models) or '(any)'}" + (f"; limits: {limit_text}" if limit_text else "")]
     if status is None or not status["configured"]:
@@ -123,14 +125,15 @@ def describe_entry(config: LLMConfig, name: str, status: dict[str, Any] | None) 
 
 
 def describe_circuit(circuit: dict[str, Any], now_s: float) -> str:
+    calls, failures = circuit["window_calls"], circuit["window_failures"]
+    window = f"{failures} of {calls} recent calls failed"
     if circuit["state"] == "closed":
-        failures = circuit["failures"]
-        return "closed" + (f" ({failures} consecutive failure{'s' if failures != 1 else ''})" if failures else "")
+        return "closed" + (f" ({window})" if failures else "")
     if circuit["state"] == "half_open":
-        return "half-open (a probe is out)"
+        return "half-open (probing with health checks)"
     since = ago(circuit["opened_at"], now_s)
     probe = "probe due" if circuit["probe_due"] else f"probe in {circuit['probe_at'] - now_s:.0f}s"
-    return f"OPEN (opened {since} after {circuit['failures']} consecutive failures; skipped by routing; {probe})"
+    return f"OPEN (opened {since}: {window}; skipped by routing; {probe})"
 
 
 def describe_check(check: dict[str, Any] | None, now_s: float, name: str) -> str:
@@ -142,14 +145,16 @@ def describe_check(check: dict[str, Any] | None, now_s: float, name: str) -> str
 
 
 def describe_limits(snapshot: dict[str, Any] | None) -> str:
+    """The provider-wide limits set, as used/limit with each kind's unit (the limiter's KINDS)."""
     if not snapshot:
         return ""
+    from llmq.worker.limiter.limits import KINDS
+
     parts = []
-    for key, unit in (("requests_per_minute", "req/min"), ("tokens_per_minute", "tok/min"), ("max_concurrent", "in flight"),
-                      ("daily_tokens", "tokens today"), ("daily_cost_usd", "USD today")):
-        item = snapshot.get(key) or {}
+    for kind in (kind for kind in KINDS if not kind.per_model):
+        item = snapshot.get(kind.field) or {}
         if item.get("limit"):
-            parts.append(f"{item['used']}/{item['limit']} {unit}")
+            parts.append(f"{item['used']}/{item['limit']} {kind.label}")
     if snapshot.get("paused_for_s"):
         parts.append(f"paused {snapshot['paused_for_s']:.1f}s more")
     return ", ".join(parts)
@@ -245,8 +250,8 @@ async def budget_status(config: LLMConfig) -> dict[str, list[dict[str, Any]]] | 
         seconds, _ = await client.time()
         day = int(seconds) // 86400
         callers = [name for name in budgets.per_caller_daily_usd if name != "*"]
-        spent_callers = [await client.get(f"{keys.budget_spend('caller', name)}:{day}") for name in callers]
-        spent_providers = [await client.get(f"{keys.budget_spend('provider', name)}:{day}") for name in budgets.per_provider_daily_usd]
+        spent_callers = [await client.get(keys.budget_spend_day('caller', name, day)) for name in callers]
+        spent_providers = [await client.get(keys.budget_spend_day('provider', name, day)) for name in budgets.per_provider_daily_usd]
     except (OSError, aioredis.RedisError):
         return None
     finally:

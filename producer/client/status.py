@@ -1,8 +1,8 @@
 """The live status of each provider entry, and of the ledger's outbox, read from the shared keyspace.
 
-Workers write it (worker/circuit.lua for the circuit breaker and the last error,
-worker/health.py for health checks, worker/store/outbox.py for the outbox); this
-module only reads, so the producer never imports worker code. Times are epoch seconds.
+Workers write it (worker/middleware/lua/circuit.lua for the circuit breaker and the last error,
+worker/health.py for health checks, worker/store/outbox.py for the outbox); this module
+only reads, so the producer never imports worker code. Times are epoch seconds.
 """
 
 from __future__ import annotations
@@ -77,11 +77,13 @@ def _circuit(fields: dict[str, str], cooldown_s: float, now_s: float) -> dict[st
     probe_at: float | None = None
     if state == "open" and opened_at is not None:
         probe_at = opened_at + cooldown_s
-    elif state == "half_open":  # a probe is out; another may go once its time runs out
-        probe_at = _seconds(fields.get("probe_until")) or now_s
+    elif state == "half_open":  # probes are out; the next caller probes when a place is free
+        probe_at = now_s
     return {
         "state": state,
-        "failures": int(fields.get("failures") or 0),
+        # Calls and failed calls (a job counted once) in the breaker's window, as of its last change.
+        "window_calls": int(fields.get("window_calls") or 0),
+        "window_failures": int(fields.get("window_failures") or 0),
         "opened_at": opened_at,
         # When the circuit lets its next probe through; due = the next call or health check probes.
         "probe_at": probe_at,

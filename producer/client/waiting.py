@@ -17,6 +17,7 @@ when it is gone.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -25,11 +26,14 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 
 from llmq.client.errors import RedisUnreachableError
 from llmq.contract import keys
 from llmq.contract.jobs import WAITING_STATES, JobStore
 from llmq.contract.models import BatchRecord, JobRecord
+from llmq.contract.queueing import REDIS_URL_ENV
 
 #: Errors that mean Redis is away (down, restarting, or a dropped link), not a bad request.
 REDIS_AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
@@ -37,6 +41,8 @@ REDIS_AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, O
 WORKER_CHECK_S = 5.0
 #: A batch's jobs looked at per worker check (a window that moves along larger batches).
 JOBS_PER_CHECK = 1000
+#: The fail-fast client's read timeout: above a stream read's block (client/streams.py BLOCK_MS).
+POLL_SOCKET_TIMEOUT_S = 5.0
 
 NoticeKind = Literal["redis_unreachable", "redis_restarted", "no_live_worker"]
 RESTARTED = "Redis restarted (a new run id); carrying on"
@@ -48,12 +54,41 @@ class WaitNotice:
     text: str
 
 
+#: What a waiting caller passes to hear notices: a WaitNotice when the reason to wait changes, None when it is gone.
+Notify = Callable[[WaitNotice | None], None]
+
+
 def no_worker_text(queues: Iterable[str], *, what: str = "on") -> str:
     """The one message for queues no live worker consumes, with how to start one."""
     queues = list(queues)
     names = ",".join(queue.removeprefix(keys.QUEUE_PREFIX) for queue in queues)
     return (f"no live worker {what} {', '.join(queues)}; start one with `llmq worker --queues {names}`, "
             "or the whole stack with `llmq up`")
+
+
+def poll_client(url: str, connect_timeout_s: float, max_connections: int | None = None) -> aioredis.Redis:
+    """A Redis client that never retries and gives up on a connection within seconds: whoever polls
+    through it decides how long to keep trying, and can say why it waits meanwhile."""
+    options = {"max_connections": max_connections} if max_connections else {}
+    return aioredis.from_url(url, decode_responses=True, retry=AsyncRetry(NoBackoff(), 0),
+                             socket_connect_timeout=connect_timeout_s,
+                             socket_timeout=max(POLL_SOCKET_TIMEOUT_S, connect_timeout_s), **options)
+
+
+async def ping(client: aioredis.Redis, where: str, timeout_s: float) -> None:
+    """Return once Redis answers; after `timeout_s` without an answer, RedisUnreachableError naming `where`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await asyncio.wait_for(client.ping(), timeout_s)
+            return
+        except (*REDIS_AWAY, asyncio.TimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                raise RedisUnreachableError(
+                    f"cannot reach Redis at {where} within {timeout_s:g} s ({type(exc).__name__}: {exc}); start the "
+                    f"stack with `llmq up`, or point {REDIS_URL_ENV} at a running Redis"
+                ) from None
+            await asyncio.sleep(0.1)
 
 
 async def read_heartbeats(client: aioredis.Redis) -> list[dict[str, Any]]:
@@ -100,7 +135,7 @@ class WaitWatch:
 
     def __init__(
         self, jobs: JobStore, some_id: str, *, give_up_s: float,
-        on_notice: Callable[[WaitNotice | None], None] | None = None,
+        on_notice: Notify | None = None,
     ) -> None:
         self.jobs = jobs
         self.outage = Outage(some_id, give_up_s)
@@ -181,3 +216,38 @@ class WaitWatch:
 
 class Unavailable(Exception):
     """A poll found Redis away (already told to the caller); the wait polls again."""
+
+
+async def wait_until_done(
+    watch: WaitWatch, some_id: str, *, timeout_s: float | None = None,
+    on_progress: Callable[[BatchRecord], None] | None = None,
+) -> JobRecord | BatchRecord:
+    """`LLMService.wait`: poll through `watch` until the job or batch is done (see the module docstring)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    interval_s = 0.02
+    while True:
+        try:
+            record = await watch.poll(some_id)
+        except Unavailable:
+            record, interval_s = None, 0.5
+        else:
+            if record is None:
+                why = ("Redis restarted during the wait without its data (no persistence?); the SQL ledger "
+                       "has what finished before" if watch.restarted else "it may have expired from Redis")
+                raise KeyError(f"no job or batch with id {some_id!r} ({why})")
+            if isinstance(record, BatchRecord) and on_progress:
+                on_progress(record)
+            if record.done:
+                return record
+            await watch.check_workers(record)
+        if deadline is not None and time.monotonic() > deadline:
+            state = describe_state(record) if record is not None else "Redis unreachable"
+            raise TimeoutError(f"{some_id} not finished after {timeout_s}s (state: {state})")
+        await asyncio.sleep(interval_s)
+        interval_s = min(0.5, interval_s * 1.5)
+
+
+def describe_state(record: JobRecord | BatchRecord) -> str:
+    if isinstance(record, JobRecord):
+        return record.state.value
+    return ", ".join(f"{state.value} {count}" for state, count in record.counts.items() if count)

@@ -26,25 +26,20 @@ from pydantic import (
     model_validator,
 )
 
+from llmq.contract.validation import first_error
+
 CONFIG_ENV = "LLMQ_CONFIG"
 DEFAULT_CONFIG_PATHS = (Path("config/llm_service.yaml"), Path("llm_service.yaml"))
 #: A link to config/llm_service.yaml that the wheel carries as a file.
 PACKAGED_CONFIG = Path(__file__).parents[1] / "data" / "llm_service.yaml"
-ENTRY_POINT_GROUP = "llmq.providers"
 
-#: Adapters that ship with llmq (the registry in llmq.worker.providers maps each to a class).
-BUILTIN_PROVIDER_TYPES = (
-    "openai",
-    "azure_openai",
-    "anthropic",
-    "gemini",
-    "bedrock",
-    "ollama",
-    "lmstudio",
-    "localai",
-    "vllm",
-    "huggingface",
-    "mock",
+#: Provider adapters, llmq's own among them, are the entry points of this group
+#: (pyproject.toml); the worker's registry loads them, this module only reads their names.
+ENTRY_POINT_GROUP = "llmq.providers"
+#: What to do when the group is empty: the package was copied, not installed.
+REINSTALL_HINT = (
+    f"no adapters are registered under the {ENTRY_POINT_GROUP!r} entry points; "
+    "install llmq (pip install -e . in a checkout) so its entry points are written"
 )
 #: Names people use for an adapter that is served by another one.
 PROVIDER_TYPE_ALIASES = {"google": "gemini", "palm": "gemini", "azure": "azure_openai", "hf": "huggingface"}
@@ -171,14 +166,25 @@ class JobSettings(_Strict):
 
 
 class HealthSettings(_Strict):
-    """Health checks (Celery beat) and the circuit breaker each provider entry has."""
+    """Health checks (Celery beat) and the circuit breaker each provider entry has.
 
-    #: Seconds between two `health_check()` calls of a provider.
+    The breaker judges the provider over a sliding window of calls (a job that fails
+    again counts once), so a few requests a provider can never answer do not open it.
+    """
+
+    #: Seconds between two `health_check()` calls of a provider (sent by beat).
     interval_s: float = Field(default=30.0, gt=0)
-    #: Consecutive failures (health checks or calls) that open the circuit.
-    failure_threshold: int = Field(default=5, ge=1)
-    #: Seconds an open circuit skips the provider before one probe is let through.
+    #: The sliding window, in seconds, the breaker counts calls over.
+    window_s: float = Field(default=60.0, gt=0)
+    #: Calls in the window (jobs counted once, health checks) before the failure rate is judged.
+    minimum_calls: int = Field(default=10, ge=1)
+    #: Share of the window's calls that failed (0 to 1) at which the circuit opens.
+    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    #: Seconds an open circuit skips the provider before probes are let through.
     cooldown_s: float = Field(default=30.0, gt=0)
+    #: Probes (health checks of the breaker's own) a half-open circuit lets through at once;
+    #: the first that succeeds closes it, one that fails opens it for another cool-down.
+    half_open_probes: int = Field(default=3, ge=1)
 
 
 class BudgetSettings(_Strict):
@@ -199,11 +205,8 @@ class BudgetSettings(_Strict):
 class ClientSettings(_Strict):
     """How callers (`LLMService`, the `llmq` command) wait on Redis."""
 
-    #: A wait already under way gives up when Redis has been unreachable this long (seconds);
-    #: the jobs are not lost, and `llmq results ID` reads them once Redis is back.
+    #: A wait under way gives up after Redis has not answered this long (s); its jobs are not lost.
     redis_unreachable_s: float = Field(default=120.0, gt=0)
-    #: An interactive command (chat, submit, status, ...) says Redis cannot be reached after this long.
-    connect_timeout_s: float = Field(default=2.0, gt=0)
 
 
 class ServiceConfig(_Strict):
@@ -276,9 +279,12 @@ class LLMConfig:
 
 
 def known_provider_types() -> set[str]:
-    names = set(BUILTIN_PROVIDER_TYPES) | set(PROVIDER_TYPE_ALIASES)
-    names |= {entry.name for entry in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)}
-    return names
+    """Every `type:` a config may name: the adapters' entry-point names and the aliases.
+
+    Read from package metadata, so checking a config imports no adapter (and not the worker).
+    """
+    names = {entry.name for entry in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    return names | set(PROVIDER_TYPE_ALIASES) if names else set()
 
 
 def interpolate(value: Any, environ: dict[str, str], missing: dict[str, list[str]], path: str = "") -> Any:
@@ -315,7 +321,7 @@ def resolve_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
         return PACKAGED_CONFIG
     raise ConfigError(
         f"no config file found: pass --config PATH, set {CONFIG_ENV}, "
-        f"or create {DEFAULT_CONFIG_PATHS[0]} (see README, 'Configuration')"
+        f"or create {DEFAULT_CONFIG_PATHS[0]} (see docs/configuration.md)"
     )
 
 
@@ -349,21 +355,22 @@ def parse_config(text: str, source: Path | None = None, environ: dict[str, str] 
         service = ServiceConfig.model_validate(section)
     except ValidationError as exc:
         raise ConfigError(_describe(where, exc)) from None
+    known_types = known_provider_types()
     for name, entry in service.providers.items():
         entry.name = name
         prefix = f"llm_service.providers.{name}."
         entry.missing_env = tuple(sorted({var for key, names in missing.items() if key.startswith(prefix) for var in names}))
-        if entry.adapter_type not in known_provider_types():
+        if entry.adapter_type not in known_types:
+            fix = f"use one of: {', '.join(sorted(known_types))}" if known_types else REINSTALL_HINT
             raise ConfigError(
-                f"{where}: llm_service.providers.{name}.type: unknown adapter {entry.adapter_type!r}; "
-                f"use one of: {', '.join(sorted(known_provider_types()))}"
+                f"{where}: llm_service.providers.{name}.type: unknown adapter {entry.adapter_type!r}; {fix}"
             )
     return LLMConfig(service=service, path=source)
 
 
 _FIXES = {
     "missing": "add this key",
-    "extra_forbidden": "remove it or fix its spelling (see README, 'Configuration')",
+    "extra_forbidden": "remove it or fix its spelling (see docs/configuration.md)",
     "int_type": "use a whole number",
     "int_parsing": "use a whole number",
     "float_type": "use a number",
@@ -382,14 +389,11 @@ _FIXES = {
 
 
 def _describe(where: str, exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    location = ".".join(str(part) for part in ("llm_service", *error["loc"]))
+    error = first_error(exc, root=("llm_service",))
     # Never echo a value that may be a key: an unknown key's value, or any secret-named field.
-    quiet = error["type"] in {"missing", "extra_forbidden"} or isinstance(error.get("input"), dict) or any(
-        _SECRET_OPTION.search(str(part)) for part in error["loc"]
+    quiet = error.error_type in {"missing", "extra_forbidden"} or isinstance(error.input, dict) or any(
+        _SECRET_OPTION.search(part) for part in error.location.split(".")
     )
-    got = "" if quiet else f" (got {error['input']!r})"
-    fix = _FIXES.get(error["type"], "see README, 'Configuration'")
-    message = error["msg"].removeprefix("Value error, ")
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {location}: {message}{got}; fix: {fix}{more}"
+    got = "" if quiet else f" (got {error.input!r})"
+    fix = _FIXES.get(error.error_type, "see docs/configuration.md")
+    return f"{where}: {error.location}: {error.message}{got}; fix: {fix}{error.more}"

@@ -1,10 +1,11 @@
-"""Where llmq keeps its local state: `$LLMQ_HOME` (default `./.llmq`).
+"""Where a local stack keeps its files: `$LLMQ_HOME`, else `./.llmq`.
 
-It holds the SQLite ledger (`schema.database_url`), `llmq up`'s logs and Redis data,
-and, while `llmq up` runs, the address of its embedded Redis (`redis.url`): the
-commands run in the same directory read it when `LLMQ_REDIS_URL` is unset, so a
-second terminal finds the stack without copying a URL. The file holds the Redis
-password, so it is written readable by its owner only (mode 0600).
+It holds the SQLite ledger (`schema.database_url`), `llmq up`'s logs, Redis data
+and Flower password, and, while `llmq up` runs, the URL of its embedded Redis
+(`redis.url`): the commands run in the same directory read it when
+`LLMQ_REDIS_URL` is unset, so a second terminal finds the stack without copying
+a URL. That file holds the Redis password, so it is written readable by its
+owner only (mode 0600).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ STACK_REDIS_URL_FILE = "redis.url"
 
 
 def llmq_home() -> Path:
+    """The local stack's directory ($LLMQ_HOME, default ./.llmq), as an absolute path."""
     return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().resolve()
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 
@@ -25,19 +26,29 @@ from llmq.contract.models import (
     LLMResponse,
     replace_lone_surrogates,
 )
+from llmq.contract.labels import TaskLabel
+from llmq.contract.queueing import Message
 from llmq.contract.scripts import read_script
 
-WAITING_STATES = ("queued", "retrying", "rate_limited")
-ACTIVE_STATES = (*WAITING_STATES, "running")
+WAITING_STATES = (JobState.QUEUED, JobState.RETRYING, JobState.RATE_LIMITED)
+ACTIVE_STATES = (*WAITING_STATES, JobState.RUNNING)
 #: A published job not claimed this long, on a queue that holds no message, is published again.
 PUBLISH_GRACE_MS = 30_000
 #: The same watchdog interval for jobs the promoter publishes (retries, fallbacks, re-runs).
 PROMOTE_IN_FLIGHT_MS = 30_000
+#: promote.lua hands out job_id, dispatch, queue, label, attempt for each message to publish,
+#: and job_id, state, error for each job that ended with no message to tell it.
+PROMOTED_FIELDS = 5
+ENDED_FIELDS = 3
 #: A published job not yet claimed while its queue still holds messages is looked at again this soon.
 PROMOTE_RECHECK_MS = 5_000
 #: After Redis restarted, every published, unclaimed job is looked at again this soon (recheck.lua).
 RESTART_RECHECK_MS = 1_000
 
+
+#: Job option (`NewJob.options`) carrying the caller's own daily budget in USD (an HTTP front
+#: key's `--daily-usd`); the worker's budget middleware uses it before `per_caller_daily_usd`.
+CALLER_BUDGET_OPTION = "caller_daily_usd"
 
 #: Compare-and-delete for the locks several processes take (reaper, outbox flusher).
 RELEASE_LOCK = read_script(__file__, "release_lock.lua")
@@ -57,6 +68,13 @@ class NewJob:
     deadline_s: float = 3600.0
     options: dict[str, Any] = field(default_factory=dict)
 
+    @cached_property
+    def label(self) -> TaskLabel:
+        return TaskLabel.for_job(self.request, self.route[0], batch_id=self.batch_id, custom_id=self.custom_id)
+
+    def first_message(self) -> Message:
+        return Message(self.job_id, 1, keys.queue_name(self.route[0].provider), self.label)
+
     def fields(self) -> list[str]:
         values = {
             "job_id": self.job_id,
@@ -66,8 +84,33 @@ class NewJob:
             "batch_id": self.batch_id or "",
             "custom_id": self.custom_id or "",
             "options": json.dumps(self.options),
+            "label": self.label.stored(),
         }
         return [item for pair in values.items() for item in pair]
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What transition.lua did: whether the job moved, the state it was in, its dispatch number now."""
+
+    moved: bool
+    #: None when there is no such job (expired, or never created).
+    previous_state: JobState | None
+    dispatch: int
+
+
+class EndedJob(NamedTuple):
+    """A job that ended while no worker held a message for it: cancelled, or failed by the reaper."""
+
+    job_id: str
+    state: JobState
+    #: Its public error record (the job's `error` field), if it has one.
+    error: dict[str, Any] | None
+
+
+class Promoted(NamedTuple):
+    messages: list[Message]
+    ended: list[EndedJob]
 
 
 @dataclass(frozen=True)
@@ -147,9 +190,6 @@ class JobStore:
     async def batch_job_ids(self, batch_id: str) -> list[str]:
         return await self.redis.lrange(keys.batch_jobs(batch_id), 0, -1)
 
-    async def batch_job_id(self, batch_id: str, custom_id: str) -> str | None:
-        return await self.redis.hget(keys.batch_custom_ids(batch_id), custom_id)
-
     async def now_ms(self) -> int:
         seconds, micros = await self.redis.time()
         return int(seconds) * 1000 + int(micros) // 1000
@@ -159,7 +199,7 @@ class JobStore:
     async def claim(self, job_id: str, dispatch: int, worker: str, lease_ms: int) -> Claim:
         # The batch key is completed inside the script from the job's own batch_id: no extra round trip.
         result = await self._claim(
-            keys=[keys.job(job_id), keys.batch(""), keys.LEASES, keys.DELAYED],
+            keys=[keys.job(job_id), keys.BATCH_KEY_PREFIX, keys.LEASES, keys.DELAYED],
             args=[str(dispatch), worker, lease_ms],
         )
         if result[0] == "ok":
@@ -171,8 +211,8 @@ class JobStore:
         self,
         job_id: str,
         *,
-        new_state: str,
-        allowed: tuple[str, ...],
+        new_state: JobState,
+        allowed: tuple[JobState, ...],
         expected_dispatch: int | None = None,
         delay_ms: int = -1,
         new_dispatch: bool = False,
@@ -180,36 +220,50 @@ class JobStore:
         attempt: dict[str, Any] | None = None,
         rows: list[dict[str, Any]] | None = None,
         fields: dict[str, Any] | None = None,
-    ) -> tuple[bool, str, int]:
-        """Move a job if it is in one of `allowed` (and on `expected_dispatch`); returns (moved, old state, dispatch)."""
+    ) -> Transition:
+        """Move a job if it is in one of `allowed` (and on `expected_dispatch`)."""
         flat = [str(item) for pair in (fields or {}).items() for item in pair]
         moved, state, dispatch = await self._transition(
             keys=[
-                keys.job(job_id), keys.job_attempts(job_id), keys.batch(""), keys.LEASES,
+                keys.job(job_id), keys.job_attempts(job_id), keys.BATCH_KEY_PREFIX, keys.LEASES,
                 keys.DELAYED, keys.DEADLINES, keys.OUTBOX,
             ],
             args=[
-                "" if expected_dispatch is None else str(expected_dispatch), ",".join(allowed), new_state,
+                "" if expected_dispatch is None else str(expected_dispatch), ",".join(state.value for state in allowed),
+                new_state.value,
                 delay_ms, "1" if new_dispatch else "0", ttl_s,
                 _lua_json(attempt) if attempt else "", _lua_json(rows) if rows else "", *flat,
             ],
         )
-        return bool(int(moved)), str(state), int(dispatch)
+        # 'missing': no such job (expired or never created).
+        previous = None if state == "missing" else JobState(state)
+        return Transition(bool(int(moved)), previous, int(dispatch))
 
     async def cancel(self, job_id: str, ttl_s: int) -> bool:
         error = {"type": "JobCancelledError", "message": "cancelled by the caller", "retryable": False}
-        moved, _, _ = await self.transition(
-            job_id, new_state="cancelled", allowed=ACTIVE_STATES, new_dispatch=True, ttl_s=ttl_s,
-            fields={"error": json.dumps(error)},
+        # delay 0: due now in the delayed set, where the promoter finds it and a worker tells Flower (promote.lua).
+        done = await self.transition(
+            job_id, new_state=JobState.CANCELLED, allowed=ACTIVE_STATES, new_dispatch=True, ttl_s=ttl_s,
+            delay_ms=0, fields={"error": json.dumps(error)},
         )
-        return moved
+        return done.moved
 
-    async def promote_due(self, limit: int = 500) -> list[tuple[str, int, str, int]]:
-        flat = await self._promote(keys=[keys.DELAYED], args=[limit, PROMOTE_IN_FLIGHT_MS, keys.job(""), PROMOTE_RECHECK_MS])
-        return [
-            (flat[index], int(flat[index + 1]), flat[index + 2], int(flat[index + 3]))
-            for index in range(0, len(flat), 4)
-        ]
+    async def promote_due(self, limit: int = 500, *, hand_out_ended: bool = True) -> Promoted:
+        """Jobs that came due: the messages to publish (labelled for Flower with the attempt each
+        starts), and the jobs that ended with no message to tell Flower so (see promote.lua).
+        `hand_out_ended=False` leaves those to a process that can send Celery's events."""
+        messages, ended = await self._promote(
+            keys=[keys.DELAYED],
+            args=[limit, PROMOTE_IN_FLIGHT_MS, keys.JOB_KEY_PREFIX, PROMOTE_RECHECK_MS, int(hand_out_ended)],
+        )
+        return Promoted(
+            [Message(messages[index], int(messages[index + 1]), messages[index + 2],
+                     TaskLabel.from_stored(messages[index + 3], attempt=int(messages[index + 4] or 0) + 1))
+             for index in range(0, len(messages), PROMOTED_FIELDS)],
+            [EndedJob(ended[index], JobState(ended[index + 1]),
+                      json.loads(ended[index + 2]) if ended[index + 2] else None)
+             for index in range(0, len(ended), ENDED_FIELDS)],
+        )
 
     async def recheck_published(self, page: int = 1000) -> int:
         """After a Redis restart: every published job no worker has claimed is looked at within a second.
@@ -220,7 +274,7 @@ class JobStore:
         """
         moved_total = offset = 0
         while True:
-            moved, scanned = await self._recheck(keys=[keys.DELAYED], args=[RESTART_RECHECK_MS, keys.job(""), offset, page])
+            moved, scanned = await self._recheck(keys=[keys.DELAYED], args=[RESTART_RECHECK_MS, keys.JOB_KEY_PREFIX, offset, page])
             moved_total += int(moved)
             offset += int(scanned) - int(moved)
             if int(scanned) < page:
@@ -229,7 +283,7 @@ class JobStore:
     async def reap(self, limit: int, ttl_s: int) -> tuple[list[str], list[str]]:
         flat = await self._reap(
             keys=[keys.LEASES, keys.DEADLINES, keys.DELAYED, keys.OUTBOX],
-            args=[keys.job(""), keys.batch(""), limit, ttl_s],
+            args=[keys.JOB_KEY_PREFIX, keys.BATCH_KEY_PREFIX, limit, ttl_s],
         )
         split = flat.index("|")
         return flat[:split], flat[split + 1 :]

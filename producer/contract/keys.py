@@ -72,10 +72,31 @@ RESTART_RECHECK_PREFIX = f"{PREFIX}:restart-recheck:"
 WORKER_PREFIX = f"{PREFIX}:worker:"
 #: Hash provider -> JSON health record; and per-provider history lists.
 HEALTH = f"{PREFIX}:health"
-#: Prefix of rate-limit keys (see worker/ratelimit.lua).
+#: Prefix of rate-limit keys (the `rate_limit_*` builders below; worker/limiter/lua/ uses them).
 RATE_LIMIT_PREFIX = f"{PREFIX}:rl"
 #: Prefix of response-cache keys.
 CACHE_PREFIX = f"{PREFIX}:cache"
+
+
+def cache_entry(request_digest: str) -> str:
+    """String: one cached answer (LLMResponse JSON), keyed by the digest of the normalized request."""
+    return f"{CACHE_PREFIX}:{request_digest}"
+
+
+def worker_heartbeat(worker_id: str) -> str:
+    """String (JSON, short TTL): one live worker process's heartbeat (pid, queues, configured providers)."""
+    return WORKER_PREFIX + worker_id
+
+
+def restart_recheck(redis_run_id: str) -> str:
+    """String: taken by the one worker that rechecks published jobs after Redis restarted with this run id."""
+    return RESTART_RECHECK_PREFIX + redis_run_id
+
+
+#: Prefixes the Lua scripts complete with an id taken from a job record (a batch id, say):
+#: a script may only touch keys derived from what it is given, and these keep them in this module.
+JOB_KEY_PREFIX = f"{PREFIX}:job:"
+BATCH_KEY_PREFIX = f"{PREFIX}:batch:"
 
 
 def cache_stats(provider: str) -> str:
@@ -93,17 +114,86 @@ def health_history(provider: str) -> str:
 
 
 def circuit(provider: str) -> str:
-    """Hash: one provider entry's circuit breaker (state, failures, opened_at, probe, last error).
+    """Hash: one provider entry's circuit breaker (state, opened_at, window counts, last error).
 
-    Written only by worker/circuit.lua; read by `provider_status()`.
+    Written only by worker/middleware/lua/circuit.lua; read by `provider_status()`.
     """
     return f"{PREFIX}:circuit:{provider}"
+
+
+def circuit_failures(provider: str) -> str:
+    """Sorted set call id -> epoch ms: the failed calls in the circuit breaker's window (a job counts once)."""
+    return f"{PREFIX}:circuit:{provider}:failed"
+
+
+def circuit_successes(provider: str) -> str:
+    """Hash window bucket -> count: the successful calls in the circuit breaker's window."""
+    return f"{PREFIX}:circuit:{provider}:ok"
+
+
+def circuit_probes(provider: str) -> str:
+    """Sorted set probe token -> epoch ms its hold ends: the probes a half-open circuit let through."""
+    return f"{PREFIX}:circuit:{provider}:probes"
 
 
 def budget_spend(kind: str, name: str) -> str:
     """Base of the daily spend counters (micro-USD) of a caller or provider entry.
 
-    `kind` is "caller" or "provider"; worker/budget.lua appends ":<UTC day number>"
-    (days since the epoch, on Redis's clock) and expires each counter after two days.
+    `kind` is "caller" or "provider"; budget.lua appends ":<UTC day number>" (days since
+    the epoch, on Redis's clock; `budget_spend_day` is the same key) and expires each
+    counter after two days.
     """
     return f"{PREFIX}:budget:{kind}:{name}"
+
+
+def budget_spend_day(kind: str, name: str, utc_day: int) -> str:
+    """Counter (micro-USD) of one caller's or provider entry's spend on one UTC day (days since the epoch)."""
+    return f"{budget_spend(kind, name)}:{utc_day}"
+
+
+def rate_limit_scope(provider: str, *, api_key_id: str | None = None, model: str | None = None) -> str:
+    """Base of one scope's rate-limit keys: a provider entry, one of its API keys, a model under either.
+
+    The braces make the provider a Redis Cluster hash tag, so each limiter script touches one slot.
+    """
+    scope = f"{RATE_LIMIT_PREFIX}:{{{provider}}}"
+    if api_key_id is not None:
+        scope = f"{scope}:key:{api_key_id}"
+    if model is not None:
+        scope = f"{scope}:model:{model}"
+    return scope
+
+
+def rate_limit_pause(scope: str) -> str:
+    """String: epoch seconds until which the scope is paused (after a 429, or headers saying a limit is spent)."""
+    return f"{scope}:pause"
+
+
+def rate_limit_leases(scope: str) -> str:
+    """Sorted set lease id -> lease expiry (epoch s): the scope's calls in flight."""
+    return f"{scope}:leases"
+
+
+def rate_limit_daily(provider: str) -> str:
+    """Hash: day (UTC days since the epoch) and one counter per daily quota, provider-wide."""
+    return f"{rate_limit_scope(provider)}:daily"
+
+
+def rate_limit_bucket(scope: str, name: str) -> str:
+    """Hash: one paced bucket (`name`: rpm, tpm) with its line's places and, for tokens, its claim."""
+    return f"{scope}:{name}"
+
+
+def rate_limit_line(bucket: str) -> str:
+    """Sorted set lease id -> position: the callers waiting in line for the bucket `bucket`."""
+    return f"{bucket}:line"
+
+
+def rate_limit_usage(scope: str) -> str:
+    """Hash: the scope's requests and tokens in each of the last 60 one-second slots, for reports."""
+    return f"{scope}:usage"
+
+
+def caller_requests(caller: str) -> str:
+    """String (epoch s, float): one caller's requests/min bucket for the HTTP front (worker/limiter/lua/caller_limits.lua)."""
+    return f"{PREFIX}:caller:{caller}:requests"

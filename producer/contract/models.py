@@ -39,7 +39,7 @@ def id_problem(value: str) -> str | None:
     if "\x00" in value:
         return "must not contain a NUL character (\\u0000)"
     if _LONE_SURROGATE.search(value):
-        return "must be valid Unicode text (it holds a lone surrogate such as \\ud800)"
+        return "must be valid Unicode text (it holds a lone surrogate)"
     return None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -23,6 +23,7 @@ from redis.backoff import ExponentialBackoff
 from llmq.contract import keys
 from llmq.contract.config import LLMConfig
 from llmq.contract.home import read_stack_redis_url, stack_redis_url_path
+from llmq.contract.labels import TaskLabel
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +122,26 @@ def make_celery(
 #: Redis commands per pipelined round trip: each message is an LPUSH and its task-sent event's PUBLISH.
 PUBLISH_BATCH_COMMANDS = 1000
 
+
+class Message(NamedTuple):
+    """One `llmq.generate` message: the job id is the task id on every hop; `dispatch` numbers the
+    job's messages (a stale one is dropped at claim); `label` is what Flower shows (contract/labels.py)."""
+
+    job_id: str
+    dispatch: int
+    queue: str
+    label: TaskLabel | None = None
+
+
 #: Per app: the process that made it (kombu closes pools in a forked child) and the pool.
 _batch_producers: weakref.WeakKeyDictionary[Celery, tuple[int, ProducerPool]] = weakref.WeakKeyDictionary()
 
 
-def publish_messages(app: Celery, messages: list[tuple[str, int, str]]) -> None:
-    """Publish generate messages (job_id, dispatch, queue), pipelined: one round trip per ~500.
+def publish_messages(app: Celery, messages: list[Message]) -> None:
+    """Publish generate messages, pipelined: one round trip per ~500.
 
-    The job id is the Celery task id on every hop; the arguments carry nothing else. Celery's
+    The job id is the Celery task id on every hop; the arguments carry nothing else, and
+    Flower shows the message's label in their place (argsrepr/kwargsrepr). Celery's
     `send_task` builds each message and its task-sent event as always; kombu's `Producer.batch`
     only buffers the final Redis commands. Sent one by one, a batch of 2,000 took a round trip
     each (26-76 s while workers kept Redis busy). kombu only pipelines on a connection that does
@@ -148,18 +161,47 @@ def publish_messages(app: Celery, messages: list[tuple[str, int, str]]) -> None:
             _send(app, producer, messages)
 
 
-def _send(app: Celery, producer: Producer, messages: list[tuple[str, int, str]], *, buffered: bool = False) -> None:
+def _send(app: Celery, producer: Producer, messages: list[Message], *, buffered: bool = False) -> None:
     """`buffered`: into a pipeline, where nothing reaches Redis until it runs, so retrying each
     message is moot, and each queue is declared once (kombu copies the queue to check that on
     every message)."""
     declared: set[str] = set()
-    for job_id, dispatch, queue in messages:
+    for message in messages:
+        queue, label = message.queue, message.label
         options: dict[str, Any] = {"retry": False, "declare": [] if queue in declared else None} if buffered else {}
         declared.add(queue)
+        if label is not None:
+            # Flower's `retries` counts the attempts before this one.
+            options.update(argsrepr=label.argsrepr(), kwargsrepr=label.kwargsrepr(), retries=label.attempt - 1)
         app.send_task(
-            keys.TASK_GENERATE, args=[job_id, dispatch], task_id=job_id, queue=queue,
+            keys.TASK_GENERATE, args=[message.job_id, message.dispatch], task_id=message.job_id, queue=queue,
             routing_key=queue, producer=producer, **options,
         )
+
+
+class TaskEvent(NamedTuple):
+    """A Celery task event (what Flower shows) about a job no message of which could say it."""
+
+    type: str
+    job_id: str
+    fields: dict[str, Any]
+
+
+def publish_events(app: Celery, events: list[TaskEvent], hostname: str) -> None:
+    """Send task events, pipelined like messages, as the worker `hostname` (Flower lists any other
+    sender of a task event as a worker). They only inform: a failure is logged, never raised."""
+    if not events:
+        return
+    try:
+        with _batch_producer_pool(app).acquire(block=True) as producer, producer.batch(PUBLISH_BATCH_COMMANDS):
+            # Disabled: it opens nothing of its own; `publish` sends through the producer given, as
+            # Celery sends task-sent events.
+            dispatcher = app.events.Dispatcher(producer.connection, hostname=hostname, enabled=False,
+                                               buffer_while_offline=False)
+            for event in events:
+                dispatcher.publish(event.type, {"uuid": event.job_id, **event.fields}, producer)
+    except (KombuError, redis.exceptions.RedisError, OSError) as exc:
+        log.warning("%d task events for Flower not sent: %s", len(events), exc)
 
 
 def _batch_producer_pool(app: Celery) -> ProducerPool:

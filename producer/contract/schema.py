@@ -1,7 +1,9 @@
-"""The SQL ledger's schema: jobs, attempts, and one usage/cost row per attempt.
+"""The SQL schema: the ledger (jobs, attempts, one usage/cost row per attempt) and the
+HTTP front's own records (API keys, files, OpenAI-style batches).
 
-Both sides read it (the worker's store writes it, the command line's reports
-read it); which database is used comes from `LLMQ_DATABASE_URL` (`database_url`).
+Both sides read the ledger (the worker's store writes it, the command line's reports
+read it); the front's tables are written only by `llmq.http` and `llmq keys`. Which
+database is used comes from `LLMQ_DATABASE_URL` (`database_url`).
 
 Money is exact: `cost_usd` is NUMERIC(18, 10) on PostgreSQL. SQLite has no
 decimal type (SQLAlchemy would go through float), so there the column holds an
@@ -42,6 +44,7 @@ from sqlalchemy import (
     Dialect,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Numeric,
     String,
@@ -272,6 +275,62 @@ quarantine_table = Table(
     Column("error", EscapedText, nullable=False),
     Column("quarantined_at", UTCDateTime, nullable=False, default=_utcnow),
     Index("ix_llmq_quarantine_job_id", "job_id"),
+)
+
+# --- the HTTP front's records (llmq.http): durable, so they outlive Redis's result TTL -------
+
+api_keys_table = Table(
+    "llmq_api_keys",
+    metadata,
+    #: The caller's name: usage rows, budgets and `llmq usage --by caller` carry it.
+    Column("name", String, primary_key=True),
+    #: sha256 of the whole key, hex; the key itself is never stored.
+    Column("key_hash", String(64), nullable=False, unique=True),
+    #: The key's first characters, to tell keys apart in `llmq keys list`.
+    Column("key_prefix", String, nullable=False),
+    Column("daily_usd", ExactUSD),
+    Column("requests_per_minute", Integer),
+    #: Models the key may use (a JSON list); NULL: every model.
+    Column("models", EscapedJSON),
+    Column("created_at", UTCDateTime, nullable=False, default=_utcnow),
+    Column("revoked_at", UTCDateTime),
+)
+
+files_table = Table(
+    "llmq_files",
+    metadata,
+    Column("file_id", String, primary_key=True),
+    #: The key name that uploaded it (or the front that wrote a batch's output); only it reads the file.
+    Column("owner", String, nullable=False),
+    Column("purpose", String, nullable=False),
+    Column("filename", String, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("content", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False, default=_utcnow),
+    Index("ix_llmq_files_owner", "owner"),
+)
+
+openai_batches_table = Table(
+    "llmq_openai_batches",
+    metadata,
+    #: The llmq batch id itself: one batch, one id, in Redis, in the ledger and over HTTP.
+    Column("batch_id", String, primary_key=True),
+    Column("owner", String, nullable=False),
+    Column("input_file_id", String, nullable=False),
+    Column("endpoint", String, nullable=False),
+    Column("completion_window", String, nullable=False),
+    Column("lane", String, nullable=False),
+    Column("metadata", EscapedJSON),
+    #: Validation errors ({"line", "message", "param", "code"} each) when the batch failed before any job ran.
+    Column("errors", EscapedJSON),
+    #: request_counts once finalized (Redis forgets the batch after the result TTL).
+    Column("request_counts", EscapedJSON),
+    Column("output_file_id", String),
+    Column("error_file_id", String),
+    Column("created_at", UTCDateTime, nullable=False, default=_utcnow),
+    Column("cancelling_at", UTCDateTime),
+    Column("finished_at", UTCDateTime),
+    Index("ix_llmq_openai_batches_owner_created", "owner", "created_at"),
 )
 
 

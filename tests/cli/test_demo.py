@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
 from tests.cli.test_cli import clean_env, llmq_command
+from tests.conftest import REPO_ROOT
 
 REQUESTS = 20
 

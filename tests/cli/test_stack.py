@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from llmq.client.service import SyncLLMService
+from llmq.client.sync import SyncLLMService
 from llmq.contract import keys
 from llmq.contract.config import load_config
 from llmq.contract.models import BatchRecord, JobState

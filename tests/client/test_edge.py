@@ -17,7 +17,8 @@ import pytest
 import redis
 
 from llmq.client.batchfile import read_batch_file
-from llmq.client.service import BatchItem, RequestError, SyncLLMService
+from llmq.client.service import BatchItem, RequestError
+from llmq.client.sync import SyncLLMService
 from llmq.contract.config import parse_config
 from llmq.contract.models import MAX_METADATA_DEPTH, LLMRequest, LLMResponse
 

@@ -15,7 +15,7 @@ import pytest
 
 from llmq.cli.embedded import RedisServer, free_port
 from llmq.client.errors import NoLiveWorkerError, RedisUnreachableError
-from llmq.client.service import SyncLLMService
+from llmq.client.sync import SyncLLMService
 from llmq.client.waiting import WaitNotice
 from llmq.contract.config import parse_config
 from llmq.contract.models import JobState, LLMRequest

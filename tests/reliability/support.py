@@ -3,7 +3,7 @@
 Every scenario ends by tallying its jobs into `Figures` (submitted, succeeded,
 failed with a typed error, lost) and recording them: printed, and appended as a
 JSON line to the file named by `RELIABILITY_FIGURES` when it is set, which
-is where the tables in docs/RELIABILITY.md come from.
+is where the tables in docs/reliability.md come from.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 
 from llmq.cli.embedded import RedisServer
 from llmq.client.batchfile import MAX_LINE_BYTES, read_batch_file
-from llmq.client.service import BatchItem, RequestError, SyncLLMService
+from llmq.client.service import BatchItem, RequestError
+from llmq.client.sync import SyncLLMService
 from llmq.contract import keys
 from llmq.contract.config import parse_config
 from llmq.contract.models import (

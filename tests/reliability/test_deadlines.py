@@ -12,9 +12,9 @@ import pytest
 
 from llmq import LLMRequest
 from llmq.contract.models import JobState
+from tests.reliability.support import Figures, drain_ledger
 from tests.support.fakes.openai import FakeOpenAI
 from tests.support.harness import Cluster, openai_entry, service_config, start_cluster
-from tests.reliability.support import Figures, drain_ledger
 
 pytestmark = pytest.mark.slow
 

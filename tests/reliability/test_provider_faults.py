@@ -18,6 +18,7 @@ import pytest
 from llmq import LLMRequest
 from llmq.contract.config import ServiceConfig
 from llmq.contract.models import JobRecord, JobState
+from tests.reliability.support import Figures
 from tests.support.fakes.openai import FakeOpenAI
 from tests.support.harness import (
     Cluster,
@@ -26,7 +27,6 @@ from tests.support.harness import (
     service_config,
     start_cluster,
 )
-from tests.reliability.support import Figures
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ DEADLINE_SLACK_S = 6.0
 FOREVER = 10**6
 #: The circuit breaker would make single-provider jobs wait for the provider to heal, ending
 #: them with DeadlineExceededError; here each fault's own typed error is under test.
-CIRCUIT_NEVER_OPENS = {"health": {"failure_threshold": 1000000}} if "health" in ServiceConfig.model_fields else {}
+CIRCUIT_NEVER_OPENS = {"health": {"minimum_calls": 1000000}} if "health" in ServiceConfig.model_fields else {}
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,19 @@ from sqlalchemy import select
 
 from llmq import LLMRequest
 from llmq.cli.embedded import RedisServer
-from llmq.client.service import BatchItem, SyncLLMService
+from llmq.client.service import BatchItem
+from llmq.client.sync import SyncLLMService
 from llmq.contract.models import BatchRecord, JobRecord, JobState
 from llmq.worker.store.ledger import Store, jobs_table, usage_table
+from tests.reliability.support import (
+    Figures,
+    assert_each_attempt_recorded_once,
+    assert_ledger_matches,
+    client,
+    drain_ledger,
+    job_keys,
+    wait_until,
+)
 from tests.support.fakes.openai import FakeOpenAI
 from tests.support.harness import (
     Cluster,
@@ -32,15 +42,6 @@ from tests.support.harness import (
     openai_entry,
     service_config,
     start_cluster,
-)
-from tests.reliability.support import (
-    Figures,
-    assert_each_attempt_recorded_once,
-    assert_ledger_matches,
-    client,
-    drain_ledger,
-    job_keys,
-    wait_until,
 )
 
 pytestmark = pytest.mark.slow
@@ -106,7 +107,7 @@ def assert_none_stranded_before_claim(records: list[JobRecord]) -> None:
 
 
 def skip_if_consumer_lost(worker: WorkerProcess) -> None:
-    """Temporary: Celery's Redis consumer does not always come back from a Redis crash (upstream)."""
+    """Temporary: Celery's consumer may not survive a Redis crash (https://github.com/celery/celery/issues/10205)."""
     log = worker.log_path.read_text(errors="replace")
     if worker.process is None or worker.process.poll() is not None or "Unrecoverable error" in log:
         reason = "the worker process exited: its Celery consumer raised an unrecoverable error while reconnecting"
@@ -115,7 +116,7 @@ def skip_if_consumer_lost(worker: WorkerProcess) -> None:
     else:
         return
     pytest.skip(f"upstream bug (kombu/celery 5.7 Redis transport, cf. celery#10205): {reason}; llmq should exit "
-                "and be restarted when its consumer is gone (docs/RELIABILITY.md, bug 7)")
+                "and be restarted when its consumer is gone (https://github.com/celery/celery/issues/10205)")
 
 
 def succeeded_so_far(cluster: Cluster, batch_id: str) -> int:

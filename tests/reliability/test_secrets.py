@@ -6,7 +6,7 @@ one echoes the whole key in its error body (the worst case), one resets
 connections, and some jobs succeed. Then everything is scanned: every Redis key
 and value (Celery/kombu messages decoded, in queues and unacked), every SQL row,
 the worker logs, exception messages, and the CLI's output. Flower's API is
-scanned by tests/test_flower.py.
+scanned by tests/worker/test_flower.py.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from llmq.client.service import JobFailedError
 from llmq.contract.config import ConfigError, parse_config
 from llmq.contract.models import JobState
 from llmq.worker.store.ledger import metadata
+from tests.reliability.support import Figures, drain_ledger, wait_until
 from tests.support.fakes.anthropic import FakeAnthropic
 from tests.support.fakes.gemini import FakeGemini
 from tests.support.fakes.openai import FakeOpenAI
 from tests.support.harness import Cluster, fast_retry, service_config, start_cluster
-from tests.reliability.support import Figures, drain_ledger, wait_until
 
 pytestmark = pytest.mark.slow
 

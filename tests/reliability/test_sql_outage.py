@@ -22,11 +22,11 @@ from llmq import LLMRequest
 from llmq.contract import keys
 from llmq.contract.models import BatchRecord, JobState
 from llmq.worker.store.ledger import Store
+from tests.reliability.support import Figures, client, wait_until
+from tests.reliability.support import ledger_complete as support_ledger_complete
 from tests.support.fakes.openai import FakeOpenAI
 from tests.support.harness import Cluster, openai_entry, service_config, start_cluster
 from tests.support.pg import PostgresServer, postgres_or_skip
-from tests.reliability.support import Figures, client, wait_until
-from tests.reliability.support import ledger_complete as support_ledger_complete
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def stop_postgres(server: PostgresServer) -> None:
 
 
 def start_postgres_again(server: PostgresServer) -> None:
-    """The same data directory and port as tests/pg.py's start(), without a new initdb."""
+    """The same data directory and port as tests/support/pg.py's start(), without a new initdb."""
     log = open(server.root / "postgres.log", "ab")  # noqa: SIM115 - the server owns it
     server.process = subprocess.Popen(
         ["postgres", "-D", str(server.data_dir), "-p", str(server.port), "-k", str(server.socket_dir),

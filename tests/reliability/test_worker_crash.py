@@ -20,14 +20,6 @@ from redis import Redis
 from llmq import LLMRequest
 from llmq.contract.models import JobRecord, JobState
 from llmq.contract.queueing import visibility_timeout_s
-from tests.support.fakes.openai import FakeOpenAI
-from tests.support.harness import (
-    Cluster,
-    fast_retry,
-    openai_entry,
-    service_config,
-    start_cluster,
-)
 from tests.reliability.support import (
     Figures,
     alive,
@@ -39,6 +31,14 @@ from tests.reliability.support import (
     redis_now_ms,
     running_on,
     wait_until,
+)
+from tests.support.fakes.openai import FakeOpenAI
+from tests.support.harness import (
+    Cluster,
+    fast_retry,
+    openai_entry,
+    service_config,
+    start_cluster,
 )
 
 pytestmark = pytest.mark.slow

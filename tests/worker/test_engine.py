@@ -26,7 +26,7 @@ llm_service:
   jobs: {{deadline_s: 60, lease_s: 5}}
   # Each test here injects its own failures into one shared cluster: the circuit breaker
   # (tested in test_health.py) must not carry one test's failures into the next.
-  health: {{failure_threshold: 1000}}
+  health: {{minimum_calls: 1000}}
   providers:
     primary:
       type: openai

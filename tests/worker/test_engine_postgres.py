@@ -1,6 +1,6 @@
 """The batch-of-hundreds end to end with the SQL ledger on PostgreSQL: real redis-server,
 real `llmq worker` processes writing through their outbox to a throwaway PostgreSQL
-server (tests/pg.py), fake OpenAI servers over real HTTP. Skips where PostgreSQL is absent."""
+server (tests/support/pg.py), fake OpenAI servers over real HTTP. Skips where PostgreSQL is absent."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ llm_service:
   fallback_chain: [primary, backup]
   retry: {{max_attempts_per_provider: 2, backoff_base_s: 0.05, backoff_max_s: 0.2}}
   jobs: {{deadline_s: 60, lease_s: 5}}
-  health: {{interval_s: 0.5, failure_threshold: 3, cooldown_s: {cooldown_s}}}
+  health: {{interval_s: 0.5, minimum_calls: 3, cooldown_s: {cooldown_s}}}
   providers:
     primary:
       type: openai

@@ -1,7 +1,7 @@
 """worker/pool.py against Celery's pool contract, without a broker: what each outcome hands back to Celery.
 
 The real-process side (events, many calls in one process, warm shutdown) is in
-tests/test_worker_process.py; Reject-on-Redis-loss in tests/reliability.
+tests/worker/test_worker_process.py; Reject-on-Redis-loss in tests/reliability.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ import logging
 import select
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from billiard.einfo import ExceptionWithTraceback
 from celery import Celery
-from celery.exceptions import Reject
+from celery.exceptions import Reject, Retry
 
+from llmq.worker.errors import AuthenticationError, BadRequestError
 from llmq.worker.pool import AsyncioPool, ConsumerWatchdog
 
 
@@ -68,9 +69,11 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 def coroutine_task(
-    app: Celery, loop: asyncio.AbstractEventLoop, name: str, outcome: Callable[[], Any]
+    app: Celery, loop: asyncio.AbstractEventLoop, name: str, outcome: Callable[[], Any],
+    throws: tuple[type[BaseException], ...] = (),
 ) -> list[threading.Event]:
-    """A task whose `llmq_coroutine` gives a coroutine that ends after 50 ms with `outcome()`."""
+    """A task whose `llmq_coroutine` gives a coroutine that ends after 50 ms with `outcome()`;
+    `throws`: the exceptions it declares (outcomes, not bugs)."""
     ended: list[threading.Event] = []
 
     def start(*args: Any, **kwargs: Any) -> tuple[asyncio.AbstractEventLoop, Any]:
@@ -90,7 +93,7 @@ def coroutine_task(
     def body(*args: Any, **kwargs: Any) -> None:
         pass
 
-    task = app.task(name=name)(body)
+    task = app.task(name=name, throws=throws)(body)
     task.llmq_coroutine = start
     return ended
 
@@ -108,6 +111,15 @@ def apply(pool: AsyncioPool, name: str, args: list[Any]) -> tuple[list[Any], lis
     return accepted, outcomes
 
 
+def raising(error: BaseException) -> Callable[[], NoReturn]:
+    """A coroutine's outcome that raises `error`."""
+
+    def outcome() -> NoReturn:
+        raise error
+
+    return outcome
+
+
 def unwrapped(info: Any) -> BaseException:
     """The exception as Celery's Request.on_failure sees it (billiard wraps it with its traceback)."""
     exc = info.exception
@@ -115,10 +127,11 @@ def unwrapped(info: Any) -> BaseException:
 
 
 def run_once(
-    app: Celery, pool: AsyncioPool, loop: asyncio.AbstractEventLoop, name: str, outcome: Callable[[], Any]
+    app: Celery, pool: AsyncioPool, loop: asyncio.AbstractEventLoop, name: str, outcome: Callable[[], Any],
+    throws: tuple[type[BaseException], ...] = (),
 ) -> list[Any]:
     """One task through the pool: started at once, its end handed to Celery when the hub looks."""
-    ended = coroutine_task(app, loop, name, outcome)
+    ended = coroutine_task(app, loop, name, outcome, throws)
     hub = Hub()
     pool.register_with_event_loop(hub)
     accepted, outcomes = apply(pool, name, ["job-1", 3])
@@ -144,23 +157,42 @@ def test_a_finished_coroutine_reaches_celery_on_the_hub_thread(
 def test_a_reject_goes_back_as_a_failure_celery_turns_into_a_requeue(
     app: Celery, pool: AsyncioPool, loop: asyncio.AbstractEventLoop
 ) -> None:
-    def reject() -> None:
-        raise Reject("redis unavailable", requeue=True)
-
-    ((failed, info, _),) = run_once(app, pool, loop, "reject", reject)
+    ((failed, info, _),) = run_once(app, pool, loop, "reject", raising(Reject("redis unavailable", requeue=True)))
     assert failed == 1 and isinstance(unwrapped(info), Reject) and unwrapped(info).requeue
 
 
 def test_an_unexpected_error_is_logged_and_reported(
     app: Celery, pool: AsyncioPool, loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def boom() -> None:
-        raise ValueError("bug")
-
     with caplog.at_level(logging.ERROR, logger="celery.app.trace"):
-        ((failed, info, _),) = run_once(app, pool, loop, "boom", boom)
+        ((failed, info, _),) = run_once(app, pool, loop, "boom", raising(ValueError("bug")))
     assert failed == 1 and isinstance(unwrapped(info), ValueError)
     assert "boom[task-id] raised unexpected" in caplog.text and "bug" in caplog.text
+
+
+def test_a_retry_reaches_celery_bare_so_its_event_shows_the_cause(
+    app: Celery, pool: AsyncioPool, loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Celery's Request.on_retry sends task-retried with repr(info.exception.exc): the typed error.
+    hand_on = Retry("next: backup/gpt-4o-mini, attempt 2", exc=AuthenticationError("bad key"), when=0)
+    with caplog.at_level(logging.INFO, logger="celery.app.trace"):
+        ((failed, info, _),) = run_once(app, pool, loop, "hand-on", raising(hand_on))
+    assert failed == 1 and isinstance(info.exception, Retry)
+    assert repr(info.exception.exc) == "AuthenticationError('bad key')"
+    assert "hand-on[task-id] retry: next: backup/gpt-4o-mini, attempt 2" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_an_error_the_task_declares_is_an_outcome_logged_in_one_line(
+    app: Celery, pool: AsyncioPool, loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    refused = raising(BadRequestError("prompt refused"))
+    with caplog.at_level(logging.INFO, logger="celery.app.trace"):
+        ((failed, info, _),) = run_once(app, pool, loop, "refused", refused, throws=(BadRequestError,))
+    # Bare, as a prefork child's arrives: Celery's task-failed event shows repr() of it.
+    assert failed == 1 and repr(info.exception) == "BadRequestError('prompt refused')"
+    assert "refused[task-id] raised expected: BadRequestError('prompt refused')" in caplog.text
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_stop_waits_for_running_jobs_and_runs_their_callbacks(app: Celery, loop: asyncio.AbstractEventLoop) -> None:

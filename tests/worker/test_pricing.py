@@ -13,6 +13,8 @@ from genai_prices import data_snapshot
 from llmq.contract.config import ModelPrice
 from llmq.contract.models import Usage
 from llmq.worker.pricing import cost_usd
+from llmq.worker.providers import registry
+from llmq.worker.providers.mock import MockProvider
 
 MILLION = Decimal(1_000_000)
 
@@ -92,6 +94,18 @@ def test_each_cloud_adapter_reads_its_own_provider_in_the_table(
     usage = Usage.of(2_000, 500)
     expected = (2_000 * rates.input_mtok + 500 * rates.output_mtok) / MILLION
     assert cost_usd(provider_type, model, usage, overrides={}, local=False) == (expected, True)
+
+
+def test_the_table_id_is_the_adapter_class_attribute(monkeypatch: pytest.MonkeyPatch) -> None:
+    class HouseGateway(MockProvider):
+        type_name = "house_gateway"
+        price_provider_id = "openai"
+
+    monkeypatch.setitem(registry._registered, "house_gateway", HouseGateway)
+    rates = table_rates("openai", "gpt-4o")
+    usage = Usage.of(2_000, 500)
+    expected = (2_000 * rates.input_mtok + 500 * rates.output_mtok) / MILLION
+    assert cost_usd("house_gateway", "gpt-4o", usage, overrides={}, local=False) == (expected, True)
 
 
 def test_config_overrides_win_over_the_table() -> None:

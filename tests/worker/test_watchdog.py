@@ -1,11 +1,11 @@
-"""The claim watchdog (producer/lua/promote.lua) against a real redis-server.
+"""The claim watchdog (producer/contract/lua/promote.lua) against a real redis-server.
 
 A published job keeps an entry in the delayed set until a worker claims it. When the
 entry comes due: a lost message (its queue is empty) is handed out again; a job whose
 queue still holds messages is looked at again soon (after 5 s, or 1 ms per queued
 message), not after another whole grace period; finished and running jobs drop out.
 After Redis restarts, every published job not yet claimed comes due within a second
-(producer/lua/recheck.lua, run by the worker that notices the new run id).
+(producer/contract/lua/recheck.lua, run by the worker that notices the new run id).
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from llmq.contract.jobs import (
     PROMOTE_IN_FLIGHT_MS,
     PROMOTE_RECHECK_MS,
     RESTART_RECHECK_MS,
+    EndedJob,
     JobStore,
     NewJob,
+    Promoted,
 )
-from llmq.contract.models import Hop, LLMRequest
+from llmq.contract.models import Hop, JobState, LLMRequest
 from llmq.contract.queueing import async_redis
 
 QUEUE = keys.queue_name("openai")
@@ -61,19 +63,23 @@ async def scenario(redis_url: str, queued_messages: int) -> tuple[list, float, f
 
 def test_a_lost_message_is_handed_out_again_when_its_queue_is_empty(loop: asyncio.AbstractEventLoop, redis_url: str) -> None:
     handed_out, now_ms, score = loop.run_until_complete(scenario(redis_url, 0))
-    assert [(job_id, dispatch, queue) for job_id, dispatch, queue, _ in handed_out] == [("job_w", 1, QUEUE)]
+    messages = handed_out.messages
+    assert [(message.job_id, message.dispatch, message.queue) for message in messages] == [("job_w", 1, QUEUE)]
+    # Labelled for Flower: the names of the job, and the attempt the message starts.
+    label = handed_out.messages[0].label
+    assert label is not None and (label.model, label.provider, label.attempt) == ("gpt-4o-mini", "openai", 1)
     assert now_ms + PROMOTE_IN_FLIGHT_MS - 100 <= score <= now_ms + PROMOTE_IN_FLIGHT_MS + 1000
 
 
 def test_a_job_waiting_behind_messages_is_looked_at_again_soon(loop: asyncio.AbstractEventLoop, redis_url: str) -> None:
     handed_out, now_ms, score = loop.run_until_complete(scenario(redis_url, 3))
-    assert handed_out == []
+    assert handed_out.messages == []
     assert now_ms + PROMOTE_RECHECK_MS - 100 <= score <= now_ms + PROMOTE_RECHECK_MS + 1000
 
 
 def test_a_long_backlog_is_looked_at_less_often(loop: asyncio.AbstractEventLoop, redis_url: str) -> None:
     handed_out, now_ms, score = loop.run_until_complete(scenario(redis_url, 8000))
-    assert handed_out == []
+    assert handed_out.messages == []
     assert now_ms + 8000 - 100 <= score <= now_ms + 8000 + 1000  # 1 ms per queued message
 
 
@@ -91,7 +97,32 @@ def test_finished_and_missing_jobs_leave_the_watchdog(loop: asyncio.AbstractEven
         finally:
             await client.aclose()
 
-    assert loop.run_until_complete(run()) == ([], None, None)
+    assert loop.run_until_complete(run()) == (Promoted([], []), None, None)
+
+
+def test_a_job_cancelled_while_waiting_is_handed_out_once_for_flower(
+    loop: asyncio.AbstractEventLoop, redis_url: str
+) -> None:
+    # No message will ever run it again, so a worker's promoter tells Celery's events it was revoked
+    # (worker/outcome.py); a process that cannot send events (a prefork child) leaves it for one that can.
+    async def run() -> tuple[Promoted, Promoted, Promoted]:
+        client = async_redis(redis_url)
+        try:
+            await client.flushdb()
+            jobs = JobStore(client)
+            await jobs.create_many([make_job("job_c")], ttl_s=600)
+            assert await jobs.cancel("job_c", ttl_s=600)
+            left = await jobs.promote_due(hand_out_ended=False)
+            taken = await jobs.promote_due()
+            return left, taken, await jobs.promote_due()
+        finally:
+            await client.aclose()
+
+    left, taken, again = loop.run_until_complete(run())
+    assert left == Promoted([], [])
+    error = {"type": "JobCancelledError", "message": "cancelled by the caller", "retryable": False}
+    assert taken == Promoted([], [EndedJob("job_c", JobState.CANCELLED, error)])
+    assert again == Promoted([], [])
 
 
 def test_after_a_redis_restart_published_jobs_are_looked_at_within_a_second(

@@ -2,8 +2,8 @@
 
 OpenAI-style `x-ratelimit-{remaining,limit,reset}-{requests,tokens}` (resets as Go
 durations) and Anthropic's `anthropic-ratelimit-{name}-{remaining,limit,reset}`
-(resets as RFC 3339 times), plus `retry-after`. Split from worker/ratelimit.py, which
-acts on what this module reads.
+(resets as RFC 3339 times), plus `retry-after`. The limiter's header observer
+(limiter.py) pauses the fleet for what this module reads.
 """
 
 from __future__ import annotations

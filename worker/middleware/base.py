@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from llmq.contract.models import LLMResponse
+from llmq.contract.models import JobState, LLMResponse
 from llmq.worker import errors
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ class Serve:
 @dataclass(frozen=True)
 class Defer:
     delay_s: float
-    state: str = "rate_limited"
+    state: JobState = JobState.RATE_LIMITED
     reason: str = ""
 
 

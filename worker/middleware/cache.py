@@ -37,7 +37,7 @@ def cache_key(attempt: Attempt) -> str:
         "max_tokens": request.max_tokens,
     }
     digest = hashlib.sha256(json.dumps(normalized, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    return f"{keys.CACHE_PREFIX}:{digest}"
+    return keys.cache_entry(digest)
 
 
 class CacheMiddleware(Middleware):

@@ -17,10 +17,12 @@ import hashlib
 import random
 from typing import TYPE_CHECKING, Any
 
-from llmq.contract import keys
-from llmq.contract.models import LLMResponse
+from llmq.contract.config import RateLimits
+from llmq.contract.models import JobState, LLMResponse
 from llmq.worker import errors
-from llmq.worker.limiter.limiter import RateLimiter, estimate_request_tokens
+from llmq.worker.limiter.estimate import estimate_request_tokens
+from llmq.worker.limiter.limiter import RateLimiter
+from llmq.worker.limiter.limits import any_configured
 from llmq.worker.middleware.base import Defer, Middleware, Skip, Verdict
 from llmq.worker.providers.base import LLMProvider
 
@@ -39,13 +41,13 @@ DEFER_JITTER_S = 0.02
 class RateLimitMiddleware(Middleware):
     def start(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.limiter = RateLimiter(runtime.redis, key_prefix=keys.RATE_LIMIT_PREFIX)
+        self.limiter = RateLimiter(runtime.redis)
 
     def provider_created(self, provider: LLMProvider) -> None:
         if hasattr(provider, "header_observer"):
             provider.header_observer = self.limiter.observer_for(provider.name, self.runtime.loop)
 
-    def _limits(self, attempt: Attempt) -> Any:
+    def _limits(self, attempt: Attempt) -> RateLimits:
         return self.runtime.config.provider(attempt.hop.provider).rate_limits
 
     def _key_id(self, attempt: Attempt) -> str | None:
@@ -57,7 +59,7 @@ class RateLimitMiddleware(Middleware):
 
     async def before_attempt(self, attempt: Attempt) -> Verdict | None:
         limits = self._limits(attempt)
-        if not _has_limits(limits):
+        if not any_configured(limits):
             return None
         estimate = estimate_request_tokens(attempt.request.model_copy(update={"model": attempt.hop.model}))
         timeout_s = self.runtime.config.provider(attempt.hop.provider).timeout_s
@@ -76,7 +78,7 @@ class RateLimitMiddleware(Middleware):
                 provider=attempt.hop.provider, model=attempt.hop.model,
             ))
         # A little jitter, so jobs told the same wait do not all come back in the same instant.
-        return Defer(decision.wait_s + random.uniform(0.0, DEFER_JITTER_S), "rate_limited", reason=decision.limit or "rate limit")
+        return Defer(decision.wait_s + random.uniform(0.0, DEFER_JITTER_S), JobState.RATE_LIMITED, reason=decision.limit or "rate limit")
 
     async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
         reserved = attempt.scratch.pop("rate_limit_reserved", None)
@@ -116,10 +118,3 @@ def _counted_tokens(attempt: Attempt, response: LLMResponse) -> int | None:
 
 def _lease_id(attempt: Attempt) -> str:
     return f"{attempt.job_id}:{attempt.attempt}"
-
-
-def _has_limits(limits: Any) -> bool:
-    return any((
-        limits.requests_per_minute, limits.tokens_per_minute, limits.max_concurrent, limits.per_model,
-        limits.daily_tokens, limits.daily_cost_usd,
-    ))

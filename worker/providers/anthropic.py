@@ -25,18 +25,16 @@ Options (under `options:` in the provider's config entry):
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmq.contract.config import ProviderConfig
 from llmq.contract.models import LLMRequest, LLMResponse, Message, Usage
 from llmq.worker import errors
-from llmq.worker.providers.base import HTTPProvider, sse_events
+from llmq.worker.providers.http import HTTPProvider, StreamState, json_or_none
 
 API_VERSION = "2023-06-01"
 MESSAGES_PATH = "/v1/messages"
@@ -81,31 +79,57 @@ class AnthropicOptions(BaseModel):
     models_page_size: int = Field(default=1000, ge=1, le=1000)
 
 
-class AnthropicProvider(HTTPProvider):
+@dataclass
+class AnthropicStreamState(StreamState):
+    """What a stream has told us so far: the model, the usage, the stop reason."""
+
+    model: str = ""
+    message_id: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    stop_reason: str | None = None
+
+    def on_message_start(self, message: Mapping[str, Any]) -> None:
+        self.model = str(message.get("model") or self.model)
+        self.message_id = message.get("id")
+        self.usage.update(_known(message.get("usage")))
+
+    def on_block_start(self, block: Mapping[str, Any]) -> str | None:
+        # A text block normally starts empty, but the API may put text in it.
+        return str(block.get("text") or "") or None if block.get("type") == "text" else None
+
+    def on_block_delta(self, delta: Mapping[str, Any]) -> str | None:
+        # Only text_delta is answer text: thinking_delta and signature_delta belong to hidden
+        # reasoning, input_json_delta to tool calls, citations_delta to sources.
+        return str(delta.get("text") or "") or None if delta.get("type") == "text_delta" else None
+
+    def on_message_delta(self, payload: Mapping[str, Any]) -> None:
+        delta = payload.get("delta") or {}
+        self.stop_reason = delta.get("stop_reason") or self.stop_reason
+        # message_delta's usage counts are cumulative, so they replace (never add to) earlier ones.
+        self.usage.update(_known(payload.get("usage")))
+
+
+class AnthropicProvider(HTTPProvider[AnthropicStreamState]):
     type_name = "anthropic"
     description = "Anthropic Messages API (Claude)"
     requires_api_key = True
     supports_streaming = True
+    price_provider_id = "anthropic"
     default_base_url = "https://api.anthropic.com"
     request_id_headers = ("request-id",)
+    options_model = AnthropicOptions
     #: Inclusive temperature range the API accepts; routing may read it before choosing us.
     temperature_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
 
-    def __init__(self, config: ProviderConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        super().__init__(config, transport=transport)
-        self.options = AnthropicOptions.model_validate(config.options)
+    options: AnthropicOptions
 
     # --- requests -------------------------------------------------------------
 
-    def headers(self, model: str | None) -> dict[str, str]:
-        key = self.api_key
-        if key is None:
-            raise errors.AuthenticationError(
-                f"provider {self.name!r} has no api_key; set it in the config, "
-                'e.g. api_key: "${ANTHROPIC_API_KEY}"',
-                provider=self.name, model=model,
-            )
-        headers = {"x-api-key": key, "anthropic-version": self.options.api_version}
+    def request_path(self, model: str, *, stream: bool) -> str:
+        return MESSAGES_PATH
+
+    def build_headers(self, model: str | None, job_id: str | None) -> dict[str, str]:
+        headers = {"x-api-key": self.require_api_key(model), "anthropic-version": self.options.api_version}
         if self.options.beta:
             headers["anthropic-beta"] = ",".join(self.options.beta)
         return headers
@@ -140,33 +164,27 @@ class AnthropicProvider(HTTPProvider):
                 provider=self.name, model=request.model,
             )
 
-    # --- generate -------------------------------------------------------------
+    # --- answers --------------------------------------------------------------
 
-    async def generate(self, request: LLMRequest, *, job_id: str | None = None) -> LLMResponse:
-        body = self.build_body(request, stream=False)
-        headers = self.headers(request.model)
-        payload, response = await self.post_json(MESSAGES_PATH, body, model=request.model, headers=headers)
-        return self.parse_message(request, payload, response)
-
-    def parse_message(self, request: LLMRequest, payload: Any, response: httpx.Response) -> LLMResponse:
+    def parse_response(self, request: LLMRequest, body: Any, response: httpx.Response) -> LLMResponse:
         request_id = self.request_id(response)
-        if not _is_message(payload):
+        if not _is_message(body):
             raise errors.MalformedResponseError(
-                f"response is not an Anthropic message (needs content and usage): {str(payload)[:200]!r}",
+                f"response is not an Anthropic message (needs content and usage): {str(body)[:200]!r}",
                 provider=self.name, model=request.model, status_code=response.status_code, request_id=request_id,
             )
-        stop_reason = payload.get("stop_reason")
+        stop_reason = body.get("stop_reason")
         self.raise_if_refused(stop_reason, request.model, request_id)
         # Thinking, tool_use and other blocks are not answer text.
         text = "".join(
             str(block.get("text") or "")
-            for block in payload["content"]
+            for block in body["content"]
             if isinstance(block, dict) and block.get("type") == "text"
         )
         return self.response(
-            request, text, anthropic_usage(payload["usage"]),
-            model=payload.get("model"), finish_reason=finish_reason(stop_reason), stop_reason=stop_reason,
-            request_id=request_id, response_id=payload.get("id"),
+            request, text, anthropic_usage(body["usage"]),
+            model=body.get("model"), finish_reason=finish_reason(stop_reason), stop_reason=stop_reason,
+            request_id=request_id, response_id=body.get("id"),
         )
 
     def raise_if_refused(self, stop_reason: Any, model: str | None, request_id: str | None) -> None:
@@ -179,27 +197,15 @@ class AnthropicProvider(HTTPProvider):
 
     # --- streaming ------------------------------------------------------------
 
-    async def stream_generate(self, request: LLMRequest, *, job_id: str | None = None) -> AsyncIterator[LLMResponse]:
-        body = self.build_body(request, stream=True)
-        state = StreamState(model=request.model)
-        headers = self.headers(request.model)
-        async with self.open_stream(MESSAGES_PATH, body, model=request.model, headers=headers) as response:
-            state.request_id = self.request_id(response)
-            async with self.translate_errors(request.model):
-                async for event, data in sse_events(response):
-                    text = self.on_event(event, data, state, request.model)
-                    if text:
-                        yield self.response(request, text, Usage(), model=state.model)
-                    if state.finished:
-                        break
-        yield self.finish_stream(request, state)
+    def new_stream_state(self, request: LLMRequest, request_id: str | None) -> AnthropicStreamState:
+        return AnthropicStreamState(request, request_id, model=request.model)
 
-    def on_event(self, event: str | None, data: str, state: StreamState, model: str) -> str | None:
-        """Apply one server-sent event to the stream's state; returns new answer text, if any."""
-        payload = self.event_payload(data, state, model)
-        kind = payload.get("type") or event
+    def parse_stream_event(self, event: tuple[str | None, str], state: AnthropicStreamState) -> str | None:
+        name, data = event
+        payload = self.parse_event_json(data, state.request.model, state.request_id)
+        kind = payload.get("type") or name
         if kind == "error":
-            raise self.stream_error(payload, state, model)
+            raise self.error_from_body(payload, state.request.model, state.request_id)
         if kind == "message_start":
             state.on_message_start(payload.get("message") or {})
         elif kind == "content_block_start":
@@ -214,34 +220,14 @@ class AnthropicProvider(HTTPProvider):
         # allows new ones) carry nothing the answer needs.
         return None
 
-    def event_payload(self, data: str, state: StreamState, model: str) -> dict[str, Any]:
-        try:
-            payload = json.loads(data)
-        except json.JSONDecodeError:
-            payload = None
-        if not isinstance(payload, dict):
-            raise errors.MalformedResponseError(
-                f"stream event is not a JSON object: {data[:200]!r}",
-                provider=self.name, model=model, request_id=state.request_id,
-            )
-        return payload
+    def stream_chunk(self, state: AnthropicStreamState, text: str) -> LLMResponse:
+        return self.response(state.request, text, Usage(), model=state.model)
 
-    def stream_error(self, payload: Mapping[str, Any], state: StreamState, model: str) -> errors.ProviderError:
-        """An `event: error` inside a 200 stream, as the same typed error its HTTP status would give."""
-        error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
-        error_type = str(error.get("type") or "")
-        message = self.redact(str(error.get("message") or error_type or "error event in stream"))
-        error_class = self.classify_error(0, payload, message)
-        return error_class(
-            f"stream broke with {error_type or 'an error'}: {message}",
-            provider=self.name, model=model, request_id=state.request_id or payload.get("request_id"),
-        )
-
-    def finish_stream(self, request: LLMRequest, state: StreamState) -> LLMResponse:
+    def finish_stream(self, state: AnthropicStreamState) -> LLMResponse:
+        request = state.request
         if not state.finished:
-            raise errors.MalformedResponseError(
-                "stream ended before message_stop; the answer is incomplete",
-                provider=self.name, model=request.model, request_id=state.request_id,
+            raise self.malformed(
+                "stream ended before message_stop; the answer is incomplete", request.model, state.request_id
             )
         self.raise_if_refused(state.stop_reason, request.model, state.request_id)
         return self.final_chunk(
@@ -260,7 +246,9 @@ class AnthropicProvider(HTTPProvider):
             params = {"limit": str(self.options.models_page_size)}
             if after_id:
                 params["after_id"] = after_id
-            page = await self.get_json(f"{MODELS_PATH}?{httpx.QueryParams(params)}", headers=self.headers(None))
+            page = await self.get_json(
+                f"{MODELS_PATH}?{httpx.QueryParams(params)}", headers=self.build_headers(None, None)
+            )
             if not isinstance(page, dict) or not isinstance(page.get("data"), list):
                 raise errors.MalformedResponseError(
                     f"model list has no data array: {str(page)[:200]!r}", provider=self.name
@@ -270,16 +258,23 @@ class AnthropicProvider(HTTPProvider):
             if not page.get("has_more") or not after_id:
                 return models
 
-    async def health_check(self) -> bool:
-        try:
-            await self.get_json(f"{MODELS_PATH}?limit=1", headers=self.headers(None))
-        except Exception:  # a health check reports, it never raises
-            return False
-        return True
+    async def probe(self) -> None:
+        await self.get_json(f"{MODELS_PATH}?limit=1", headers=self.build_headers(None, None))
 
     # --- errors ---------------------------------------------------------------
 
-    def classify_error(self, status_code: int, body: Any, message: str) -> type[errors.ProviderError]:
+    def error_from_body(self, body: Any, model: str | None, request_id: str | None = None) -> errors.ProviderError:
+        """An `event: error` inside a 200 stream, as the same typed error its HTTP status would give."""
+        error = body.get("error") if isinstance(body.get("error"), dict) else {}
+        error_type = str(error.get("type") or "")
+        message = self.redact(str(error.get("message") or error_type or "error event in stream"))
+        error_class = self.map_error(0, body, message)
+        return error_class(
+            f"stream broke with {error_type or 'an error'}: {message}",
+            provider=self.name, model=model, request_id=request_id or body.get("request_id"),
+        )
+
+    def map_error(self, status_code: int, body: Any, message: str) -> type[errors.ProviderError]:
         """The body's `error.type` where the status alone is generic; the status otherwise."""
         if CONTEXT_WINDOW_MESSAGE in message.lower() and status_code in (0, 400):
             return errors.ContextWindowExceededError
@@ -296,43 +291,8 @@ class AnthropicProvider(HTTPProvider):
         header_id = super().request_id(response)
         if header_id or response.status_code < 400:
             return header_id
-        try:  # error bodies repeat the id, which survives proxies that drop headers
-            body = response.json()
-        except Exception:
-            return None
+        body = json_or_none(response)  # error bodies repeat the id, which survives proxies that drop headers
         return str(body["request_id"]) if isinstance(body, dict) and body.get("request_id") else None
-
-
-@dataclass
-class StreamState:
-    """What a stream has told us so far: the model, the usage, the stop reason."""
-
-    model: str
-    request_id: str | None = None
-    message_id: str | None = None
-    usage: dict[str, Any] = field(default_factory=dict)
-    stop_reason: str | None = None
-    finished: bool = False
-
-    def on_message_start(self, message: Mapping[str, Any]) -> None:
-        self.model = str(message.get("model") or self.model)
-        self.message_id = message.get("id")
-        self.usage.update(_known(message.get("usage")))
-
-    def on_block_start(self, block: Mapping[str, Any]) -> str | None:
-        # A text block normally starts empty, but the API may put text in it.
-        return str(block.get("text") or "") or None if block.get("type") == "text" else None
-
-    def on_block_delta(self, delta: Mapping[str, Any]) -> str | None:
-        # Only text_delta is answer text: thinking_delta and signature_delta belong to hidden
-        # reasoning, input_json_delta to tool calls, citations_delta to sources.
-        return str(delta.get("text") or "") or None if delta.get("type") == "text_delta" else None
-
-    def on_message_delta(self, payload: Mapping[str, Any]) -> None:
-        delta = payload.get("delta") or {}
-        self.stop_reason = delta.get("stop_reason") or self.stop_reason
-        # message_delta's usage counts are cumulative, so they replace (never add to) earlier ones.
-        self.usage.update(_known(payload.get("usage")))
 
 
 def to_anthropic_messages(messages: list[Message]) -> tuple[str | None, list[dict[str, str]]]:

@@ -34,6 +34,7 @@ class AzureOpenAIProvider(OpenAIProvider):
     description = "Azure OpenAI (Chat Completions on your Azure deployments)"
     default_base_url = None  # every resource has its own endpoint
     requires_api_key = True
+    price_provider_id = "azure"
     # APIM's id comes first: it is the one Azure support asks for.
     request_id_headers: ClassVar[tuple[str, ...]] = ("apim-request-id", "x-request-id")
     options_model: ClassVar[type[ChatCompletionsOptions]] = AzureOpenAIOptions
@@ -45,16 +46,14 @@ class AzureOpenAIProvider(OpenAIProvider):
     def deployment_for(self, model: str) -> str:
         return self.options.deployments.get(model, model)
 
-    def chat_path(self, model: str) -> str:
+    def request_path(self, model: str, *, stream: bool) -> str:
         deployment = quote(self.deployment_for(model), safe="")
         return f"/openai/deployments/{deployment}/chat/completions?api-version={quote(self.options.api_version)}"
 
-    def auth_headers(self) -> dict[str, str]:
-        if not self.api_key:
-            return {}
-        if self.options.auth == "bearer":
-            return {"Authorization": f"Bearer {self.api_key}"}
-        return {"api-key": self.api_key}
+    def build_headers(self, model: str | None, job_id: str | None) -> dict[str, str]:
+        key = self.require_api_key(model)
+        auth = {"Authorization": f"Bearer {key}"} if self.options.auth == "bearer" else {"api-key": key}
+        return auth | self.client_request_id(job_id)
 
     async def get_available_models(self) -> list[str]:
         """The models this entry is configured for, each served by its deployment.
@@ -65,14 +64,8 @@ class AzureOpenAIProvider(OpenAIProvider):
         """
         return list(dict.fromkeys([*self.config.models, *self.options.deployments]))
 
-    async def health_check(self) -> bool:
+    async def probe(self) -> None:
         """The resource answers an authenticated data-plane call (`GET /openai/models`)."""
-        if not self.api_key:
-            return False
-        try:
-            await self.get_json(
-                f"/openai/models?api-version={quote(self.options.api_version)}", headers=self.request_headers(None)
-            )
-        except Exception:  # a health check reports, it never raises
-            return False
-        return True
+        await self.get_json(
+            f"/openai/models?api-version={quote(self.options.api_version)}", headers=self.build_headers(None, None)
+        )

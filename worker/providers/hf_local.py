@@ -78,12 +78,16 @@ class TransformersPipelineProvider(LLMProvider):
     type_name = "huggingface"
     description = "Hugging Face transformers model run in-process (options.mode: pipeline)"
     local = True
+    # Its health check only says the model loads; a job is the better probe of an in-process model.
+    health_probe = False
     requires_api_key = False
     supports_streaming = True
+    options_model = PipelineOptions
+
+    options: PipelineOptions
 
     def __init__(self, config: ProviderConfig, **_: object) -> None:
         super().__init__(config)
-        self.options = PipelineOptions.model_validate(config.options)
         require_backend()
         self._loaded: _Loaded | None = None
         self._load_lock = threading.Lock()

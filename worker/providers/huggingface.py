@@ -53,6 +53,8 @@ class HuggingFaceProvider(OpenAIProvider):
     chat_completions_path: ClassVar[str] = "/v1/chat/completions"
     models_path: ClassVar[str] = "/v1/models"
     client_request_id_header: ClassVar[str | None] = None
+    #: genai-prices lists each backend of the router as `huggingface_<backend>`.
+    price_provider_id = "huggingface"
 
     def __new__(cls, config: ProviderConfig, *args: Any, **kwargs: Any) -> LLMProvider:
         if config.options.get("mode") == "pipeline":
@@ -62,8 +64,18 @@ class HuggingFaceProvider(OpenAIProvider):
             return TransformersPipelineProvider(config)
         return super().__new__(cls)
 
-    def classify_error(self, status_code: int, body: Any, message: str) -> type[errors.ProviderError]:
-        by_code = super().classify_error(status_code, body, message)
+    @classmethod
+    def price_table_key(cls, model: str) -> tuple[str, str] | None:
+        """The router picks a backend by a `model:backend` suffix
+        (https://huggingface.co/docs/inference-providers/en/providers/cerebras), priced at that backend's rates."""
+        model_ref, separator, backend = model.rpartition(":")
+        if not separator or not model_ref or not backend:
+            # No backend named: the router chooses one per call, so the rate is unknown.
+            return None
+        return f"{cls.price_provider_id}_{backend.lower()}", model_ref
+
+    def map_error(self, status_code: int, body: Any, message: str) -> type[errors.ProviderError]:
+        by_code = super().map_error(status_code, body, message)
         if by_code is errors.ContextWindowExceededError:
             return by_code
         error_type = body.get("error_type") if isinstance(body, dict) else None

@@ -50,12 +50,14 @@ class MockProvider(LLMProvider):
     local = True
     simulated = True
     supports_streaming = True
+    options_model = MockOptions
 
     chunks_per_answer: ClassVar[int] = 8
 
+    options: MockOptions
+
     def __init__(self, config: ProviderConfig, **_: object) -> None:
         super().__init__(config)
-        self.options = MockOptions.model_validate(config.options)
         if self.options.fail_with not in errors.ERRORS_BY_NAME:
             raise ValueError(f"mock option fail_with: unknown error {self.options.fail_with!r}")
         self._random = random.Random(self.options.seed)
@@ -95,9 +97,6 @@ class MockProvider(LLMProvider):
                 self._maybe_fail(request)
             yield self.response(request, piece, Usage())
         yield self.final_chunk(request, usage, finish_reason="stop")
-
-    async def get_available_models(self) -> list[str]:
-        return list(self.config.models)
 
     async def health_check(self) -> bool:
         return True

@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmq.contract.config import ProviderConfig
 from llmq.contract.models import LLMRequest, LLMResponse, Usage
 from llmq.worker import errors
-from llmq.worker.providers.base import HTTPProvider, ndjson_lines
+from llmq.worker.providers.http import HTTPProvider, StreamState, ndjson_lines
 
 #: Ollama reports these in nanoseconds; they go into response metadata under `<name>_ns`.
 DURATION_FIELDS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
@@ -45,7 +45,15 @@ class OllamaOptions(BaseModel):
     keep_alive: str | int | None = None
 
 
-class OllamaProvider(HTTPProvider):
+@dataclass
+class OllamaStreamState(StreamState):
+    #: The model named by the latest line.
+    model: str | None = None
+    #: The line with `done: true`: it carries the counts and durations.
+    last_line: dict[str, Any] = field(default_factory=dict)
+
+
+class OllamaProvider(HTTPProvider[OllamaStreamState]):
     type_name = "ollama"
     description = "Ollama's native API (/api/chat) on a local or LAN server"
     local = True
@@ -53,19 +61,18 @@ class OllamaProvider(HTTPProvider):
     supports_streaming = True
     default_base_url = "http://localhost:11434"
     request_id_headers: ClassVar[tuple[str, ...]] = ()
+    options_model = OllamaOptions
 
-    def __init__(self, config: ProviderConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        super().__init__(config, transport=transport)
-        self.options = OllamaOptions.model_validate(config.options)
+    options: OllamaOptions
 
     # --- requests -------------------------------------------------------------
+    # Headers: the default, as plain Ollama needs no key; one configured goes as Bearer for a proxy
+    # (or ollama.com) in front.
 
-    def headers(self) -> dict[str, str] | None:
-        # Plain Ollama needs no key; one configured is sent for a proxy (or ollama.com) in front.
-        key = self.api_key
-        return {"authorization": f"Bearer {key}"} if key else None
+    def request_path(self, model: str, *, stream: bool) -> str:
+        return "/api/chat"
 
-    def request_body(self, request: LLMRequest, *, stream: bool) -> dict[str, Any]:
+    def build_body(self, request: LLMRequest, *, stream: bool) -> dict[str, Any]:
         options: dict[str, Any] = {"temperature": request.temperature, "num_predict": request.max_tokens}
         if self.options.num_ctx is not None:
             options["num_ctx"] = self.options.num_ctx
@@ -79,73 +86,58 @@ class OllamaProvider(HTTPProvider):
             body["keep_alive"] = self.options.keep_alive
         return body
 
-    async def generate(self, request: LLMRequest, *, job_id: str | None = None) -> LLMResponse:
-        body = self.request_body(request, stream=False)
-        reply, _ = await self.post_json("/api/chat", body, model=request.model, headers=self.headers())
-        if not isinstance(reply, dict) or "error" in reply:
-            raise self.in_band_error(reply, request.model)
-        message = reply.get("message")
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or not reply.get("done"):
+    # --- answers --------------------------------------------------------------
+
+    def parse_response(self, request: LLMRequest, body: Any, response: httpx.Response) -> LLMResponse:
+        if not isinstance(body, dict) or "error" in body:
+            raise self.error_from_body(body, request.model)
+        message = body.get("message")
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or not body.get("done"):
             raise errors.MalformedResponseError(
-                f"reply lacks message.content or done: true: {json.dumps(reply)[:200]}",
+                f"reply lacks message.content or done: true: {json.dumps(body)[:200]}",
                 provider=self.name, model=request.model,
             )
-        return self.response(request, message["content"], self.usage(reply), **self.final_metadata(reply))
+        return self.response(request, message["content"], self.usage(body), **self.final_metadata(body))
 
-    async def stream_generate(self, request: LLMRequest, *, job_id: str | None = None) -> AsyncIterator[LLMResponse]:
-        body = self.request_body(request, stream=True)
-        opened = self.open_stream("/api/chat", body, model=request.model, headers=self.headers())
-        # translate_errors again inside: the connection can break while lines are read.
-        async with opened as response, self.translate_errors(request.model):
-            async for line in ndjson_lines(response):
-                event = self.parse_line(line, request.model)
-                if "error" in event:
-                    raise self.in_band_error(event, request.model)
-                message = event.get("message")
-                text = (message.get("content") or "") if isinstance(message, dict) else ""
-                if text:
-                    yield self.response(request, text, Usage(), model=event.get("model"))
-                if event.get("done"):
-                    yield self.final_chunk(request, self.usage(event), **self.final_metadata(event))
-                    return
-        raise errors.MalformedResponseError(
-            "stream ended before the line with done: true", provider=self.name, model=request.model
-        )
+    def new_stream_state(self, request: LLMRequest, request_id: str | None) -> OllamaStreamState:
+        return OllamaStreamState(request, request_id)
 
-    # --- parsing --------------------------------------------------------------
+    def stream_events(self, response: httpx.Response, state: OllamaStreamState) -> AsyncIterator[str]:
+        return ndjson_lines(response)
 
-    def parse_line(self, line: str, model: str) -> dict[str, Any]:
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise errors.MalformedResponseError(
-                f"stream line is not JSON: {line[:200]!r}", provider=self.name, model=model
-            ) from exc
-        if not isinstance(event, dict):
-            raise errors.MalformedResponseError(
-                f"stream line is not an object: {line[:200]!r}", provider=self.name, model=model
-            )
-        return event
+    def parse_stream_event(self, event: str, state: OllamaStreamState) -> str | None:
+        line = self.parse_event_json(event, state.request.model, None, what="stream line")
+        if "error" in line:
+            raise self.error_from_body(line, state.request.model)
+        state.model = line.get("model")
+        if line.get("done"):
+            state.finished, state.last_line = True, line
+        message = line.get("message")
+        return (message.get("content") or "") if isinstance(message, dict) else ""
+
+    def stream_chunk(self, state: OllamaStreamState, text: str) -> LLMResponse:
+        return self.response(state.request, text, Usage(), model=state.model)
+
+    def finish_stream(self, state: OllamaStreamState) -> LLMResponse:
+        if not state.finished:
+            raise self.malformed("stream ended before the line with done: true", state.request.model)
+        return self.final_chunk(state.request, self.usage(state.last_line), **self.final_metadata(state.last_line))
 
     def usage(self, reply: dict[str, Any]) -> Usage:
         return Usage.of(int(reply.get("prompt_eval_count") or 0), int(reply.get("eval_count") or 0))
 
     def final_metadata(self, reply: dict[str, Any]) -> dict[str, Any]:
         metadata: dict[str, Any] = {"finish_reason": reply.get("done_reason") or "stop", "model": reply.get("model")}
-        for field in DURATION_FIELDS:
-            if isinstance(reply.get(field), int):
-                metadata[f"{field}_ns"] = reply[field]
+        for name in DURATION_FIELDS:
+            if isinstance(reply.get(name), int):
+                metadata[f"{name}_ns"] = reply[name]
         return metadata
 
     # --- errors ---------------------------------------------------------------
+    # An `{"error": ...}` after a 200 (mid-stream) is the model failing while it runs: the
+    # base's `error_from_body` maps it as a 500, refined by the text below.
 
-    def in_band_error(self, body: Any, model: str) -> errors.ProviderError:
-        """An `{"error": ...}` object after a 200 (mid-stream): the model failed while running."""
-        message = self.redact(self.error_message(body) or f"unexpected reply: {json.dumps(body)[:200]}")
-        error_class = self.classify_error(500, body, message)
-        return error_class(message, provider=self.name, model=model)
-
-    def classify_error(self, status_code: int, body: Any, message: str) -> type[errors.ProviderError]:
+    def map_error(self, status_code: int, body: Any, message: str) -> type[errors.ProviderError]:
         lowered = message.lower()
         if any(marker in lowered for marker in CONTEXT_WINDOW_MARKERS):
             return errors.ContextWindowExceededError
@@ -157,7 +149,7 @@ class OllamaProvider(HTTPProvider):
 
     async def get_available_models(self) -> list[str]:
         """Pulled models as Ollama names them ("llama3:latest"), plus the bare name of each `:latest`."""
-        reply = await self.get_json("/api/tags", headers=self.headers())
+        reply = await self.get_json("/api/tags", headers=self.build_headers(None, None))
         entries = reply.get("models") if isinstance(reply, dict) else None
         if not isinstance(entries, list):
             raise errors.MalformedResponseError("/api/tags reply lacks a models list", provider=self.name)
@@ -170,12 +162,9 @@ class OllamaProvider(HTTPProvider):
             names.extend(candidate for candidate in (name, bare) if candidate not in names)
         return names
 
-    async def health_check(self) -> bool:
-        try:
-            response = await self.client.get("/", headers=self.headers())
-            if response.status_code == 200 and "ollama is running" in response.text.lower():
-                return True
+    async def probe(self) -> None:
+        # Ollama's root answers "Ollama is running" without touching a model; older builds or a
+        # proxy in front may not, so the model list is the second way to tell.
+        response = await self.client.get("/", headers=self.build_headers(None, None))
+        if response.status_code != 200 or "ollama is running" not in response.text.lower():
             await self.get_available_models()
-            return True
-        except Exception:  # health is a yes/no answer; the reason shows up on the next real call
-            return False

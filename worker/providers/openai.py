@@ -3,8 +3,8 @@
 `POST {base_url}/chat/completions` with `Authorization: Bearer <key>`; the model
 list is `GET {base_url}/models`. A server that speaks the same dialect (LM Studio,
 LocalAI, vLLM, TGI, Azure) is a subclass that changes class attributes and, where
-its wire format really differs, one hook (`chat_path`, `auth_headers`,
-`classify_error`, `stream_error_status`).
+its wire format really differs, one hook of `llmq.worker.providers.http.HTTPProvider`
+(`request_path`, `build_headers`, `map_error`) or `stream_error_status`.
 
 Options (under `options:`), checked by `OpenAIOptions` (extra keys are refused):
 
@@ -17,19 +17,16 @@ Options (under `options:`), checked by `OpenAIOptions` (extra keys are refused):
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict
 
-from llmq.contract.config import ProviderConfig
 from llmq.contract.models import LLMRequest, LLMResponse, Usage
 from llmq.worker import errors
-from llmq.worker.providers.base import HTTPProvider, sse_events
+from llmq.worker.providers.http import HTTPProvider, StreamState
 
 #: Billing errors OpenAI sends as 429 (error.type "insufficient_quota", or one of these codes).
 #: Waiting does not restore access (OpenAI "Error codes" guide), so they are not rate limits.
@@ -46,8 +43,6 @@ CONTEXT_OVERFLOW = re.compile(
 )
 #: OpenAI shows a wrong key as "sk-proj-****...wxyz"; even the fragment stays out of our errors.
 _MASKED_SECRET = re.compile(r"\S*\*{4,}\S*")
-#: OpenAI: X-Client-Request-Id must be ASCII and at most 512 characters, else the call fails with 400.
-_MAX_CLIENT_REQUEST_ID = 512
 _STATUS_FOR_ERROR_TYPE = {
     "invalid_request_error": 400, "authentication_error": 401, "permission_error": 403,
     "not_found_error": 404, "requests": 429, "tokens": 429, "rate_limit_error": 429,
@@ -72,76 +67,40 @@ class OpenAIOptions(ChatCompletionsOptions):
 
 
 @dataclass
-class _StreamState:
-    done: bool = False
+class ChatStreamState(StreamState):
     finish_reason: str | None = None
     usage: Usage = field(default_factory=Usage)
     served_model: str | None = None
     response_id: str | None = None
 
 
-class OpenAIProvider(HTTPProvider):
+class OpenAIProvider(HTTPProvider[ChatStreamState]):
     type_name = "openai"
     description = "OpenAI Chat Completions API"
     default_base_url = "https://api.openai.com/v1"
     requires_api_key = True
     supports_streaming = True
+    price_provider_id = "openai"
     request_id_headers: ClassVar[tuple[str, ...]] = ("x-request-id",)
+    client_request_id_header: ClassVar[str | None] = "X-Client-Request-Id"
 
     options_model: ClassVar[type[ChatCompletionsOptions]] = OpenAIOptions
     #: Relative to base_url (httpx appends it to the base path).
     chat_completions_path: ClassVar[str] = "/chat/completions"
     models_path: ClassVar[str] = "/models"
-    #: Header carrying the job id so the provider can trace a call we lost; None to send nothing.
-    client_request_id_header: ClassVar[str | None] = "X-Client-Request-Id"
 
-    def __init__(self, config: ProviderConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        super().__init__(config, transport=transport)
+    options: ChatCompletionsOptions
+
+    def parse_options(self, options: dict[str, Any]) -> ChatCompletionsOptions:
         try:
-            self.options = self.options_model.model_validate(config.options)
+            return self.options_model.model_validate(options)
         except ValueError as exc:
             raise errors.BadRequestError(
                 f"provider {self.name!r}: invalid options for type {self.type_name!r}: {exc}", provider=self.name
             ) from exc
 
-    # --- the LLMProvider interface ------------------------------------------------
-
-    async def generate(self, request: LLMRequest, *, job_id: str | None = None) -> LLMResponse:
-        self.require_api_key(request.model)
-        body, response = await self.post_json(
-            self.chat_path(request.model), self.request_body(request, stream=False),
-            model=request.model, headers=self.request_headers(job_id),
-        )
-        return self.parse_completion(request, body, self.request_id(response))
-
-    async def stream_generate(self, request: LLMRequest, *, job_id: str | None = None) -> AsyncIterator[LLMResponse]:
-        self.require_api_key(request.model)
-        state = _StreamState()
-        async with self.open_stream(
-            self.chat_path(request.model), self.request_body(request, stream=True),
-            model=request.model, headers=self.request_headers(job_id),
-        ) as response:
-            request_id = self.request_id(response)
-            async for _event, data in sse_events(response):
-                if data.strip() == "[DONE]":
-                    state.done = True
-                    break
-                text = self.absorb_chunk(state, self.parse_chunk(data, request.model, request_id), request, request_id)
-                if text:
-                    yield self.response(request, text, Usage())
-        if not state.done:
-            raise errors.MalformedResponseError(
-                "stream ended before its [DONE] marker: the answer is incomplete",
-                provider=self.name, model=request.model, request_id=request_id,
-            )
-        yield self.final_chunk(
-            request, state.usage, finish_reason=state.finish_reason, request_id=request_id,
-            response_id=state.response_id, served_model=state.served_model,
-        )
-
     async def get_available_models(self) -> list[str]:
-        self.require_api_key(None)
-        body = await self.get_json(self.models_path, headers=self.request_headers(None))
+        body = await self.get_json(self.models_path, headers=self.build_headers(None, None))
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list):
             raise errors.MalformedResponseError(
@@ -149,19 +108,15 @@ class OpenAIProvider(HTTPProvider):
             )
         return [str(item["id"]) for item in data if isinstance(item, dict) and item.get("id")]
 
-    async def health_check(self) -> bool:
-        try:
-            await self.get_available_models()
-        except Exception:  # a health check reports, it never raises
-            return False
-        return True
+    async def probe(self) -> None:
+        await self.get_available_models()
 
     # --- requests -----------------------------------------------------------------
 
-    def chat_path(self, model: str) -> str:
+    def request_path(self, model: str, *, stream: bool) -> str:
         return self.chat_completions_path
 
-    def request_body(self, request: LLMRequest, *, stream: bool) -> dict[str, Any]:
+    def build_body(self, request: LLMRequest, *, stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": request.model,
             "messages": [{"role": message.role, "content": message.content} for message in request.messages],
@@ -175,10 +130,8 @@ class OpenAIProvider(HTTPProvider):
             body["stream_options"] = {"include_usage": True}
         return body
 
-    def auth_headers(self) -> dict[str, str]:
-        headers: dict[str, str] = {}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+    def build_headers(self, model: str | None, job_id: str | None) -> dict[str, str]:
+        headers = super().build_headers(model, job_id)
         if isinstance(self.options, OpenAIOptions):
             if self.options.organization:
                 headers["OpenAI-Organization"] = self.options.organization
@@ -186,24 +139,12 @@ class OpenAIProvider(HTTPProvider):
                 headers["OpenAI-Project"] = self.options.project
         return headers
 
-    def request_headers(self, job_id: str | None) -> dict[str, str]:
-        headers = self.auth_headers()
-        header = self.client_request_id_header
-        if header and job_id and job_id.isascii() and len(job_id) <= _MAX_CLIENT_REQUEST_ID:
-            headers[header] = job_id
-        return headers
-
-    def require_api_key(self, model: str | None) -> None:
-        if self.requires_api_key and not self.api_key:
-            raise errors.AuthenticationError(
-                f"provider {self.name!r} has no api_key configured", provider=self.name, model=model
-            )
-
     # --- responses ----------------------------------------------------------------
 
-    def parse_completion(self, request: LLMRequest, body: Any, request_id: str | None) -> LLMResponse:
+    def parse_response(self, request: LLMRequest, body: Any, response: httpx.Response) -> LLMResponse:
+        request_id = self.request_id(response)
         if isinstance(body, dict) and self.is_error_payload(body):
-            raise self.stream_error(body, request.model, request_id)
+            raise self.error_from_body(body, request.model, request_id)
         choices = body.get("choices") if isinstance(body, dict) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise errors.MalformedResponseError(
@@ -220,25 +161,17 @@ class OpenAIProvider(HTTPProvider):
             response_id=body.get("id") or None, served_model=body.get("model") or None,
         )
 
-    def parse_chunk(self, data: str, model: str, request_id: str | None) -> dict[str, Any]:
-        try:
-            chunk = json.loads(data)
-        except json.JSONDecodeError as exc:
-            raise errors.MalformedResponseError(
-                f"stream chunk is not JSON: {data[:200]!r}", provider=self.name, model=model, request_id=request_id
-            ) from exc
-        if not isinstance(chunk, dict):
-            raise errors.MalformedResponseError(
-                f"stream chunk is not an object: {data[:200]!r}", provider=self.name, model=model, request_id=request_id
-            )
-        if self.is_error_payload(chunk):
-            raise self.stream_error(chunk, model, request_id)
-        return chunk
+    # --- streams ------------------------------------------------------------------
 
-    def absorb_chunk(
-        self, state: _StreamState, chunk: dict[str, Any], request: LLMRequest, request_id: str | None
-    ) -> str:
-        """Fold one chunk into the stream state; the new text it carries."""
+    def new_stream_state(self, request: LLMRequest, request_id: str | None) -> ChatStreamState:
+        return ChatStreamState(request, request_id)
+
+    def parse_stream_event(self, event: tuple[str | None, str], state: ChatStreamState) -> str | None:
+        _, data = event
+        if data.strip() == "[DONE]":
+            state.finished = True
+            return None
+        chunk = self.parse_chunk(data, state.request.model, state.request_id)
         state.response_id = state.response_id or chunk.get("id") or None
         state.served_model = state.served_model or chunk.get("model") or None
         if chunk.get("usage"):
@@ -251,8 +184,24 @@ class OpenAIProvider(HTTPProvider):
             text += str(delta.get("content") or "")
             if choice.get("finish_reason"):
                 state.finish_reason = choice["finish_reason"]
-                self.check_finish_reason(state.finish_reason, request.model, request_id)
+                self.check_finish_reason(state.finish_reason, state.request.model, state.request_id)
         return text
+
+    def parse_chunk(self, data: str, model: str, request_id: str | None) -> dict[str, Any]:
+        chunk = self.parse_event_json(data, model, request_id, what="stream chunk")
+        if self.is_error_payload(chunk):
+            raise self.error_from_body(chunk, model, request_id)
+        return chunk
+
+    def finish_stream(self, state: ChatStreamState) -> LLMResponse:
+        if not state.finished:
+            raise self.malformed(
+                "stream ended before its [DONE] marker: the answer is incomplete", state.request.model, state.request_id
+            )
+        return self.final_chunk(
+            state.request, state.usage, finish_reason=state.finish_reason, request_id=state.request_id,
+            response_id=state.response_id, served_model=state.served_model,
+        )
 
     def check_finish_reason(self, finish_reason: Any, model: str, request_id: str | None) -> None:
         """A filtered answer is not an answer: raise rather than hand back what got through."""
@@ -264,7 +213,7 @@ class OpenAIProvider(HTTPProvider):
 
     # --- errors -------------------------------------------------------------------
 
-    def classify_error(self, status_code: int, body: Any, message: str) -> type[errors.ProviderError]:
+    def map_error(self, status_code: int, body: Any, message: str) -> type[errors.ProviderError]:
         error = error_object(body)
         code, kind = str(error.get("code") or ""), str(error.get("type") or "")
         if code == "context_length_exceeded" or (status_code in (400, 413, 422) and CONTEXT_OVERFLOW.search(message)):
@@ -288,9 +237,9 @@ class OpenAIProvider(HTTPProvider):
             return code
         return _STATUS_FOR_ERROR_TYPE.get(str(error.get("type") or ""), 500)
 
-    def stream_error(self, payload: dict[str, Any], model: str, request_id: str | None) -> errors.ProviderError:
-        message = self.redact(self.error_message(payload) or "the provider reported an error inside the stream")
-        error_class = self.classify_error(self.stream_error_status(payload), payload, message)
+    def error_from_body(self, body: Any, model: str | None, request_id: str | None = None) -> errors.ProviderError:
+        message = self.redact(self.error_message(body) or "the provider reported an error inside the stream")
+        error_class = self.map_error(self.stream_error_status(body), body, message)
         return error_class(f"error inside a 200 response: {message}", provider=self.name, model=model,
                            request_id=request_id)
 

@@ -1,73 +1,81 @@
-"""Which adapter class serves which `type:`.
+"""Which adapter class serves which `type:`: one registry, the `llmq.providers` entry points.
 
-Built-ins are listed here explicitly (imported on first use, so the Bedrock
-extra is only needed by those who use Bedrock). Outside packages add adapters
-through the `llmq.providers` entry point group: `name = "package.module:Class"`.
+llmq's own adapters are entry points of that group in its pyproject.toml, declared
+exactly as an outside package declares one (`name = "package.module:Class"`), so
+built-ins and plugins are found one way, and the config's `type:` check
+(`llmq.contract.config.known_provider_types`) reads the names from package metadata
+without importing the worker. A class is imported on first use, so the Bedrock
+extra is needed only by those who use Bedrock. `register()` adds one at runtime
+(tests, an application embedding the worker). A plugin cannot take a built-in's
+name: llmq's own entry point wins. Aliases (`google` -> `gemini`, ...) are the
+contract's `PROVIDER_TYPE_ALIASES`.
 """
 
 from __future__ import annotations
 
-import importlib
+import logging
 from importlib import metadata as importlib_metadata
 from typing import Any
 
 from llmq.contract.config import (
-    BUILTIN_PROVIDER_TYPES,
     ENTRY_POINT_GROUP,
+    PROVIDER_TYPE_ALIASES,
+    REINSTALL_HINT,
     ProviderConfig,
 )
 from llmq.worker.providers.base import LLMProvider
 
-BUILTIN_ADAPTERS: dict[str, str] = {
-    "openai": "llmq.worker.providers.openai:OpenAIProvider",
-    "azure_openai": "llmq.worker.providers.azure_openai:AzureOpenAIProvider",
-    "anthropic": "llmq.worker.providers.anthropic:AnthropicProvider",
-    "gemini": "llmq.worker.providers.gemini:GeminiProvider",
-    "bedrock": "llmq.worker.providers.bedrock:BedrockProvider",
-    "ollama": "llmq.worker.providers.ollama:OllamaProvider",
-    "lmstudio": "llmq.worker.providers.openai_compatible:LMStudioProvider",
-    "localai": "llmq.worker.providers.openai_compatible:LocalAIProvider",
-    "vllm": "llmq.worker.providers.openai_compatible:VLLMProvider",
-    "huggingface": "llmq.worker.providers.huggingface:HuggingFaceProvider",
-    "mock": "llmq.worker.providers.mock:MockProvider",
-}
-assert tuple(BUILTIN_ADAPTERS) == BUILTIN_PROVIDER_TYPES, "keep llmq.contract.config's list in step"
+logger = logging.getLogger(__name__)
+
+#: The distribution whose entry points are the built-ins.
+OWN_DISTRIBUTION = "llmq"
 
 _registered: dict[str, type[LLMProvider]] = {}
 
 
 def register(type_name: str, adapter: type[LLMProvider]) -> None:
-    """Register an adapter class under a `type:` name (overrides a built-in of that name)."""
+    """Register an adapter class under a `type:` name (overrides an entry point of that name)."""
     _registered[type_name] = adapter
 
 
-def _load(target: str) -> type[LLMProvider]:
-    module_name, _, attribute = target.partition(":")
-    adapter = getattr(importlib.import_module(module_name), attribute)
+def entry_points() -> dict[str, importlib_metadata.EntryPoint]:
+    """The group's entry points by name: llmq's own first, so no plugin shadows a built-in; each part by name."""
+    found: dict[str, importlib_metadata.EntryPoint] = {}
+    points = importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)
+    for entry in sorted(points, key=lambda entry: (not _is_own(entry), entry.name)):
+        if entry.name in found:
+            logger.warning("ignoring %s = %s: the provider type %r is taken", entry.name, entry.value, entry.name)
+            continue
+        found[entry.name] = entry
+    return found
+
+
+def _is_own(entry: importlib_metadata.EntryPoint) -> bool:
+    return entry.dist is not None and entry.dist.name == OWN_DISTRIBUTION
+
+
+def adapter_class(type_name: str) -> type[LLMProvider]:
+    """The class registered for a `type:` (or one of its aliases); KeyError when there is none."""
+    type_name = PROVIDER_TYPE_ALIASES.get(type_name, type_name)
+    if type_name not in _registered:
+        points = entry_points()
+        if type_name not in points:
+            hint = f"; {REINSTALL_HINT}" if not points else ""
+            raise KeyError(f"no adapter for provider type {type_name!r}{hint}")
+        _registered[type_name] = _checked(points[type_name].load(), points[type_name].value)
+    return _registered[type_name]
+
+
+def _checked(adapter: Any, target: str) -> type[LLMProvider]:
     if not (isinstance(adapter, type) and issubclass(adapter, LLMProvider)):
         raise TypeError(f"{target} is not an LLMProvider subclass")
     return adapter
 
 
-def adapter_class(type_name: str) -> type[LLMProvider]:
-    if type_name in _registered:
-        return _registered[type_name]
-    if type_name in BUILTIN_ADAPTERS:
-        adapter = _load(BUILTIN_ADAPTERS[type_name])
-    else:
-        points = {entry.name: entry for entry in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)}
-        if type_name not in points:
-            raise KeyError(f"no adapter for provider type {type_name!r}")
-        adapter = points[type_name].load()
-    _registered[type_name] = adapter
-    return adapter
-
-
 def adapter_types() -> list[str]:
-    names = list(BUILTIN_ADAPTERS)
-    names += [entry.name for entry in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP) if entry.name not in names]
-    names += [name for name in _registered if name not in names]
-    return names
+    """Every `type:` an adapter is registered for: llmq's own, outside packages', then `register()`ed ones."""
+    names = list(entry_points())
+    return names + [name for name in _registered if name not in names]
 
 
 def create_provider(config: ProviderConfig, **kwargs: Any) -> LLMProvider:

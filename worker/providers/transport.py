@@ -2,10 +2,10 @@
 
 Adapters keep httpx's API (requests, `Response`, streaming, error types); the
 bytes travel through aiohttp, whose pool and C HTTP parser cost a quarter of
-httpcore's CPU per call at 100 connections and a tenth at 1000 (bench/RESULTS.md,
-"overhead"). httpcore 1.0.9's pool also hands one idle connection to two
+httpcore's CPU per call at 100 connections and a tenth at 1000 (measured against the
+benchmarks' fake). httpcore 1.0.9's pool also hands one idle connection to two
 waiting requests at once, so under load requests queue and retry inside the
-client for seconds (encode/httpcore#822): the rate-limit benchmark saw grants
+client for seconds (https://github.com/encode/httpcore/issues/822): the rate-limit benchmark saw grants
 reach the provider up to 10 s late. aiohttp's connector queues waiters in order.
 
 The `httpx-aiohttp` package does the same job but maps a dropped connection to

@@ -20,7 +20,7 @@ error: the chunk waits, and the flusher tries again with backoff.
 Each worker process runs the flusher in a child process of its own
 (`start_process`, `python -m llmq.worker.store.outbox`): SQL writes then never compete with
 the worker's event loop for its GIL (2-3.7 ms of worker CPU per job when it ran as
-a thread: bench/RESULTS.md, "overhead"). The child gets the Redis URL through its
+a thread, in the overhead benchmark). The child gets the Redis URL through its
 environment, never its command line (`ps` shows that), and exits when its parent
 does.
 """

@@ -13,20 +13,36 @@
 -- 100k jobs costs Redis more than a few checks a millisecond). A second
 -- message for the same dispatch is dropped by claim.lua, so this never runs a job twice.
 --
+-- A job that ended while no worker held a message for it (cancelled by the caller, failed
+-- by the reaper past its deadline) is left here due now, only so that a worker tells
+-- Celery's events, and so Flower, how it ended: it is handed out once in `ended`.
+--
 -- KEYS[1] delayed zset
 -- ARGV[1] max jobs  ARGV[2] in_flight_ms  ARGV[3] job key prefix ("<prefix>:job:")  ARGV[4] recheck_ms
--- Returns a flat list: job_id, dispatch, queue, score, ... (jobs that are gone are dropped).
+-- ARGV[5] 1 to hand out ended jobs, 0 to leave them for a caller that can send Celery's events
+-- Returns {messages, ended}, two flat lists (jobs that are gone are dropped):
+--   messages: job_id, dispatch, queue, label, attempt, ... to publish; label and attempt name the
+--             message for Flower (contract/labels.py: the attempt it starts is attempt + 1)
+--   ended:    job_id, state, error (JSON or ""), ... of jobs that ended with no message to tell it
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
 local out = {}
+local ended = {}
 local later = now_ms + tonumber(ARGV[2])
 for _, job_id in ipairs(due) do
   local job_key = ARGV[3] .. job_id
-  local fields = redis.call('HMGET', job_key, 'state', 'dispatch', 'queue', 'published')
+  local fields = redis.call('HMGET', job_key, 'state', 'dispatch', 'queue', 'published', 'label', 'attempt')
   local state, dispatch, queue, published = fields[1], fields[2], fields[3], fields[4]
-  if (not state) or state == 'succeeded' or state == 'failed' or state == 'cancelled' or state == 'running' then
+  if (not state) or state == 'succeeded' or state == 'running' then
     redis.call('ZREM', KEYS[1], job_id)
+  elseif state == 'failed' or state == 'cancelled' then
+    if ARGV[5] == '1' then
+      redis.call('ZREM', KEYS[1], job_id)
+      ended[#ended + 1] = job_id
+      ended[#ended + 1] = state
+      ended[#ended + 1] = redis.call('HGET', job_key, 'error') or ''
+    end
   else
     local backlog = 0
     if published == dispatch then
@@ -40,8 +56,9 @@ for _, job_id in ipairs(due) do
       out[#out + 1] = job_id
       out[#out + 1] = dispatch
       out[#out + 1] = queue
-      out[#out + 1] = tostring(later)
+      out[#out + 1] = fields[5] or ''
+      out[#out + 1] = fields[6] or '0'
     end
   end
 end
-return out
+return {out, ended}

@@ -1,6 +1,7 @@
 -- Sweep what no live worker is looking after:
 --   leases that ran out (the worker died): the job gets a new dispatch and is due now;
---   deadlines that passed: the job fails with DeadlineExceededError.
+--   deadlines that passed: the job fails with DeadlineExceededError (and stays due in the
+--   delayed set, for promote.lua to hand it out once so that a worker tells Flower).
 --
 -- KEYS[1] leases zset  KEYS[2] deadlines zset  KEYS[3] delayed zset  KEYS[4] outbox list
 -- ARGV[1] job key prefix ("<prefix>:job:")  ARGV[2] batch key prefix ("<prefix>:batch:")
@@ -53,7 +54,7 @@ for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms, 'LI
     redis.call('HINCRBY', job_key, 'dispatch', 1)
     move_batch(job_key, state, 'failed')
     redis.call('ZREM', KEYS[1], job_id)
-    redis.call('ZREM', KEYS[3], job_id)
+    redis.call('ZADD', KEYS[3], now_ms, job_id)
     redis.call('EXPIRE', job_key, tonumber(ARGV[4]))
     redis.call('RPUSH', KEYS[4], cjson.encode({kind = 'job', job_id = job_id}))
     out[#out + 1] = job_id

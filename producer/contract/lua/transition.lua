@@ -20,7 +20,8 @@ local function terminal(state)
 end
 local current = redis.call('HMGET', KEYS[1], 'state', 'dispatch', 'batch_id', 'job_id')
 local state, dispatch, batch_id, job_id = current[1], current[2], current[3], current[4]
-local moves = state ~= nil and (ARGV[1] == '' or ARGV[1] == dispatch)
+-- A finished job never moves again, whatever the caller allows: its result is final.
+local moves = state ~= nil and not terminal(state) and (ARGV[1] == '' or ARGV[1] == dispatch)
 if moves then
   moves = false
   for name in string.gmatch(ARGV[2], '[^,]+') do

@@ -259,6 +259,9 @@ class FakeProviderServer:
         self.limits: RateLimitPolicy | None = None
         self.in_flight = 0
         self.max_in_flight = 0
+        #: Text -> HTTP status: a request whose body holds the text always gets that status
+        #: (a request the provider can never handle: poison).
+        self.poison_markers: dict[str, int] = {}
         self._server = _Server(("127.0.0.1", port), _Handler)
         self._server.fake = self
         self._thread: threading.Thread | None = None
@@ -302,6 +305,15 @@ class FakeProviderServer:
         with self.lock:
             self.faults.append(Fault(kind, times, path_contains=path_contains))
 
+    def poison(self, marker: str, status: int = 500) -> None:
+        """Every request whose body contains `marker` fails with `status`, forever (until reset)."""
+        with self.lock:
+            self.poison_markers[marker] = status
+
+    def _poisoned(self, request: RecordedRequest) -> int | None:
+        text = request.raw_body.decode("utf-8", "replace")
+        return next((status for marker, status in self.poison_markers.items() if marker in text), None)
+
     def rate_limit(self, requests_per_minute: int | None, tokens_per_minute: int | None, window_s: float = 60.0) -> RateLimitPolicy:
         self.limits = RateLimitPolicy(requests_per_minute, tokens_per_minute, window_s)
         return self.limits
@@ -311,6 +323,7 @@ class FakeProviderServer:
             self.requests.clear()
             self.faults.clear()
             self.limits = None
+            self.poison_markers.clear()
 
     def in_flight_changed(self, delta: int) -> None:
         with self.lock:
@@ -333,6 +346,10 @@ class FakeProviderServer:
     def serve(self, request: RecordedRequest, handler: _Handler) -> None:
         if self.latency_s:
             time.sleep(self.latency_s)
+        poisoned = self._poisoned(request) if self.poison_markers else None
+        if poisoned is not None:
+            handler._send(self.error_reply(poisoned, request))
+            return
         fault = self._take_fault(request)
         if fault is not None and fault.kind == "reset":
             handler._drop()
@@ -369,13 +386,15 @@ class FakeProviderServer:
         handler._send(reply)
 
     def control(self, request: RecordedRequest) -> Reply:
-        """`/_fake/fail`, `/_fake/inject`, `/_fake/rate_limit`, `/_fake/reset`, `/_fake/stats`."""
+        """`/_fake/fail`, `/_fake/inject`, `/_fake/poison`, `/_fake/rate_limit`, `/_fake/reset`, `/_fake/stats`."""
         action = request.path.removeprefix("/_fake/")
         body = request.body or {}
         if action == "fail":
             self.fail_next(body["status"], body.get("times", 1), headers=body.get("headers"))
         elif action == "inject":
             self.inject(body["kind"], body.get("times", 1))
+        elif action == "poison":
+            self.poison(body["marker"], body.get("status", 500))
         elif action == "rate_limit":
             self.rate_limit(body.get("requests_per_minute"), body.get("tokens_per_minute"), body.get("window_s", 60.0))
         elif action == "latency":

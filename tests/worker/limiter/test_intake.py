@@ -4,7 +4,7 @@ real workers every job arrives and runs once. When a pipeline fails, delivery is
 messages go out again one by one, and a job delivered twice still runs once.
 
 One round trip per message made a batch of 2,000 take 26-76 s while workers kept Redis busy
-(bench/RESULTS.md, "ratelimit"); these tests count round trips and runs, never time.
+(llmq.contract.queueing.publish_messages); these tests count round trips and runs, never time.
 """
 
 from __future__ import annotations

@@ -23,18 +23,15 @@ import redis.asyncio as aioredis
 from llmq.cli.embedded import RedisServer
 from llmq.contract.config import ModelLimits, RateLimits
 from llmq.contract.models import LLMRequest, Message
+from llmq.worker.limiter.estimate import estimate_request_tokens
 from llmq.worker.limiter.headers import (
     parse_duration_s,
     parse_rate_limit_headers,
     pause_from_headers,
 )
-from llmq.worker.limiter.limiter import (
-    LUA_SOURCE,
-    Decision,
-    RateLimiter,
-    burst_units,
-    estimate_request_tokens,
-)
+from llmq.worker.limiter.limiter import Decision, RateLimiter
+from llmq.worker.limiter.limits import burst_units
+from llmq.worker.limiter.scripts import SOURCES, LimiterScripts
 
 T = TypeVar("T")
 Hammered = tuple[list[tuple[float, int]], tuple[float, float]]
@@ -173,9 +170,10 @@ SIMULATED_EPOCH = 1e6
 
 
 def on_simulated_clock(limiter: RateLimiter) -> Callable[[float], Awaitable[None]]:
-    """Run the limiter's script on a clock the test sets (seconds after SIMULATED_EPOCH)."""
-    assert REDIS_CLOCK in LUA_SOURCE
-    limiter._script = limiter.redis.register_script(LUA_SOURCE.replace(REDIS_CLOCK, SIMULATED_CLOCK))
+    """Run the limiter's scripts on a clock the test sets (seconds after SIMULATED_EPOCH)."""
+    assert all(REDIS_CLOCK in source for source in SOURCES.values())
+    simulated = {op: source.replace(REDIS_CLOCK, SIMULATED_CLOCK) for op, source in SOURCES.items()}
+    limiter._scripts = LimiterScripts(limiter.redis, simulated)
 
     async def set_clock(at_s: float) -> None:
         await limiter.redis.set("test:clock", repr(SIMULATED_EPOCH + at_s))
@@ -556,8 +554,10 @@ def test_header_observer_pauses_the_model_fleet_wide(redis_url: str) -> None:
         paused = await other.acquire("openai", "gpt", limits, 1, lease_id="a")
         assert paused.limit == "paused" and 1.0 < paused.wait_s <= 2.0
         assert (await other.acquire("openai", "gpt-mini", limits, 1, lease_id="b")).granted
-        assert await limiter.observe_headers("openai", None, {"retry-after": "3"}) == 3.0
-        assert (await other.acquire("openai", "gpt-mini", limits, 1, lease_id="c")).limit == "paused"
+        observe(None, {"retry-after": "3"})  # no model: the whole provider pauses
+        await limiter.flush()
+        provider_paused = await other.acquire("openai", "gpt-mini", limits, 1, lease_id="c")
+        assert provider_paused.limit == "paused" and 2.0 < provider_paused.wait_s <= 3.0
 
     run_with_limiter(redis_url, body)
 

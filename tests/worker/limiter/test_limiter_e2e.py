@@ -20,7 +20,7 @@ import pytest
 
 from llmq import LLMRequest
 from llmq.contract.models import JobState
-from llmq.worker.limiter.limiter import estimate_request_tokens
+from llmq.worker.limiter.estimate import estimate_request_tokens
 from tests.support.fakes.base import RecordedRequest
 from tests.support.fakes.openai import FakeOpenAI
 from tests.support.harness import (
@@ -70,7 +70,7 @@ def fake() -> Iterator[FakeOpenAI]:
 def cluster(tmp_path_factory: pytest.TempPathFactory, fake: FakeOpenAI) -> Iterator[Cluster]:
     config = service_config(
         {"openai": openai_entry(fake, timeout=30, rate_limits=LIMITS)}, retry=fast_retry(3, backoff_max_s=0.5),
-        jobs={"deadline_s": 300, "lease_s": 10}, health={"failure_threshold": 1000},
+        jobs={"deadline_s": 300, "lease_s": 10}, health={"minimum_calls": 1000},
     )
     started = start_cluster(tmp_path_factory.mktemp("ratelimit-e2e"), config)
     started.start_workers(WORKERS, concurrency=20)

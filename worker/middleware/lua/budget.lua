@@ -1,7 +1,7 @@
 -- Daily spend of one caller and one provider entry, in whole micro-USD, per UTC day
 -- on Redis's clock (so every worker agrees where a day ends).
 --
--- KEYS[1] caller counter base ('' when the job has no caller)   (producer/keys.py budget_spend)
+-- KEYS[1] caller counter base ('' when the job has no caller)   (producer/contract/keys.py budget_spend)
 -- KEYS[2] provider counter base
 -- ARGV[1] op: "check" | "add"
 -- ARGV[2] micro-USD to add (add only)
