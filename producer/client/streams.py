@@ -30,7 +30,7 @@ async def read_stream(
         try:
             found = await jobs.redis.xread({key: last}, count=200, block=BLOCK_MS)
             # Nothing new: has the job ended with nothing more to read?
-            job = None if found else await _ended(jobs, job_id, key, last)
+            job, ended = (None, False) if found else await _ended(jobs, job_id, key, last)
         except REDIS_AWAY as exc:
             if watch is not None:
                 watch.away(exc)
@@ -38,11 +38,13 @@ async def read_stream(
             continue
         if watch is not None:
             watch.back()
-        if job is not None:
+        if job is not None and ended:
             if job.state is JobState.SUCCEEDED and job.result is not None:
                 yield job.result.model_copy(update={"metadata": {**job.result.metadata, "final": True, "job_id": job_id}})
                 return
             raise JobFailedError(job)
+        if job is not None and watch is not None:
+            await watch.check_workers(job)  # still waiting: is a live worker on its queue?
         if not found:
             continue
         for stream_id, fields in found[0][1]:
@@ -58,11 +60,9 @@ async def read_stream(
                 return
 
 
-async def _ended(jobs: JobStore, job_id: str, key: str, last: str) -> JobRecord | None:
-    """The job, when it is over and its stream holds nothing after `last`; else None."""
+async def _ended(jobs: JobStore, job_id: str, key: str, last: str) -> tuple[JobRecord, bool]:
+    """The job, and whether it is over with nothing in its stream after `last`."""
     job = await jobs.get(job_id)
     if job is None:
         raise KeyError(f"no job {job_id!r} (expired, or never submitted)")
-    if job.state.terminal and not await jobs.redis.xrange(key, min=f"({last}", count=1):
-        return job
-    return None
+    return job, job.state.terminal and not await jobs.redis.xrange(key, min=f"({last}", count=1)

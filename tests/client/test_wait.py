@@ -5,6 +5,7 @@ and interactive calls learn of a missing Redis or worker at once. Real redis-ser
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 
 from llmq.cli.embedded import RedisServer, free_port
 from llmq.client.errors import NoLiveWorkerError, RedisUnreachableError
+from llmq.client.service import LLMService
 from llmq.client.sync import SyncLLMService
 from llmq.client.waiting import WaitNotice
 from llmq.contract.config import parse_config
@@ -128,3 +130,22 @@ def test_a_wait_gives_up_on_a_lost_redis_after_its_bound_saying_how_to_resume(tm
     message = str(gave_up.value)
     assert re.match(rf"Redis unreachable for \d+ s while waiting for {batch_id} ", message), message
     assert message.endswith(f"once Redis is back, run `llmq results {batch_id}`") and "\n" not in message
+
+
+def test_a_stream_read_says_which_queue_has_no_live_worker(cluster: Cluster) -> None:
+    notices: list[WaitNotice | None] = []
+
+    async def read() -> None:
+        service = LLMService(cluster.config, redis_url=cluster.redis_url)
+        try:
+            job_id = await service.submit(ask().model_copy(update={"stream": True}))
+            chunks = service.stream_job(job_id, on_notice=notices.append)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(anext(chunks), timeout=2.5)  # nothing comes: no worker on llm.parked
+            await service.cancel(job_id)
+        finally:
+            await service.aclose()
+
+    asyncio.run(read())
+    assert [notice.kind for notice in notices if notice] == ["no_live_worker"]
+    assert "llm.parked" in notices[0].text  # type: ignore[union-attr]
