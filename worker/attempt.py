@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmq.contract.models import Hop, LLMRequest
+from llmq.contract.jobs import load_request
+from llmq.contract.models import Hop, JobKind, JobRequest
 from llmq.worker import errors
 from llmq.worker.logs import redact
 
@@ -16,7 +17,7 @@ from llmq.worker.logs import redact
 class Attempt:
     job_id: str
     dispatch: int
-    request: LLMRequest
+    request: JobRequest
     route: list[Hop]
     route_index: int
     attempt: int
@@ -37,12 +38,16 @@ class Attempt:
     def hop(self) -> Hop:
         return self.route[self.route_index]
 
+    @property
+    def kind(self) -> JobKind:
+        return self.request.kind
+
     @classmethod
     def from_claim(cls, job: dict[str, str], dispatch: int) -> Attempt:
         return cls(
             job_id=job["job_id"],
             dispatch=dispatch,
-            request=LLMRequest.model_validate_json(job["request"]),
+            request=load_request(job),
             route=[Hop.model_validate(hop) for hop in json.loads(job["route"])],
             route_index=int(job.get("route_index", 0)),
             attempt=int(job["attempt"]),

@@ -24,14 +24,15 @@ from typing import Any
 
 from llmq.contract import keys
 from llmq.contract.config import RetrySettings
-from llmq.contract.jobs import WAITING_STATES, Transition
+from llmq.contract.jobs import WAITING_STATES, Transition, dump_response
 from llmq.contract.labels import TaskLabel
-from llmq.contract.models import Hop, JobState, LLMResponse
-from llmq.contract.routing import larger_context_hop
+from llmq.contract.models import EmbeddingRequest, Hop, JobResponse, JobState, LLMResponse
+from llmq.contract.routing import can_serve, larger_context_hop
 from llmq.worker import errors
 from llmq.worker.attempt import Attempt, public_error
 from llmq.worker.middleware.base import Defer, Serve, Skip
 from llmq.worker.outcome import Cancelled, Dropped, Failed, HandedOn, Outcome, Succeeded
+from llmq.worker.output import check_output
 from llmq.worker.pricing import cost_usd
 from llmq.worker.runtime import Runtime
 from llmq.worker.streaming import StreamWriter
@@ -91,15 +92,20 @@ async def _run(runtime: Runtime, attempt: Attempt) -> Outcome:
         await runtime.middleware.after_attempt(attempt)
 
 
-async def _call(runtime: Runtime, attempt: Attempt) -> LLMResponse:
-    """The provider call itself, bounded by the job's deadline."""
+async def _call(runtime: Runtime, attempt: Attempt) -> JobResponse:
+    """The provider call itself, bounded by the job's deadline; a JSON answer checked before it counts."""
     provider = runtime.provider(attempt.hop.provider)
     request = attempt.request.model_copy(update={"model": attempt.hop.model})
     remaining_s = attempt.deadline_at_s - time.time()
     async with asyncio.timeout(max(0.001, remaining_s)):
+        if isinstance(request, EmbeddingRequest):
+            return await provider.embed(request, job_id=attempt.job_id)
         if request.stream and provider.supports_streaming:
-            return await _stream(runtime, attempt, provider.stream_generate(request, job_id=attempt.job_id))
-        return await provider.generate(request, job_id=attempt.job_id)
+            response = await _stream(runtime, attempt, provider.stream_generate(request, job_id=attempt.job_id))
+        else:
+            response = await provider.generate(request, job_id=attempt.job_id)
+    # Costs one attribute read when no JSON was asked for.
+    return check_output(request, response) if request.response_format is not None else response
 
 
 async def _stream(runtime: Runtime, attempt: Attempt, chunks: AsyncIterator[LLMResponse]) -> LLMResponse:
@@ -110,7 +116,7 @@ async def _stream(runtime: Runtime, attempt: Attempt, chunks: AsyncIterator[LLMR
         if chunk.metadata.get("final"):
             metadata = {key: value for key, value in chunk.metadata.items() if key != "final"}
             return chunk.model_copy(update={"content": "".join(parts), "metadata": metadata})
-        if chunk.content:
+        if chunk.content or chunk.tool_call_deltas:
             parts.append(chunk.content)
             await writer.chunk(chunk, attempt.attempt)
     raise errors.MalformedResponseError(
@@ -124,16 +130,17 @@ def _writer(runtime: Runtime, attempt: Attempt) -> StreamWriter:
     return attempt.scratch["stream"]
 
 
-async def _succeed(runtime: Runtime, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> Outcome:
+async def _succeed(runtime: Runtime, attempt: Attempt, response: JobResponse, usage_row: dict[str, Any]) -> Outcome:
     record = attempt.record("succeeded")
     done = await runtime.jobs.transition(
         attempt.job_id, new_state=JobState.SUCCEEDED, allowed=(JobState.RUNNING,), expected_dispatch=attempt.dispatch,
         ttl_s=runtime.config.service.jobs.result_ttl_s, attempt=_public(record),
-        rows=[record, usage_row], fields={"result": response.model_dump_json()},
+        rows=[record, usage_row], fields={"result": dump_response(response)},
     )
     if not done.moved:
         return _not_moved(done)
     if attempt.request.stream:
+        assert isinstance(response, LLMResponse)
         await _writer(runtime, attempt).final(response, attempt.attempt)
     return Succeeded.from_usage(usage_row)
 
@@ -156,7 +163,7 @@ def _not_moved(done: Transition) -> Outcome:
     return Cancelled() if done.previous_state is JobState.CANCELLED else Dropped()
 
 
-def usage_record(runtime: Runtime, attempt: Attempt, response: LLMResponse, *, cached: bool = False) -> dict[str, Any]:
+def usage_record(runtime: Runtime, attempt: Attempt, response: JobResponse, *, cached: bool = False) -> dict[str, Any]:
     entry = runtime.config.provider(attempt.hop.provider)
     provider = runtime.provider(attempt.hop.provider)
     cost, priced = (0, True) if cached else cost_usd(
@@ -184,12 +191,14 @@ def usage_record(runtime: Runtime, attempt: Attempt, response: LLMResponse, *, c
 async def _after_error(runtime: Runtime, attempt: Attempt, error: errors.ProviderError) -> Outcome:
     settings = runtime.config.service.retry
     log.info("job %s attempt %d on %s failed: %s", attempt.job_id, attempt.attempt, attempt.hop.provider, error)
-    if error.retryable and attempt.hop_attempt < settings.max_attempts_per_provider:
-        delay_s = backoff_s(attempt.hop_attempt, error.retry_after_s, settings)
+    if error.retryable and attempt.hop_attempt < _attempts_allowed(error, settings):
+        # An answer that missed its schema is asked for again at once: the provider is not busy.
+        invalid = isinstance(error, errors.OutputValidationError)
+        delay_s = 0.0 if invalid else backoff_s(attempt.hop_attempt, error.retry_after_s, settings)
         state = JobState.RATE_LIMITED if isinstance(error, errors.RateLimitedError) else JobState.RETRYING
         return await _requeue(runtime, attempt, error, state=state, delay_s=delay_s)
     if isinstance(error, errors.ContextWindowExceededError):
-        bigger = larger_context_hop(attempt.hop, runtime.config)
+        bigger = larger_context_hop(attempt.hop, runtime.config, attempt.request)
         if bigger is not None and bigger not in attempt.route:
             route = [*attempt.route[: attempt.route_index + 1], bigger, *attempt.route[attempt.route_index + 1 :]]
             return await _requeue(runtime, attempt, error, state=JobState.QUEUED, route=route,
@@ -200,9 +209,18 @@ async def _after_error(runtime: Runtime, attempt: Attempt, error: errors.Provide
     return await _fail(runtime, attempt, error)
 
 
+def _attempts_allowed(error: errors.ProviderError, settings: RetrySettings) -> int:
+    """Attempts on one hop before the job moves on: fewer for an answer that missed its schema."""
+    if isinstance(error, errors.OutputValidationError):
+        return min(settings.max_attempts_per_provider, 1 + settings.invalid_output_retries)
+    return settings.max_attempts_per_provider
+
+
 def _next_hop(runtime: Runtime, attempt: Attempt) -> int | None:
+    """The next hop on the route that is configured and whose model can serve the request."""
     for index in range(attempt.route_index + 1, len(attempt.route)):
-        if runtime.config.provider(attempt.route[index].provider).configured:
+        hop = attempt.route[index]
+        if runtime.config.provider(hop.provider).configured and can_serve(hop, attempt.request, runtime.config):
             return index
     return None
 

@@ -18,7 +18,11 @@ exc`). Retry and fallback decide on the class alone, never on message text::
      │    ├── ServerError              5xx                               -> same provider, later
      │    │    └── MalformedResponseError  unparseable body / stream cut short
      │    ├── ProviderTimeoutError          no answer within the timeout -> same provider, later
-     │    └── ProviderConnectionError       could not connect / reset    -> same provider, later
+     │    ├── ProviderConnectionError       could not connect / reset    -> same provider, later
+     │    └── OutputValidationError         JSON was asked for and the answer is not JSON, or does
+     │                                      not match the schema -> same provider again
+     │                                      (retry.invalid_output_retries times, default once),
+     │                                      then the next provider
      ├── JobCancelledError                  the caller cancelled the job
      └── DeadlineExceededError              the job's deadline passed
 
@@ -139,6 +143,17 @@ class ProviderConnectionError(ProviderError):
     retryable = True
 
 
+class OutputValidationError(ProviderError):
+    """The answer is not the JSON the request asked for. `parsed` is never handed back then.
+
+    Asked again at once on the same provider, `retry.invalid_output_retries` times (a model
+    that slipped once often answers well the next time), then the job moves along its route.
+    It says nothing of the provider's health, so the circuit breaker does not count it.
+    """
+
+    retryable = True
+
+
 class JobCancelledError(LLMQError):
     pass
 
@@ -154,7 +169,7 @@ ERRORS_BY_NAME: dict[str, type[LLMQError]] = {
         BadRequestError, ContextWindowExceededError, ContentFilteredError, RateLimitedError, QuotaExceededError,
         ProviderUnavailableError,
         OverloadedError, ServerError, MalformedResponseError, ProviderTimeoutError, ProviderConnectionError,
-        JobCancelledError, DeadlineExceededError,
+        OutputValidationError, JobCancelledError, DeadlineExceededError,
     )
 }
 

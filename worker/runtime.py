@@ -33,12 +33,12 @@ from llmq.contract import keys
 from llmq.contract.jobs import EndedJob, JobStore
 from llmq.contract.queueing import Message, async_redis, publish_events, publish_messages
 from llmq.worker.middleware.base import Middleware, MiddlewareChain
-from llmq.worker.outcome import ended_events
 from llmq.worker.middleware.budget import BudgetMiddleware
 from llmq.worker.middleware.cache import CacheMiddleware
 from llmq.worker.middleware.circuit import CircuitBreakerMiddleware
 from llmq.worker.middleware.metrics import MetricsMiddleware
 from llmq.worker.middleware.ratelimit import RateLimitMiddleware
+from llmq.worker.outcome import ended_events
 from llmq.worker.providers.base import LLMProvider
 from llmq.worker.providers.registry import create_provider
 from llmq.worker.settings import WorkerSettings

@@ -28,15 +28,19 @@ from llmq.client.batchfile import read_batch_file
 from llmq.client.service import LLMService
 from llmq.client.status import ledger_backlog
 from llmq.contract import keys
+from llmq.contract.capabilities import capabilities_for
 from llmq.contract.config import LLMConfig, load_config
 from llmq.contract.models import BatchRecord, LLMResponse
 
 
 def add_commands(command: CommandRegistrar) -> None:
     """Register the commands on the CLI's `command(name, handler, help)` helper."""
-    command("models", cmd_models, "list the models of configured providers")
+    command("models", cmd_models, "list the models of configured providers and what each can do")
     submit = command("submit", cmd_submit, "enqueue a JSONL batch file; prints the batch id")
-    submit.add_argument("file", help="JSONL: one {\"custom_id\": ..., \"body\": {LLMRequest}} per line")
+    submit.add_argument(
+        "file", help='JSONL, OpenAI Batch API lines: {"custom_id", "method": "POST", "url": "/v1/chat/completions" '
+        'or "/v1/embeddings", "body"} (url and method may be left out for chat)',
+    )
     submit.add_argument("--wait", action="store_true", help="show progress and wait for every job")
     submit.add_argument("--output", "-o", help="with --wait: write one result line per job here")
     submit.add_argument("--batch-id", help="reuse a batch id (re-submitting never runs a custom_id twice)")
@@ -94,8 +98,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"no provider is configured in {config.path}; see `llmq providers` for why", file=sys.stderr)
         return EXIT_ERROR
     for name in configured:
-        for model in config.providers[name].models or ["(any model)"]:
-            print(f"{model}\t{name}")
+        entry = config.providers[name]
+        for model in entry.models or ["(any model)"]:
+            print(f"{model}\t{name}\t{capabilities_for(entry, model).summary()}")
     return 0
 
 

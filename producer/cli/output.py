@@ -11,6 +11,7 @@ from pathlib import Path
 
 from llmq.client.service import LLMService
 from llmq.client.waiting import WaitNotice
+from llmq.contract.embeddings import VECTORS_AS_FLOATS
 from llmq.contract.models import BatchRecord, JobRecord
 from llmq.contract.queueing import redact_url
 
@@ -119,11 +120,14 @@ def summary_line(batch: BatchRecord) -> str:
 
 
 def result_line(job: JobRecord) -> str:
+    """One output line: the job, and its answer (content, tool_calls, finish_reason and parsed for
+    a chat; embeddings, as numbers, for an embedding job) or its error."""
     return json.dumps({
         "custom_id": job.custom_id,
         "job_id": job.job_id,
+        "kind": job.kind.value,
         "status": job.state.value,
-        "response": job.result.model_dump(mode="json") if job.result else None,
+        "response": job.result.model_dump(mode="json", context=VECTORS_AS_FLOATS) if job.result else None,
         "error": job.error if not job.result else None,
     })
 

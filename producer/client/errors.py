@@ -20,7 +20,11 @@ or batch raises `KeyError`.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
+from llmq.contract.common import id_problem
 from llmq.contract.models import JobRecord
+from llmq.contract.validation import first_error
 
 
 class RequestError(ValueError):
@@ -51,3 +55,22 @@ class JobFailedError(RuntimeError):
         super().__init__(f"job {job.job_id} {job.state.value}: {error.get('type', 'Error')}: {error.get('message', '')}")
         self.job = job
         self.error = error
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    error = first_error(exc)
+    message = error.message
+    if error.error_type == "extra_forbidden":
+        # A field of OpenAI's body that llmq has no field for (frequency_penalty, n, ...).
+        message += (
+            "; llmq's request has no such field: remove it, fix its spelling, or pass a provider's own "
+            "parameter under provider_options (docs/requests.md)"
+        )
+    return f"{error.location or 'request'}: {message}{error.more}"
+
+
+def check_id(field: str, value: str | None) -> None:
+    """RequestError naming `field` when `value` cannot be an id (a NUL, a lone surrogate)."""
+    problem = id_problem(value) if isinstance(value, str) else None
+    if problem:
+        raise RequestError(f"{field}: {problem}")

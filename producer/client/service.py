@@ -3,10 +3,8 @@
 Everything is checked before anything is enqueued: the request (pydantic), its
 route (a configured provider must serve the model), and for batches every line,
 so a bad request never leaves half a batch in the queue.
-
-Two Redis clients: `jobs` retries through a Redis restart (~30 s) for writes and
-reads; `poller` fails fast, for waits and interactive checks, which decide
-themselves how long to keep trying and say why they wait (client/waiting.py).
+`jobs` retries through a Redis restart (~30 s); `poller` fails fast, for waits and
+checks that decide themselves how long to keep trying, and say why (client/waiting.py).
 """
 
 from __future__ import annotations
@@ -19,36 +17,32 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-import redis.exceptions
 from pydantic import ValidationError
 
-from llmq.client.errors import JobFailedError, NoLiveWorkerError, RequestError
+from llmq.client.errors import JobFailedError, RequestError, check_id, describe_validation_error
+from llmq.client.status import read_cache_stats, read_workers_configured
 from llmq.client.streams import read_stream
-from llmq.client.waiting import (
-    Notify,
-    WaitWatch,
-    no_worker_text,
-    ping,
-    poll_client,
-    read_heartbeats,
-    served_queues,
-    wait_until_done,
-)
+from llmq.client.typed import ResponseModels
+from llmq.client.waiting import Notify, WaitWatch, ping, poll_client, require_served, wait_until_done
 from llmq.contract import keys
 from llmq.contract.config import LLMConfig, load_config
 from llmq.contract.jobs import CALLER_BUDGET_OPTION, JobStore, NewJob
 from llmq.contract.models import (
+    REQUEST_MODELS,
     BatchRecord,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    JobKind,
     JobRecord,
+    JobRequest,
     JobState,
     LLMRequest,
     LLMResponse,
-    id_problem,
 )
 from llmq.contract.queueing import async_redis, make_celery, publish_messages, redact_url, redis_url_source
 from llmq.contract.queueing import redis_url as resolve_redis_url
 from llmq.contract.routing import RoutingError, plan_route
-from llmq.contract.validation import first_error, summarize_problems
+from llmq.contract.validation import summarize_problems
 
 SUBMIT_CHUNK = 500
 #: The first chunk is small, so workers start on a large batch while the rest is being enqueued.
@@ -58,10 +52,12 @@ WORKERS_CACHE_S = 5.0
 #: How long an interactive call tries to reach Redis before it says it cannot (`ping`).
 CONNECT_TIMEOUT_S = 2.0
 
+RequestInput = LLMRequest | EmbeddingRequest | Mapping[str, Any]
+
 
 @dataclass
 class BatchItem:
-    request: LLMRequest
+    request: JobRequest
     custom_id: str | None = None
 
 
@@ -82,6 +78,8 @@ class LLMService:
         self._poller: JobStore | None = None
         self._workers_configured: frozenset[str] = frozenset()
         self._workers_seen_at = float("-inf")
+        #: The pydantic classes requests gave as response_format, by job id (this process only).
+        self.response_models = ResponseModels()
 
     @property
     def jobs(self) -> JobStore:
@@ -107,23 +105,37 @@ class LLMService:
             self._poller = None
 
     async def ping(self) -> None:
-        """RedisUnreachableError unless Redis answers within `CONNECT_TIMEOUT_S`: interactive commands
-        call this first, so a missing Redis is said in seconds, not after the job client's ~30 s of retries."""
+        """RedisUnreachableError unless Redis answers within `CONNECT_TIMEOUT_S` (not the job client's ~30 s)."""
         await ping(self.poller.redis, f"{redact_url(self.redis_url)} ({self._redis_url_source})", CONNECT_TIMEOUT_S)
 
     async def require_live_worker(self, request: LLMRequest | Mapping[str, Any]) -> None:
         """Raise NoLiveWorkerError when no live worker consumes a queue of any hop of the request's route."""
         await self.workers_configured()
-        parsed = self.prepare(request)
-        queues = list(dict.fromkeys(keys.queue_name(hop.provider)
-                                    for hop in plan_route(parsed, self.config, self._workers_configured)))
-        if not set(queues) & await served_queues(self.poller.redis):
-            raise NoLiveWorkerError(no_worker_text(queues, what="serves any hop of this route:"), queues)
+        route = plan_route(self.prepare(request), self.config, self._workers_configured)
+        await require_served([keys.queue_name(hop.provider) for hop in route], self.poller.redis)
 
     # --- the ADR's interface ----------------------------------------------------------
 
     async def generate(self, request: LLMRequest | Mapping[str, Any], *, timeout_s: float | None = None) -> LLMResponse:
-        """Submit one request and wait for its answer; raises JobFailedError if it fails."""
+        """Submit one request and wait for its answer; raises JobFailedError if it fails.
+
+        With a pydantic class as `response_format`, the answer's `parsed` is an instance of it.
+        """
+        result = await self._run_to_end(self.prepare(request), timeout_s)
+        assert isinstance(result, LLMResponse)
+        return result
+
+    async def embed(
+        self, input: str | list[str], *, model: str, timeout_s: float | None = None, **fields: Any
+    ) -> EmbeddingResponse:
+        """Embed one text or many (`fields`: dimensions, provider, metadata, provider_options);
+        returns the vectors in input order and the tokens counted."""
+        request = self.prepare({"input": input, "model": model, **fields}, kind=JobKind.EMBEDDING)
+        result = await self._run_to_end(request, timeout_s)
+        assert isinstance(result, EmbeddingResponse)
+        return result
+
+    async def _run_to_end(self, request: JobRequest, timeout_s: float | None) -> LLMResponse | EmbeddingResponse:
         job_id = await self.submit(request)
         job = await self.wait(job_id, timeout_s=timeout_s)
         assert isinstance(job, JobRecord)
@@ -144,6 +156,8 @@ class LLMService:
         """
         await self.workers_configured()
         parsed = self.prepare(request)
+        if not isinstance(parsed, LLMRequest):
+            raise RequestError("request: an embedding job does not stream; use embed() or submit()")
         if not parsed.stream:
             parsed = parsed.model_copy(update={"stream": True})
         job_id = await self.submit(parsed, deadline_s=deadline_s)
@@ -154,14 +168,12 @@ class LLMService:
         self, job_id: str, after_id: str = "0-0", *, on_notice: Notify | None = None
     ) -> AsyncIterator[LLMResponse]:
         """Read a streamed job's chunks after `after_id`: none lost, none repeated, across reconnects.
-
-        While Redis is away `on_notice` hears it (see `wait`); past `client.redis_unreachable_s`
-        the read ends with RedisUnreachableError.
-        """
+        Chunks carry `tool_call_deltas`; the final one the whole `tool_calls` and `parsed`. `on_notice`
+        hears why nothing comes (see `wait`); RedisUnreachableError after `client.redis_unreachable_s`."""
         give_up_s = self.config.service.client.redis_unreachable_s
         watch = WaitWatch(self.poller, job_id, give_up_s=give_up_s, on_notice=on_notice)
         async for chunk in read_stream(self.poller, job_id, after_id, watch=watch):
-            yield chunk
+            yield self.response_models.response(job_id, chunk) if chunk.metadata.get("final") else chunk
 
     async def workers_configured(self) -> frozenset[str]:
         """Providers that live workers hold keys for, read from their heartbeats (cached a few seconds).
@@ -173,11 +185,7 @@ class LLMService:
         now = time.monotonic()
         if now - self._workers_seen_at > WORKERS_CACHE_S:
             self._workers_seen_at = now
-            try:
-                beats = await read_heartbeats(self.jobs.redis)
-                self._workers_configured = frozenset(name for beat in beats for name in beat.get("configured", []))
-            except redis.exceptions.RedisError:
-                self._workers_configured = frozenset()
+            self._workers_configured = await read_workers_configured(self.jobs.redis)
         return self._workers_configured
 
     def get_available_models(self) -> list[str]:
@@ -189,13 +197,7 @@ class LLMService:
 
     async def cache_stats(self) -> dict[str, dict[str, float]]:
         """Response-cache hits, misses and hit ratio per provider entry (last 7 days)."""
-        stats: dict[str, dict[str, float]] = {}
-        for name in self.config.providers:
-            raw = await self.jobs.redis.hgetall(keys.cache_stats(name))
-            hits, misses = int(raw.get("hits", 0)), int(raw.get("misses", 0))
-            if hits or misses:
-                stats[name] = {"hits": hits, "misses": misses, "hit_ratio": round(hits / (hits + misses), 4)}
-        return stats
+        return await read_cache_stats(self.jobs.redis, self.config)
 
     def get_provider_status(self) -> dict[str, bool]:
         """The ADR's view: configured or not (no I/O); `provider_status()` has the live detail."""
@@ -216,10 +218,15 @@ class LLMService:
 
     # --- submitting ------------------------------------------------------------------
 
-    def prepare(self, request: LLMRequest | Mapping[str, Any], where: str = "request") -> LLMRequest:
-        """Validate a request and its route; raises RequestError naming the field and the fix."""
+    def prepare(self, request: RequestInput, where: str = "request", *, kind: JobKind = JobKind.CHAT) -> JobRequest:
+        """Validate a request and its route; raises RequestError naming the field and the fix.
+
+        A mapping is read as a request of `kind` (a chat unless told otherwise)."""
         try:
-            parsed = request if isinstance(request, LLMRequest) else LLMRequest.model_validate(request)
+            if isinstance(request, (LLMRequest, EmbeddingRequest)):
+                parsed: JobRequest = request
+            else:
+                parsed = REQUEST_MODELS[kind].model_validate(request)
             plan_route(parsed, self.config, self._workers_configured)
         except ValidationError as exc:
             raise RequestError(f"{where}: {describe_validation_error(exc)}") from None
@@ -229,7 +236,7 @@ class LLMService:
 
     async def submit(
         self,
-        request: LLMRequest | Mapping[str, Any],
+        request: RequestInput,
         *,
         job_id: str | None = None,
         deadline_s: float | None = None,
@@ -238,16 +245,17 @@ class LLMService:
     ) -> str:
         """Enqueue one request; returns its job id. `cache` overrides the provider's cache setting;
         `caller_daily_usd` is the caller's own daily budget (before `per_caller_daily_usd`)."""
-        _check_id("job_id", job_id)
+        check_id("job_id", job_id)
         await self.workers_configured()
         parsed = self.prepare(request)
         new = self._new_job(parsed, job_id or new_id("job"), None, None, deadline_s, cache, caller_daily_usd)
         created = await self._enqueue([new])
+        self.response_models.remember(created[0], parsed)
         return created[0]
 
     async def submit_batch(
         self,
-        items: Iterable[BatchItem | LLMRequest | Mapping[str, Any]],
+        items: Iterable[BatchItem | RequestInput],
         *,
         batch_id: str | None = None,
         deadline_s: float | None = None,
@@ -256,7 +264,7 @@ class LLMService:
         caller_daily_usd: float | None = None,
     ) -> str:
         """Validate every item first, then create and publish in pipelined chunks."""
-        _check_id("batch_id", batch_id)
+        check_id("batch_id", batch_id)
         batch_id = batch_id or new_id("batch")
         await self.workers_configured()
         prepared = self._prepare_batch(items)
@@ -272,28 +280,27 @@ class LLMService:
                 for job_id, item in zip(job_ids, chunk)
             ]
             await self._enqueue(new)
+            for job_id, item in zip(job_ids, chunk):
+                self.response_models.remember(job_id, item.request)
             if on_progress:
                 on_progress(len(chunk))
         await self.jobs.expire_batch(batch_id, ttl_s)
         return batch_id
 
-    def _prepare_batch(self, items: Iterable[BatchItem | LLMRequest | Mapping[str, Any]]) -> list[BatchItem]:
+    def _prepare_batch(self, items: Iterable[BatchItem | RequestInput]) -> list[BatchItem]:
         prepared: list[BatchItem] = []
         problems: list[tuple[str, str]] = []
         seen: dict[str, int] = {}
         for index, item in enumerate(items):
             item = item if isinstance(item, BatchItem) else BatchItem(item)  # type: ignore[arg-type]
             where = f"item {index + 1}" + (f" (custom_id {item.custom_id!r})" if item.custom_id else "")
-            problem = id_problem(item.custom_id) if isinstance(item.custom_id, str) else None
-            if problem:
-                problems.append((where, f"custom_id {problem}"))
-                continue
             if item.custom_id is not None and item.custom_id in seen:
                 problems.append((where, f"custom_id repeats item {seen[item.custom_id] + 1}; give each request its own"))
                 continue
             if item.custom_id is not None:
                 seen[item.custom_id] = index
             try:
+                check_id("custom_id", item.custom_id)
                 prepared.append(BatchItem(self.prepare(item.request, where), item.custom_id))
             except RequestError as exc:
                 problems.append((where, str(exc).removeprefix(where + ": ")))
@@ -304,7 +311,7 @@ class LLMService:
         return prepared
 
     def _new_job(
-        self, request: LLMRequest, job_id: str, batch_id: str | None, custom_id: str | None,
+        self, request: JobRequest, job_id: str, batch_id: str | None, custom_id: str | None,
         deadline_s: float | None, cache: bool | None = None, caller_daily_usd: float | None = None,
     ) -> NewJob:
         if deadline_s is not None and deadline_s <= 0:
@@ -331,7 +338,8 @@ class LLMService:
     # --- reading ---------------------------------------------------------------------
 
     async def poll(self, job_id: str) -> JobRecord | None:
-        return await self.jobs.get(job_id)
+        record = await self.jobs.get(job_id)
+        return self.response_models.record(record) if record is not None else None
 
     async def batch(self, batch_id: str) -> BatchRecord | None:
         return await self.jobs.batch(batch_id)
@@ -349,7 +357,8 @@ class LLMService:
         RedisUnreachableError (saying how to resume) after `client.redis_unreachable_s` without Redis."""
         give_up_s = self.config.service.client.redis_unreachable_s
         watch = WaitWatch(self.poller, some_id, give_up_s=give_up_s, on_notice=on_notice)
-        return await wait_until_done(watch, some_id, timeout_s=timeout_s, on_progress=on_progress)
+        record = await wait_until_done(watch, some_id, timeout_s=timeout_s, on_progress=on_progress)
+        return self.response_models.record(record) if isinstance(record, JobRecord) else record
 
     async def results(self, batch_id: str) -> list[JobRecord]:
         """Every job of a batch, in submission order."""
@@ -357,7 +366,7 @@ class LLMService:
         records: list[JobRecord] = []
         for start in range(0, len(job_ids), SUBMIT_CHUNK):
             found = await self.jobs.get_many(job_ids[start : start + SUBMIT_CHUNK])
-            records += [record for record in found if record is not None]
+            records += [self.response_models.record(record) for record in found if record is not None]
         return records
 
     async def results_by_custom_id(self, batch_id: str) -> dict[str, JobRecord]:
@@ -377,12 +386,6 @@ class LLMService:
         return int(await self.jobs.cancel(some_id, ttl_s))
 
 
-def _check_id(field: str, value: str | None) -> None:
-    problem = id_problem(value) if isinstance(value, str) else None
-    if problem:
-        raise RequestError(f"{field}: {problem}")
-
-
 def new_id(kind: str) -> str:
     return f"{kind}_{uuid.uuid4().hex}"
 
@@ -392,8 +395,3 @@ def _job_id_for(batch_id: str, item: BatchItem, index: int) -> str:
     if item.custom_id is not None:
         return "job_" + uuid.uuid5(uuid.NAMESPACE_URL, f"llmq:{batch_id}:{item.custom_id}").hex
     return new_id("job")
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    error = first_error(exc)
-    return f"{error.location or 'request'}: {error.message}{error.more}"

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from llmq.client.waiting import read_heartbeats
 from llmq.contract import keys
@@ -22,7 +23,7 @@ RECENT_CHECKS = 10
 
 async def read_provider_status(client: aioredis.Redis, config: LLMConfig, recent: int = RECENT_CHECKS) -> dict[str, dict[str, Any]]:
     names = list(config.providers)
-    on_workers = await workers_configured(client)
+    on_workers = await read_workers_configured(client)
     async with client.pipeline(transaction=False) as pipe:
         pipe.time()
         for name in names:
@@ -37,11 +38,6 @@ async def read_provider_status(client: aioredis.Redis, config: LLMConfig, recent
         circuit_fields, health, history = replies[1 + 3 * index : 4 + 3 * index]
         status[name] = _provider_status(config, name, circuit_fields or {}, health, history or [], now_s, on_workers)
     return status
-
-
-async def workers_configured(client: aioredis.Redis) -> frozenset[str]:
-    """Providers that live workers hold keys for (their heartbeats say), which this process may not."""
-    return frozenset(name for beat in await read_heartbeats(client) for name in beat.get("configured", []))
 
 
 def _provider_status(
@@ -106,3 +102,23 @@ async def ledger_backlog(client: aioredis.Redis) -> dict[str, int]:
         pipe.get(keys.OUTBOX_QUARANTINED)
         outbox, dead, total = await pipe.execute()
     return {"outbox": int(outbox), "needs_attention": int(dead), "quarantined_total": int(total or 0)}
+
+
+async def read_workers_configured(client: aioredis.Redis) -> frozenset[str]:
+    """Providers that live workers hold keys for, read from their heartbeats; none when Redis is away."""
+    try:
+        beats = await read_heartbeats(client)
+    except redis.exceptions.RedisError:
+        return frozenset()
+    return frozenset(name for beat in beats for name in beat.get("configured", []))
+
+
+async def read_cache_stats(client: aioredis.Redis, config: LLMConfig) -> dict[str, dict[str, float]]:
+    """Response-cache hits, misses and hit ratio per provider entry (last 7 days)."""
+    stats: dict[str, dict[str, float]] = {}
+    for name in config.providers:
+        raw = await client.hgetall(keys.cache_stats(name))
+        hits, misses = int(raw.get("hits", 0)), int(raw.get("misses", 0))
+        if hits or misses:
+            stats[name] = {"hits": hits, "misses": misses, "hit_ratio": round(hits / (hits + misses), 4)}
+    return stats

@@ -29,7 +29,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 
-from llmq.client.errors import RedisUnreachableError
+from llmq.client.errors import NoLiveWorkerError, RedisUnreachableError
 from llmq.contract import keys
 from llmq.contract.jobs import WAITING_STATES, JobStore
 from llmq.contract.models import BatchRecord, JobRecord
@@ -101,6 +101,13 @@ async def read_heartbeats(client: aioredis.Redis) -> list[dict[str, Any]]:
 async def served_queues(client: aioredis.Redis) -> set[str]:
     """Queues at least one live worker consumes."""
     return {str(queue) for beat in await read_heartbeats(client) for queue in beat.get("queues", [])}
+
+
+async def require_served(queues: Iterable[str], client: aioredis.Redis) -> None:
+    """NoLiveWorkerError when no live worker consumes any of `queues` (a route's hops, in order)."""
+    queues = list(dict.fromkeys(queues))
+    if not set(queues) & await served_queues(client):
+        raise NoLiveWorkerError(no_worker_text(queues, what="serves any hop of this route:"), queues)
 
 
 class Outage:

@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from llmq.contract.capabilities import CapabilityOverride
+from llmq.contract.interpolation import interpolate
 from llmq.contract.validation import first_error
 
 CONFIG_ENV = "LLMQ_CONFIG"
@@ -46,7 +48,6 @@ PROVIDER_TYPE_ALIASES = {"google": "gemini", "palm": "gemini", "azure": "azure_o
 
 #: Adapter options that hold credentials (Bedrock's AWS secret key and session token, ...).
 _SECRET_OPTION = re.compile(r"(secret|password|session_token|api_key|access_key)", re.IGNORECASE)
-_VAR_PATTERN = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
 
 
 class ConfigError(ValueError):
@@ -112,6 +113,9 @@ class ProviderConfig(_Strict):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     #: Adapter-specific settings (api_version, region, latency_s, ...); each adapter checks its own.
     options: dict[str, Any] = Field(default_factory=dict)
+    #: Model name or fnmatch pattern ("*": every model) -> capabilities laid over the adapter's
+    #: defaults (producer/data/capabilities.yaml), e.g. {"*": {tools: true}} for a vLLM started with tools.
+    capabilities: dict[str, CapabilityOverride] = Field(default_factory=dict)
 
     # Filled by the loader, never from YAML.
     name: str = Field(default="", exclude=True)
@@ -154,6 +158,9 @@ class RetrySettings(_Strict):
     backoff_max_s: float = Field(default=30.0, gt=0)
     #: A provider's `retry-after` is honoured up to this many seconds.
     retry_after_cap_s: float = Field(default=120.0, gt=0)
+    #: Times an answer that does not match the requested JSON schema is asked for again on the
+    #: same provider before the job moves on along its route (OutputValidationError).
+    invalid_output_retries: int = Field(default=1, ge=0, le=10)
 
 
 class JobSettings(_Strict):
@@ -285,28 +292,6 @@ def known_provider_types() -> set[str]:
     """
     names = {entry.name for entry in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)}
     return names | set(PROVIDER_TYPE_ALIASES) if names else set()
-
-
-def interpolate(value: Any, environ: dict[str, str], missing: dict[str, list[str]], path: str = "") -> Any:
-    """Replace `${VAR}` / `${VAR:-default}` in every string, recording unset variables by key path."""
-    if isinstance(value, dict):
-        return {key: interpolate(item, environ, missing, f"{path}.{key}" if path else str(key)) for key, item in value.items()}
-    if isinstance(value, list):
-        return [interpolate(item, environ, missing, f"{path}[{index}]") for index, item in enumerate(value)]
-    if not isinstance(value, str):
-        return value
-
-    def substitute(match: re.Match[str]) -> str:
-        name, default = match.group("name"), match.group("default")
-        found = environ.get(name)
-        if found:
-            return found
-        if default is not None:
-            return default
-        missing.setdefault(path, []).append(name)
-        return ""
-
-    return _VAR_PATTERN.sub(substitute, value)
 
 
 def resolve_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:

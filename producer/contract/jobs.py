@@ -17,16 +17,19 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 
 from llmq.contract import keys
+from llmq.contract.common import replace_lone_surrogates
+from llmq.contract.labels import TaskLabel
 from llmq.contract.models import (
+    REQUEST_MODELS,
+    RESPONSE_MODELS,
     BatchRecord,
     Hop,
+    JobKind,
     JobRecord,
+    JobRequest,
+    JobResponse,
     JobState,
-    LLMRequest,
-    LLMResponse,
-    replace_lone_surrogates,
 )
-from llmq.contract.labels import TaskLabel
 from llmq.contract.queueing import Message
 from llmq.contract.scripts import read_script
 
@@ -61,7 +64,7 @@ def _script(name: str) -> str:
 @dataclass
 class NewJob:
     job_id: str
-    request: LLMRequest
+    request: JobRequest
     route: list[Hop]
     batch_id: str | None = None
     custom_id: str | None = None
@@ -78,7 +81,8 @@ class NewJob:
     def fields(self) -> list[str]:
         values = {
             "job_id": self.job_id,
-            "request": self.request.model_dump_json(),
+            "kind": self.request.kind.value,
+            "request": dump_request(self.request),
             "route": json.dumps([hop.model_dump() for hop in self.route]),
             "queue": keys.queue_name(self.route[0].provider),
             "batch_id": self.batch_id or "",
@@ -304,13 +308,37 @@ def _lua_json(value: Any) -> str:
     return json.dumps(replace_lone_surrogates(value))
 
 
+def dump_request(request: JobRequest) -> str:
+    """A request as the job record keeps it: fields left at None are left out (most are, in a plain chat)."""
+    return request.model_dump_json(exclude_none=True)
+
+
+def dump_response(response: JobResponse) -> str:
+    return response.model_dump_json(exclude_none=True)
+
+
+def job_kind(raw: dict[str, str]) -> JobKind:
+    """A job record's kind; a record written before kinds existed is a chat."""
+    return JobKind(raw.get("kind") or JobKind.CHAT.value)
+
+
+def load_request(raw: dict[str, str]) -> JobRequest:
+    return REQUEST_MODELS[job_kind(raw)].model_validate_json(raw["request"])
+
+
+def load_response(kind: JobKind, text: str) -> JobResponse:
+    return RESPONSE_MODELS[kind].model_validate_json(text)
+
+
 def parse_job(raw: dict[str, str], attempts: list[str]) -> JobRecord | None:
     if not raw or "request" not in raw:
         return None
+    kind = job_kind(raw)
     return JobRecord(
         job_id=raw["job_id"],
+        kind=kind,
         state=JobState(raw["state"]),
-        request=LLMRequest.model_validate_json(raw["request"]),
+        request=load_request(raw),
         route=[Hop.model_validate(hop) for hop in json.loads(raw["route"])],
         route_index=int(raw.get("route_index", 0)),
         attempt=int(raw.get("attempt", 0)),
@@ -320,7 +348,7 @@ def parse_job(raw: dict[str, str], attempts: list[str]) -> JobRecord | None:
         updated_at=_seconds(raw.get("updated_at")),
         finished_at=_seconds(raw.get("finished_at")),
         deadline_at=_seconds(raw.get("deadline_at")),
-        result=LLMResponse.model_validate_json(raw["result"]) if raw.get("result") else None,
+        result=load_response(kind, raw["result"]) if raw.get("result") else None,
         error=json.loads(raw["error"]) if raw.get("error") else None,
         attempts=[json.loads(item) for item in attempts],
     )

@@ -15,7 +15,14 @@ from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, make_url, text
 
-from llmq.contract.schema import api_keys_table, database_url, files_table, metadata, normalize_url, openai_batches_table
+from llmq.contract.schema import (
+    api_keys_table,
+    database_url,
+    files_table,
+    metadata,
+    normalize_url,
+    openai_batches_table,
+)
 
 #: How long a SQLite write waits for another process's lock (the workers' outbox flusher) before failing.
 SQLITE_TIMEOUT_S = 30.0

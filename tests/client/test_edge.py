@@ -20,7 +20,8 @@ from llmq.client.batchfile import read_batch_file
 from llmq.client.service import BatchItem, RequestError
 from llmq.client.sync import SyncLLMService
 from llmq.contract.config import parse_config
-from llmq.contract.models import MAX_METADATA_DEPTH, LLMRequest, LLMResponse
+from llmq.contract.common import MAX_METADATA_DEPTH
+from llmq.contract.models import LLMRequest, LLMResponse
 
 CONFIG = """
 llm_service:
@@ -77,7 +78,7 @@ def test_nul_in_ids_and_metadata_keys_is_refused_naming_the_field(service: SyncL
     with pytest.raises(RequestError, match=r"^batch_id: must not contain a NUL character"):
         service.submit_batch([body()], batch_id="batch\x00one")
     items = [BatchItem(LLMRequest.model_validate(body()), "a"), BatchItem(LLMRequest.model_validate(body()), "b\x00")]
-    with pytest.raises(RequestError, match=r"item 2 \(custom_id 'b\\x00'\): custom_id must not contain a NUL"):
+    with pytest.raises(RequestError, match=r"item 2 \(custom_id 'b\\x00'\): custom_id: must not contain a NUL"):
         service.submit_batch(items)
     with pytest.raises(RequestError, match=r"^request: metadata: key 'x\\x00' must not contain a NUL"):
         service.submit(body(metadata={"x\x00": "y"}))

@@ -73,7 +73,7 @@ def test_the_whole_files_and_batches_flow(stack: FrontStack, fake: FakeOpenAI) -
 def test_a_file_with_bad_lines_makes_a_failed_batch_with_errors_by_line(stack: FrontStack) -> None:
     client = stack.client(stack.key("--models", "gpt-4o-mini")[1])
     content = (json.dumps(line("ok", "fine")) + "\nnot json\n" + json.dumps(line("ok", "again")) + "\n"
-               + json.dumps(line("other", "x", model="gpt-4o")) + "\n" + json.dumps(line("bad", "x", top_p=0.2)) + "\n").encode()
+               + json.dumps(line("other", "x", model="gpt-4o")) + "\n" + json.dumps(line("bad", "x", presence_penalty=0.5)) + "\n").encode()
     batch = client.batches.create(input_file_id=upload(client, content), endpoint="/v1/chat/completions", completion_window="24h")
     assert batch.status == "failed" and batch.errors is not None
     assert [(error.line, error.code) for error in batch.errors.data] == [

@@ -140,10 +140,11 @@ mutation = st.one_of(
     drop(["model"], "model: Field required"),
     put(["messages"], st.just([]), "messages: List should have at least 1 item"),
     put(["messages"], st.sampled_from(["hi", 3, None, {"role": "user"}]), "messages"),
-    put(["messages", 0, "role"], text.filter(lambda role: role not in ROLES) | st.none() | st.integers(), "messages.0.role"),
+    put(["messages", 0, "role"], text.filter(lambda role: role not in (*ROLES, "tool", "developer")) | st.none()
+        | st.integers(), "messages.0.role"),
     put(["messages", 0, "content"], st.integers() | st.none() | st.lists(st.integers(), max_size=2), "messages.0.content"),
     drop(["messages", 0, "content"], "messages.0.content"),
-    put(["messages", 0, "name"], json_value, "messages.0.name: Extra inputs are not permitted"),
+    put(["messages", 0, "nickname"], json_value, "messages.0.nickname: Extra inputs are not permitted"),
     put(["temperature"], st.floats().filter(lambda t: not 0 <= t <= 2) | st.sampled_from(["hot", "", None]),
         "temperature"),
     put(["max_tokens"], st.integers().filter(lambda n: not 1 <= n <= MAX_OUTPUT_TOKENS)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmq.contract import keys
 from llmq.contract.jobs import CALLER_BUDGET_OPTION
-from llmq.contract.models import JobState, LLMResponse
+from llmq.contract.models import JobResponse, JobState
 from llmq.contract.scripts import read_script
 from llmq.worker import errors
 from llmq.worker.middleware.base import Defer, Middleware, Skip, Verdict
@@ -101,7 +101,7 @@ class BudgetMiddleware(Middleware):
             ))
         return Defer(int(next_day_s) + random.uniform(0, WAKE_SPREAD_S), JobState.RATE_LIMITED, reason="budget")
 
-    async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
+    async def after_success(self, attempt: Attempt, response: JobResponse, usage_row: dict[str, Any]) -> None:
         own_budget = CALLER_BUDGET_OPTION in attempt.options
         if not self.settings.enabled and not own_budget:
             return

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llmq.contract import keys
-from llmq.contract.models import LLMResponse
+from llmq.contract.models import JobResponse
 from llmq.worker import errors
 from llmq.worker.middleware.base import Defer, Middleware, Skip
 
@@ -141,7 +141,7 @@ class MetricsMiddleware(Middleware):
             attempt.scratch["metrics_started_at"] = time.monotonic()
         return None
 
-    async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
+    async def after_success(self, attempt: Attempt, response: JobResponse, usage_row: dict[str, Any]) -> None:
         found = self.instruments
         if found is None:
             return

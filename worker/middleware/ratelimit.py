@@ -18,7 +18,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from llmq.contract.config import RateLimits
-from llmq.contract.models import JobState, LLMResponse
+from llmq.contract.models import JobResponse, JobState
 from llmq.worker import errors
 from llmq.worker.limiter.estimate import estimate_request_tokens
 from llmq.worker.limiter.limiter import RateLimiter
@@ -80,7 +80,7 @@ class RateLimitMiddleware(Middleware):
         # A little jitter, so jobs told the same wait do not all come back in the same instant.
         return Defer(decision.wait_s + random.uniform(0.0, DEFER_JITTER_S), JobState.RATE_LIMITED, reason=decision.limit or "rate limit")
 
-    async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
+    async def after_success(self, attempt: Attempt, response: JobResponse, usage_row: dict[str, Any]) -> None:
         reserved = attempt.scratch.pop("rate_limit_reserved", None)
         if reserved is None:
             return
@@ -108,7 +108,7 @@ class RateLimitMiddleware(Middleware):
             )
 
 
-def _counted_tokens(attempt: Attempt, response: LLMResponse) -> int | None:
+def _counted_tokens(attempt: Attempt, response: JobResponse) -> int | None:
     """What a provider that keeps the reservation counted: its own prompt count plus max_tokens
     (None when it reported no prompt tokens: the reservation then stands)."""
     if response.usage.prompt_tokens <= 0:

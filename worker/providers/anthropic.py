@@ -297,15 +297,15 @@ class AnthropicProvider(HTTPProvider[AnthropicStreamState]):
 
 def to_anthropic_messages(messages: list[Message]) -> tuple[str | None, list[dict[str, str]]]:
     """Split out the system prompt and merge consecutive same-role turns."""
-    system = [message.content for message in messages if message.role == "system" and message.content]
+    system = [message.text for message in messages if message.role == "system" and message.text]
     turns: list[dict[str, str]] = []
     for message in messages:
-        if message.role == "system" or not message.content:
+        if message.role == "system" or not message.text:
             continue  # an empty turn adds nothing, and the API rejects empty content
         if turns and turns[-1]["role"] == message.role:
-            turns[-1]["content"] += "\n\n" + message.content
+            turns[-1]["content"] += "\n\n" + message.text
         else:
-            turns.append({"role": message.role, "content": message.content})
+            turns.append({"role": message.role, "content": message.text})
     return ("\n\n".join(system) or None), turns
 
 

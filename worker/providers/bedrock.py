@@ -161,14 +161,14 @@ class BedrockProvider(HTTPProvider[ConverseStreamState]):
             if message.role == "system":
                 continue
             if messages and messages[-1]["role"] == message.role:
-                messages[-1]["content"].append({"text": message.content})
+                messages[-1]["content"].append({"text": message.text})
             else:
-                messages.append({"role": message.role, "content": [{"text": message.content}]})
+                messages.append({"role": message.role, "content": [{"text": message.text}]})
         body: dict[str, Any] = {
             "messages": messages,
             "inferenceConfig": {"maxTokens": request.max_tokens, "temperature": request.temperature},
         }
-        system = [{"text": message.content} for message in request.messages if message.role == "system"]
+        system = [{"text": message.text} for message in request.messages if message.role == "system"]
         if system:
             body["system"] = system
         return body

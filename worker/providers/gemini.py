@@ -120,7 +120,7 @@ class GeminiProvider(HTTPProvider[GeminiStreamState]):
         return f"/{resource}:streamGenerateContent?alt=sse" if stream else f"/{resource}:generateContent"
 
     def build_body(self, request: LLMRequest, *, stream: bool) -> dict[str, Any]:
-        system_parts = [{"text": message.content} for message in request.messages if message.role == "system"]
+        system_parts = [{"text": message.text} for message in request.messages if message.role == "system"]
         contents = merged_contents(request.messages)
         if not contents:
             raise errors.BadRequestError(

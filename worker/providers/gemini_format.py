@@ -43,9 +43,9 @@ def merged_contents(messages: list[Message]) -> list[dict[str, Any]]:
             continue
         role = "model" if message.role == "assistant" else "user"
         if contents and contents[-1]["role"] == role:
-            contents[-1]["parts"].append({"text": message.content})
+            contents[-1]["parts"].append({"text": message.text})
         else:
-            contents.append({"role": role, "parts": [{"text": message.content}]})
+            contents.append({"role": role, "parts": [{"text": message.text}]})
     return contents
 
 

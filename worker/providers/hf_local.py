@@ -129,7 +129,7 @@ class TransformersPipelineProvider(LLMProvider):
 
     def _prompt_ids(self, loaded: _Loaded, request: LLMRequest) -> Any:
         tokenizer = loaded.tokenizer
-        messages = [{"role": message.role, "content": message.content} for message in request.messages]
+        messages = [{"role": message.role, "content": message.text} for message in request.messages]
         if getattr(tokenizer, "chat_template", None):
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             # The template already wrote any special tokens the model expects.

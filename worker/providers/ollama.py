@@ -78,7 +78,7 @@ class OllamaProvider(HTTPProvider[OllamaStreamState]):
             options["num_ctx"] = self.options.num_ctx
         body: dict[str, Any] = {
             "model": request.model,
-            "messages": [{"role": message.role, "content": message.content} for message in request.messages],
+            "messages": [{"role": message.role, "content": message.text} for message in request.messages],
             "stream": stream,
             "options": options,
         }

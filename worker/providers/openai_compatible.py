@@ -5,6 +5,11 @@ URL (ending in `/v1`, so chat is `/v1/chat/completions` and discovery is
 `/v1/models`), no key required (a configured key is still sent as Bearer, for
 servers started with one, e.g. `vllm serve --api-key`), and no OpenAI-only
 headers. Options: `max_tokens_field`, `stream_usage`, `send_temperature`.
+
+Request features map as for OpenAI; what each server lacks (vLLM's tools need
+`--enable-auto-tool-choice`, LocalAI has no `json_schema`, none embeds by default) is
+said in the capability table (producer/data/capabilities.yaml) and can be changed per
+entry under `capabilities:`, never faked here.
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ class OpenAICompatibleProvider(OpenAIProvider):
     options_model: ClassVar[type[ChatCompletionsOptions]] = ChatCompletionsOptions
     # OpenAI's client request id means nothing to these servers.
     client_request_id_header: ClassVar[str | None] = None
+    # Sampling parameters these servers take beyond OpenAI's.
+    allowed_provider_options: ClassVar[frozenset[str]] = OpenAIProvider.allowed_provider_options | {
+        "top_k", "min_p", "repetition_penalty",
+    }
+    # Not every compatible server encodes vectors as base64.
+    embeddings_encoding: ClassVar[str] = "float"
 
 
 class LMStudioProvider(OpenAICompatibleProvider):

@@ -353,7 +353,7 @@ def job_row(raw: dict[str, str]) -> dict[str, Any]:
         "model": result["model"] if result else hop["model"],
         "caller": request.get("metadata", {}).get("caller"),
         "metadata": request.get("metadata", {}),
-        "content": result["content"] if result else None,
+        "content": result.get("content") if result else None,
         "error_type": error["type"] if error else None,
         "error_message": error["message"] if error else None,
         "attempts": int(raw.get("attempt", 0)),
