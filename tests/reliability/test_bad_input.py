@@ -410,7 +410,10 @@ def hostile_cluster(
 ) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp(f"hostile-{request.param}")
     database_url = None if request.param == "sqlite" else request.getfixturevalue("postgres").create_schema("hostile")
-    cluster = start_cluster(root, service_config({"primary": openai_entry(echoing_fake)}), database_url=database_url)
+    # Room for the long answers and the long prompts that ask for them (the fake has no limit of its own).
+    roomy = {"*": {"max_output_tokens": MAX_OUTPUT_TOKENS, "context_window": 10 * MAX_OUTPUT_TOKENS}}
+    cluster = start_cluster(root, service_config({"primary": openai_entry(echoing_fake, capabilities=roomy)}),
+                            database_url=database_url)
     cluster.start_workers(1, concurrency=20)
     yield cluster
     cluster.stop()
