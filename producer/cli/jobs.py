@@ -27,10 +27,12 @@ from llmq.cli.output import (
 from llmq.client.batchfile import read_batch_file
 from llmq.client.service import LLMService
 from llmq.client.status import ledger_backlog
+from llmq.client.waiting import read_heartbeats
 from llmq.contract import keys
 from llmq.contract.capabilities import capabilities_for
 from llmq.contract.config import LLMConfig, load_config
 from llmq.contract.models import BatchRecord, LLMResponse
+from llmq.contract.queueing import redact_url, redis_url_source
 
 
 def add_commands(command: CommandRegistrar) -> None:
@@ -156,9 +158,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 async def _print_stack_status(service: LLMService) -> int:
     """Without an id: does Redis answer, which workers are live, is the ledger keeping up."""
-    from llmq.client.waiting import read_heartbeats
-    from llmq.contract.queueing import redact_url, redis_url_source
-
     print(f"redis:   {redact_url(service.redis_url)} ({redis_url_source()}): answers")
     beats = await read_heartbeats(service.jobs.redis)
     queues = sorted({queue for beat in beats for queue in beat.get("queues", [])})
