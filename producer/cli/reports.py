@@ -196,17 +196,22 @@ def cmd_usage(args: argparse.Namespace) -> int:
     store = Store(args.database_url)
     try:
         rows = store.usage_report(since=since, by=args.by)
+        quarantined = store.quarantined_count()
     finally:
         store.close()
     totals = usage_totals(rows)
     budgets = asyncio.run(budget_status(config)) if config.service.budgets.enabled else None
     if args.json:
-        print(json.dumps({"since": since, "by": args.by, "rows": rows, "totals": totals, "budgets": budgets},
-                         indent=2, default=str))
+        print(json.dumps({"since": since, "by": args.by, "rows": rows, "totals": totals, "budgets": budgets,
+                          "quarantined_rows": quarantined}, indent=2, default=str))
         return 0
     print_usage_table(rows, totals, args.by, since)
     if budgets:
         print_budgets(budgets)
+    if quarantined:
+        print(f"\nNeeds attention: {quarantined} ledger row(s) the database refused are set aside, each with its "
+              "error, in table llmq_quarantine (and Redis list "
+              f"{keys.OUTBOX_DEAD}); what they record is not in the figures above.")
     return 0
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmq.client.service import BatchItem, LLMService, RequestError
+from llmq.contract.common import MAX_METADATA_DEPTH, id_problem
 from llmq.contract.models import JobKind
 from llmq.contract.validation import summarize_problems
 
@@ -61,6 +62,10 @@ def _parse_line(raw: bytes, where: str, service: LLMService, seen: dict[str, int
         line: Any = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(f"{where}: not valid JSON ({exc})") from None
+    except RecursionError:
+        # Python's parser gives up near a thousand levels; a request never needs more than a few.
+        raise RequestError(f"{where}: JSON nested too deeply to read (metadata may nest {MAX_METADATA_DEPTH} "
+                           "levels); flatten it") from None
     if not isinstance(line, dict):
         raise RequestError(f"{where}: must be a JSON object with custom_id and body")
     unknown = sorted(set(line) - LINE_KEYS)
@@ -70,10 +75,9 @@ def _parse_line(raw: bytes, where: str, service: LLMService, seen: dict[str, int
     custom_id = line.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id.strip() or len(custom_id) > 256:
         raise RequestError(f"{where}: custom_id must be a non-empty string of at most 256 characters")
-    try:
-        custom_id.encode("utf-8")
-    except UnicodeEncodeError:
-        raise RequestError(f"{where}: custom_id must be valid Unicode text (it holds a lone surrogate)") from None
+    problem = id_problem(custom_id)
+    if problem:
+        raise RequestError(f"{where}: custom_id {problem}")
     if custom_id in seen:
         raise RequestError(f"{where}: custom_id {custom_id!r} repeats line {seen[custom_id]}; give each line its own")
     body = line.get("body")

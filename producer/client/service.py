@@ -1,14 +1,15 @@
-"""LLMService: what callers use. Async first; `SyncLLMService` wraps it for scripts.
+"""LLMService: what callers use. Async first; `SyncLLMService` (client/sync.py) wraps it for scripts.
 
 Everything is checked before anything is enqueued: the request (pydantic), its
 route (a configured provider must serve the model), and for batches every line,
 so a bad request never leaves half a batch in the queue.
+`jobs` retries through a Redis restart (~30 s); `poller` fails fast, for waits and
+checks that decide themselves how long to keep trying, and say why (client/waiting.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -16,13 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-import redis.exceptions
 from pydantic import ValidationError
 
-from llmq.client.errors import JobFailedError, RequestError, describe_validation_error
+from llmq.client.errors import JobFailedError, RequestError, check_id, describe_validation_error
 from llmq.client.status import read_cache_stats, read_workers_configured
 from llmq.client.streams import read_stream
 from llmq.client.typed import ResponseModels
+from llmq.client.waiting import Notify, WaitWatch, ping, poll_client, require_served, wait_until_done
 from llmq.contract import keys
 from llmq.contract.config import LLMConfig, load_config
 from llmq.contract.jobs import CALLER_BUDGET_OPTION, JobStore, NewJob
@@ -38,7 +39,7 @@ from llmq.contract.models import (
     LLMRequest,
     LLMResponse,
 )
-from llmq.contract.queueing import async_redis, make_celery, publish_messages
+from llmq.contract.queueing import async_redis, make_celery, publish_messages, redact_url, redis_url_source
 from llmq.contract.queueing import redis_url as resolve_redis_url
 from llmq.contract.routing import RoutingError, plan_route
 from llmq.contract.validation import summarize_problems
@@ -48,6 +49,8 @@ SUBMIT_CHUNK = 500
 FIRST_SUBMIT_CHUNK = 50
 #: How long the providers that live workers report configured are trusted (seconds).
 WORKERS_CACHE_S = 5.0
+#: How long an interactive call tries to reach Redis before it says it cannot (`ping`).
+CONNECT_TIMEOUT_S = 2.0
 
 RequestInput = LLMRequest | EmbeddingRequest | Mapping[str, Any]
 
@@ -67,10 +70,12 @@ class LLMService:
         being read holds a connection while it waits, so a server reading many at once needs more."""
         self.config = config if isinstance(config, LLMConfig) else load_config(config)
         self.redis_url = resolve_redis_url(redis_url)
+        self._redis_url_source = redis_url_source(redis_url)
         self.redis_max_connections = redis_max_connections
         self.celery = make_celery(self.config, self.redis_url, name="llmq-producer")
         self._redis: aioredis.Redis | None = None
         self._jobs: JobStore | None = None
+        self._poller: JobStore | None = None
         self._workers_configured: frozenset[str] = frozenset()
         self._workers_seen_at = float("-inf")
         #: The pydantic classes requests gave as response_format, by job id (this process only).
@@ -84,10 +89,30 @@ class LLMService:
             self._jobs = JobStore(self._redis)
         return self._jobs
 
+    @property
+    def poller(self) -> JobStore:
+        """Job records through a client that never retries and times out in seconds (waits, checks)."""
+        if self._poller is None:
+            self._poller = JobStore(poll_client(self.redis_url, CONNECT_TIMEOUT_S, self.redis_max_connections))
+        return self._poller
+
     async def aclose(self) -> None:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis, self._jobs = None, None
+        if self._poller is not None:
+            await self._poller.redis.aclose()
+            self._poller = None
+
+    async def ping(self) -> None:
+        """RedisUnreachableError unless Redis answers within `CONNECT_TIMEOUT_S` (not the job client's ~30 s)."""
+        await ping(self.poller.redis, f"{redact_url(self.redis_url)} ({self._redis_url_source})", CONNECT_TIMEOUT_S)
+
+    async def require_live_worker(self, request: LLMRequest | Mapping[str, Any]) -> None:
+        """Raise NoLiveWorkerError when no live worker consumes a queue of any hop of the request's route."""
+        await self.workers_configured()
+        route = plan_route(self.prepare(request), self.config, self._workers_configured)
+        await require_served([keys.queue_name(hop.provider) for hop in route], self.poller.redis)
 
     # --- the ADR's interface ----------------------------------------------------------
 
@@ -119,7 +144,8 @@ class LLMService:
         return job.result
 
     async def stream_generate(
-        self, request: LLMRequest | Mapping[str, Any], *, deadline_s: float | None = None
+        self, request: LLMRequest | Mapping[str, Any], *, deadline_s: float | None = None,
+        on_notice: Notify | None = None,
     ) -> AsyncIterator[LLMResponse]:
         """Submit a request and yield its chunks as the worker receives them from the provider.
 
@@ -135,13 +161,18 @@ class LLMService:
         if not parsed.stream:
             parsed = parsed.model_copy(update={"stream": True})
         job_id = await self.submit(parsed, deadline_s=deadline_s)
-        async for chunk in self.stream_job(job_id):
+        async for chunk in self.stream_job(job_id, on_notice=on_notice):
             yield chunk
 
-    async def stream_job(self, job_id: str, after_id: str = "0-0") -> AsyncIterator[LLMResponse]:
+    async def stream_job(
+        self, job_id: str, after_id: str = "0-0", *, on_notice: Notify | None = None
+    ) -> AsyncIterator[LLMResponse]:
         """Read a streamed job's chunks after `after_id`: none lost, none repeated, across reconnects.
-        Chunks carry `tool_call_deltas`; the final one the whole `tool_calls` and `parsed`."""
-        async for chunk in read_stream(self.jobs, job_id, after_id):
+        Chunks carry `tool_call_deltas`; the final one the whole `tool_calls` and `parsed`. `on_notice`
+        hears why nothing comes (see `wait`); RedisUnreachableError after `client.redis_unreachable_s`."""
+        give_up_s = self.config.service.client.redis_unreachable_s
+        watch = WaitWatch(self.poller, job_id, give_up_s=give_up_s, on_notice=on_notice)
+        async for chunk in read_stream(self.poller, job_id, after_id, watch=watch):
             yield self.response_models.response(job_id, chunk) if chunk.metadata.get("final") else chunk
 
     async def workers_configured(self) -> frozenset[str]:
@@ -214,6 +245,7 @@ class LLMService:
     ) -> str:
         """Enqueue one request; returns its job id. `cache` overrides the provider's cache setting;
         `caller_daily_usd` is the caller's own daily budget (before `per_caller_daily_usd`)."""
+        check_id("job_id", job_id)
         await self.workers_configured()
         parsed = self.prepare(request)
         new = self._new_job(parsed, job_id or new_id("job"), None, None, deadline_s, cache, caller_daily_usd)
@@ -232,6 +264,7 @@ class LLMService:
         caller_daily_usd: float | None = None,
     ) -> str:
         """Validate every item first, then create and publish in pipelined chunks."""
+        check_id("batch_id", batch_id)
         batch_id = batch_id or new_id("batch")
         await self.workers_configured()
         prepared = self._prepare_batch(items)
@@ -267,6 +300,7 @@ class LLMService:
             if item.custom_id is not None:
                 seen[item.custom_id] = index
             try:
+                check_id("custom_id", item.custom_id)
                 prepared.append(BatchItem(self.prepare(item.request, where), item.custom_id))
             except RequestError as exc:
                 problems.append((where, str(exc).removeprefix(where + ": ")))
@@ -315,26 +349,16 @@ class LLMService:
         return await self.jobs.batch(some_id) or await self.jobs.get(some_id)
 
     async def wait(
-        self, some_id: str, *, timeout_s: float | None = None, on_progress: Callable[[BatchRecord], None] | None = None
+        self, some_id: str, *, timeout_s: float | None = None, on_progress: Callable[[BatchRecord], None] | None = None,
+        on_notice: Notify | None = None,
     ) -> JobRecord | BatchRecord:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        interval_s = 0.02
-        while True:
-            try:
-                record = await self.status(some_id)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                await asyncio.sleep(interval_s)  # Redis restarting: keep waiting (the client retries too)
-                continue
-            if record is None:
-                raise KeyError(f"no job or batch with id {some_id!r} (it may have expired from Redis)")
-            if isinstance(record, BatchRecord) and on_progress:
-                on_progress(record)
-            if record.done:
-                return self.response_models.record(record) if isinstance(record, JobRecord) else record
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{some_id} not finished after {timeout_s}s (state: {_describe_state(record)})")
-            await asyncio.sleep(interval_s)
-            interval_s = min(0.5, interval_s * 1.5)
+        """Poll a job or batch until it is done; `on_progress` gets each batch record. Never silent:
+        `on_notice` hears why it is not moving when that changes (a `WaitNotice`), None once it is gone;
+        RedisUnreachableError (saying how to resume) after `client.redis_unreachable_s` without Redis."""
+        give_up_s = self.config.service.client.redis_unreachable_s
+        watch = WaitWatch(self.poller, some_id, give_up_s=give_up_s, on_notice=on_notice)
+        record = await wait_until_done(watch, some_id, timeout_s=timeout_s, on_progress=on_progress)
+        return self.response_models.record(record) if isinstance(record, JobRecord) else record
 
     async def results(self, batch_id: str) -> list[JobRecord]:
         """Every job of a batch, in submission order."""
@@ -371,39 +395,3 @@ def _job_id_for(batch_id: str, item: BatchItem, index: int) -> str:
     if item.custom_id is not None:
         return "job_" + uuid.uuid5(uuid.NAMESPACE_URL, f"llmq:{batch_id}:{item.custom_id}").hex
     return new_id("job")
-
-
-def _describe_state(record: JobRecord | BatchRecord) -> str:
-    if isinstance(record, JobRecord):
-        return record.state.value
-    return ", ".join(f"{state.value} {count}" for state, count in record.counts.items() if count)
-
-
-class SyncLLMService:
-    """The same API for scripts: each call runs on a private event loop thread."""
-
-    def __init__(self, config: LLMConfig | str | None = None, *, redis_url: str | None = None) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="llmq-client", daemon=True)
-        self._thread.start()
-        self.service = LLMService(config, redis_url=redis_url)
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self.service, name)
-        if not asyncio.iscoroutinefunction(attribute):
-            return attribute
-        return lambda *args, **kwargs: self._run(attribute(*args, **kwargs))
-
-    def close(self) -> None:
-        self._run(self.service.aclose())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> SyncLLMService:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -1,8 +1,8 @@
-"""The live status of each provider entry, read from the shared keyspace.
+"""The live status of each provider entry, and of the ledger's outbox, read from the shared keyspace.
 
 Workers write it (worker/middleware/lua/circuit.lua for the circuit breaker and the last error,
-worker/health.py for health checks); this module only reads, so the producer
-never imports worker code. Times are epoch seconds.
+worker/health.py for health checks, worker/store/outbox.py for the outbox); this module
+only reads, so the producer never imports worker code. Times are epoch seconds.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from llmq.client.waiting import read_heartbeats
 from llmq.contract import keys
 from llmq.contract.config import LLMConfig
 
@@ -22,7 +23,7 @@ RECENT_CHECKS = 10
 
 async def read_provider_status(client: aioredis.Redis, config: LLMConfig, recent: int = RECENT_CHECKS) -> dict[str, dict[str, Any]]:
     names = list(config.providers)
-    on_workers = await workers_configured(client)
+    on_workers = await read_workers_configured(client)
     async with client.pipeline(transaction=False) as pipe:
         pipe.time()
         for name in names:
@@ -37,16 +38,6 @@ async def read_provider_status(client: aioredis.Redis, config: LLMConfig, recent
         circuit_fields, health, history = replies[1 + 3 * index : 4 + 3 * index]
         status[name] = _provider_status(config, name, circuit_fields or {}, health, history or [], now_s, on_workers)
     return status
-
-
-async def workers_configured(client: aioredis.Redis) -> frozenset[str]:
-    """Providers that live workers hold keys for (their heartbeats say), which this process may not."""
-    names: set[str] = set()
-    async for key in client.scan_iter(keys.WORKER_PREFIX + "*", count=500):
-        beat = await client.get(key)
-        if beat:
-            names.update(json.loads(beat).get("configured", []))
-    return frozenset(names)
 
 
 def _provider_status(
@@ -102,14 +93,24 @@ def _seconds(epoch_ms: str | None) -> float | None:
     return int(epoch_ms) / 1000.0 if epoch_ms else None
 
 
+async def ledger_backlog(client: aioredis.Redis) -> dict[str, int]:
+    """The SQL ledger as the outbox sees it: `outbox` rows waiting for SQL, `needs_attention`
+    (rows the ledger refused, in the dead-letter list) and `quarantined_total` (refused so far)."""
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.llen(keys.OUTBOX)
+        pipe.llen(keys.OUTBOX_DEAD)
+        pipe.get(keys.OUTBOX_QUARANTINED)
+        outbox, dead, total = await pipe.execute()
+    return {"outbox": int(outbox), "needs_attention": int(dead), "quarantined_total": int(total or 0)}
+
+
 async def read_workers_configured(client: aioredis.Redis) -> frozenset[str]:
     """Providers that live workers hold keys for, read from their heartbeats; none when Redis is away."""
     try:
-        beat_keys = [key async for key in client.scan_iter(keys.WORKER_PREFIX + "*", count=500)]
-        beats = await client.mget(beat_keys) if beat_keys else []
+        beats = await read_heartbeats(client)
     except redis.exceptions.RedisError:
         return frozenset()
-    return frozenset(name for beat in beats if beat for name in json.loads(beat).get("configured", []))
+    return frozenset(name for beat in beats for name in beat.get("configured", []))
 
 
 async def read_cache_stats(client: aioredis.Redis, config: LLMConfig) -> dict[str, dict[str, float]]:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_METADATA_BYTES = 16 * 1024
+#: Objects and lists inside metadata, nested deeper than this, are refused (Redis's Lua JSON stops at 1000).
+MAX_METADATA_DEPTH = 64
 #: provider_options never reach these: the adapter owns the URL, the credentials and the model.
 RESERVED_PROVIDER_OPTIONS = frozenset({
     "model", "messages", "stream", "url", "base_url", "api_base", "endpoint", "api_key", "api-key", "key",
@@ -24,7 +27,65 @@ class JobKind(str, enum.Enum):
     EMBEDDING = "embedding"
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def id_problem(value: str) -> str | None:
+    """Why a string cannot be an id (custom_id, job_id, batch_id, a metadata key), or None.
+
+    Ids are keys in Redis and in SQL: a NUL there is refused (PostgreSQL cannot store
+    it, and a key that differs only after a NUL is a trap), as is text that is not
+    valid Unicode. NUL in prompts and answers is fine: the ledger stores it escaped.
+    """
+    if "\x00" in value:
+        return "must not contain a NUL character (\\u0000)"
+    if _LONE_SURROGATE.search(value):
+        return "must be valid Unicode text (it holds a lone surrogate)"
+    return None
+
+
+def replace_lone_surrogates(value: Any) -> Any:
+    """A lone surrogate (from a `\\ud800` escape in a provider's JSON) as U+FFFD, in every string of a JSON value;
+    a high and a low surrogate side by side become the character they encode.
+
+    A string with surrogates cannot be encoded as UTF-8, so it could not be written to Redis or SQL.
+    """
+    if isinstance(value, str):
+        if _LONE_SURROGATE.search(value) is None:
+            return value
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    if isinstance(value, dict):
+        return {replace_lone_surrogates(key): replace_lone_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [replace_lone_surrogates(item) for item in value]
+    return value
+
+
+def _shape_problem(value: Any, depth: int = 1) -> str | None:
+    """Keys that cannot be stored, or nesting too deep to carry (checked before json.dumps recurses)."""
+    if depth > MAX_METADATA_DEPTH:
+        return f"nests more than {MAX_METADATA_DEPTH} levels deep; flatten it"
+    children: list[Any] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            problem = id_problem(key) if isinstance(key, str) else None
+            if problem:
+                return f"key {key!r} {problem}"
+            children.append(item)
+    elif isinstance(value, list):
+        children = value
+    for child in children:
+        if isinstance(child, dict | list):
+            problem = _shape_problem(child, depth + 1)
+            if problem:
+                return problem
+    return None
+
+
 def check_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    problem = _shape_problem(value)
+    if problem:
+        raise ValueError(problem)
     try:
         # pydantic refuses lone surrogates in str fields; inside metadata they must be caught here.
         encoded = json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)

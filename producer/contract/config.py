@@ -34,9 +34,6 @@ CONFIG_ENV = "LLMQ_CONFIG"
 DEFAULT_CONFIG_PATHS = (Path("config/llm_service.yaml"), Path("llm_service.yaml"))
 #: A link to config/llm_service.yaml that the wheel carries as a file.
 PACKAGED_CONFIG = Path(__file__).parents[1] / "data" / "llm_service.yaml"
-#: Where a local stack keeps its files (SQLite ledger, embedded Redis, logs): $LLMQ_HOME, else ./.llmq.
-HOME_ENV = "LLMQ_HOME"
-DEFAULT_HOME = ".llmq"
 
 #: Provider adapters, llmq's own among them, are the entry points of this group
 #: (pyproject.toml); the worker's registry loads them, this module only reads their names.
@@ -212,6 +209,13 @@ class BudgetSettings(_Strict):
         return bool(self.per_caller_daily_usd or self.per_provider_daily_usd)
 
 
+class ClientSettings(_Strict):
+    """How callers (`LLMService`, the `llmq` command) wait on Redis."""
+
+    #: A wait under way gives up after Redis has not answered this long (s); its jobs are not lost.
+    redis_unreachable_s: float = Field(default=120.0, gt=0)
+
+
 class ServiceConfig(_Strict):
     default_provider: str | None = None
     fallback_chain: list[str] = Field(default_factory=list)
@@ -221,6 +225,7 @@ class ServiceConfig(_Strict):
     jobs: JobSettings = Field(default_factory=JobSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
+    client: ClientSettings = Field(default_factory=ClientSettings)
     providers: dict[str, ProviderConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -278,11 +283,6 @@ class LLMConfig:
                 if _SECRET_OPTION.search(name) and isinstance(value, str) and value:
                     found.append(value)
         return found
-
-
-def llmq_home() -> Path:
-    """The local stack's directory ($LLMQ_HOME, default ./.llmq), as an absolute path."""
-    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().resolve()
 
 
 def known_provider_types() -> set[str]:

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 
 from llmq.contract import keys
+from llmq.contract.common import replace_lone_surrogates
 from llmq.contract.labels import TaskLabel
 from llmq.contract.models import (
     REQUEST_MODELS,
@@ -235,7 +236,7 @@ class JobStore:
                 "" if expected_dispatch is None else str(expected_dispatch), ",".join(state.value for state in allowed),
                 new_state.value,
                 delay_ms, "1" if new_dispatch else "0", ttl_s,
-                json.dumps(attempt) if attempt else "", json.dumps(rows) if rows else "", *flat,
+                _lua_json(attempt) if attempt else "", _lua_json(rows) if rows else "", *flat,
             ],
         )
         # 'missing': no such job (expired or never created).
@@ -299,6 +300,12 @@ class JobStore:
         if job_ids:
             expiry = await self.now_ms() + lease_ms
             await self.redis.zadd(keys.LEASES, {job_id: expiry for job_id in job_ids}, xx=True)
+
+
+def _lua_json(value: Any) -> str:
+    """JSON for a script that decodes it: Redis's cjson refuses a lone surrogate's escape, and a
+    provider's error message may hold one, which would leave the job unable to move."""
+    return json.dumps(replace_lone_surrogates(value))
 
 
 def dump_request(request: JobRequest) -> str:

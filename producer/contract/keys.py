@@ -59,6 +59,11 @@ DEADLINES = f"{PREFIX}:deadlines"
 OUTBOX = f"{PREFIX}:outbox"
 #: Lock held by the one process flushing the outbox at a time.
 OUTBOX_LOCK = f"{PREFIX}:outbox:lock"
+#: List of outbox rows the SQL ledger refused (a data error), each JSON {entry, row, error, at}:
+#: the rows that need attention. The same rows are in the ledger's quarantine table.
+OUTBOX_DEAD = f"{PREFIX}:outbox:dead"
+#: Counter: outbox rows quarantined so far (what the metrics sampler reports).
+OUTBOX_QUARANTINED = f"{PREFIX}:outbox:quarantined"
 #: Lock held by the one process sweeping leases and deadlines at a time.
 REAPER_LOCK = f"{PREFIX}:reaper:lock"
 #: RESTART_RECHECK_PREFIX + Redis run id: set by the one worker that rechecks published jobs after a restart.

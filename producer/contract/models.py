@@ -27,6 +27,7 @@ from llmq.contract.common import (
     JobKind,
     RequestChecks,
     Usage,
+    replace_lone_surrogates,
 )
 from llmq.contract.embeddings import EmbeddingRequest, EmbeddingResponse
 from llmq.contract.messages import (
@@ -186,6 +187,13 @@ class LLMResponse(BaseModel):
     finish_reason: FinishReason | None = None
     parsed: Any = None
     tool_call_deltas: list[ToolCallDelta] | None = None
+
+    @field_validator("content", "model", "provider", "metadata", "parsed")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        # Providers' answers are kept as they come, control characters and NUL included;
+        # only a lone surrogate, which is not text (Redis and SQL cannot take it), becomes U+FFFD.
+        return replace_lone_surrogates(value)
 
 
 class JobState(str, enum.Enum):

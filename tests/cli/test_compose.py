@@ -35,7 +35,7 @@ from sqlalchemy.engine import make_url
 from llmq import LLMRequest
 from llmq.cli.embedded import free_port, redis_server_binary
 from llmq.cli.flower import TASK_COLUMNS
-from llmq.client.service import SyncLLMService
+from llmq.client.sync import SyncLLMService
 from llmq.contract import keys
 from llmq.contract.config import load_config
 from llmq.contract.models import JobState

@@ -10,7 +10,7 @@ from typing import Any
 import openai
 import pytest
 
-from llmq.client.service import SyncLLMService
+from llmq.client.sync import SyncLLMService
 from llmq.http.errors import BATCH_ID_HEADER
 from tests.http.conftest import FrontStack
 from tests.support.fakes.openai import FakeOpenAI

@@ -10,7 +10,7 @@ import openai
 import pytest
 import redis
 
-from llmq.client.service import SyncLLMService
+from llmq.client.sync import SyncLLMService
 from llmq.contract import keys
 from llmq.contract.models import JobState, LLMRequest
 from llmq.http.errors import JOB_ID_HEADER

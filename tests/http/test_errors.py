@@ -79,7 +79,7 @@ def test_a_key_whose_daily_budget_is_spent_is_rate_limited_until_midnight_utc(st
 
 
 def test_a_spent_key_s_queued_jobs_are_held_by_the_workers_and_its_batches_refused(stack: FrontStack) -> None:
-    from llmq.client.service import SyncLLMService
+    from llmq.client.sync import SyncLLMService
     from llmq.contract.models import JobState
 
     name, key = stack.key("--daily-usd", "0.05")

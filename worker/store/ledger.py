@@ -16,6 +16,9 @@ idempotent upsert keyed by the job id (jobs) or the job id and attempt number
 
 Only the fields a row carries are written; absent fields keep their stored value.
 
+Rows the database refuses are not retried forever: the flusher sets them aside
+in `llmq_quarantine` (`Store.quarantine`) with the error, and writes the rest.
+
 The tables are `llmq.contract.schema`.
 """
 
@@ -60,6 +63,7 @@ from llmq.contract.schema import (
     jobs_table,
     metadata,
     normalize_url,
+    quarantine_table,
     usage_table,
 )
 from llmq.worker.store.rows import OPEN_ATTEMPT_OUTCOMES, prepare_rows
@@ -157,7 +161,28 @@ class Store:
             statement = self._insert_statement(usage_table).on_conflict_do_nothing(index_elements=["job_id", "attempt"])
             connection.execute(statement, group)
 
+    def quarantine(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Set aside rows the ledger refused: `{quarantine_id, job_id, kind, entry, row_json, error}` each.
+
+        Quarantining the same `quarantine_id` again leaves one row.
+        """
+        rows = [dict(row) for row in rows]
+        if not rows:
+            return
+        statement = self._insert_statement(quarantine_table).on_conflict_do_nothing(index_elements=["quarantine_id"])
+        with self._write_transaction() as connection:
+            connection.execute(statement, rows)
+
     # -- reads ----------------------------------------------------------------
+
+    def quarantined(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest rows set aside, newest first."""
+        query = select(quarantine_table).order_by(quarantine_table.c.quarantined_at.desc()).limit(limit)
+        return self._all(query)
+
+    def quarantined_count(self) -> int:
+        with self.engine.connect() as connection:
+            return int(connection.execute(select(func.count()).select_from(quarantine_table)).scalar_one())
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         query = select(jobs_table).where(jobs_table.c.job_id == job_id)

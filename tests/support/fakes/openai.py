@@ -37,7 +37,7 @@ import secrets
 import struct
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from tests.support.fakes.base import (
@@ -167,7 +167,10 @@ _TGI_ERRORS: dict[int, dict[str, Any]] = {
 
 class FakeOpenAI(FakeProviderServer):
     """OpenAI-family fake. Knobs beyond the base: `cached_tokens`, `reasoning_tokens`,
-    `finish_reason` (forces one, e.g. "content_filter"), `models`, `deployments`."""
+    `finish_reason` (forces one, e.g. "content_filter"), `models`, `deployments`, and
+    `answer`: the reply's text from the last message's content instead of the usual
+    fake text (e.g. `json.loads`, so a prompt can ask for any reply, lone surrogates,
+    NUL and megabytes included; the reply goes out JSON-escaped, as a provider's does)."""
 
     name = "openai"
 
@@ -190,6 +193,7 @@ class FakeOpenAI(FakeProviderServer):
         self.cached_tokens = 0
         self.reasoning_tokens = 0
         self.finish_reason: str | None = None
+        self.answer: Callable[[str], str] | None = None
         #: Azure deployments that exist; empty means every name exists.
         self.deployments: set[str] = set()
         #: Contents to answer the next JSON requests with, first in first out (then: from the schema).
@@ -278,7 +282,7 @@ class FakeOpenAI(FakeProviderServer):
         body = request.body or {}
         messages = body.get("messages") or [{"content": ""}]
         prompt = message_text(messages[-1])
-        text = fake_reply_text(prompt, self._dialect(request))
+        text = self.answer(prompt) if self.answer is not None else fake_reply_text(prompt, self._dialect(request))
         if (body.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
             text = self._json_answer(body["response_format"], text)
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
