@@ -63,8 +63,9 @@ from urllib.parse import urlencode
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmq.contract.models import EmbeddingRequest, EmbeddingResponse, LLMRequest, LLMResponse, Usage
+from llmq.contract.models import EmbeddingRequest, EmbeddingResponse, LLMRequest, LLMResponse
 from llmq.worker import errors
+from llmq.worker.providers.features import embedding_usage
 from llmq.worker.providers.gemini_format import (
     FAILED_CALL_FINISH_REASONS,
     FILTER_FINISH_REASONS,
@@ -84,7 +85,6 @@ from llmq.worker.providers.gemini_format import (
 )
 from llmq.worker.providers.gemini_schema import gemini_schema
 from llmq.worker.providers.http import HTTPProvider, StreamState, json_or_none
-from llmq.worker.tokens import estimate_tokens
 
 _CONTEXT_WINDOW_MESSAGE = re.compile(r"exceeds the maximum number of tokens|input token count", re.IGNORECASE)
 #: Pages of `models.list` read before giving up (1000 models a page is the documented maximum).
@@ -349,13 +349,9 @@ class GeminiProvider(HTTPProvider[GeminiStreamState]):
         if not isinstance(embeddings, list) or not all(
                 isinstance(item, dict) and isinstance(item.get("values"), list) for item in embeddings):
             raise self.malformed(f"batchEmbedContents answer has no embeddings: {str(body)[:200]!r}", request.model)
-        counted = int(((body.get("usageMetadata") or {}).get("promptTokenCount")) or 0)
         # The Gemini API does not count embedding tokens in every answer: then llmq's estimate is the usage.
-        tokens = counted or sum(estimate_tokens(text) for text in request.texts)
-        return self.embedding_response(
-            request, [item["values"] for item in embeddings], Usage.of(tokens, 0),
-            usage_estimated=None if counted else True,
-        )
+        usage, said = embedding_usage(request.texts, int((body.get("usageMetadata") or {}).get("promptTokenCount") or 0))
+        return self.embedding_response(request, [item["values"] for item in embeddings], usage, **said)
 
     # --- errors ---------------------------------------------------------------
 

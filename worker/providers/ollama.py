@@ -51,12 +51,12 @@ from llmq.worker import errors
 from llmq.worker.providers.features import (
     arguments_object,
     calls_by_id,
+    embedding_usage,
     finish_reason,
     stable_tool_call_id,
     tool_call,
 )
 from llmq.worker.providers.http import HTTPProvider, StreamState, ndjson_lines
-from llmq.worker.tokens import estimate_tokens
 
 #: Ollama reports these in nanoseconds; they go into response metadata under `<name>_ns`.
 DURATION_FIELDS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
@@ -180,7 +180,8 @@ class OllamaProvider(HTTPProvider[OllamaStreamState]):
         function = raw.get("function") if isinstance(raw, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise self.malformed(f"tool call without a function name: {str(raw)[:200]!r}", line.get("model"))
-        call_id = raw.get("id") or stable_tool_call_id(line.get("model"), line.get("created_at"), index, function["name"])
+        answer_id = f"{line.get('model')}@{line['created_at']}" if line.get("created_at") else None
+        call_id = raw.get("id") or stable_tool_call_id(answer_id, index, function["name"])
         return tool_call(str(call_id), function["name"], function.get("arguments") or {})
 
     def new_stream_state(self, request: LLMRequest, request_id: str | None) -> OllamaStreamState:
@@ -254,10 +255,8 @@ class OllamaProvider(HTTPProvider[OllamaStreamState]):
         vectors = body.get("embeddings") if isinstance(body, dict) else None
         if not isinstance(vectors, list) or not all(isinstance(vector, list) for vector in vectors):
             raise self.malformed(f"/api/embed answer has no embeddings: {str(body)[:200]!r}", request.model)
-        counted = int(body.get("prompt_eval_count") or 0)
-        tokens = counted or sum(estimate_tokens(text) for text in request.texts)
-        return self.embedding_response(request, vectors, Usage.of(tokens, 0), model=body.get("model"),
-                                       usage_estimated=None if counted else True)
+        usage, said = embedding_usage(request.texts, int(body.get("prompt_eval_count") or 0))
+        return self.embedding_response(request, vectors, usage, model=body.get("model"), **said)
 
     # --- errors ---------------------------------------------------------------
     # An `{"error": ...}` after a 200 (mid-stream) is the model failing while it runs: the

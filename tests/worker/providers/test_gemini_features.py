@@ -9,7 +9,6 @@ from typing import Any, TypeVar
 
 import pytest
 
-from llmq.contract.config import ProviderConfig
 from llmq.contract.models import EmbeddingRequest, LLMRequest, LLMResponse
 from llmq.worker import errors
 from llmq.worker.output import check_output
@@ -20,6 +19,7 @@ from tests.support.fakes.base import fake_reply_text
 from tests.support.fakes.gemini import FakeGemini, model_entry
 from tests.support.fakes.openai import fake_vector
 from tests.support.harness import run_adapter
+from tests.worker.providers.test_gemini import config
 from tests.worker.providers.test_openai_features import PLAN_SCHEMA, PNG_1X1, WEATHER_TOOL
 
 T = TypeVar("T")
@@ -29,20 +29,16 @@ LOOKUP_TOOL = {"type": "function", "function": {"name": "lookup", "description":
 
 
 @pytest.fixture(scope="module")
-def fake_server() -> Iterator[FakeGemini]:
+def gemini_server() -> Iterator[FakeGemini]:
     with FakeGemini() as server:
         yield server
 
 
 @pytest.fixture
-def fake(fake_server: FakeGemini) -> FakeGemini:
-    fake_server.reset()
-    return fake_server
-
-
-def config(fake: FakeGemini, **overrides: Any) -> ProviderConfig:
-    fields: dict[str, Any] = {"name": "gemini", "api_key": fake.api_key, "base_url": fake.base_url, "timeout": 5.0}
-    return ProviderConfig(**{**fields, **overrides})
+def fake(gemini_server: FakeGemini) -> FakeGemini:
+    """The module's server as it was built: no requests, knobs or models left by another test."""
+    gemini_server.reset()
+    return gemini_server
 
 
 def chat(**fields: Any) -> LLMRequest:
