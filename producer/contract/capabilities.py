@@ -1,7 +1,7 @@
 """What each model of a provider entry can do, and what a request needs of it.
 
-Defaults come from the table `producer/data/capabilities.yaml`, keyed by adapter type and
-model family (data, not code: the contract reads it without importing any adapter); a
+Defaults come from the table `producer/data/capabilities.yaml`, keyed by adapter type (or
+`<type>:<options.mode>`, where a mode changes what the adapter can do) and model family (data, not code: the contract reads it without importing any adapter); a
 config entry lays its own `capabilities:` over them, per model name or fnmatch pattern
 (`"*"` for every model). Routing and fallback skip a hop whose model lacks what the
 request needs, and a request no hop can serve is refused at submit.
@@ -108,10 +108,19 @@ def default_capabilities(adapter_type: str, model: str) -> Capabilities:
     return Capabilities(**values)
 
 
+def table_row(entry: ProviderConfig) -> str:
+    """The table's row for an entry: `<type>:<options.mode>` where the table has one (an adapter
+    whose mode changes what it can do: the huggingface pipeline), else its type."""
+    mode = entry.options.get("mode")
+    if isinstance(mode, str) and f"{entry.adapter_type}:{mode}" in _table():
+        return f"{entry.adapter_type}:{mode}"
+    return entry.adapter_type
+
+
 def capabilities_for(entry: ProviderConfig, model: str) -> Capabilities:
     """A model's capabilities on one config entry: the table's, then the entry's `capabilities:`
     (`"*"` first, then the first other pattern that matches the model)."""
-    found = default_capabilities(entry.adapter_type, model)
+    found = default_capabilities(table_row(entry), model)
     if not entry.capabilities:
         return found
     updates: dict[str, Any] = {}

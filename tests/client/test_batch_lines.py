@@ -25,6 +25,8 @@ llm_service:
       type: ollama
       base_url: http://127.0.0.1:9
       models: [llama3]
+      capabilities:
+        "*": {tools: false, json_object: false, json_schema: false, vision: false, embeddings: false}
 """
 # Lines as OpenAI's Batch API guide shows them, unchanged.
 OPENAI_CHAT_LINE = {

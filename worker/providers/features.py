@@ -12,18 +12,26 @@ whose provider speaks another format reads them through these helpers rather tha
   end (OpenAI deltas, Anthropic `input_json_delta`, Gemini parts each come as pieces)
 - `ImageURL.inline` (in the contract): a data: image's media type and bytes, for
   providers with inline image blocks; an https image is `image.url`
-- `new_tool_call_id()`: an id for providers whose calls come without one (Gemini, Ollama)
+- `new_tool_call_id()`: a fresh id; `stable_tool_call_id(...)`: an id made from the answer, the
+  same each time, for providers whose calls come without one (Gemini, Ollama, TGI)
+- `embedding_usage(texts, counted)`: an embedding answer's usage, the provider's count or, for a
+  provider that sends none (Gemini at times), llmq's estimate, said to be one
+- `calls_by_id(messages)`: each earlier tool call's function name and place, for providers that
+  match a tool's result to its call by name and order rather than by id (Gemini, Ollama)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmq.contract.messages import FunctionCall, ToolCall, ToolCallDelta
-from llmq.contract.models import FinishReason
+from llmq.contract.messages import FunctionCall, Message, ToolCall, ToolCallDelta
+from llmq.contract.models import FinishReason, Usage
+from llmq.worker.tokens import estimate_tokens
 
 #: Native stop reasons of every provider llmq speaks to, in llmq's words (case as the provider sends them).
 FINISH_REASONS: dict[str, FinishReason] = {
@@ -69,6 +77,43 @@ def arguments_object(call: ToolCall) -> dict[str, Any]:
 
 def new_tool_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
+
+
+def stable_tool_call_id(answer_id: object, *parts: object) -> str:
+    """An id for a call its provider sent without one, made from the answer's own id and what
+    places the call in it (position, name): a stream's deltas and its final calls agree on it, and
+    the same answer read twice gets the same id. Without an answer id, a fresh one (two answers
+    must never share a call id)."""
+    if not answer_id:
+        return new_tool_call_id()
+    digest = hashlib.sha256("\x1f".join(str(part) for part in (answer_id, *parts)).encode()).hexdigest()[:24]
+    return f"call_{digest}"
+
+
+def embedding_usage(texts: list[str], counted: int) -> tuple[Usage, dict[str, Any]]:
+    """The usage of an embedding answer and the metadata to say so: the provider's token count,
+    or llmq's estimate of the texts when it sent none (`usage_estimated`)."""
+    if counted:
+        return Usage.of(counted, 0), {}
+    return Usage.of(sum(estimate_tokens(text) for text in texts), 0), {"usage_estimated": True}
+
+
+@dataclass(frozen=True)
+class CallSite:
+    """Where a tool call was made: its function's name, and its place among its message's calls."""
+
+    name: str
+    index: int
+
+
+def calls_by_id(messages: Iterable[Message]) -> dict[str, CallSite]:
+    """The tool calls of a conversation's assistant messages, by id: what a `tool` message answers,
+    for providers whose tool results name the function instead of the call (Gemini, Ollama)."""
+    return {
+        call.id: CallSite(call.function.name, index)
+        for message in messages if message.tool_calls
+        for index, call in enumerate(message.tool_calls)
+    }
 
 
 def tool_call(call_id: str | None, name: str, arguments: Any) -> ToolCall:

@@ -275,12 +275,17 @@ class OpenAIProvider(HTTPProvider[ChatStreamState]):
             text += str(delta.get("content") or "")
             for piece in delta.get("tool_calls") or ():
                 if isinstance(piece, dict):
-                    state.deltas.append(state.tool_calls.add_delta(piece))
+                    state.deltas.append(state.tool_calls.add_delta(self.tool_call_piece(piece, state)))
             self.check_refusal(delta.get("refusal"), state.request.model, state.request_id)
             if choice.get("finish_reason"):
                 state.finish_reason = choice["finish_reason"]
                 self.check_finish_reason(state.finish_reason, state.request.model, state.request_id)
         return text
+
+    def tool_call_piece(self, piece: dict[str, Any], state: ChatStreamState) -> dict[str, Any]:
+        """One entry of a chunk's `delta.tool_calls`, before it is assembled; a dialect whose pieces
+        differ from OpenAI's (TGI: no real id) mends it here."""
+        return piece
 
     def parse_chunk(self, data: str, model: str, request_id: str | None) -> dict[str, Any]:
         chunk = self.parse_event_json(data, model, request_id, what="stream chunk")

@@ -6,10 +6,21 @@ URL (ending in `/v1`, so chat is `/v1/chat/completions` and discovery is
 servers started with one, e.g. `vllm serve --api-key`), and no OpenAI-only
 headers. Options: `max_tokens_field`, `stream_usage`, `send_temperature`.
 
-Request features map as for OpenAI; what each server lacks (vLLM's tools need
-`--enable-auto-tool-choice`, LocalAI has no `json_schema`, none embeds by default) is
-said in the capability table (producer/data/capabilities.yaml) and can be changed per
-entry under `capabilities:`, never faked here.
+Request features map as for OpenAI; what each server has is said in the capability table
+(producer/data/capabilities.yaml) from its documentation, and can be changed per entry under
+`capabilities:`, never faked here:
+
+- vLLM: `response_format` json_object and json_schema (guided decoding); tools only when the
+  server was started with `--enable-auto-tool-choice` and a `--tool-call-parser` (so not by
+  default); images for multimodal models; `/v1/embeddings` for pooling (embedding) models
+- LM Studio: tools; structured output by json_schema only (no json_object); images for vision
+  models; `/v1/embeddings` for embedding models
+- LocalAI: tools and json_object/json_schema as llama.cpp grammars; images for vision
+  (llava-style) models; `/v1/embeddings` for embedding models
+
+Vision and embeddings depend on the model loaded: the table guesses them from the model's name
+(`*-VL*`, `*llava*`, `*vision*`; `*embed*`, `*bge-*`, `*gte-*`, `*MiniLM*`). Vectors are asked
+for as floats (not every compatible server encodes base64).
 """
 
 from __future__ import annotations
