@@ -8,6 +8,7 @@ On that graph: no import loops; the parts import only downward
     llmq.cli  ->  llmq.client  ->  llmq.contract
     llmq.cli  ->  llmq.worker  ->  llmq.contract
     llmq.cli  ->  llmq.http    ->  llmq.client, llmq.contract, llmq.worker.limiter (and no other worker part)
+                  llmq.langchain  ->  llmq.client, llmq.contract (an optional extra: no other part imports it)
 
 no module or Lua script over MAX_LINES; pyproject.toml lists exactly the package
 folders; and nothing imports the folder names `producer` or `worker`.
@@ -33,10 +34,13 @@ MAX_LINES = 400
 OVER_THE_LIMIT_FOR_NOW: set[str] = set()
 #: part -> the parts it must never import.
 FORBIDDEN_IMPORTS = {
-    "llmq.contract": ("llmq.client", "llmq.cli", "llmq.worker", "llmq.http"),
-    "llmq.client": ("llmq.worker", "llmq.cli", "llmq.http"),
-    "llmq.worker": ("llmq.client", "llmq.cli", "llmq.http"),
-    "llmq.http": ("llmq.cli",),
+    "llmq.contract": ("llmq.client", "llmq.cli", "llmq.worker", "llmq.http", "llmq.langchain"),
+    "llmq.client": ("llmq.worker", "llmq.cli", "llmq.http", "llmq.langchain"),
+    "llmq.worker": ("llmq.client", "llmq.cli", "llmq.http", "llmq.langchain"),
+    "llmq.http": ("llmq.cli", "llmq.langchain"),
+    "llmq.cli": ("llmq.langchain",),
+    # A caller's library like any other: what callers import, never the worker, the CLI or the front.
+    "llmq.langchain": ("llmq.worker", "llmq.cli", "llmq.http"),
 }
 #: The one part of the worker the HTTP front may import: the shared limiter (each key's own limits).
 HTTP_WORKER_PART = "llmq.worker.limiter"
