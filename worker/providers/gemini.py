@@ -56,12 +56,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 from urllib.parse import urlencode
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
 
 from llmq.contract.models import EmbeddingRequest, EmbeddingResponse, LLMRequest, LLMResponse
 from llmq.worker import errors
@@ -70,21 +68,26 @@ from llmq.worker.providers.gemini_format import (
     FAILED_CALL_FINISH_REASONS,
     FILTER_FINISH_REASONS,
     STATUS_CODES,
+    GeminiOptions,
+    GeminiStreamState,
     answer_metadata,
     call_of,
+    calling_config,
     candidate_text,
     detail_reasons,
     error_object,
     function_calls,
+    function_declaration,
     gemini_contents,
     generate_content_models,
+    model_resource,
     retry_delay_seconds,
     stream_records,
     unwrap,
     usage_from_metadata,
 )
 from llmq.worker.providers.gemini_schema import gemini_schema
-from llmq.worker.providers.http import HTTPProvider, StreamState, json_or_none
+from llmq.worker.providers.http import HTTPProvider, json_or_none
 
 _CONTEXT_WINDOW_MESSAGE = re.compile(r"exceeds the maximum number of tokens|input token count", re.IGNORECASE)
 #: Pages of `models.list` read before giving up (1000 models a page is the documented maximum).
@@ -92,55 +95,10 @@ MAX_MODEL_PAGES = 20
 #: Models that take `responseJsonSchema` (JSON Schema itself): gemini-2.5 and later.
 JSON_SCHEMA_MODELS = re.compile(r"^(models/)?gemini-(2\.5|[3-9])")
 #: tool_choice -> functionCallingConfig.mode.
-CALLING_MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
 #: provider_options that go into generationConfig; the rest of the allowed ones go to the top level.
 GENERATION_OPTIONS = frozenset({"topK", "presencePenalty", "frequencyPenalty"})
 #: provider_options an embedding request takes, per input.
 EMBEDDING_OPTIONS = frozenset({"taskType", "title"})
-
-
-class GeminiOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    include_thoughts: bool = False
-    thinking_budget: int | None = Field(default=None, ge=-1)
-    #: None: responseJsonSchema for the models that take it, else responseSchema.
-    structured_output: Literal["response_json_schema", "response_schema"] | None = None
-
-
-@dataclass
-class GeminiStreamState(StreamState):
-    """What a stream has told so far: text seen, the latest usage, the finish reason."""
-
-    text_seen: bool = False
-    thought_parts: int = 0
-    native_finish: str | None = None
-    usage_metadata: dict[str, Any] | None = None
-    response_id: str | None = None
-    model_version: str | None = None
-    calls_made: int = 0
-
-    def take(self, chunk: dict[str, Any]) -> str:
-        """Record one chunk; return its new answer text. Its function calls (Gemini streams each
-        call whole, in a part of its own) go to `tool_calls`, their deltas to `deltas`."""
-        # usageMetadata is cumulative in each chunk, so the last one holds the totals.
-        self.usage_metadata = chunk.get("usageMetadata") or self.usage_metadata
-        self.response_id = chunk.get("responseId") or self.response_id
-        self.model_version = chunk.get("modelVersion") or self.model_version
-        candidates = chunk.get("candidates") or []
-        if not candidates or not isinstance(candidates[0], dict):
-            return ""
-        text, thoughts = candidate_text(candidates[0])
-        for function_call in function_calls(candidates[0]):
-            index = self.calls_made
-            call = call_of(function_call, self.response_id, index)
-            self.deltas.append(self.tool_calls.add(
-                index, call_id=call.id, name=call.function.name, arguments=call.function.arguments))
-            self.calls_made += 1
-        self.thought_parts += thoughts
-        self.native_finish = candidates[0].get("finishReason") or self.native_finish
-        self.text_seen = self.text_seen or bool(text)
-        return text
 
 
 class GeminiProvider(HTTPProvider[GeminiStreamState]):
@@ -408,27 +366,3 @@ class GeminiProvider(HTTPProvider[GeminiStreamState]):
 
     async def probe(self) -> None:
         await self.get_json("/models?pageSize=1", headers=self.build_headers(None, None))
-
-
-def model_resource(model: str) -> str:
-    """"gemini-2.0-flash", "models/gemini-2.0-flash" and "tunedModels/x" all name a resource."""
-    return model if "/" in model else f"models/{model}"
-
-
-def function_declaration(function: Any) -> dict[str, Any]:
-    """A tool as a FunctionDeclaration; parameters in Gemini's schema (left out when there are none:
-    Gemini refuses an OBJECT without properties)."""
-    declaration: dict[str, Any] = {"name": function.name}
-    if function.description:
-        declaration["description"] = function.description
-    parameters = gemini_schema(function.parameters) if function.parameters else None
-    if parameters and parameters.get("properties"):
-        declaration["parameters"] = parameters
-    return declaration
-
-
-def calling_config(choice: Any) -> dict[str, Any]:
-    """`tool_choice` as functionCallingConfig."""
-    if isinstance(choice, str):
-        return {"mode": CALLING_MODES[choice]}
-    return {"mode": "ANY", "allowedFunctionNames": [choice.function.name]}

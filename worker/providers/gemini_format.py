@@ -11,10 +11,12 @@ from __future__ import annotations
 import mimetypes
 import re
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field
 
 from llmq.contract.messages import ImagePart, ImageURL, ToolCall
 from llmq.contract.models import Message, Usage
@@ -25,6 +27,8 @@ from llmq.worker.providers.features import (
     stable_tool_call_id,
     tool_call,
 )
+from llmq.worker.providers.gemini_schema import gemini_schema
+from llmq.worker.providers.http import StreamState
 
 #: Finish reasons meaning a filter stopped the answer (Candidate.FinishReason).
 FILTER_FINISH_REASONS = frozenset(
@@ -235,3 +239,76 @@ def answer_metadata(
         "served_model": model_version,
         "thought_parts": thought_parts or None,
     }
+
+
+
+class GeminiOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_thoughts: bool = False
+    thinking_budget: int | None = Field(default=None, ge=-1)
+    #: None: responseJsonSchema for the models that take it, else responseSchema.
+    structured_output: Literal["response_json_schema", "response_schema"] | None = None
+
+
+@dataclass
+class GeminiStreamState(StreamState):
+    """What a stream has told so far: text seen, the latest usage, the finish reason."""
+
+    text_seen: bool = False
+    thought_parts: int = 0
+    native_finish: str | None = None
+    usage_metadata: dict[str, Any] | None = None
+    response_id: str | None = None
+    model_version: str | None = None
+    calls_made: int = 0
+
+    def take(self, chunk: dict[str, Any]) -> str:
+        """Record one chunk; return its new answer text. Its function calls (Gemini streams each
+        call whole, in a part of its own) go to `tool_calls`, their deltas to `deltas`."""
+        # usageMetadata is cumulative in each chunk, so the last one holds the totals.
+        self.usage_metadata = chunk.get("usageMetadata") or self.usage_metadata
+        self.response_id = chunk.get("responseId") or self.response_id
+        self.model_version = chunk.get("modelVersion") or self.model_version
+        candidates = chunk.get("candidates") or []
+        if not candidates or not isinstance(candidates[0], dict):
+            return ""
+        text, thoughts = candidate_text(candidates[0])
+        for function_call in function_calls(candidates[0]):
+            index = self.calls_made
+            call = call_of(function_call, self.response_id, index)
+            self.deltas.append(self.tool_calls.add(
+                index, call_id=call.id, name=call.function.name, arguments=call.function.arguments))
+            self.calls_made += 1
+        self.thought_parts += thoughts
+        self.native_finish = candidates[0].get("finishReason") or self.native_finish
+        self.text_seen = self.text_seen or bool(text)
+        return text
+
+
+#: `tool_choice` words as Gemini's functionCallingConfig modes.
+CALLING_MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
+
+
+def model_resource(model: str) -> str:
+    """"gemini-2.0-flash", "models/gemini-2.0-flash" and "tunedModels/x" all name a resource."""
+    return model if "/" in model else f"models/{model}"
+
+
+def function_declaration(function: Any) -> dict[str, Any]:
+    """A tool as a FunctionDeclaration; parameters in Gemini's schema (left out when there are none:
+    Gemini refuses an OBJECT without properties)."""
+    declaration: dict[str, Any] = {"name": function.name}
+    if function.description:
+        declaration["description"] = function.description
+    parameters = gemini_schema(function.parameters) if function.parameters else None
+    if parameters and parameters.get("properties"):
+        declaration["parameters"] = parameters
+    return declaration
+
+
+def calling_config(choice: Any) -> dict[str, Any]:
+    """`tool_choice` as functionCallingConfig."""
+    if isinstance(choice, str):
+        return {"mode": CALLING_MODES[choice]}
+    return {"mode": "ANY", "allowedFunctionNames": [choice.function.name]}
