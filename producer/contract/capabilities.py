@@ -40,6 +40,7 @@ class CapabilityOverride(BaseModel):
     prompt_cache: bool | None = None
     embeddings: bool | None = None
     reasoning: bool | None = None
+    native_json_schema: bool | None = None
     context_window: int | None = Field(default=None, gt=0)
     max_output_tokens: int | None = Field(default=None, gt=0)
 
@@ -59,6 +60,10 @@ class Capabilities(BaseModel):
     embeddings: bool = False
     #: A reasoning model: takes max_completion_tokens and refuses sampling settings (OpenAI o-series, gpt-5).
     reasoning: bool = False
+    #: Constrains its answer to a JSON schema by itself (Anthropic's `output_config.format`, Bedrock's
+    #: `outputConfig.textFormat`); without it, adapters that have one ask for JSON by a forced tool call.
+    #: Read by adapters, never required by routing.
+    native_json_schema: bool = False
     context_window: int | None = None
     max_output_tokens: int | None = None
 

@@ -91,14 +91,18 @@ class LLMProvider(ABC):
             provider=self.name, model=request.model,
         )
 
-    def provider_options_of(self, request: LLMRequest | EmbeddingRequest) -> dict[str, Any]:
-        """The request's `provider_options`, each checked against `allowed_provider_options`."""
+    def provider_options_of(
+        self, request: LLMRequest | EmbeddingRequest, *, allowed: frozenset[str] | None = None
+    ) -> dict[str, Any]:
+        """The request's `provider_options`, each checked against `allowed_provider_options` (or
+        `allowed`, for an adapter whose chat and embedding calls take different ones)."""
         options = request.provider_options
-        unknown = sorted(set(options) - self.allowed_provider_options)
+        names = self.allowed_provider_options if allowed is None else allowed
+        unknown = sorted(set(options) - names)
         if unknown:
-            allowed = ", ".join(sorted(self.allowed_provider_options)) or "none"
+            allowed_names = ", ".join(sorted(names)) or "none"
             raise errors.BadRequestError(
-                f"provider_options.{unknown[0]} is not taken by provider type {self.type_name!r} (it takes: {allowed})",
+                f"provider_options.{unknown[0]} is not taken by provider type {self.type_name!r} (it takes: {allowed_names})",
                 provider=self.name, model=request.model,
             )
         return options

@@ -18,6 +18,16 @@ whose provider speaks another format reads them through these helpers rather tha
   provider that sends none (Gemini at times), llmq's estimate, said to be one
 - `calls_by_id(messages)`: each earlier tool call's function name and place, for providers that
   match a tool's result to its call by name and order rather than by id (Gemini, Ollama)
+
+For providers whose tools are blocks with their own ids (Anthropic `tool_use`, Bedrock `toolUse`):
+
+- `tool_plan(request, native_json=)`: the tools to send and the tool choice, in the words those
+  providers share (auto, any, none, tool); when JSON is asked for and the model has no JSON mode
+  of its own, a forced `json_answer` tool whose input is the answer (`JSONAnswerTool`)
+- `ToolBlocks`: tool-use blocks, streamed or whole, by block index, into OpenAI's calls and
+  deltas; the answer tool's input comes out as answer text instead of a call
+- `constrained_schema(schema)`: a JSON schema in the subset constrained decoding takes
+  (Anthropic structured outputs, Bedrock `textFormat`)
 """
 
 from __future__ import annotations
@@ -27,10 +37,10 @@ import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from llmq.contract.messages import FunctionCall, Message, ToolCall, ToolCallDelta
-from llmq.contract.models import FinishReason, Usage
+from llmq.contract.messages import FunctionCall, Message, ResponseFormat, ToolCall, ToolCallDelta
+from llmq.contract.models import FinishReason, LLMRequest, Usage
 from llmq.worker.tokens import estimate_tokens
 
 #: Native stop reasons of every provider llmq speaks to, in llmq's words (case as the provider sends them).
@@ -56,6 +66,12 @@ CANONICAL_FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_ca
 def finish_reason(native: Any) -> FinishReason | None:
     """A provider's stop reason in llmq's words; None when it has none or means something else."""
     return FINISH_REASONS.get(native) if isinstance(native, str) else None
+
+
+def reported_finish_reason(native: Any) -> str | None:
+    """What an adapter reports in metadata: llmq's word for a native stop reason, else the native one
+    (`pause_turn`, `malformed_tool_use`), which the response's `finish_reason` field leaves out."""
+    return finish_reason(native) or (native if isinstance(native, str) and native else None)
 
 
 def arguments_json(value: Any) -> str:
@@ -167,3 +183,188 @@ class ToolCallAssembler:
             tool_call(partial.id, partial.name, "".join(partial.arguments))
             for _, partial in sorted(self._calls.items())
         ]
+
+
+# --- tools as blocks, and JSON by a forced tool (Anthropic, Bedrock Converse) ---------
+
+#: The tool a JSON answer is asked for by, on a model without a JSON mode of its own.
+ANSWER_TOOL_NAME = "json_answer"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """One tool as providers with `input_schema`-style definitions take it."""
+
+    name: str
+    description: str | None
+    #: A JSON Schema of an object: tool inputs are objects.
+    parameters: dict[str, Any]
+    strict: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoiceSpec:
+    """A tool choice in the words Anthropic and Bedrock share: `auto`, `any` (some tool), `none`,
+    or `tool` (the one named)."""
+
+    kind: Literal["auto", "any", "none", "tool"]
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JSONAnswerTool:
+    """The tool whose input is the answer, when JSON is asked for by a forced call."""
+
+    spec: ToolSpec
+    #: The schema's root is not an object, which a tool input must be: the answer sits under "value".
+    wrapped: bool = False
+
+    def answer_text(self, arguments: str) -> str:
+        """The answer as JSON text, from the call's arguments (a JSON string)."""
+        if not self.wrapped:
+            return arguments
+        try:
+            value = json.loads(arguments or "{}")
+        except ValueError:
+            return arguments  # not JSON: the engine says so with an OutputValidationError
+        return arguments_json(value.get("value") if isinstance(value, dict) else value)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolPlan:
+    """What to send: the tools (the caller's, and the answer tool when JSON goes by a tool), the choice."""
+
+    tools: list[ToolSpec]
+    choice: ToolChoiceSpec | None
+    answer_tool: JSONAnswerTool | None = None
+
+
+def tool_plan(request: LLMRequest, *, native_json: bool) -> ToolPlan:
+    """The tools and tool choice for a provider whose tools are blocks; JSON by a forced tool
+    unless the model constrains JSON by itself (`native_json`, for a json_schema)."""
+    tools = [
+        ToolSpec(tool.function.name, tool.function.description,
+                 tool.function.parameters or {"type": "object", "properties": {}}, bool(tool.function.strict))
+        for tool in request.tools or ()
+    ]
+    choice = _choice_spec(request.tool_choice)
+    response_format = request.response_format
+    if response_format is None or not response_format.wants_json or (native_json and response_format.type == "json_schema"):
+        return ToolPlan(tools, choice)
+    answer = json_answer_tool(response_format, taken={tool.name for tool in tools})
+    if choice is not None and choice.kind in ("any", "tool"):
+        return ToolPlan(tools, choice)  # a call is required first; the JSON answer comes on a later turn
+    forced = ToolChoiceSpec("any") if tools and (choice is None or choice.kind == "auto") else ToolChoiceSpec("tool", answer.spec.name)
+    return ToolPlan([*tools, answer.spec], forced, answer)
+
+
+def _choice_spec(choice: Any) -> ToolChoiceSpec | None:
+    if choice is None:
+        return None
+    if isinstance(choice, str):
+        return ToolChoiceSpec("any" if choice == "required" else choice)  # type: ignore[arg-type]
+    return ToolChoiceSpec("tool", choice.function.name)
+
+
+def json_answer_tool(response_format: ResponseFormat, *, taken: frozenset[str] | set[str] = frozenset()) -> JSONAnswerTool:
+    """The forced tool for a JSON answer: its input schema is the response's schema (an object)."""
+    name = ANSWER_TOOL_NAME
+    while name in taken:  # never shadow one of the caller's tools
+        name = "_" + name
+    named, schema = response_format.json_schema, response_format.schema_dict
+    description = "Give your final answer by calling this tool: its input is the answer"
+    if named is not None:
+        description += f" ({named.name}{': ' + named.description if named.description else ''})"
+    if schema is None:
+        return JSONAnswerTool(ToolSpec(name, description, {"type": "object"}))
+    if schema.get("type") == "object":
+        return JSONAnswerTool(ToolSpec(name, description, schema))
+    wrapped = {"type": "object", "properties": {"value": schema}, "required": ["value"]}
+    return JSONAnswerTool(ToolSpec(name, description, wrapped), wrapped=True)
+
+
+@dataclass
+class ToolBlocks:
+    """Tool-use blocks by the provider's block index (Anthropic `tool_use`, Converse `toolUse`), whole
+    or streamed as a start and input fragments: calls in OpenAI's shape (by call ordinal, in `calls`),
+    except the answer tool's, whose input is answer text."""
+
+    calls: ToolCallAssembler
+    answer_tool: JSONAnswerTool | None = None
+    answered: bool = False
+    _ordinals: dict[int, int] = field(default_factory=dict)
+    _answer_block: int | None = None
+    _answer_parts: list[str] = field(default_factory=list)
+
+    def start(self, block: int, call_id: str | None, name: str) -> ToolCallDelta | None:
+        """A tool-use block opens: the delta that names the call (None for the answer tool)."""
+        if self.answer_tool is not None and name == self.answer_tool.spec.name:
+            self._answer_block, self.answered = block, True
+            return None
+        ordinal = self._ordinals.setdefault(block, len(self._ordinals))
+        return self.calls.add(ordinal, call_id=call_id, name=name)
+
+    def add(self, block: int, fragment: str) -> tuple[str, ToolCallDelta | None]:
+        """A piece of a block's input JSON: (answer text, call delta), either may be empty."""
+        if not fragment:
+            return "", None
+        if block == self._answer_block:
+            if self.answer_tool is not None and self.answer_tool.wrapped:
+                self._answer_parts.append(fragment)  # unwrapped once whole, at stop
+                return "", None
+            return fragment, None
+        if block not in self._ordinals:
+            return "", None  # input of a block that never started as a tool call
+        return "", self.calls.add(self._ordinals[block], arguments=fragment)
+
+    def stop(self, block: int) -> str:
+        """A block closes: the answer text held back until now (a wrapped answer), if any."""
+        if block != self._answer_block or not self._answer_parts or self.answer_tool is None:
+            return ""
+        text, self._answer_parts = self.answer_tool.answer_text("".join(self._answer_parts)), []
+        return text
+
+    def whole(self, block: int, call_id: str | None, name: str, tool_input: Any) -> str:
+        """A whole block (a non-streamed answer): the answer text it carries, if it is the answer tool."""
+        self.start(block, call_id, name)
+        text, _ = self.add(block, arguments_json(tool_input))
+        return text + self.stop(block)
+
+    def finish_reason(self, native: Any) -> str | None:
+        """The finish reason to report: an answer given through the answer tool alone is a `stop`."""
+        reported = reported_finish_reason(native)
+        return "stop" if reported == "tool_calls" and self.answered and not self.calls else reported
+
+
+#: What constrained decoding takes as it is (Anthropic's structured outputs, as its SDK's
+#: `transform_schema` sends it; Bedrock `textFormat`); other keywords go into the description.
+_CONSTRAINED_KEYWORDS = frozenset({"type", "required", "enum", "const", "description", "title", "$ref"})
+_CONSTRAINED_FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "uri", "ipv4", "ipv6", "uuid"})
+
+
+def constrained_schema(schema: Any) -> Any:
+    """A schema in the subset constrained decoding takes: every object closed (`additionalProperties:
+    false`), `oneOf` as `anyOf`, and what it lacks (`minimum`, `pattern`, ...) moved into the
+    description as a hint. The engine still checks the answer against the caller's own schema."""
+    if not isinstance(schema, dict):
+        return schema
+    kept: dict[str, Any] = {}
+    hints: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            kept[key] = {name: constrained_schema(child) for name, child in value.items()}
+        elif key in ("anyOf", "oneOf", "allOf") and isinstance(value, list):
+            kept["allOf" if key == "allOf" else "anyOf"] = [constrained_schema(child) for child in value]
+        elif key == "items":
+            kept[key] = constrained_schema(value)
+        elif key in _CONSTRAINED_KEYWORDS or (key == "format" and value in _CONSTRAINED_FORMATS) \
+                or (key == "minItems" and value in (0, 1)):
+            kept[key] = value
+        elif key != "additionalProperties":
+            hints[key] = value
+    if kept.get("type") == "object" or "properties" in kept:
+        kept["additionalProperties"] = False
+    if hints:
+        hint = "{" + ", ".join(f"{key}: {value}" for key, value in hints.items()) + "}"
+        kept["description"] = f"{kept['description']}\n\n{hint}" if kept.get("description") else hint
+    return kept
