@@ -43,7 +43,7 @@ from llmq.contract.capabilities import Capabilities, capabilities_for
 from llmq.contract.models import LLMRequest, LLMResponse, Usage
 from llmq.worker import errors
 from llmq.worker.providers.anthropic_format import output_format, to_anthropic_messages, tool_fields
-from llmq.worker.providers.features import JSONAnswerTool, ToolBlocks, ToolCallAssembler, tool_plan
+from llmq.worker.providers.features import ToolBlocks, ToolCallAssembler, answer_tool_for, tool_plan
 from llmq.worker.providers.http import HTTPProvider, StreamState, json_or_none
 
 API_VERSION = "2023-06-01"
@@ -187,13 +187,6 @@ class AnthropicProvider(HTTPProvider[AnthropicStreamState]):
             fields["output_config"] = output_format(schema)
         return fields
 
-    def answer_tool(self, request: LLMRequest) -> JSONAnswerTool | None:
-        """The forced tool the JSON answer comes through, when it goes by one."""
-        if request.response_format is None:
-            return None
-        native = capabilities_for(self.config, request.model).native_json_schema
-        return tool_plan(request, native_json=native).answer_tool
-
     def check_temperature(self, request: LLMRequest) -> None:
         low, high = self.temperature_range
         if not low <= request.temperature <= high:
@@ -215,7 +208,7 @@ class AnthropicProvider(HTTPProvider[AnthropicStreamState]):
         stop_reason = body.get("stop_reason")
         self.raise_if_refused(stop_reason, request.model, request_id)
         # Thinking and other blocks are not answer text; tool_use blocks are calls, or the JSON answer.
-        blocks = ToolBlocks(ToolCallAssembler(), self.answer_tool(request))
+        blocks = ToolBlocks(ToolCallAssembler(), answer_tool_for(self.config, request))
         texts: list[str] = []
         answers: list[str] = []
         for index, block in enumerate(body["content"]):
@@ -243,7 +236,7 @@ class AnthropicProvider(HTTPProvider[AnthropicStreamState]):
 
     def new_stream_state(self, request: LLMRequest, request_id: str | None) -> AnthropicStreamState:
         state = AnthropicStreamState(request, request_id, model=request.model)
-        state.blocks = ToolBlocks(state.tool_calls, self.answer_tool(request))
+        state.blocks = ToolBlocks(state.tool_calls, answer_tool_for(self.config, request))
         return state
 
     def parse_stream_event(self, event: tuple[str | None, str], state: AnthropicStreamState) -> str | None:

@@ -23,7 +23,8 @@ For providers whose tools are blocks with their own ids (Anthropic `tool_use`, B
 
 - `tool_plan(request, native_json=)`: the tools to send and the tool choice, in the words those
   providers share (auto, any, none, tool); when JSON is asked for and the model has no JSON mode
-  of its own, a forced `json_answer` tool whose input is the answer (`JSONAnswerTool`)
+  of its own, a forced `json_answer` tool whose input is the answer (`JSONAnswerTool`;
+  `answer_tool_for(config, request)` finds it again when the answer comes back)
 - `ToolBlocks`: tool-use blocks, streamed or whole, by block index, into OpenAI's calls and
   deltas; the answer tool's input comes out as answer text instead of a call
 - `constrained_schema(schema)`: a JSON schema in the subset constrained decoding takes
@@ -39,6 +40,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from llmq.contract.capabilities import capabilities_for
+from llmq.contract.config import ProviderConfig
 from llmq.contract.messages import FunctionCall, Message, ResponseFormat, ToolCall, ToolCallDelta
 from llmq.contract.models import FinishReason, LLMRequest, Usage
 from llmq.worker.tokens import estimate_tokens
@@ -256,6 +259,13 @@ def tool_plan(request: LLMRequest, *, native_json: bool) -> ToolPlan:
         return ToolPlan(tools, choice)  # a call is required first; the JSON answer comes on a later turn
     forced = ToolChoiceSpec("any") if tools and (choice is None or choice.kind == "auto") else ToolChoiceSpec("tool", answer.spec.name)
     return ToolPlan([*tools, answer.spec], forced, answer)
+
+
+def answer_tool_for(config: ProviderConfig, request: LLMRequest) -> JSONAnswerTool | None:
+    """The forced tool a request's JSON answer comes through on this entry's model, if it goes by one."""
+    if request.response_format is None:
+        return None
+    return tool_plan(request, native_json=capabilities_for(config, request.model).native_json_schema).answer_tool
 
 
 def _choice_spec(choice: Any) -> ToolChoiceSpec | None:
