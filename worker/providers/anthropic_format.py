@@ -23,10 +23,14 @@ from llmq.contract.messages import ImagePart, Message, TextPart
 from llmq.worker.providers.features import ToolChoiceSpec, ToolPlan, arguments_object, constrained_schema
 
 
-def to_anthropic_messages(messages: list[Message], *, cache: bool = True) -> tuple[str | list[dict[str, Any]] | None, list[dict[str, Any]]]:
+def to_anthropic_messages(
+    messages: list[Message], *, cache: bool = True
+) -> tuple[str | list[dict[str, Any]] | None, list[dict[str, Any]]]:
     """(system, turns): the system prompt split out, turns merged by role. With `cache` false (a
     model without prompt caching), breakpoints are left out."""
-    system_blocks = [block for message in messages if message.role == "system" for block in content_blocks(message, cache)]
+    system_blocks = [
+        block for message in messages if message.role == "system" for block in content_blocks(message, cache)
+    ]
     turns: list[dict[str, Any]] = []
     for message in messages:
         if message.role == "system":

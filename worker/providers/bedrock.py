@@ -241,7 +241,8 @@ class BedrockProvider(HTTPProvider[ConverseStreamState]):
                 texts.append(block["text"])
             elif isinstance(block.get("toolUse"), dict):
                 tool_use = block["toolUse"]
-                answers.append(tools.whole(index, tool_use.get("toolUseId"), str(tool_use.get("name") or ""), tool_use.get("input")))
+                name = str(tool_use.get("name") or "")
+                answers.append(tools.whole(index, tool_use.get("toolUseId"), name, tool_use.get("input")))
         text = "".join(answers) if tools.answered else "".join(texts)
         self.check_stop_reason(stop_reason, bool(text) or bool(tools.calls), request.model, request_id)
         metrics = body.get("metrics") if isinstance(body.get("metrics"), dict) else {}
@@ -372,9 +373,12 @@ class BedrockProvider(HTTPProvider[ConverseStreamState]):
             return await super().embed(request, job_id=job_id)
         problem = bedrock_embed.dimensions_problem(request.model, family, request.dimensions)
         if problem:
-            raise errors.BadRequestError(f"dimensions {request.dimensions}: {problem}", provider=self.name, model=request.model)
+            raise errors.BadRequestError(
+                f"dimensions {request.dimensions}: {problem}", provider=self.name, model=request.model
+            )
         titan = family == "titan"
-        options = self.provider_options_of(request, allowed=bedrock_embed.TITAN_OPTIONS if titan else bedrock_embed.COHERE_OPTIONS)
+        allowed = bedrock_embed.TITAN_OPTIONS if titan else bedrock_embed.COHERE_OPTIONS
+        options = self.provider_options_of(request, allowed=allowed)
         bodies = (bedrock_embed.titan_bodies if titan else bedrock_embed.cohere_bodies)(
             request.model, request.texts, request.dimensions, options)
         answers = await self.invoke_all(f"/model/{quote(request.model, safe='')}/invoke", bodies, request.model)

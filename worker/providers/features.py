@@ -252,12 +252,16 @@ def tool_plan(request: LLMRequest, *, native_json: bool) -> ToolPlan:
     ]
     choice = _choice_spec(request.tool_choice)
     response_format = request.response_format
-    if response_format is None or not response_format.wants_json or (native_json and response_format.type == "json_schema"):
+    native = native_json and response_format is not None and response_format.type == "json_schema"
+    if response_format is None or not response_format.wants_json or native:
         return ToolPlan(tools, choice)
     answer = json_answer_tool(response_format, taken={tool.name for tool in tools})
     if choice is not None and choice.kind in ("any", "tool"):
         return ToolPlan(tools, choice)  # a call is required first; the JSON answer comes on a later turn
-    forced = ToolChoiceSpec("any") if tools and (choice is None or choice.kind == "auto") else ToolChoiceSpec("tool", answer.spec.name)
+    if tools and (choice is None or choice.kind == "auto"):
+        forced = ToolChoiceSpec("any")  # a tool of the caller's, or the answer
+    else:
+        forced = ToolChoiceSpec("tool", answer.spec.name)
     return ToolPlan([*tools, answer.spec], forced, answer)
 
 
@@ -349,7 +353,9 @@ class ToolBlocks:
 #: What constrained decoding takes as it is (Anthropic's structured outputs, as its SDK's
 #: `transform_schema` sends it; Bedrock `textFormat`); other keywords go into the description.
 _CONSTRAINED_KEYWORDS = frozenset({"type", "required", "enum", "const", "description", "title", "$ref"})
-_CONSTRAINED_FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "uri", "ipv4", "ipv6", "uuid"})
+_CONSTRAINED_FORMATS = frozenset({
+    "date-time", "time", "date", "duration", "email", "hostname", "uri", "ipv4", "ipv6", "uuid",
+})
 
 
 def constrained_schema(schema: Any) -> Any:

@@ -5,7 +5,6 @@ outputs and by a forced tool, image blocks, cache breakpoints and cache usage, s
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -27,16 +26,9 @@ CLAUDE_4_5 = "claude-sonnet-4-5-20250929"  # JSON by structured outputs
 PNG_DATA = PNG_1X1.split(",", 1)[1]
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeAnthropic]:
-    with FakeAnthropic() as fake:
-        yield fake
-
-
 @pytest.fixture
-def fake(server: FakeAnthropic) -> FakeAnthropic:
-    server.reset()
-    return server
+def fake(fake_anthropic: FakeAnthropic) -> FakeAnthropic:
+    return fake_anthropic  # the package's shared server (conftest.py), reset
 
 
 def entry(fake: FakeAnthropic, **overrides: Any) -> ProviderConfig:
