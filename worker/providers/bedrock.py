@@ -66,6 +66,7 @@ from llmq.worker.providers.features import (
     ToolBlocks,
     ToolCallAssembler,
     answer_tool_for,
+    embedding_usage,
     tool_plan,
 )
 from llmq.worker.providers.http import HTTPProvider, StreamState, json_or_none
@@ -391,7 +392,8 @@ class BedrockProvider(HTTPProvider[ConverseStreamState]):
                                      request.model, self.request_id(response))
             vectors += found
             tokens += bedrock_embed.input_tokens(payload, response.headers.get(bedrock_embed.INPUT_TOKENS_HEADER))
-        return self.embedding_response(request, vectors, Usage.of(tokens, 0), request_id=self.request_id(answers[-1][1]))
+        usage, estimated = embedding_usage(request.texts, tokens)  # llmq's estimate if Bedrock counted none
+        return self.embedding_response(request, vectors, usage, request_id=self.request_id(answers[-1][1]), **estimated)
 
     async def invoke_all(self, path: str, bodies: list[dict[str, Any]], model: str) -> list[tuple[Any, httpx.Response]]:
         """InvokeModel once per body, a few at a time; the first failure cancels the rest and is raised."""

@@ -133,13 +133,15 @@ class FakeBedrock(FakeProviderServer):
         self.json_answers: list[str] = []
         #: Prompt prefixes written to the cache so far (the next identical one is read from it).
         self.cached_prefixes: set[str] = set()
+        #: InvokeModel answers carry X-Amzn-Bedrock-Input-Token-Count (a proxy may drop it).
+        self.token_count_header = True
 
     def reset(self) -> None:
         super().reset()
         self.stop_reason, self.reply_text = "end_turn", None
         self.cache_read_tokens = self.cache_write_tokens = 0
         self.stream_exception, self.omit_final_events, self.corrupt_crc = "modelStreamErrorException", False, False
-        self.json_answers, self.cached_prefixes = [], set()
+        self.json_answers, self.cached_prefixes, self.token_count_header = [], set(), True
 
     def fail_with(self, error_type: str, status: int, message: str, times: int = 1) -> None:
         """The next calls fail with this Bedrock error name, status and message."""
@@ -225,7 +227,9 @@ class FakeBedrock(FakeProviderServer):
         if problem:
             return error("ValidationException", 400, problem)
         reply, tokens = embedding_reply(model, request.body)
-        headers = {**_id_headers(), "X-Amzn-Bedrock-Input-Token-Count": str(tokens), "X-Amzn-Bedrock-Invocation-Latency": "42"}
+        headers = {**_id_headers(), "X-Amzn-Bedrock-Invocation-Latency": "42"}
+        if self.token_count_header:
+            headers["X-Amzn-Bedrock-Input-Token-Count"] = str(tokens)
         return Reply(200, reply, headers=headers)
 
     def stream_error_reply(self, request: RecordedRequest) -> StreamReply:

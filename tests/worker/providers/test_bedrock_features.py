@@ -293,6 +293,10 @@ def test_cohere_embeds_up_to_96_texts_a_call_with_an_input_type(fake: FakeBedroc
     assert all(call["input_type"] == "search_document" and call["embedding_types"] == ["float"] for call in calls)
     assert response.embeddings == [fake_vector(text, 16) for text in texts]
     assert response.usage.prompt_tokens == 300  # from X-Amzn-Bedrock-Input-Token-Count
+    fake.token_count_header = False  # Cohere's body counts nothing: llmq estimates, and says so
+    estimated = embed(fake, EmbeddingRequest(input=texts, model=COHERE_V3))
+    assert estimated.usage.prompt_tokens > 0 and estimated.metadata["usage_estimated"] is True
+    assert "usage_estimated" not in response.metadata
     embed(fake, EmbeddingRequest(input="which skill mines ore?", model=COHERE_V3,
                                  provider_options={"input_type": "search_query", "truncate": "END"}))
     assert (sent(fake)["input_type"], sent(fake)["truncate"]) == ("search_query", "END")
