@@ -5,7 +5,6 @@ inferenceConfig fields, and embeddings from Titan Text Embeddings and Cohere Emb
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -20,10 +19,10 @@ from llmq.worker import errors
 from llmq.worker.output import check_output
 from llmq.worker.pricing import cost_usd
 from llmq.worker.providers.bedrock import BedrockProvider
-from llmq.worker.providers.registry import create_provider
 from tests.support.fakes.bedrock import TEST_API_KEY, FakeBedrock
 from tests.support.fakes.bedrock_features import CLAUDE_3, CLAUDE_4_5, COHERE_V3, LLAMA_3, TITAN_V2
 from tests.support.fakes.openai import fake_vector
+from tests.support.harness import run_adapter
 from tests.worker.providers.test_openai_features import PLAN_SCHEMA, PNG_1X1, WEATHER_TOOL
 
 PNG_DATA = PNG_1X1.split(",", 1)[1]
@@ -42,23 +41,13 @@ def fake(server: FakeBedrock) -> FakeBedrock:
     return server
 
 
-def provider(fake: FakeBedrock, **overrides: Any) -> BedrockProvider:
-    config = ProviderConfig(name="bedrock_main", type="bedrock", api_key=TEST_API_KEY, base_url=fake.url, timeout=5.0,
-                            options={"control_endpoint_url": fake.url}, **overrides)
-    made = create_provider(config)
-    assert isinstance(made, BedrockProvider)
-    return made
+def entry(fake: FakeBedrock, **overrides: Any) -> ProviderConfig:
+    return ProviderConfig(name="bedrock_main", type="bedrock", api_key=TEST_API_KEY, base_url=fake.url, timeout=5.0,
+                          options={"control_endpoint_url": fake.url}, **overrides)
 
 
 def run(fake: FakeBedrock, action: Any, **overrides: Any) -> Any:
-    async def main() -> Any:
-        adapter = provider(fake, **overrides)
-        try:
-            return await action(adapter)
-        finally:
-            await adapter.aclose()
-
-    return asyncio.run(main())
+    return run_adapter(entry(fake, **overrides), BedrockProvider, action)
 
 
 def chat(**fields: Any) -> LLMRequest:
