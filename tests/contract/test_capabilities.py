@@ -56,7 +56,7 @@ def test_defaults_come_from_the_table_by_adapter_and_model_family() -> None:
     # An adapter the table does not know (an outside package's): text chat only, until its config says more.
     assert default_capabilities("example", "x").model_dump(exclude_none=True) == {
         "chat": True, "tools": False, "json_object": False, "json_schema": False, "vision": False,
-        "prompt_cache": False, "embeddings": False, "reasoning": False,
+        "prompt_cache": False, "embeddings": False, "reasoning": False, "native_json_schema": False,
     }
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -56,10 +56,13 @@ from llmq.worker.providers.bedrock_aws import (
     event_stream_frames,
 )
 from llmq.worker.providers.bedrock_format import (
+    ConverseStreamState,
     UnsupportedRequest,
+    bedrock_usage,
     converse_messages,
     inference_config,
     output_config,
+    refine,
     tool_config,
 )
 from llmq.worker.providers.features import (
@@ -69,7 +72,7 @@ from llmq.worker.providers.features import (
     embedding_usage,
     tool_plan,
 )
-from llmq.worker.providers.http import HTTPProvider, StreamState, json_or_none
+from llmq.worker.providers.http import HTTPProvider, json_or_none
 
 #: Error names (x-amzn-ErrorType, or an in-stream `:exception-type` with its first
 #: letter raised) -> class and the status the service model gives them.
@@ -91,10 +94,6 @@ ERROR_TYPES: dict[str, tuple[type[errors.ProviderError], int]] = {
     "InternalServerException": (errors.ServerError, 500),
     "ServiceUnavailableException": (errors.OverloadedError, 503),
 }
-#: ValidationException texts that mean the prompt does not fit the model.
-CONTEXT_WINDOW_MARKERS = ("input is too long", "too many input tokens", "prompt is too long", "context window")
-#: The ValidationException Bedrock gives for a model id it does not know.
-UNKNOWN_MODEL_MARKERS = ("model identifier is invalid",)
 FILTERED_STOP_REASONS = frozenset({"content_filtered", "guardrail_intervened"})
 #: ConverseRequest fields llmq has no field for, taken from a chat request's provider_options.
 CONVERSE_OPTIONS = frozenset({
@@ -104,55 +103,6 @@ CONVERSE_OPTIONS = frozenset({
 
 
 @dataclass
-class ConverseStreamState(StreamState):
-    """What a ConverseStream has said so far; complete once messageStop and metadata came."""
-
-    has_content: bool = False
-    stop_reason: str | None = None
-    usage: dict[str, Any] | None = None
-    latency_ms: int | None = None
-    blocks: ToolBlocks = field(default_factory=lambda: ToolBlocks(ToolCallAssembler()))
-
-    @property
-    def complete(self) -> bool:
-        return self.stop_reason is not None and self.usage is not None
-
-    def take(self, event_type: str, payload: dict[str, Any]) -> str:
-        """Fold one ConverseStream event in; the new answer text, if any."""
-        index = int(payload.get("contentBlockIndex") or 0)
-        if event_type == "contentBlockStart":
-            start = payload.get("start") if isinstance(payload.get("start"), dict) else {}
-            tool_use = start.get("toolUse")
-            if isinstance(tool_use, dict):
-                self.has_content = True
-                self.pass_on(self.blocks.start(index, tool_use.get("toolUseId"), str(tool_use.get("name") or "")))
-        elif event_type == "contentBlockDelta":
-            delta = payload.get("delta") if isinstance(payload.get("delta"), dict) else {}
-            text, tool_use = delta.get("text"), delta.get("toolUse")
-            if isinstance(text, str) and text:
-                self.has_content = True
-                return text
-            if isinstance(tool_use, dict):
-                answer, call_delta = self.blocks.add(index, str(tool_use.get("input") or ""))
-                self.pass_on(call_delta)
-                return answer
-        elif event_type == "contentBlockStop":
-            return self.blocks.stop(index)
-        elif event_type == "messageStop":
-            self.stop_reason = str(payload.get("stopReason") or "")
-        elif event_type == "metadata":
-            usage = payload.get("usage")
-            self.usage = usage if isinstance(usage, dict) else None
-            metrics = payload.get("metrics")
-            self.latency_ms = metrics.get("latencyMs") if isinstance(metrics, dict) else None
-        # messageStart, reasoning deltas and unknown future events carry no answer text.
-        return ""
-
-    def pass_on(self, delta: Any) -> None:
-        if delta is not None:
-            self.deltas.append(delta)
-
-
 class BedrockProvider(HTTPProvider[ConverseStreamState]):
     type_name = "bedrock"
     description = "AWS Bedrock Converse API (Bedrock API key or SigV4 credentials)"
@@ -435,32 +385,3 @@ class BedrockProvider(HTTPProvider[ConverseStreamState]):
             await self.generate(
                 LLMRequest(messages=[{"role": "user", "content": "ping"}], model=model, max_tokens=1, temperature=0)
             )
-
-
-def refine(error_class: type[errors.ProviderError], message: str) -> type[errors.ProviderError]:
-    """ValidationException covers prompts too long and unknown models: give them their own class."""
-    if error_class is not errors.BadRequestError:
-        return error_class
-    lowered = message.lower()
-    if any(marker in lowered for marker in CONTEXT_WINDOW_MARKERS):
-        return errors.ContextWindowExceededError
-    if any(marker in lowered for marker in UNKNOWN_MODEL_MARKERS):
-        return errors.ModelNotFoundError
-    return error_class
-
-
-def bedrock_usage(usage: dict[str, Any]) -> Usage:
-    """Bedrock's TokenUsage as llmq's Usage, prompt_tokens counting cached tokens too."""
-    cache_read = _count(usage, "cacheReadInputTokens")
-    cache_write = _count(usage, "cacheWriteInputTokens")
-    prompt = _count(usage, "inputTokens") + cache_read + cache_write
-    completion = _count(usage, "outputTokens")
-    return Usage.of(
-        prompt, completion, total_tokens=max(_count(usage, "totalTokens"), prompt + completion),
-        cached_read_tokens=cache_read, cache_write_tokens=cache_write,
-    )
-
-
-def _count(usage: dict[str, Any], key: str) -> int:
-    value = usage.get(key)
-    return int(value) if isinstance(value, (int, float)) and value > 0 else 0
