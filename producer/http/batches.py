@@ -1,12 +1,16 @@
 """OpenAI's Batch API over llmq batches: an uploaded JSONL file in, output and error files out.
 
 `POST /v1/batches` reads the input file (purpose `batch`), maps every line's body with the
-same `chat_request` as `/v1/chat/completions`, checks each line's model against the key and
-the routes, and submits one llmq batch whose id is the batch's id. A file with a bad line
+same mapping as its endpoint (`chat_request` for `/v1/chat/completions`, `embedding_request`
+for `/v1/embeddings`; every line's `url` is the batch's endpoint, as OpenAI has it), checks
+each line's model against the key and the routes, and submits one llmq batch whose id is
+the batch's id. A file with a bad line
 makes a batch that is `failed` at once with the errors by line number (as OpenAI does);
 nothing of it is enqueued. The status is read from the llmq batch's counts; the first read
 after its last job ended writes the output file (one line per success) and the error file
-(one per failure), in OpenAI's batch output line format, matched to the input by `custom_id`.
+(one per failure), in OpenAI's batch output line format, matched to the input by `custom_id`:
+a success's `response.body` is what the endpoint answers over HTTP (a `chat.completion` with
+its tool calls and JSON text, or an embeddings list).
 
 Lanes. OpenAI accepts only `completion_window: "24h"`, which is the jobs' deadline here: a
 request not done by then ends `batch_expired` in the error file. Which lane runs the batch
@@ -23,16 +27,18 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from llmq.client.batchfile import KIND_BY_URL
 from llmq.client.service import BatchItem, LLMService, new_id
-from llmq.contract.models import BatchRecord, JobRecord, JobState
+from llmq.contract.models import BatchRecord, EmbeddingResponse, JobKind, JobRecord, JobRequest, JobState
 from llmq.contract.routing import RoutingError, plan_route
 from llmq.http.apikeys import APIKey
+from llmq.http.bodies import unrecognized
 from llmq.http.chat import chat_request, completion_body
+from llmq.http.embeddings import embedding_request, embeddings_body
 from llmq.http.errors import APIError, InvalidRequestError, NotFoundError, job_error
 from llmq.http.records import BatchRow, BatchStore, FileStore
 
 COMPLETION_WINDOWS_S = {"24h": 24 * 3600}
-CHAT_ENDPOINT = "/v1/chat/completions"
 LANE_METADATA_KEY = "llmq_lane"
 NORMAL_LANE = "normal"
 PROVIDER_BATCH_LANE = "provider_batch"
@@ -79,13 +85,14 @@ class Batches:
         for name, value in (("input_file_id", input_file_id), ("endpoint", endpoint), ("completion_window", window)):
             if not isinstance(value, str) or not value:
                 raise InvalidRequestError(f"'{name}' is required", param=name)
-        if endpoint != CHAT_ENDPOINT:
-            raise InvalidRequestError(f"endpoint {endpoint!r} is not served in batches yet; use {CHAT_ENDPOINT!r}", param="endpoint")
+        if endpoint not in KIND_BY_URL:
+            raise InvalidRequestError(f"endpoint {endpoint!r} is not served in batches; use one of: {', '.join(KIND_BY_URL)}",
+                                      param="endpoint")
         if window not in COMPLETION_WINDOWS_S:
             raise InvalidRequestError(f"completion_window must be '24h' (got {window!r})", param="completion_window")
         extra = set(body) - {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}
         if extra:
-            raise InvalidRequestError(f"Unrecognized request argument supplied: {sorted(extra)[0]}", param=sorted(extra)[0])
+            raise unrecognized(min(extra))
         metadata = _batch_metadata(body.get("metadata"))
         lane = batch_lane(metadata)
         record = await asyncio.to_thread(self.files.get, key.name, input_file_id)
@@ -137,14 +144,14 @@ class Batches:
         seen.add(custom_id)
         if entry.get("method", "POST") != "POST" or entry.get("url", endpoint) != endpoint:
             raise InvalidRequestError(f"each line must be POST {endpoint}, the batch's endpoint", param="url", code="mismatched_url")
-        call = chat_request(entry.get("body"), caller=key.name, stream_allowed=False)
-        if not key.allows(call.request.model):
-            raise InvalidRequestError(f"this key may not use model {call.request.model!r}", param="body.model", code="model_not_allowed")
+        request = line_request(KIND_BY_URL[endpoint], entry.get("body"), key.name)
+        if not key.allows(request.model):
+            raise InvalidRequestError(f"this key may not use model {request.model!r}", param="body.model", code="model_not_allowed")
         try:
-            plan_route(call.request, self.service.config, configured)
+            plan_route(request, self.service.config, configured)
         except RoutingError as exc:
             raise InvalidRequestError(str(exc), param="body.model", code="model_not_found") from None
-        return BatchItem(call.request, custom_id)
+        return BatchItem(request, custom_id)
 
     async def get(self, key: APIKey, batch_id: str) -> BatchRow:
         row = await asyncio.to_thread(self.batches.get, key.name, batch_id)
@@ -203,13 +210,26 @@ class Batches:
             await asyncio.to_thread(self.files.delete, [file_id for file_id in made if file_id])
 
 
+def line_request(kind: JobKind, body: Any, caller: str) -> JobRequest:
+    """A line's body as its endpoint's mapping reads it (batch requests are not streamed)."""
+    if kind is JobKind.EMBEDDING:
+        return embedding_request(body, caller=caller)
+    return chat_request(body, caller=caller, stream_allowed=False).request
+
+
+def answer_body(job: JobRecord) -> dict[str, Any]:
+    """A succeeded job's answer as its endpoint answers over HTTP."""
+    if isinstance(job.result, EmbeddingResponse):
+        return embeddings_body(job.result, getattr(job.request, "encoding_format", None))
+    assert job.result is not None
+    return completion_body(job.job_id, job.result, job.created_at)
+
+
 def output_line(job: JobRecord) -> dict[str, Any]:
     """One line of a batch's output or error file, in OpenAI's batch output format."""
     line: dict[str, Any] = {"id": f"batch_req_{job.job_id}", "custom_id": job.custom_id, "response": None, "error": None}
     if job.state is JobState.SUCCEEDED and job.result is not None:
-        line["response"] = {
-            "status_code": 200, "request_id": job.job_id, "body": completion_body(job.job_id, job.result, job.created_at),
-        }
+        line["response"] = {"status_code": 200, "request_id": job.job_id, "body": answer_body(job)}
     elif job.state is JobState.CANCELLED:
         line["error"] = {"code": "batch_cancelled", "message": "the batch was cancelled before this request ran"}
     elif (job.error or {}).get("type") == "DeadlineExceededError":

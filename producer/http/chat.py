@@ -1,62 +1,84 @@
 """OpenAI's Chat Completions body <-> llmq's request contract, in both directions.
 
-`chat_request` is the one place a body becomes an `LLMRequest`; when the contract grows
-(tools, response_format, image parts: issue 12), this module is what changes, and a field
-the contract gains with OpenAI's name passes through by itself: every body field that is
-an `LLMRequest` field is handed over as is, and pydantic's verdict names the `param`.
+`chat_request` is the one place a body becomes an `LLMRequest`. The contract speaks
+OpenAI's Chat Completions (docs/requests.md), so every body field that is an `LLMRequest`
+field passes through as is: messages with their text and image parts, tool calls and tool
+results, `tools`, `tool_choice`, `response_format`, `stop`, `seed`, `top_p`,
+`max_completion_tokens`, and llmq's own `provider` and `provider_options` (the SDKs'
+`extra_body`); the contract's verdict names the `param` (bodies.py).
 
-A field OpenAI has and the contract does not is refused with a 400 naming it, unless its
-value is the one that changes nothing (`n: 1`, `top_p: 1`, `stop: null`, ...), which some
-SDKs and frameworks always send. Fields of the front itself (`stream_options`) are read
-here, never sent on. `user` (OpenAI's end-user id) is kept in `metadata["end_user"]`;
-`metadata["caller"]` is always the caller's key name, whatever the body said.
+A field OpenAI has and llmq's request lacks is refused with a 400 naming it, unless its
+value is the one that asks for nothing (`n: 1`, `presence_penalty: 0`, `logprobs: false`,
+...), which some SDKs and frameworks always send; the refusal says what to do instead
+(`LACKING`). `stream_options` is the front's own, never sent on; `user` and `metadata`
+become the job's metadata, whose `caller` is the key's name.
 
-Messages: role `developer` (OpenAI's newer name for system) is `system`; content given as
-a list of text parts is joined with newlines while the contract's content is text only.
+An answer's message sent back as it came (`messages.append(reply.choices[0].message)`)
+carries what the SDKs add to it: `refusal: null`, `parsed`, a streamed call's `index`,
+`function.parsed_arguments`. All of it is derived from the answer or empty, so it is
+dropped here rather than refused by the contract.
 
-The other direction: `completion_body`, `chunk_body` and `usage_body` write OpenAI's
-`chat.completion` and `chat.completion.chunk` objects from `LLMResponse`s.
+The other direction: `completion_body`, `chunk_body`, `chunk_delta` and `usage_body` write
+OpenAI's `chat.completion` and `chat.completion.chunk` objects from `LLMResponse`s. A JSON
+answer's content is the JSON text, as OpenAI sends it (the SDKs parse it themselves).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
-from llmq.contract.models import LLMRequest, LLMResponse, Message, Usage
+from llmq.contract.messages import ToolCall
+from llmq.contract.models import LLMRequest, LLMResponse, Usage
+from llmq.http.bodies import body_object, job_metadata, split_body, unrecognized, validated
 from llmq.http.errors import InvalidRequestError
 
-#: OpenAI fields the contract lacks, with the values that ask for nothing: accepted and dropped.
-NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1),
-    "top_p": (None, 1, 1.0),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "logit_bias": (None, {}),
-    "stop": (None, [], ""),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "parallel_tool_calls": (None, True, False),
-    "response_format": (None, {"type": "text"}),
-    "store": (None, False),
-    "service_tier": (None, "auto", "default"),
-    "seed": (None,),
-    "modalities": (None, ["text"]),
+#: The way out for a parameter of one provider's API: llmq sends provider_options as they are.
+PROVIDER_OPTION = ", or pass it as provider_options.{name}, a provider's own parameter (the SDKs' extra_body; docs/requests.md)"
+
+
+@dataclass(frozen=True)
+class Lacking:
+    """An OpenAI field llmq's request has no field for."""
+
+    #: The values that ask for nothing: accepted and dropped.
+    neutral: tuple[Any, ...] = (None,)
+    #: What the refusal says after "leave it out".
+    instead: str = PROVIDER_OPTION
+
+
+NO_LOGPROBS = " (answers carry no log probabilities)"
+LACKING: dict[str, Lacking] = {
+    "n": Lacking((None, 1), " (a job has one answer: send n requests for n answers)"),
+    "logprobs": Lacking((None, False), NO_LOGPROBS),
+    "top_logprobs": Lacking((None, 0), NO_LOGPROBS),
+    "modalities": Lacking((None, ["text"]), " (answers are text)"),
+    "audio": Lacking((None,), " (answers are text)"),
+    "functions": Lacking((None, []), ", and use tools (OpenAI's newer name)"),
+    "function_call": Lacking((None, "none", "auto"), ", and use tool_choice (OpenAI's newer name)"),
+    "presence_penalty": Lacking((None, 0, 0.0)),
+    "frequency_penalty": Lacking((None, 0, 0.0)),
+    "logit_bias": Lacking((None, {})),
+    "parallel_tool_calls": Lacking((None, True)),
+    "store": Lacking((None, False)),
+    "service_tier": Lacking((None, "auto", "default")),
+    "reasoning_effort": Lacking(),
+    "verbosity": Lacking(),
+    "prediction": Lacking(),
+    "web_search_options": Lacking(),
+    "prompt_cache_key": Lacking(),
+    "safety_identifier": Lacking(),
 }
-#: Fields the front reads itself and never hands to the contract.
-FRONT_FIELDS = frozenset({"stream_options", "user"})
-#: OpenAI's names for contract fields.
-RENAMED = {"max_completion_tokens": "max_tokens"}
-ROLE_ALIASES = {"developer": "system"}
-#: Message keys OpenAI allows with a value that adds nothing.
-NEUTRAL_MESSAGE_VALUES: dict[str, tuple[Any, ...]] = {"name": (None,), "refusal": (None,), "tool_calls": (None, [])}
-CONTRACT_FIELDS = frozenset(LLMRequest.model_fields)
-MESSAGE_FIELDS = frozenset(Message.model_fields)
+#: Fields the front reads itself and never hands to the contract as they are.
+FRONT_FIELDS = frozenset({"stream", "stream_options", "metadata", "user"})
+CONTRACT_FIELDS = frozenset(LLMRequest.model_fields) - FRONT_FIELDS
+#: Keys of an answer's message the SDKs send back with it, with the values that carry nothing
+#: (None: any value, being derived from the answer: `parsed` from content).
+REPLAYED_MESSAGE_KEYS: dict[str, tuple[Any, ...] | None] = {
+    "refusal": (None,), "annotations": (None, []), "audio": (None,), "function_call": (None,), "parsed": None,
+}
 
 
 @dataclass(frozen=True)
@@ -70,95 +92,57 @@ class ChatCall:
 
 def chat_request(body: Any, *, caller: str, stream_allowed: bool = True) -> ChatCall:
     """The one mapping from an OpenAI chat body to an `LLMRequest` (see the module docstring)."""
-    if not isinstance(body, dict):
-        raise InvalidRequestError("the request body must be a JSON object", param=None)
-    fields: dict[str, Any] = {}
-    for name, value in body.items():
-        target = RENAMED.get(name, name)
-        if target in ("stream", "metadata") or name in FRONT_FIELDS:
-            continue
-        if target in CONTRACT_FIELDS:
-            fields[target] = value
-        elif name in NEUTRAL_VALUES:
-            if value not in NEUTRAL_VALUES[name]:
-                raise InvalidRequestError(
-                    f"{name!r} is not supported by llmq's request contract yet (issue 12); leave it out or use "
-                    f"{NEUTRAL_VALUES[name][-1]!r}", param=name, code="unsupported_parameter",
-                )
-        else:
-            raise InvalidRequestError(f"Unrecognized request argument supplied: {name}", param=name, code="unknown_parameter")
+    body = body_object(body)
+    fields, others = split_body(body, CONTRACT_FIELDS, FRONT_FIELDS)
+    for name, value in others.items():
+        _check_lacking(name, value)
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise InvalidRequestError("'stream' must be true or false", param="stream")
     if stream and not stream_allowed:
         raise InvalidRequestError("'stream' cannot be true here (batch requests are not streamed)", param="stream")
+    if isinstance(fields.get("messages"), list):
+        fields["messages"] = [_message(message) for message in fields["messages"]]
     fields["stream"] = stream
-    if "messages" in fields:
-        fields["messages"] = _messages(fields["messages"])
-    fields["metadata"] = _metadata(body, caller)
+    fields["metadata"] = job_metadata(body, caller)
     include_usage = _include_usage(body.get("stream_options"), stream)
-    try:
-        request = LLMRequest.model_validate(fields)
-    except ValidationError as exc:
-        error = exc.errors()[0]
+    return ChatCall(validated(LLMRequest, fields), stream, include_usage)
+
+
+def _check_lacking(name: str, value: Any) -> None:
+    lacking = LACKING.get(name)
+    if lacking is None:
+        raise unrecognized(name)
+    if value not in lacking.neutral:
+        harmless = [json.dumps(neutral) for neutral in lacking.neutral if neutral is not None]
         raise InvalidRequestError(
-            f"{param_name(error['loc']) or 'body'}: {error['msg'].removeprefix('Value error, ')}",
-            param=param_name(error["loc"]),
-        ) from None
-    return ChatCall(request, stream, include_usage)
+            f"{name}: llmq's request has no such field; leave it out"
+            f"{' or send ' + harmless[0] if harmless else ''}{lacking.instead.format(name=name)}",
+            param=name, code="unsupported_parameter",
+        )
 
 
-def _messages(messages: Any) -> Any:
-    if not isinstance(messages, list):
-        return messages  # the contract refuses it, naming `messages`
-    return [_message(message, index) for index, message in enumerate(messages)]
-
-
-def _message(message: Any, index: int) -> Any:
-    if not isinstance(message, dict):
-        return message
-    mapped: dict[str, Any] = {}
-    for key, value in message.items():
-        if key in MESSAGE_FIELDS:
-            mapped[key] = value
-        elif key not in NEUTRAL_MESSAGE_VALUES or value not in NEUTRAL_MESSAGE_VALUES[key]:
-            raise InvalidRequestError(
-                f"messages[{index}].{key} is not supported by llmq's request contract yet (issue 12)",
-                param=f"messages[{index}].{key}", code="unsupported_parameter",
-            )
-    mapped["role"] = ROLE_ALIASES.get(mapped.get("role"), mapped.get("role"))  # type: ignore[arg-type]
-    content = mapped.get("content")
-    if isinstance(content, list) and Message.model_fields["content"].annotation is str:
-        mapped["content"] = _text_parts(content, index)
+def _message(message: Any) -> Any:
+    """A message as the contract takes it: what an answer's message sent back carries extra, dropped."""
+    if not isinstance(message, dict) or not (REPLAYED_MESSAGE_KEYS.keys() & message or message.get("tool_calls")):
+        return message  # the plain message, as sent by hand: the contract's as it is
+    mapped = {
+        key: value for key, value in message.items()
+        if key not in REPLAYED_MESSAGE_KEYS or (REPLAYED_MESSAGE_KEYS[key] is not None and value not in REPLAYED_MESSAGE_KEYS[key])
+    }
+    if isinstance(mapped.get("tool_calls"), list):
+        mapped["tool_calls"] = [_replayed_call(call) for call in mapped["tool_calls"]]
     return mapped
 
 
-def _text_parts(parts: list[Any], index: int) -> str:
-    texts: list[str] = []
-    for position, part in enumerate(parts):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text" or not isinstance(part.get("text"), str):
-            raise InvalidRequestError(
-                f"messages[{index}].content[{position}]: only text parts are served yet ({kind or 'no type'} given); "
-                "image and other parts need llmq's request contract to grow (issue 12)",
-                param=f"messages[{index}].content[{position}]", code="unsupported_content",
-            )
-        texts.append(part["text"])
-    return "\n".join(texts)
-
-
-def _metadata(body: dict[str, Any], caller: str) -> dict[str, Any]:
-    given = body.get("metadata")
-    if given is not None and not isinstance(given, dict):
-        raise InvalidRequestError("'metadata' must be an object of strings", param="metadata")
-    metadata = dict(given or {})
-    user = body.get("user")
-    if user is not None:
-        if not isinstance(user, str):
-            raise InvalidRequestError("'user' must be a string", param="user")
-        metadata["end_user"] = user
-    metadata["caller"] = caller
-    return metadata
+def _replayed_call(call: Any) -> Any:
+    """A tool call as the SDKs send it back: without the stream's `index` and their own `parsed_arguments`."""
+    if not isinstance(call, dict):
+        return call
+    call = {key: value for key, value in call.items() if key != "index"}
+    if isinstance(call.get("function"), dict):
+        call["function"] = {key: value for key, value in call["function"].items() if key != "parsed_arguments"}
+    return call
 
 
 def _include_usage(options: Any, stream: bool) -> bool:
@@ -171,23 +155,15 @@ def _include_usage(options: Any, stream: bool) -> bool:
     return bool(options.get("include_usage"))
 
 
-def param_name(location: tuple[int | str, ...] | list[int | str]) -> str | None:
-    """pydantic's ("messages", 0, "content") as OpenAI names it: messages[0].content."""
-    name = ""
-    for part in location:
-        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
-    return name or None
-
-
 # --- llmq -> OpenAI -------------------------------------------------------------------
 
 
 def completion_body(job_id: str, response: LLMResponse, created_s: float | None = None) -> dict[str, Any]:
     """OpenAI's `chat.completion` object for one answer; its id is the job id."""
     message: dict[str, Any] = {"role": "assistant", "content": response.content, "refusal": None}
-    tool_calls = getattr(response, "tool_calls", None)
-    if tool_calls:
-        message["tool_calls"] = [_plain(call) for call in tool_calls]
+    if response.tool_calls:
+        message["tool_calls"] = [call.model_dump(mode="json") for call in response.tool_calls]
+        message["content"] = response.content or None  # OpenAI's null beside calls, not ""
     return {
         "id": job_id,
         "object": "chat.completion",
@@ -213,6 +189,22 @@ def chunk_body(
     }
 
 
+def chunk_delta(chunk: LLMResponse) -> dict[str, Any]:
+    """A streamed chunk's `delta`: its new text and its pieces of tool calls (`index`; the first
+    piece of a call has its `id`, `type` and `function.name`, later ones add `function.arguments`)."""
+    delta: dict[str, Any] = {}
+    if chunk.content:
+        delta["content"] = chunk.content
+    if chunk.tool_call_deltas:
+        delta["tool_calls"] = [piece.model_dump(mode="json", exclude_none=True) for piece in chunk.tool_call_deltas]
+    return delta
+
+
+def whole_calls_delta(calls: list[ToolCall]) -> dict[str, Any]:
+    """Calls that arrived whole (a provider that does not stream them), as one delta of first pieces."""
+    return {"tool_calls": [{"index": index, **call.model_dump(mode="json")} for index, call in enumerate(calls)]}
+
+
 def usage_body(usage: Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": usage.prompt_tokens,
@@ -224,8 +216,4 @@ def usage_body(usage: Usage) -> dict[str, Any]:
 
 
 def finish_reason(response: LLMResponse) -> str:
-    return str(getattr(response, "finish_reason", None) or response.metadata.get("finish_reason") or "stop")
-
-
-def _plain(value: Any) -> Any:
-    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+    return response.finish_reason or "stop"

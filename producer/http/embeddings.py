@@ -1,95 +1,51 @@
-"""`POST /v1/embeddings`: OpenAI's Embeddings body <-> `LLMService.embed`, when the service has it.
+"""OpenAI's Embeddings body <-> llmq's embedding job, in both directions.
 
-Embeddings are a second kind of job that llmq's contract gains in issue 12
-(`LLMService.embed(input, model=...)`, returning the vectors and the usage). Until the
-running service has `embed`, the endpoint answers 501 `embeddings_not_served`; once it has,
-the body is mapped here and the answer written in OpenAI's shape (`encoding_format:
-"base64"`, which the OpenAI SDKs ask for by default, packs float32 little-endian).
+`embedding_request` maps a `/v1/embeddings` body (or an embeddings line of a batch) onto
+the contract's `EmbeddingRequest`, field for field: `input`, `model`, `dimensions`,
+`encoding_format`, and llmq's own `provider` and `provider_options`; `user` and
+`metadata` become the job's metadata as for a chat (bodies.py). The job runs like a chat
+job (routes.py): submitted with the key's budget and the front's deadline, named in the
+`x-llmq-job-id` header, cancelled when the caller leaves; `LLMService.embed` is that same
+submit-then-wait, without those.
+
+`embeddings_body` writes OpenAI's answer: `{"object": "list", "data": [{"object":
+"embedding", "index", "embedding"}], "model", "usage"}`, each vector as numbers, or with
+`encoding_format: "base64"` (what the OpenAI SDKs ask for unless told otherwise) as the
+base64 of its little-endian float32 values, as OpenAI sends it.
 """
 
 from __future__ import annotations
 
-import base64
-import inspect
-import struct
 from typing import Any
 
-from llmq.client.service import LLMService
-from llmq.http.errors import InvalidRequestError, NotServedError
+from llmq.contract.embeddings import EmbeddingRequest, EmbeddingResponse, encode_vector
+from llmq.http.bodies import body_object, job_metadata, split_body, unrecognized, validated
+from llmq.http.errors import InvalidRequestError
 
-ACCEPTED_FIELDS = frozenset({"input", "model", "encoding_format", "dimensions", "user"})
-
-
-def embed_method(service: LLMService) -> Any:
-    embed = getattr(service, "embed", None)
-    if embed is None:
-        raise NotServedError(
-            "embeddings are not served by this deployment yet (llmq's request contract gains them in issue 12)",
-            code="embeddings_not_served",
-        )
-    return embed
+FRONT_FIELDS = frozenset({"metadata", "user"})
+CONTRACT_FIELDS = frozenset(EmbeddingRequest.model_fields) - FRONT_FIELDS
 
 
-def embedding_call(body: Any) -> dict[str, Any]:
-    """Check an embeddings body; returns its fields (input, model, encoding_format, dimensions)."""
-    if not isinstance(body, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    for name in body:
-        if name not in ACCEPTED_FIELDS:
-            raise InvalidRequestError(f"Unrecognized request argument supplied: {name}", param=name)
-    for name in ("input", "model"):
-        if not body.get(name):
-            raise InvalidRequestError(f"'{name}' is required", param=name)
-    if not isinstance(body["model"], str):
-        raise InvalidRequestError("'model' must be a string", param="model")
-    encoding = body.get("encoding_format") or "float"
-    if encoding not in ("float", "base64"):
-        raise InvalidRequestError("encoding_format must be 'float' or 'base64'", param="encoding_format")
-    return {**body, "encoding_format": encoding}
+def embedding_request(body: Any, *, caller: str) -> EmbeddingRequest:
+    """The one mapping from an OpenAI embeddings body to an `EmbeddingRequest`."""
+    body = body_object(body)
+    fields, others = split_body(body, CONTRACT_FIELDS, FRONT_FIELDS)
+    if others:
+        raise unrecognized(next(iter(others)))
+    texts = fields.get("input")
+    if isinstance(texts, list) and any(not isinstance(text, str) for text in texts):
+        # OpenAI also takes token ids; they are one tokenizer's, and llmq routes by model, not tokenizer.
+        raise InvalidRequestError("input must be a string or a list of strings: token ids are not taken, send the texts",
+                                  param="input")
+    fields["metadata"] = job_metadata(body, caller)
+    return validated(EmbeddingRequest, fields)
 
 
-async def run_embedding(service: LLMService, call: dict[str, Any], caller: str) -> dict[str, Any]:
-    embed = embed_method(service)
-    options: dict[str, Any] = {"model": call["model"]}
-    parameters = inspect.signature(embed).parameters
-    if "metadata" in parameters:
-        options["metadata"] = {"caller": caller}
-    if call.get("dimensions") is not None and "dimensions" in parameters:
-        options["dimensions"] = call["dimensions"]
-    result = await embed(call["input"], **options)
-    return embeddings_body(result, call["model"], call["encoding_format"])
-
-
-def embeddings_body(result: Any, model: str, encoding_format: str) -> dict[str, Any]:
-    vectors = _field(result, "embeddings", "vectors", "data")
-    if vectors is None:
-        vectors = result
-    usage = _field(result, "usage")
-    prompt_tokens = int(_field(usage, "prompt_tokens", "total_tokens") or 0) if usage is not None else 0
-    data = [
-        {"object": "embedding", "index": index, "embedding": _encode(_vector(vector), encoding_format)}
-        for index, vector in enumerate(vectors)
-    ]
-    return {
-        "object": "list", "data": data, "model": _field(result, "model") or model,
-        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-    }
-
-
-def _field(value: Any, *names: str) -> Any:
-    for name in names:
-        found = value.get(name) if isinstance(value, dict) else getattr(value, name, None)
-        if found is not None:
-            return found
-    return None
-
-
-def _vector(item: Any) -> list[float]:
-    found = _field(item, "embedding", "vector")
-    return list(found if found is not None else item)
-
-
-def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
-    if encoding_format == "base64":
-        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-    return vector
+def embeddings_body(response: EmbeddingResponse, encoding_format: str | None) -> dict[str, Any]:
+    """OpenAI's embeddings list for one answer, its vectors encoded as the body asked."""
+    base64 = encoding_format == "base64"
+    data = [{"object": "embedding", "index": index, "embedding": encode_vector(vector) if base64 else vector}
+            for index, vector in enumerate(response.embeddings)]
+    tokens = response.usage.prompt_tokens
+    return {"object": "list", "data": data, "model": response.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": response.usage.total_tokens or tokens}}

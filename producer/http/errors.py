@@ -12,8 +12,6 @@ every OpenAI SDK raises its usual exception for it::
      ├── PayloadTooLargeError                       413     APIStatusError
      ├── CallerLimitedError                         429     RateLimitError        (`retry-after`: the key's own
      │                                                                             requests/min or daily USD)
-     ├── NotServedError                             501     InternalServerError   (a part of OpenAI's API this
-     │                                                                             deployment does not serve yet)
      ├── JobFailedHTTPError                         502     InternalServerError   (the job failed on every
      │                                                                             provider of its route)
      └── JobTimedOutError                           504     InternalServerError   (the job's deadline passed)
@@ -102,16 +100,6 @@ class CallerLimitedError(APIError):
         super().__init__(message, code=code, headers={
             "retry-after": str(max(1, math.ceil(retry_after_s))), "retry-after-ms": str(max(1, round(retry_after_s * 1000))),
         })
-
-
-class NotServedError(APIError):
-    status = 501
-    error_type = "invalid_request_error"
-    default_code = "not_implemented"
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        # Asking again will not help: tell the SDKs not to retry this 5xx.
-        super().__init__(message, code=code, headers={"x-should-retry": "false"})
 
 
 class JobFailedHTTPError(APIError):

@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from starlette.requests import Request
 
 from llmq.client.service import LLMService
-from llmq.contract.models import LLMRequest
+from llmq.contract.models import JobRequest
 from llmq.contract.routing import RoutingError, plan_route
 from llmq.http.apikeys import APIKey, KeyStore, hash_key, looks_like_key
 from llmq.http.batches import Batches
@@ -97,7 +97,7 @@ class Front:
         self._key_cache[digest] = (found, now + self.settings.key_cache_s)
         return found
 
-    async def admit(self, key: APIKey, request: LLMRequest) -> None:
+    async def admit(self, key: APIKey, request: JobRequest) -> None:
         """May this key run this request now? Raises the 403, 404 or 429 that says why not."""
         self.check_model(key, request.model)
         try:

@@ -12,9 +12,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from llmq.client.errors import JobFailedError, RequestError
-from llmq.contract.models import JobRecord, JobState, LLMResponse
-from llmq.http.chat import ChatCall, chat_request, chunk_body, completion_body, finish_reason
-from llmq.http.embeddings import embed_method, embedding_call, run_embedding
+from llmq.contract.models import EmbeddingResponse, JobRecord, JobRequest, JobState, LLMResponse
+from llmq.http.apikeys import APIKey
+from llmq.http.chat import (
+    ChatCall,
+    chat_request,
+    chunk_body,
+    chunk_delta,
+    completion_body,
+    finish_reason,
+    whole_calls_delta,
+)
+from llmq.http.embeddings import embedding_request, embeddings_body
 from llmq.http.errors import (
     BATCH_ID_HEADER,
     JOB_ID_HEADER,
@@ -53,20 +62,32 @@ async def chat_completions(request: Request) -> Response:
     front = front_of(request)
     key = await front.authenticate(request)
     call = chat_request(await json_body(request), caller=key.name)
-    await front.admit(key, call.request)
+    job_id = await _submit(front, key, call.request)
+    if call.stream:
+        return await _stream(request, front, call, job_id)
+    job = await _finished(request, front, job_id)
+    assert isinstance(job.result, LLMResponse)
+    return JSONResponse(completion_body(job_id, job.result, job.created_at), headers={JOB_ID_HEADER: job_id})
+
+
+async def _submit(front: Front, key: APIKey, job_request: JobRequest) -> str:
+    """Admit the key's request and enqueue it as an interactive job, with the key's budget and the front's deadline."""
+    await front.admit(key, job_request)
     try:
-        job_id = await front.service.submit(
-            call.request, deadline_s=front.settings.request_timeout_s, caller_daily_usd=front.caller_budget(key),
+        return await front.service.submit(
+            job_request, deadline_s=front.settings.request_timeout_s, caller_daily_usd=front.caller_budget(key),
         )
     except RequestError as exc:
         raise InvalidRequestError(str(exc)) from None
-    if call.stream:
-        return await _stream(request, front, call, job_id)
+
+
+async def _finished(request: Request, front: Front, job_id: str) -> JobRecord:
+    """The job once it succeeded (a caller that leaves first cancels it); else the HTTP error for its end."""
     job = await front.until_disconnect(request, job_id, front.service.wait(job_id))
     assert isinstance(job, JobRecord)
     if job.state is not JobState.SUCCEEDED or job.result is None:
         raise job_error(job_id, job.error, state=job.state.value)
-    return JSONResponse(completion_body(job_id, job.result, job.created_at), headers={JOB_ID_HEADER: job_id})
+    return job
 
 
 async def _stream(request: Request, front: Front, call: ChatCall, job_id: str) -> Response:
@@ -88,25 +109,28 @@ async def _events(
     """SSE in OpenAI's chunk format; a caller that goes away cancels its job."""
     created = int(time.time())
     model = first.model or call.request.model
-    ended = sent_text = False
+    ended = sent = called = False
     try:
         yield _sse(chunk_body(job_id, model, created, delta={"role": "assistant", "content": ""}))
         chunk: LLMResponse | None = first
         while chunk is not None:
+            model = chunk.model or model
             if chunk.metadata.get("reset"):
-                if sent_text:  # text already sent cannot be taken back: end the stream, say why
+                if sent:  # output already sent cannot be taken back: end the stream, say why
                     yield _sse(job_error(job_id, chunk.metadata.get("error"), state="reset part-way").body())
                     return
             elif chunk.metadata.get("final"):
-                yield _sse(chunk_body(job_id, chunk.model or model, created, finish=finish_reason(chunk)))
+                if chunk.tool_calls and not called:  # calls that came whole, streamed as OpenAI streams calls
+                    yield _sse(chunk_body(job_id, model, created, delta=whole_calls_delta(chunk.tool_calls)))
+                yield _sse(chunk_body(job_id, model, created, finish=finish_reason(chunk)))
                 if call.include_usage:
-                    yield _sse(chunk_body(job_id, chunk.model or model, created, usage=chunk.usage))
+                    yield _sse(chunk_body(job_id, model, created, usage=chunk.usage))
                 ended = True
                 yield "data: [DONE]\n\n"
                 return
-            elif chunk.content:
-                sent_text = True
-                yield _sse(chunk_body(job_id, chunk.model or model, created, delta={"content": chunk.content}))
+            elif delta := chunk_delta(chunk):
+                sent, called = True, called or "tool_calls" in delta
+                yield _sse(chunk_body(job_id, model, created, delta=delta))
             chunk = await anext(chunks, None)
     except JobFailedError as exc:
         ended = True
@@ -127,11 +151,11 @@ def _sse(payload: dict[str, Any]) -> str:
 async def embeddings(request: Request) -> Response:
     front = front_of(request)
     key = await front.authenticate(request)
-    embed_method(front.service)
-    call = embedding_call(await json_body(request))
-    front.check_model(key, call["model"])
-    await front.check_limits(key)
-    return JSONResponse(await run_embedding(front.service, call, key.name))
+    embedding = embedding_request(await json_body(request), caller=key.name)
+    job_id = await _submit(front, key, embedding)
+    job = await _finished(request, front, job_id)
+    assert isinstance(job.result, EmbeddingResponse)
+    return JSONResponse(embeddings_body(job.result, embedding.encoding_format), headers={JOB_ID_HEADER: job_id})
 
 
 async def list_models(request: Request) -> Response:

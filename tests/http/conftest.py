@@ -10,9 +10,13 @@ from dataclasses import dataclass
 import openai
 import pytest
 
+from llmq.contract.models import JobRecord
 from tests.http.support import PRICING, FrontProcess, create_key
 from tests.support.fakes.openai import FakeOpenAI
 from tests.support.harness import Cluster, fast_retry, openai_entry, service_config, start_cluster
+
+#: A provider entry with the response cache on (the stack's other entry, "fake", has it off).
+CACHED_ENTRY, CACHED_MODEL = "fake_cached", "gpt-4o-mini-2024-07-18"
 
 pytest.importorskip("uvicorn", reason="the HTTP front needs the serve extra: pip install 'llmq[serve]'")
 
@@ -33,6 +37,13 @@ class FrontStack:
         name = f"caller-{next(self.names)}"
         return name, create_key(self.cluster.database_url, name, *options)
 
+    def job(self, job_id: str) -> JobRecord:
+        """The job behind an answer, as `llmq status` reads it."""
+        with self.cluster.service() as service:
+            record = service.poll(job_id)
+        assert record is not None, job_id
+        return record
+
     def client(self, key: str | None = None, **options: object) -> openai.OpenAI:
         """The official SDK on this front; no retries of its own, so each error class shows as is."""
         return openai.OpenAI(base_url=self.base_url, api_key=key or self.key()[1], **{"max_retries": 0, **options})  # type: ignore[arg-type]
@@ -42,7 +53,12 @@ class FrontStack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FrontStack]:
     fake = FakeOpenAI().start()
     root = tmp_path_factory.mktemp("front")
-    providers = {"fake": openai_entry(fake, models=["gpt-4o-mini", "gpt-4o"], pricing=PRICING)}
+    providers = {
+        "fake": openai_entry(fake, models=["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"], pricing=PRICING),
+        # The same server behind the response cache, for answers that come whole; a model of its own,
+        # so the other models' routes stay one hop.
+        CACHED_ENTRY: openai_entry(fake, models=[CACHED_MODEL], cache={"enabled": True}),
+    }
     cluster = start_cluster(root, service_config(providers, retry=fast_retry(1), jobs={"deadline_s": 60, "lease_s": 5}))
     front = None
     try:

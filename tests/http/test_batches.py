@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import struct
 import time
 from typing import Any
 
@@ -13,12 +15,17 @@ import pytest
 from llmq.client.sync import SyncLLMService
 from llmq.http.errors import BATCH_ID_HEADER
 from tests.http.conftest import FrontStack
-from tests.support.fakes.openai import FakeOpenAI
+from tests.support.fakes.openai import FakeOpenAI, fake_vector
 
 
 def line(custom_id: str, content: str, **body: Any) -> dict[str, Any]:
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
             "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], "max_tokens": 32, **body}}
+
+
+def embedding_line(custom_id: str, *texts: str, **body: Any) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings",
+            "body": {"model": "text-embedding-3-small", "input": list(texts), **body}}
 
 
 def upload(client: openai.OpenAI, lines: list[dict[str, Any]] | bytes) -> str:
@@ -73,12 +80,53 @@ def test_the_whole_files_and_batches_flow(stack: FrontStack, fake: FakeOpenAI) -
 def test_a_file_with_bad_lines_makes_a_failed_batch_with_errors_by_line(stack: FrontStack) -> None:
     client = stack.client(stack.key("--models", "gpt-4o-mini")[1])
     content = (json.dumps(line("ok", "fine")) + "\nnot json\n" + json.dumps(line("ok", "again")) + "\n"
-               + json.dumps(line("other", "x", model="gpt-4o")) + "\n" + json.dumps(line("bad", "x", presence_penalty=0.5)) + "\n").encode()
+               + json.dumps(line("other", "x", model="gpt-4o")) + "\n" + json.dumps(line("bad", "x", n=2)) + "\n"
+               + json.dumps(embedding_line("vectors", "x")) + "\n").encode()
     batch = client.batches.create(input_file_id=upload(client, content), endpoint="/v1/chat/completions", completion_window="24h")
     assert batch.status == "failed" and batch.errors is not None
     assert [(error.line, error.code) for error in batch.errors.data] == [
-        (2, "invalid_json"), (3, "duplicate_custom_id"), (4, "model_not_allowed"), (5, "unsupported_parameter")]
-    assert batch.errors.data[3].param == "top_p"
+        (2, "invalid_json"), (3, "duplicate_custom_id"), (4, "model_not_allowed"), (5, "unsupported_parameter"),
+        (6, "mismatched_url")]  # a batch has one endpoint: an embeddings line has no place in a chat batch
+    assert batch.errors.data[3].param == "n"
+
+
+def outputs(client: openai.OpenAI, batch: Any) -> dict[str, dict[str, Any]]:
+    """The output file's lines by custom_id, each a success in OpenAI's batch output format."""
+    lines = [json.loads(text) for text in client.files.content(batch.output_file_id).text.splitlines()]
+    assert all(item["error"] is None and item["response"]["status_code"] == 200 for item in lines)
+    return {item["custom_id"]: item["response"]["body"] for item in lines}
+
+
+def test_a_batch_of_embeddings(stack: FrontStack) -> None:
+    client = stack.client()
+    lines = [embedding_line("skills", "mine iron ore", "craft a pickaxe"), embedding_line("short", "smelt", dimensions=4),
+             embedding_line("packed", "trade", encoding_format="base64")]
+    batch = client.batches.create(input_file_id=upload(client, lines), endpoint="/v1/embeddings", completion_window="24h")
+    done = wait_for(client, batch.id)
+    assert (done.status, done.endpoint, done.request_counts.completed) == ("completed", "/v1/embeddings", 3)
+    bodies = outputs(client, done)
+    assert bodies["skills"]["object"] == "list" and bodies["skills"]["usage"]["prompt_tokens"] == 6
+    assert [item["embedding"] for item in bodies["skills"]["data"]] == [fake_vector("mine iron ore", 8),
+                                                                        fake_vector("craft a pickaxe", 8)]
+    assert bodies["short"]["data"] == [{"object": "embedding", "index": 0, "embedding": fake_vector("smelt", 4)}]
+    packed = base64.b64decode(bodies["packed"]["data"][0]["embedding"])
+    assert list(struct.unpack("<8f", packed)) == fake_vector("trade", 8)
+
+
+def test_a_batch_of_tool_and_json_lines(stack: FrontStack) -> None:
+    client = stack.client()
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    lines = [line("act", "Oslo", tools=[weather]),
+             line("judge", "Safe?", response_format={"type": "json_schema", "json_schema": {"name": "v", "schema": schema}})]
+    batch = wait_for(client, client.batches.create(input_file_id=upload(client, lines), endpoint="/v1/chat/completions",
+                                                   completion_window="24h").id)
+    bodies = outputs(client, batch)
+    act = bodies["act"]["choices"][0]
+    assert act["finish_reason"] == "tool_calls" and act["message"]["content"] is None
+    assert act["message"]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": json.dumps({"city": "Oslo"})}
+    assert json.loads(bodies["judge"]["choices"][0]["message"]["content"]) == {"ok": True}
 
 
 def test_cancelling_a_batch_cancels_its_queued_jobs(stack: FrontStack, fake: FakeOpenAI) -> None:

@@ -10,19 +10,13 @@ import openai
 import pytest
 import redis
 
-from llmq.client.sync import SyncLLMService
 from llmq.contract import keys
-from llmq.contract.models import JobState, LLMRequest
+from llmq.contract.models import JobState
 from llmq.http.errors import JOB_ID_HEADER
 from tests.http.conftest import FrontStack
 from tests.support.fakes.openai import FakeOpenAI
 
 MESSAGES = [{"role": "system", "content": "You propose the next task."}, {"role": "user", "content": "Biome: desert."}]
-
-
-def job_record(stack: FrontStack, job_id: str):  # type: ignore[no-untyped-def]
-    with SyncLLMService(stack.cluster.config, redis_url=stack.cluster.redis_url) as service:
-        return service.poll(job_id)
 
 
 def test_a_chat_completion_runs_as_a_job_named_in_a_header_with_the_key_as_its_caller(stack: FrontStack, fake: FakeOpenAI) -> None:
@@ -35,7 +29,7 @@ def test_a_chat_completion_runs_as_a_job_named_in_a_header_with_the_key_as_its_c
     assert completion.choices[0].message.role == "assistant" and completion.choices[0].message.content
     assert completion.choices[0].finish_reason == "stop"
     assert completion.usage is not None and completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
-    job = job_record(stack, job_id)
+    job = stack.job(job_id)
     assert job.state is JobState.SUCCEEDED and job.result.content == completion.choices[0].message.content
     # The key names the caller, whatever the body said; the worker's provider key never left it.
     assert job.request.metadata["caller"] == name
@@ -44,45 +38,54 @@ def test_a_chat_completion_runs_as_a_job_named_in_a_header_with_the_key_as_its_c
     assert key not in sent.raw_body.decode() and key not in str(sent.headers)
 
 
-def test_openai_names_map_onto_the_contract(stack: FrontStack, fake: FakeOpenAI) -> None:
+def test_openai_names_map_onto_the_contract(stack: FrontStack) -> None:
     raw = stack.client().chat.completions.with_raw_response.create(
-        model="gpt-4o-mini", max_completion_tokens=32, n=1, top_p=1, user="end-user-7",
+        model="gpt-4o-mini", max_completion_tokens=32, n=1, presence_penalty=0, user="end-user-7",
         messages=[{"role": "developer", "content": "Be brief."},
                   {"role": "user", "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]}],
     )
-    job = job_record(stack, raw.headers[JOB_ID_HEADER])
+    job = stack.job(raw.headers[JOB_ID_HEADER])
     assert job.request.max_tokens == 32 and job.request.messages[0].role == "system"
-    assert job.request.messages[1].content == "first\nsecond" and job.request.metadata["end_user"] == "end-user-7"
+    assert [part.text for part in job.request.messages[1].content] == ["first", "second"]
+    assert job.request.metadata["end_user"] == "end-user-7"
 
 
-@pytest.mark.parametrize(("field", "value"), [("top_p", 0.5), ("seed", 7), ("stop", ["\n"]), ("n", 2), ("logprobs", True)])
-def test_a_field_the_contract_lacks_is_refused_naming_it(stack: FrontStack, field: str, value: object) -> None:
+def test_sampling_fields_and_provider_options_reach_the_provider(stack: FrontStack, fake: FakeOpenAI) -> None:
+    raw = stack.client().chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, top_p=0.5, seed=7, stop=["\n\n"],
+        extra_body={"provider_options": {"frequency_penalty": 0.25}},
+    )
+    job = stack.job(raw.headers[JOB_ID_HEADER])
+    assert (job.request.top_p, job.request.seed, job.request.stop) == (0.5, 7, ["\n\n"])
+    sent = fake.requests[-1].body
+    assert (sent["top_p"], sent["seed"], sent["stop"], sent["frequency_penalty"]) == (0.5, 7, ["\n\n"], 0.25)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("n", 2), ("logprobs", True), ("presence_penalty", 0.5), ("reasoning_effort", "low"), ("parallel_tool_calls", False),
+])
+def test_a_field_llmq_lacks_is_refused_naming_it(stack: FrontStack, field: str, value: object) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         stack.client().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, **{field: value})
     assert refused.value.status_code == 400 and refused.value.param == field  # type: ignore[attr-defined]
+    assert refused.value.code == "unsupported_parameter"  # type: ignore[attr-defined]
 
 
-def test_an_image_part_is_refused_naming_where_it_is(stack: FrontStack) -> None:
-    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+def test_an_image_part_reaches_the_provider(stack: FrontStack, fake: FakeOpenAI) -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png", "detail": "low"}}
+    completion = stack.client().chat.completions.create(model="gpt-4o-mini", messages=[
+        {"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}])
+    assert fake.requests[-1].body["messages"][0]["content"][1] == image
+    assert completion.usage is not None and completion.usage.prompt_tokens == 3 + 85  # the fake's words, 85 an image
+
+
+def test_a_bad_image_part_is_refused_naming_where_it_is(stack: FrontStack) -> None:
+    image = {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}
     with pytest.raises(openai.BadRequestError) as refused:
         stack.client().chat.completions.create(model="gpt-4o-mini", messages=[
             {"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}])
-    assert refused.value.param == "messages[0].content[1]"  # type: ignore[attr-defined]
-
-
-@pytest.mark.skipif("tools" not in LLMRequest.model_fields, reason="tools need the request contract of issue 12")
-def test_tools_pass_through_to_the_contract(stack: FrontStack) -> None:
-    tool = {"type": "function", "function": {"name": "mine", "parameters": {"type": "object", "properties": {}}}}
-    raw = stack.client().chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES, tools=[tool])
-    assert job_record(stack, raw.headers[JOB_ID_HEADER]).request.tools  # type: ignore[attr-defined]
-
-
-@pytest.mark.skipif("response_format" not in LLMRequest.model_fields,
-                    reason="response_format (JSON, JSON schema) needs the request contract of issue 12")
-def test_response_format_passes_through_to_the_contract(stack: FrontStack) -> None:
-    raw = stack.client().chat.completions.with_raw_response.create(
-        model="gpt-4o-mini", messages=MESSAGES, response_format={"type": "json_object"})
-    assert job_record(stack, raw.headers[JOB_ID_HEADER]).request.response_format  # type: ignore[attr-defined]
+    assert refused.value.param == "messages[0].content[1].image_url.url"  # type: ignore[attr-defined]
+    assert "https://" in refused.value.message
 
 
 def test_a_stream_comes_through_the_queue_in_openai_chunks_with_usage_last(stack: FrontStack) -> None:
@@ -99,7 +102,7 @@ def test_a_stream_comes_through_the_queue_in_openai_chunks_with_usage_last(stack
     assert finishes == ["stop"]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     assert all(chunk.usage is None for chunk in chunks[:-1])
-    job = job_record(stack, job_id)
+    job = stack.job(job_id)
     assert job.state is JobState.SUCCEEDED and job.result.content == text and job.request.stream
 
 
@@ -138,7 +141,7 @@ def test_a_caller_that_disconnects_while_waiting_cancels_its_job(stack: FrontSta
 
 def assert_cancelled(stack: FrontStack, job_id: str, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while (job := job_record(stack, job_id)).state is not JobState.CANCELLED:
+    while (job := stack.job(job_id)).state is not JobState.CANCELLED:
         assert not job.state.terminal, job.state
         assert time.monotonic() < deadline, job.state
         time.sleep(0.1)

@@ -133,16 +133,6 @@ def test_a_job_past_its_deadline_is_a_504(stack: FrontStack, fake: FakeOpenAI, t
         front.stop()
 
 
-def test_embeddings_answer_not_served_until_the_service_embeds(stack: FrontStack) -> None:
-    from llmq.client.service import LLMService
-
-    if hasattr(LLMService, "embed"):
-        pytest.skip("this service embeds: tests/http/test_models_embeddings.py covers it")
-    with pytest.raises(openai.InternalServerError) as refused:
-        stack.client().embeddings.create(model="text-embedding-3-small", input="a skill description")
-    assert refused.value.status_code == 501 and refused.value.code == "embeddings_not_served"  # type: ignore[attr-defined]
-
-
 # --- raw HTTP -------------------------------------------------------------------------------
 
 
@@ -165,7 +155,7 @@ def test_malformed_json_and_a_body_that_is_no_object_are_400(stack: FrontStack) 
     assert listed.status_code == 400
     no_messages = post(stack, "/chat/completions", key=key, json={"model": "gpt-4o-mini"})
     assert no_messages.status_code == 400 and error_of(no_messages)["param"] == "messages"
-    bad_role = post(stack, "/chat/completions", key=key, json={"model": "gpt-4o-mini", "messages": [{"role": "tool", "content": "x"}]})
+    bad_role = post(stack, "/chat/completions", key=key, json={"model": "gpt-4o-mini", "messages": [{"role": "robot", "content": "x"}]})
     assert bad_role.status_code == 400 and error_of(bad_role)["param"] == "messages[0].role"
     unknown = post(stack, "/chat/completions", key=key, json={**CHAT, "frobnicate": 1})
     assert unknown.status_code == 400 and error_of(unknown)["param"] == "frobnicate"

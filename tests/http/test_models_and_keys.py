@@ -1,5 +1,5 @@
 """GET /v1/models (what configured, healthy entries serve, as the key may use), `llmq keys`,
-and the key as the caller in the ledger (`llmq usage --by caller`); embeddings when the service embeds."""
+and the key as the caller in the ledger (`llmq usage --by caller`)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,14 @@ import io
 import json
 import time
 
-import httpx
 import openai
 import pytest
 import redis
 
 from llmq.cli.main import main as llmq
-from llmq.client.service import LLMService
 from llmq.contract import keys
 from llmq.worker.store.outbox import OutboxFlusher
-from tests.http.conftest import FrontStack
+from tests.http.conftest import CACHED_ENTRY, CACHED_MODEL, FrontStack
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Biome: desert."}]}
 
@@ -30,7 +28,7 @@ def run(*argv: str) -> tuple[int, str, str]:
 
 
 def test_models_are_those_of_healthy_configured_entries_that_the_key_may_use(stack: FrontStack) -> None:
-    assert [model.id for model in stack.client().models.list()] == ["gpt-4o-mini", "gpt-4o"]
+    assert [model.id for model in stack.client().models.list()] == ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small", CACHED_MODEL]
     narrow = stack.client(stack.key("--models", "gpt-4o")[1])
     assert [model.id for model in narrow.models.list()] == ["gpt-4o"]
     assert narrow.models.retrieve("gpt-4o").owned_by == "fake"
@@ -38,11 +36,12 @@ def test_models_are_those_of_healthy_configured_entries_that_the_key_may_use(sta
         narrow.models.retrieve("gpt-4o-mini")
     client = redis.Redis.from_url(stack.cluster.redis_url, decode_responses=True)
     seconds, _ = client.time()
-    client.hset(keys.circuit("fake"), mapping={"state": "open", "opened_at": int(seconds) * 1000})
+    for entry in ("fake", CACHED_ENTRY):
+        client.hset(keys.circuit(entry), mapping={"state": "open", "opened_at": int(seconds) * 1000})
     try:  # an entry whose circuit is open serves nothing now
         assert list(stack.client().models.list()) == []
     finally:
-        client.delete(keys.circuit("fake"))
+        client.delete(keys.circuit("fake"), keys.circuit(CACHED_ENTRY))
 
 
 def test_keys_are_shown_once_listed_without_the_secret_and_revoked_everywhere(stack: FrontStack) -> None:
@@ -81,13 +80,3 @@ def test_the_key_is_the_caller_in_the_ledger(stack: FrontStack) -> None:
     code, out, _ = run("usage", "--by", "caller", "--json", "--database-url", stack.cluster.database_url)
     rows = {row["caller"]: row for row in json.loads(out)["rows"]}
     assert code == 0 and rows[name]["requests"] == 2
-
-
-@pytest.mark.skipif(not hasattr(LLMService, "embed"), reason="LLMService.embed arrives with the request contract of issue 12")
-def test_embeddings_through_the_sdk(stack: FrontStack) -> None:
-    reply = stack.client().embeddings.create(model="text-embedding-3-small", input=["one skill", "another skill"])
-    assert [item.index for item in reply.data] == [0, 1] and all(item.embedding for item in reply.data)
-    raw = httpx.post(f"{stack.base_url}/embeddings", json={"model": "text-embedding-3-small", "input": "x",
-                                                           "encoding_format": "float"},
-                     headers={"authorization": f"Bearer {stack.key()[1]}"})
-    assert raw.status_code == 200 and isinstance(raw.json()["data"][0]["embedding"], list)
