@@ -28,6 +28,7 @@ from pydantic import (
 
 from llmq.contract.capabilities import CapabilityOverride
 from llmq.contract.interpolation import interpolate
+from llmq.contract.tiers import TierSettings
 from llmq.contract.validation import first_error
 
 CONFIG_ENV = "LLMQ_CONFIG"
@@ -98,7 +99,7 @@ class CacheSettings(_Strict):
     only_deterministic: bool = True
 
 
-class ProviderConfig(_Strict):
+class ProviderConfig(_Strict, TierSettings):  # batch_api, service_tier, flex: contract/tiers.py
     type: str | None = None
     enabled: bool = True
     api_key: SecretStr | None = None

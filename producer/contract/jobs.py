@@ -34,7 +34,8 @@ from llmq.contract.queueing import Message
 from llmq.contract.scripts import read_script
 
 WAITING_STATES = (JobState.QUEUED, JobState.RETRYING, JobState.RATE_LIMITED)
-ACTIVE_STATES = (*WAITING_STATES, JobState.RUNNING)
+#: Every state a job can still leave: a cancel or a deadline ends it from any of these.
+ACTIVE_STATES = (*WAITING_STATES, JobState.RUNNING, JobState.IN_PROVIDER_BATCH)
 #: A published job not claimed this long, on a queue that holds no message, is published again.
 PUBLISH_GRACE_MS = 30_000
 #: The same watchdog interval for jobs the promoter publishes (retries, fallbacks, re-runs).
@@ -70,6 +71,14 @@ class NewJob:
     custom_id: str | None = None
     deadline_s: float = 3600.0
     options: dict[str, Any] = field(default_factory=dict)
+    #: Seconds the caller can wait for the answer (a completion window), if it said.
+    completion_window_s: float | None = None
+    #: The job waits in its first hop's provider batch intake instead of being published.
+    via_provider_batch: bool = False
+
+    @property
+    def first_state(self) -> JobState:
+        return JobState.IN_PROVIDER_BATCH if self.via_provider_batch else JobState.QUEUED
 
     @cached_property
     def label(self) -> TaskLabel:
@@ -89,6 +98,8 @@ class NewJob:
             "custom_id": self.custom_id or "",
             "options": json.dumps(self.options),
             "label": self.label.stored(),
+            "completion_window_s": "" if self.completion_window_s is None else str(self.completion_window_s),
+            "provider_batch": "",
         }
         return [item for pair in values.items() for item in pair]
 
@@ -147,10 +158,11 @@ class JobStore:
                 keys=[
                     keys.job(job.job_id), keys.batch(batch_id), keys.batch_jobs(batch_id),
                     keys.batch_custom_ids(batch_id), keys.DELAYED, keys.DEADLINES, keys.OUTBOX,
+                    keys.provider_batch_intake(job.route[0].provider),
                 ],
                 args=[
                     job.job_id, batch_id, job.custom_id or "", int(job.deadline_s * 1000), PUBLISH_GRACE_MS,
-                    ttl_s + int(job.deadline_s), *job.fields(),
+                    ttl_s + int(job.deadline_s), job.first_state.value, *job.fields(),
                 ],
                 client=pipe,
             )
@@ -351,6 +363,8 @@ def parse_job(raw: dict[str, str], attempts: list[str]) -> JobRecord | None:
         result=load_response(kind, raw["result"]) if raw.get("result") else None,
         error=json.loads(raw["error"]) if raw.get("error") else None,
         attempts=[json.loads(item) for item in attempts],
+        provider_batch=raw.get("provider_batch") or None,
+        completion_window_s=float(raw["completion_window_s"]) if raw.get("completion_window_s") else None,
     )
 
 

@@ -42,6 +42,7 @@ from llmq.contract.messages import (
     ToolChoice,
     response_format_for_model,
 )
+from llmq.contract.tiers import ServiceTier
 
 __all__ = [
     "MAX_MESSAGE_CHARS", "MAX_METADATA_BYTES", "RESERVED_PROVIDER_OPTIONS", "EmbeddingRequest", "EmbeddingResponse",
@@ -86,6 +87,9 @@ class LLMRequest(RequestChecks):
     provider_options: dict[str, Any] = Field(default_factory=dict)
     #: OpenAI's newer name for max_tokens: read into max_tokens, never stored.
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS, exclude=True)
+    #: "flex": the provider's flex tier (OpenAI, Gemini: batch prices, slower, sometimes refused);
+    #: "standard": never flex. None: the provider entry's `service_tier` (contract/tiers.py).
+    service_tier: ServiceTier | None = None
 
     @field_validator("response_format", mode="before")
     @classmethod
@@ -201,6 +205,8 @@ class JobState(str, enum.Enum):
     RUNNING = "running"
     RETRYING = "retrying"
     RATE_LIMITED = "rate_limited"
+    #: Waits in a provider's batch API (a completion window): its record's `provider_batch` says which.
+    IN_PROVIDER_BATCH = "in_provider_batch"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -252,6 +258,10 @@ class JobRecord(BaseModel):
     result: JobResponse | None = None
     error: dict[str, Any] | None = None
     attempts: list[dict[str, Any]] = Field(default_factory=list)
+    #: The provider batch the job waits in (state in_provider_batch, or ended while it waited).
+    provider_batch: str | None = None
+    #: The completion window the job was submitted with, in seconds.
+    completion_window_s: float | None = None
 
     @property
     def done(self) -> bool:

@@ -1,5 +1,5 @@
-"""The SQL schema: the ledger (jobs, attempts, one usage/cost row per attempt) and the
-HTTP front's own records (API keys, files, OpenAI-style batches).
+"""The SQL schema: the ledger (jobs, attempts, one usage/cost row per attempt, provider batches
+and their lines) and the HTTP front's own records (API keys, files, OpenAI-style batches).
 
 Both sides read the ledger (the worker's store writes it, the command line's reports
 read it); the front's tables are written only by `llmq.http` and `llmq keys`. Which
@@ -247,6 +247,10 @@ usage_table = Table(
     Column("cache_write_tokens", Integer, nullable=False, default=0),
     Column("reasoning_tokens", Integer, nullable=False, default=0),
     Column("cost_usd", ExactUSD),
+    #: "batch" (a provider batch line), "flex" (the flex tier) or "standard"; NULL in rows of older versions.
+    Column("price_tier", EscapedString),
+    #: What the call would have cost at the standard tier (batch and flex rows): the saving is the difference.
+    Column("standard_cost_usd", ExactUSD),
     Column("priced", Boolean, nullable=False, default=False),
     Column("cached", Boolean, nullable=False, default=False),
     Column("simulated", Boolean, nullable=False, default=False),
@@ -331,6 +335,44 @@ openai_batches_table = Table(
     Column("cancelling_at", UTCDateTime),
     Column("finished_at", UTCDateTime),
     Index("ix_llmq_openai_batches_owner_created", "owner", "created_at"),
+)
+
+
+provider_batches_table = Table(
+    "llmq_provider_batches",
+    metadata,
+    Column("provider_batch_id", EscapedString, primary_key=True),
+    Column("provider", EscapedString),
+    Column("model", EscapedString),
+    Column("endpoint", EscapedString),
+    Column("state", EscapedString, nullable=False),
+    Column("remote_state", EscapedString),
+    Column("remote_id", EscapedString),
+    Column("input_file", EscapedString),
+    Column("lines", Integer),
+    Column("bytes", BigInteger),
+    Column("window_s", Integer),
+    Column("batch_ids", EscapedJSON),
+    Column("counts", EscapedJSON),
+    Column("error", EscapedText),
+    Column("submit_attempts", Integer),
+    Column("created_at", UTCDateTime, nullable=False, default=_utcnow),
+    Column("updated_at", UTCDateTime),
+    Column("submit_started_at", UTCDateTime),
+    Column("submitted_at", UTCDateTime),
+    Column("patience_at", UTCDateTime),
+    Column("ended_at", UTCDateTime),
+    Index("ix_llmq_provider_batches_provider", "provider"),
+    Index("ix_llmq_provider_batches_remote_id", "remote_id"),
+)
+
+#: Which job each line of a provider batch was (its custom_id at the provider is derived from the job id).
+provider_batch_lines_table = Table(
+    "llmq_provider_batch_lines",
+    metadata,
+    Column("provider_batch_id", EscapedString, primary_key=True),
+    Column("job_id", EscapedString, primary_key=True),
+    Index("ix_llmq_provider_batch_lines_job_id", "job_id"),
 )
 
 
