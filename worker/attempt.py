@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmq.contract.jobs import load_request
-from llmq.contract.models import Hop, JobKind, JobRequest
+from llmq.contract.models import Hop, JobKind, JobRequest, JobState
 from llmq.worker import errors
 from llmq.worker.logs import redact
 
@@ -33,6 +33,9 @@ class Attempt:
     options: dict[str, Any] = field(default_factory=dict)
     #: Where middleware keeps what it needs between its hooks (a limiter's reservation, say).
     scratch: dict[str, Any] = field(default_factory=dict)
+    #: The state the job is in while this attempt runs: running (a call on a worker), or
+    #: in_provider_batch (a line of a provider batch, settled by worker/batches/settle.py).
+    holds: JobState = JobState.RUNNING
 
     @property
     def hop(self) -> Hop:

@@ -36,6 +36,7 @@ class AzureOpenAIProvider(OpenAIProvider):
     default_base_url = None  # every resource has its own endpoint
     requires_api_key = True
     price_provider_id = "azure"
+    supports_flex = False
     # APIM's id comes first: it is the one Azure support asks for.
     request_id_headers: ClassVar[tuple[str, ...]] = ("apim-request-id", "x-request-id")
     options_model: ClassVar[type[ChatCompletionsOptions]] = AzureOpenAIOptions

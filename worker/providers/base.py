@@ -44,6 +44,8 @@ class LLMProvider(ABC):
     #: The provider's id in genai-prices' table ("openai", "aws", ...). None: the `type:` name,
     #: when the table has a provider of that name (an outside adapter named groq or mistral).
     price_provider_id: ClassVar[str | None] = None
+    #: Sells a flex tier (`service_tier: flex`: batch prices, may refuse): worker/providers/flex.py.
+    supports_flex: ClassVar[bool] = False
     #: The pydantic model (extra="forbid") that checks the entry's `options:`; None: it takes none.
     options_model: ClassVar[type[BaseModel] | None] = None
     #: The names a request's `provider_options` may carry to this provider (sent as given).

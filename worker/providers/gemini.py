@@ -86,6 +86,7 @@ from llmq.worker.providers.gemini_format import (
     unwrap,
     usage_from_metadata,
 )
+from llmq.worker.providers.flex import FlexTier
 from llmq.worker.providers.gemini_schema import gemini_schema
 from llmq.worker.providers.http import HTTPProvider, json_or_none
 
@@ -101,7 +102,7 @@ GENERATION_OPTIONS = frozenset({"topK", "presencePenalty", "frequencyPenalty"})
 EMBEDDING_OPTIONS = frozenset({"taskType", "title"})
 
 
-class GeminiProvider(HTTPProvider[GeminiStreamState]):
+class GeminiProvider(FlexTier, HTTPProvider[GeminiStreamState]):
     type_name = "gemini"
     description = "Google Gemini API (generativelanguage.googleapis.com); also `type: google` / `palm`"
     requires_api_key = True
@@ -109,6 +110,7 @@ class GeminiProvider(HTTPProvider[GeminiStreamState]):
     price_provider_id = "google"
     default_base_url = "https://generativelanguage.googleapis.com/v1beta"
     options_model = GeminiOptions
+    flex_refusals = (errors.OverloadedError,)
     allowed_provider_options: ClassVar[frozenset[str]] = frozenset({"safetySettings"}) | GENERATION_OPTIONS \
         | EMBEDDING_OPTIONS
 
@@ -143,6 +145,8 @@ class GeminiProvider(HTTPProvider[GeminiStreamState]):
         if request.tool_choice is not None:
             body["toolConfig"] = {"functionCallingConfig": calling_config(request.tool_choice)}
         body.update({name: value for name, value in options.items() if name not in GENERATION_OPTIONS})
+        if request.service_tier == "flex":
+            body["service_tier"] = "FLEX"  # as the REST reference spells it
         return body
 
     def chat_options(self, request: LLMRequest) -> dict[str, Any]:

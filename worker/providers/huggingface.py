@@ -87,6 +87,7 @@ class HuggingFaceProvider(OpenAIProvider):
     default_base_url = "https://router.huggingface.co"
     # A local TGI needs no token; Inference Endpoints and the router refuse calls without one.
     requires_api_key = False
+    supports_flex = False
     options_model: ClassVar[type[ChatCompletionsOptions]] = HuggingFaceOptions
     chat_completions_path: ClassVar[str] = "/v1/chat/completions"
     models_path: ClassVar[str] = "/v1/models"

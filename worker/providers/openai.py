@@ -39,6 +39,7 @@ from llmq.contract.embeddings import decode_vector
 from llmq.contract.messages import Message, ToolCall
 from llmq.contract.models import EmbeddingRequest, EmbeddingResponse, LLMRequest, LLMResponse, Usage
 from llmq.worker import errors
+from llmq.worker.providers.flex import FlexTier
 from llmq.worker.providers.http import HTTPProvider, StreamState
 
 #: Billing errors OpenAI sends as 429 (error.type "insufficient_quota", or one of these codes).
@@ -89,7 +90,7 @@ class ChatStreamState(StreamState):
     response_id: str | None = None
 
 
-class OpenAIProvider(HTTPProvider[ChatStreamState]):
+class OpenAIProvider(FlexTier, HTTPProvider[ChatStreamState]):
     type_name = "openai"
     description = "OpenAI Chat Completions API"
     default_base_url = "https://api.openai.com/v1"
@@ -98,6 +99,7 @@ class OpenAIProvider(HTTPProvider[ChatStreamState]):
     price_provider_id = "openai"
     request_id_headers: ClassVar[tuple[str, ...]] = ("x-request-id",)
     client_request_id_header: ClassVar[str | None] = "X-Client-Request-Id"
+    flex_refusals = (errors.RateLimitedError,)
 
     options_model: ClassVar[type[ChatCompletionsOptions]] = OpenAIOptions
     #: Chat Completions parameters llmq has no field for, taken from a request's provider_options.
@@ -151,6 +153,8 @@ class OpenAIProvider(HTTPProvider[ChatStreamState]):
         }
         if self.options.send_temperature if self.options.send_temperature is not None else not reasoning:
             body["temperature"] = request.temperature
+        if request.service_tier == "flex":
+            body["service_tier"] = "flex"
         if stream and self.options.stream_usage:
             # The usage then arrives in one last chunk whose `choices` is empty, before [DONE].
             body["stream_options"] = {"include_usage": True}

@@ -34,6 +34,7 @@ class OpenAICompatibleProvider(OpenAIProvider):
     """A server on the team's own machines that copies OpenAI's wire format."""
 
     requires_api_key = False
+    supports_flex = False
     local = True
     options_model: ClassVar[type[ChatCompletionsOptions]] = ChatCompletionsOptions
     # OpenAI's client request id means nothing to these servers.

@@ -45,6 +45,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     make_url,
     or_,
     select,
@@ -63,9 +64,12 @@ from llmq.contract.schema import (
     jobs_table,
     metadata,
     normalize_url,
+    provider_batch_lines_table,
+    provider_batches_table,
     quarantine_table,
     usage_table,
 )
+from llmq.worker.store.provider_batches import ENDED
 from llmq.worker.store.rows import OPEN_ATTEMPT_OUTCOMES, prepare_rows
 
 #: How long a SQLite writer waits for another process's write lock before failing.
@@ -100,6 +104,7 @@ class Store:
             if self.dialect == "postgresql":
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
             metadata.create_all(connection, checkfirst=True)
+            _add_new_columns(connection)
 
     @contextmanager
     def _write_transaction(self) -> Iterator[Connection]:
@@ -117,13 +122,14 @@ class Store:
         `ValueError` naming it and the field, and the batch is left unwritten.
         Writing the same batch again leaves the same rows.
         """
-        jobs, attempts, usage = prepare_rows(rows)
-        if not (jobs or attempts or usage):
+        prepared = prepare_rows(rows)
+        if not any(prepared):
             return
         with self._write_transaction() as connection:
-            self._upsert_jobs(connection, jobs)
-            self._upsert_attempts(connection, attempts)
-            self._insert_usage(connection, usage)
+            self._upsert_jobs(connection, prepared.jobs)
+            self._upsert_attempts(connection, prepared.attempts)
+            self._insert_usage(connection, prepared.usage)
+            self._upsert_provider_batches(connection, prepared.provider_batches, prepared.provider_batch_lines)
 
     def _insert_statement(self, table: Table) -> Any:
         module = sqlite if self.dialect == "sqlite" else postgresql
@@ -160,6 +166,21 @@ class Store:
         for group in _by_key_set(rows):
             statement = self._insert_statement(usage_table).on_conflict_do_nothing(index_elements=["job_id", "attempt"])
             connection.execute(statement, group)
+
+    def _upsert_provider_batches(
+        self, connection: Connection, batches: list[dict[str, Any]], lines: list[dict[str, Any]]
+    ) -> None:
+        for group in _by_key_set(batches):
+            statement = self._insert_statement(provider_batches_table)
+            updates = {key: statement.excluded[key] for key in group[0] if key != "provider_batch_id"}
+            # An ended provider batch stays ended (worker/store/provider_batches.py).
+            may_replace = or_(provider_batches_table.c.state != ENDED, statement.excluded.state == ENDED)
+            statement = statement.on_conflict_do_update(index_elements=["provider_batch_id"], set_=updates,
+                                                        where=may_replace)
+            connection.execute(statement, group)
+        for group in _by_key_set(lines):
+            statement = self._insert_statement(provider_batch_lines_table)
+            connection.execute(statement.on_conflict_do_nothing(index_elements=["provider_batch_id", "job_id"]), group)
 
     def quarantine(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Set aside rows the ledger refused: `{quarantine_id, job_id, kind, entry, row_json, error}` each.
@@ -254,6 +275,17 @@ def _report_row(row: dict[str, Any], by: str) -> dict[str, Any]:
     report["cached_hits"] = int(row["cached_hits"] or 0)
     report["unpriced"] = int(row["unpriced"] or 0)
     return report
+
+
+def _add_new_columns(connection: Connection) -> None:
+    """Columns added to a table after a ledger was created (nullable ones only): ALTER TABLE ADD COLUMN."""
+    found = inspect(connection)
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in found.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(dialect=connection.dialect)
+                connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 def _attempt_open(outcome: Any) -> Any:
