@@ -26,11 +26,13 @@ from llmq.client.typed import ResponseModels
 from llmq.client.waiting import Notify, WaitWatch, ping, poll_client, require_served, wait_until_done
 from llmq.contract import keys
 from llmq.contract.config import LLMConfig, load_config
-from llmq.contract.jobs import CALLER_BUDGET_OPTION, JobStore, NewJob
+from llmq.client.submission import Submission
+from llmq.contract.jobs import JobStore, NewJob
 from llmq.contract.models import (
     REQUEST_MODELS,
     BatchRecord,
     EmbeddingRequest,
+    Hop,
     EmbeddingResponse,
     JobKind,
     JobRecord,
@@ -39,6 +41,7 @@ from llmq.contract.models import (
     LLMRequest,
     LLMResponse,
 )
+from llmq.contract.provider_batches import ProviderBatchRecord, ProviderBatchStore
 from llmq.contract.queueing import async_redis, make_celery, publish_messages, redact_url, redis_url_source
 from llmq.contract.queueing import redis_url as resolve_redis_url
 from llmq.contract.routing import RoutingError, plan_route
@@ -242,13 +245,16 @@ class LLMService:
         deadline_s: float | None = None,
         cache: bool | None = None,
         caller_daily_usd: float | None = None,
+        completion_window: str | float | None = None,
+        batch_only: bool = False,
+        flex_fallback: bool | None = None,
     ) -> str:
-        """Enqueue one request; returns its job id. `cache` overrides the provider's cache setting;
-        `caller_daily_usd` is the caller's own daily budget (before `per_caller_daily_usd`)."""
+        """Enqueue one request; returns its job id. The keywords are `Submission`'s (client/submission.py)."""
         check_id("job_id", job_id)
+        how = Submission(deadline_s, cache, caller_daily_usd, completion_window, batch_only, flex_fallback)
         await self.workers_configured()
         parsed = self.prepare(request)
-        new = self._new_job(parsed, job_id or new_id("job"), None, None, deadline_s, cache, caller_daily_usd)
+        new = how.new_job(self.config, parsed, self._route(parsed), job_id or new_id("job"))
         created = await self._enqueue([new])
         self.response_models.remember(created[0], parsed)
         return created[0]
@@ -262,13 +268,17 @@ class LLMService:
         cache: bool | None = None,
         on_progress: Callable[[int], None] | None = None,
         caller_daily_usd: float | None = None,
+        completion_window: str | float | None = None,
+        batch_only: bool = False,
+        flex_fallback: bool | None = None,
     ) -> str:
-        """Validate every item first, then create and publish in pipelined chunks."""
+        """Validate every item first, then create and publish in pipelined chunks (keywords: `Submission`)."""
         check_id("batch_id", batch_id)
+        how = Submission(deadline_s, cache, caller_daily_usd, completion_window, batch_only, flex_fallback)
         batch_id = batch_id or new_id("batch")
         await self.workers_configured()
-        prepared = self._prepare_batch(items)
-        ttl_s = self.config.service.jobs.result_ttl_s + int(deadline_s or self.config.service.jobs.deadline_s)
+        prepared = self._prepare_batch(items, how)
+        ttl_s = self.config.service.jobs.result_ttl_s + int(how.deadline_for(self.config))
         if await self.jobs.batch(batch_id) is None:
             await self.jobs.create_batch(batch_id, ttl_s)
         starts = [0, *range(FIRST_SUBMIT_CHUNK, len(prepared), SUBMIT_CHUNK)]
@@ -276,7 +286,7 @@ class LLMService:
             chunk = prepared[start:end]
             job_ids = [_job_id_for(batch_id, item, start + index) for index, item in enumerate(chunk)]
             new = [
-                self._new_job(item.request, job_id, batch_id, item.custom_id, deadline_s, cache, caller_daily_usd)
+                how.new_job(self.config, item.request, self._route(item.request), job_id, batch_id, item.custom_id)
                 for job_id, item in zip(job_ids, chunk)
             ]
             await self._enqueue(new)
@@ -287,7 +297,7 @@ class LLMService:
         await self.jobs.expire_batch(batch_id, ttl_s)
         return batch_id
 
-    def _prepare_batch(self, items: Iterable[BatchItem | RequestInput]) -> list[BatchItem]:
+    def _prepare_batch(self, items: Iterable[BatchItem | RequestInput], how: Submission) -> list[BatchItem]:
         prepared: list[BatchItem] = []
         problems: list[tuple[str, str]] = []
         seen: dict[str, int] = {}
@@ -302,6 +312,7 @@ class LLMService:
             try:
                 check_id("custom_id", item.custom_id)
                 prepared.append(BatchItem(self.prepare(item.request, where), item.custom_id))
+                how.check(self.config, prepared[-1].request, self._route(prepared[-1].request), where)
             except RequestError as exc:
                 problems.append((where, str(exc).removeprefix(where + ": ")))
         if problems:
@@ -310,26 +321,13 @@ class LLMService:
             raise RequestError("batch refused: it holds no requests")
         return prepared
 
-    def _new_job(
-        self, request: JobRequest, job_id: str, batch_id: str | None, custom_id: str | None,
-        deadline_s: float | None, cache: bool | None = None, caller_daily_usd: float | None = None,
-    ) -> NewJob:
-        if deadline_s is not None and deadline_s <= 0:
-            raise RequestError(f"deadline_s must be a positive number of seconds (got {deadline_s})")
-        options: dict[str, Any] = {} if cache is None else {"cache": cache}
-        if caller_daily_usd is not None:
-            options[CALLER_BUDGET_OPTION] = caller_daily_usd
-        return NewJob(
-            job_id=job_id, request=request, route=plan_route(request, self.config, self._workers_configured),
-            batch_id=batch_id,
-            custom_id=custom_id, deadline_s=deadline_s or self.config.service.jobs.deadline_s,
-            options=options,
-        )
+    def _route(self, request: JobRequest) -> list[Hop]:
+        return plan_route(request, self.config, self._workers_configured)
 
     async def _enqueue(self, jobs: list[NewJob]) -> list[str]:
-        """Create records (dedup by job id / custom id), then publish the ones that are new."""
+        """Create records (dedup by job id / custom id), then publish the new ones not in a provider batch."""
         results = await self.jobs.create_many(jobs, self.config.service.jobs.result_ttl_s)
-        fresh = [job for job, (created, _) in zip(jobs, results) if created]
+        fresh = [job for job, (created, _) in zip(jobs, results) if created and not job.via_provider_batch]
         if fresh:
             # Each job's watchdog entry in the delayed set stays until a worker claims it.
             await asyncio.to_thread(publish_messages, self.celery, [job.first_message() for job in fresh])
@@ -372,6 +370,10 @@ class LLMService:
     async def results_by_custom_id(self, batch_id: str) -> dict[str, JobRecord]:
         return {record.custom_id or record.job_id: record for record in await self.results(batch_id)}
 
+    async def provider_batches(self, batch_id: str) -> list[ProviderBatchRecord]:
+        """The provider batches a batch's jobs with a completion window wait (or waited) in."""
+        return await ProviderBatchStore(self.jobs.redis).for_batch(batch_id)
+
     async def cancel(self, some_id: str) -> int:
         """Cancel a job, or every unfinished job of a batch; returns how many were cancelled."""
         ttl_s = self.config.service.jobs.result_ttl_s
@@ -382,6 +384,7 @@ class LLMService:
             for start in range(0, len(job_ids), SUBMIT_CHUNK // 10):
                 chunk = job_ids[start : start + SUBMIT_CHUNK // 10]
                 cancelled += sum(await asyncio.gather(*(self.jobs.cancel(job_id, ttl_s) for job_id in chunk)))
+            await ProviderBatchStore(self.jobs.redis).poke(await self.provider_batches(some_id))  # cancelled there too
             return cancelled
         return int(await self.jobs.cancel(some_id, ttl_s))
 
