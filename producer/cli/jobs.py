@@ -31,7 +31,8 @@ from llmq.client.waiting import read_heartbeats
 from llmq.contract import keys
 from llmq.contract.capabilities import capabilities_for
 from llmq.contract.config import LLMConfig, load_config
-from llmq.contract.models import BatchRecord, LLMResponse
+from llmq.contract.models import BatchRecord, JobRecord, LLMResponse
+from llmq.contract.provider_batches import ProviderBatchRecord, ProviderBatchStore
 from llmq.contract.queueing import redact_url, redis_url_source
 
 
@@ -47,6 +48,12 @@ def add_commands(command: CommandRegistrar) -> None:
     submit.add_argument("--output", "-o", help="with --wait: write one result line per job here")
     submit.add_argument("--batch-id", help="reuse a batch id (re-submitting never runs a custom_id twice)")
     submit.add_argument("--deadline", type=float, help="seconds each job may take before it fails")
+    submit.add_argument("--completion-window", metavar="DURATION",
+                        help="the answers can wait this long (24h, 2d): jobs go to the providers' batch APIs at "
+                             "batch prices where their provider entry has one (docs/batch-lane.md)")
+    submit.add_argument("--batch-only", action="store_true",
+                        help="with --completion-window: refuse jobs that cannot wait in a provider batch, and fail "
+                             "lines the provider batch fails, instead of running them in the normal lane")
 
     status = command("status", cmd_status, "show a job or batch; without an id, the stack: Redis, workers, ledger")
     status.add_argument("id", nargs="?", help="job id or batch id")
@@ -118,7 +125,10 @@ async def _submit(service: LLMService, args: argparse.Namespace) -> int:
     await service.workers_configured()  # lines may route to providers only the workers hold keys for
     items = read_batch_file(args.file, service)
     with tqdm(total=len(items), desc="enqueue", unit="job", disable=not sys.stderr.isatty()) as bar:
-        batch_id = await service.submit_batch(items, batch_id=args.batch_id, deadline_s=args.deadline, on_progress=bar.update)
+        batch_id = await service.submit_batch(
+            items, batch_id=args.batch_id, deadline_s=args.deadline, on_progress=bar.update,
+            completion_window=args.completion_window, batch_only=args.batch_only,
+        )
     print(batch_id, flush=True)
     if not args.wait:
         return 0
@@ -143,10 +153,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.wait and not record.done:
             record = await (wait_with_bar(service, args.id) if isinstance(record, BatchRecord)
                             else service.wait(args.id, on_notice=_notices(service)))
+        provider_batches = await provider_batches_of(service, record)
         if isinstance(record, BatchRecord):
             print(summary_line(record))
+            for provider_batch in provider_batches:
+                print(f"  provider batch {provider_batch.describe()}")
         else:
-            print(json.dumps(record.model_dump(mode="json", exclude={"request"}), indent=2))
+            shown = record.model_dump(mode="json", exclude={"request"})
+            if provider_batches:
+                shown["provider_batch_status"] = provider_batches[0].model_dump(mode="json")
+            print(json.dumps(shown, indent=2))
         attention = (await ledger_backlog(service.jobs.redis))["needs_attention"]
         if attention:
             print(f"llmq: warning: {attention} ledger row(s) need attention: the SQL ledger refused them; "
@@ -154,6 +170,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
 
     return _run(args, run)
+
+
+async def provider_batches_of(service: LLMService, record: JobRecord | BatchRecord) -> list[ProviderBatchRecord]:
+    """The provider batches a batch's jobs wait in, or the one a job waits in."""
+    if isinstance(record, BatchRecord):
+        return await service.provider_batches(record.batch_id)
+    found = await ProviderBatchStore(service.jobs.redis).get(record.provider_batch) if record.provider_batch else None
+    return [found] if found is not None else []
 
 
 async def _print_stack_status(service: LLMService) -> int:

@@ -65,8 +65,8 @@ USD_SCALE = 10
 USD_QUANTUM = Decimal(1).scaleb(-USD_SCALE)
 TERMINAL_STATE_NAMES = tuple(sorted(state.value for state in TERMINAL_STATES))
 
-ReportGrouping = Literal["provider", "model", "caller", "day"]
-REPORT_GROUPINGS: tuple[ReportGrouping, ...] = ("provider", "model", "caller", "day")
+ReportGrouping = Literal["provider", "model", "caller", "day", "price_tier"]
+REPORT_GROUPINGS: tuple[ReportGrouping, ...] = ("provider", "model", "caller", "day", "price_tier")
 
 
 class UTCDateTime(TypeDecorator[datetime]):

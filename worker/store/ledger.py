@@ -225,8 +225,10 @@ class Store:
         """Usage and cost per provider, model, caller or UTC day, ordered by that key.
 
         Each row: the key (named after `by`), requests, token sums, `cost_usd`
-        (exact `Decimal`, unpriced rows count as nothing), `cached_hits`
-        (answers from llmq's cache) and `unpriced` (rows with no known price).
+        (exact `Decimal`, unpriced rows count as nothing), `standard_cost_usd` (what the same calls
+        cost at the standard tier: batch and flex rows at their standard price), `saved_usd`
+        (the difference), `cheaper_tier` (rows run through a provider batch or the flex tier),
+        `cached_hits` (answers from llmq's cache) and `unpriced` (rows with no known price).
         """
         if by not in REPORT_GROUPINGS:
             raise ValueError(f"cannot group usage by {by!r}; use one of: {', '.join(REPORT_GROUPINGS)}")
@@ -262,6 +264,8 @@ def _report_columns() -> list[Any]:
     columns: list[Any] = [func.count().label("requests")]
     columns += [func.sum(usage_table.c[name]).label(name) for name in _TOKEN_SUMS]
     columns.append(func.sum(usage_table.c.cost_usd).label("cost_usd"))
+    columns.append(func.sum(func.coalesce(usage_table.c.standard_cost_usd, usage_table.c.cost_usd)).label("standard"))
+    columns.append(func.sum(case((usage_table.c.standard_cost_usd.is_not(None), 1), else_=0)).label("cheaper_tier"))
     columns.append(func.sum(case((usage_table.c.cached, 1), else_=0)).label("cached_hits"))
     columns.append(func.sum(case((usage_table.c.priced, 0), else_=1)).label("unpriced"))
     return columns
@@ -271,7 +275,11 @@ def _report_row(row: dict[str, Any], by: str) -> dict[str, Any]:
     report = {by: row[by], "requests": int(row["requests"])}
     # PostgreSQL's SUM over integers comes back as bigint or numeric: make them ints.
     report.update({name: int(row[name] or 0) for name in _TOKEN_SUMS})
-    report["cost_usd"] = row["cost_usd"] if row["cost_usd"] is not None else Decimal(0).quantize(USD_QUANTUM)
+    zero = Decimal(0).quantize(USD_QUANTUM)
+    report["cost_usd"] = row["cost_usd"] if row["cost_usd"] is not None else zero
+    report["standard_cost_usd"] = row["standard"] if row["standard"] is not None else zero
+    report["saved_usd"] = report["standard_cost_usd"] - report["cost_usd"]
+    report["cheaper_tier"] = int(row["cheaper_tier"] or 0)
     report["cached_hits"] = int(row["cached_hits"] or 0)
     report["unpriced"] = int(row["unpriced"] or 0)
     return report
