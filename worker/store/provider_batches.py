@@ -3,7 +3,7 @@
 Their outbox rows come from the provider batch scripts (contract/lua/provider_batch_*.lua):
 a `provider_batch` row carries the whole Redis record as it stood after a step (strings,
 times in epoch milliseconds), a `provider_batch_line` row one job taken into it. Writes are
-idempotent like the rest of the ledger: a provider batch row takes the newest record, except
+idempotent like the rest of the ledger (ledger.py writes them): a provider batch row takes the newest record, except
 that an ended one is never replaced by an earlier step; a line is written once.
 """
 
@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from llmq.contract.provider_batches import ProviderBatchState
-from llmq.contract.schema import provider_batch_lines_table, provider_batches_table
 
 ENDED = ProviderBatchState.ENDED.value
 
