@@ -153,8 +153,8 @@ def provider_batch_refusal(
                 f"a {describe_duration(window_s)} completion window cannot be met (use at least "
                 f"{describe_duration(limits.window_s)})")
     if deadline_s < limits.window_s:
-        return (f"the job's deadline ({describe_duration(deadline_s)}) ends before provider {entry.name!r}'s batch "
-                f"window ({describe_duration(limits.window_s)}); raise deadline_s or drop the completion window")
+        return (f"the job's deadline ({describe_duration(deadline_s)}) ends before the batch window of provider "
+                f"{entry.name!r} ({describe_duration(limits.window_s)}); raise deadline_s or drop the completion window")
     return None
 
 
@@ -172,7 +172,7 @@ def parse_window(value: str | float | int) -> float:
             raise ValueError(f"completion window {value!r}: use a duration such as 24h, 90m, 2d or 1w")
         seconds = float(match["amount"]) * _UNIT_S[match["unit"] or "s"]
     if seconds <= 0:
-        raise ValueError(f"completion window {value!r}: must be longer than zero")
+        raise ValueError(f"completion window {value!r}: must be longer than zero, e.g. 24h")
     return seconds
 
 
