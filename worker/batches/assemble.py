@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 #: Jobs read from an intake in one pass.
 MAX_INTAKE_READ = 200_000
-INTAKE_LOCK_MS = 60_000
+INTAKE_LOCK_MS = 10_000
 #: A new provider batch's first poll (its submission) comes this soon, should its assembler die.
 FIRST_POLL_MS = 2_000
 #: What a provider batch's input holds besides its lines (brackets, a wrapper object).

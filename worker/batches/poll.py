@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmq.worker.batches")
 
-LOCK_MS = 60_000
+#: Held while a step runs, renewed every third of it: a dead holder blocks the next for at most this long.
+LOCK_MS = 10_000
 #: Lines settled at once (each is one read and one transition in Redis).
 SETTLE_CONCURRENCY = 64
 
