@@ -242,7 +242,7 @@ def print_usage_table(rows: list[dict[str, Any]], totals: dict[str, Any], by: st
     if totals.get("cheaper_tier"):
         share = totals["saved_usd"] / totals["standard_cost_usd"] if totals["standard_cost_usd"] else Decimal(0)
         print(f"  ({totals['cheaper_tier']} requests ran through provider batches or the flex tier: "
-              f"${_money(totals['saved_usd'])} saved, {share:.0%} of their standard price)")
+              f"${_money(totals['saved_usd'])} saved, {share:.0%} off the standard price of all rows shown)")
 
 
 def _money(value: Any) -> str:
