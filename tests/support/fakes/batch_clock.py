@@ -22,6 +22,9 @@ from typing import Any, Literal
 ERROR_MARKER = "[[batch-line-error]]"
 EXPIRE_MARKER = "[[batch-line-expire]]"
 TERMINAL = frozenset({"completed", "expired", "failed", "cancelled"})
+#: Path segments that name an endpoint rather than an object (the rest show as {id} in `stats`).
+_PATH_WORDS = frozenset({"", "v1", "v1beta", "openai", "files", "batches", "content", "cancel", "results", "messages",
+                         "upload", "download"})
 
 LineFate = Literal["succeeded", "errored", "expired", "cancelled"]
 
@@ -199,6 +202,30 @@ class FakeBatchAPI:
             handler._send(self.error_reply(fault.status, request))  # type: ignore[attr-defined]
             return
         handler._send(self.route_batch(request))
+
+    def control(self, request: Any) -> Any:
+        """`/_fake/batches` {timing, max_requests, max_bytes, flex_refusals}: the knobs from another process."""
+        if request.path != "/_fake/batches":
+            return super().control(request)  # type: ignore[misc]
+        body = request.body or {}
+        if "timing" in body:
+            self.timing = BatchTiming(**body["timing"])
+        for name in ("max_requests", "max_bytes", "flex_refusals"):
+            if name in body:
+                setattr(self, name, body[name])
+        from tests.support.fakes.base import Reply
+
+        return Reply(200, self.stats())
+
+    def stats(self) -> dict[str, Any]:
+        """The base's figures, plus the calls made to the batch endpoints (by kind) and to the sync ones."""
+        calls: dict[str, int] = {}
+        for request in self.batch_requests():
+            path = "/".join(part if part in _PATH_WORDS else "{id}" for part in request.path.split("/"))
+            kind = f"{request.method} {path}"
+            calls[kind] = calls.get(kind, 0) + 1
+        return {**super().stats(), "batches": len(self.batches), "batch_calls": calls,  # type: ignore[misc]
+                "sync_requests": len(self.sync_requests()), "flex_calls": self.flex_calls}
 
     def take_flex_refusal(self) -> bool:
         """Whether this flex-tier call is refused (counts every flex call)."""
