@@ -63,20 +63,23 @@ class FakeBatchJob:
     extra: dict[str, Any] = field(default_factory=dict)
     _outcomes: list[LineOutcome] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Line index -> its place among the lines that run (1-based); read once.
+    _places: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        runnable = [index for index, (_, body) in enumerate(self.lines) if EXPIRE_MARKER not in json.dumps(body)]
+        self._places = {index: place for place, index in enumerate(runnable, start=1)}
 
     # --- the clock ----------------------------------------------------------------------
 
-    def never_runs(self, body: dict[str, Any]) -> bool:
-        return EXPIRE_MARKER in json.dumps(body)
-
     @property
     def runnable(self) -> list[int]:
-        return [index for index, (_, body) in enumerate(self.lines) if not self.never_runs(body)]
+        return list(self._places)
 
     @property
     def processing_ends_s(self) -> float:
         """Seconds after creation when processing stops: all lines done, or the window, if some never run."""
-        if len(self.runnable) < len(self.lines):
+        if len(self._places) < len(self.lines):
             return self.timing.window_s
         return self.timing.validating_s + self.timing.in_progress_s
 
@@ -91,7 +94,7 @@ class FakeBatchJob:
             return "failed"
         if elapsed < self.processing_ends_s:
             return "in_progress"
-        if len(self.runnable) < len(self.lines):
+        if len(self._places) < len(self.lines):
             return "expired"
         return "finalizing" if elapsed < self.processing_ends_s + self.timing.finalizing_s else "completed"
 
@@ -111,11 +114,10 @@ class FakeBatchJob:
 
     def done_by(self, index: int) -> float:
         """Seconds after creation when the line at `index` has been run (inf: never)."""
-        runnable = self.runnable
-        if index not in runnable:
+        place = self._places.get(index)
+        if place is None:
             return float("inf")
-        position = runnable.index(index) + 1
-        return self.timing.validating_s + position / len(runnable) * self.timing.in_progress_s
+        return self.timing.validating_s + place / len(self._places) * self.timing.in_progress_s
 
     def cancel(self) -> None:
         if self.cancel_requested_at is None and self.phase() not in TERMINAL:
