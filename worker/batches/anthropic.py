@@ -33,7 +33,6 @@ STATUS_FOR_TYPE = {
     "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
     "timeout_error": 504, "overloaded_error": 529,
 }
-FIND_PAGES = 5
 
 
 class AnthropicBatches(ProviderBatchAPI):
@@ -52,19 +51,13 @@ class AnthropicBatches(ProviderBatchAPI):
     async def find(
         self, provider_batch_id: str, lines: list[Line], since_s: float, taken: frozenset[str]
     ) -> RemoteBatch | None:
-        after: str | None = None
-        for _ in range(FIND_PAGES):
-            query = "?limit=100" + (f"&after_id={quote(after)}" if after else "")
-            page = await self.call_json("GET", BATCHES_PATH + query)
-            for batch in page.get("data") or []:
-                if _epoch_s(batch.get("created_at")) < since_s - 60:
-                    return None
-                size = sum(int(count) for count in (batch.get("request_counts") or {}).values())
-                if size == len(lines) and batch["id"] not in taken:
-                    return self.remote(batch)
-            if not page.get("has_more") or not page.get("data"):
-                return None
-            after = page["data"][-1]["id"]
+        async for batch in self.listed(f"{BATCHES_PATH}?limit=100", items="data", cursor_param="after_id",
+                                       cursor=lambda page: page["data"][-1]["id"] if page.get("has_more") else None):
+            if _epoch_s(batch.get("created_at")) < since_s - 60:
+                return None  # newest first: older than our first try, so it was never made
+            size = sum(int(count) for count in (batch.get("request_counts") or {}).values())
+            if size == len(lines) and batch["id"] not in taken:
+                return self.remote(batch)
         return None
 
     async def get(self, remote_id: str) -> RemoteBatch:

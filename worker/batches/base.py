@@ -23,9 +23,10 @@ import hashlib
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
+from urllib.parse import quote
 
 import httpx
 
@@ -38,6 +39,8 @@ RemoteState = Literal[
     "validating", "in_progress", "finalizing", "completed", "expired", "failed", "cancelling", "cancelled"
 ]
 ENDED_STATES: frozenset[str] = frozenset({"completed", "expired", "failed", "cancelled"})
+#: Pages of a provider's batch list looked through for a batch whose creation answer was lost.
+FIND_PAGES = 5
 #: Anthropic's custom_id pattern, the narrowest of the providers': a line key always fits it.
 _KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -175,6 +178,20 @@ class ProviderBatchAPI(ABC):
     async def call_json(self, method: str, url: str, **options: Any) -> Any:
         response = await self.call(method, url, **options)
         return self.adapter.parse_json(response, None)
+
+    async def listed(
+        self, path: str, *, items: str, cursor_param: str, cursor: Callable[[dict[str, Any]], str | None],
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The provider's list of batches, newest first, page after page (up to FIND_PAGES pages)."""
+        token: str | None = None
+        for _ in range(FIND_PAGES):
+            joiner = "&" if "?" in path else "?"
+            page = await self.call_json("GET", path + (f"{joiner}{cursor_param}={quote(token)}" if token else ""))
+            for item in page.get(items) or []:
+                yield item
+            token = cursor(page)
+            if not token:
+                return
 
     async def jsonl(self, url: str) -> AsyncIterator[dict[str, Any]]:
         """A JSONL document, read line by line as it streams in."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 
@@ -34,7 +33,6 @@ _STATES: dict[str, RemoteState] = {
 }
 #: google.rpc.Code numbers (a line's error is a Status) -> the HTTP status Google sends each with.
 GRPC_HTTP_STATUS = {1: 499, 2: 500, 3: 400, 4: 504, 5: 404, 7: 403, 8: 429, 9: 400, 11: 400, 13: 500, 14: 503, 16: 401}
-FIND_PAGES = 5
 
 
 class GeminiBatches(ProviderBatchAPI):
@@ -84,16 +82,11 @@ class GeminiBatches(ProviderBatchAPI):
     async def find(
         self, provider_batch_id: str, lines: list[Line], since_s: float, taken: frozenset[str]
     ) -> RemoteBatch | None:
-        token: str | None = None
-        for _ in range(FIND_PAGES):
-            page = await self.call_json("GET", "/batches?pageSize=100" + (f"&pageToken={quote(token)}" if token else ""))
-            for operation in page.get("operations") or []:
-                metadata = operation.get("metadata") or {}
-                if (metadata.get("displayName") or metadata.get("display_name")) == provider_batch_id:
-                    return self.remote(operation)
-            token = page.get("nextPageToken")
-            if not token:
-                return None
+        async for operation in self.listed("/batches?pageSize=100", items="operations", cursor_param="pageToken",
+                                           cursor=lambda page: page.get("nextPageToken")):
+            metadata = operation.get("metadata") or {}
+            if (metadata.get("displayName") or metadata.get("display_name")) == provider_batch_id:
+                return self.remote(operation)
         return None
 
     async def get(self, remote_id: str) -> RemoteBatch:

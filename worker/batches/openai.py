@@ -31,8 +31,6 @@ from llmq.worker.batches.base import Line, LineResult, ProviderBatchAPI, RemoteB
 from llmq.worker.providers.azure_openai import AzureOpenAIProvider
 
 METADATA_KEY = "llmq_provider_batch"
-#: How many pages of `GET /batches` a lost batch is looked for in (100 a page, newest first).
-FIND_PAGES = 5
 _STATES = frozenset({
     "validating", "in_progress", "finalizing", "completed", "expired", "failed", "cancelling", "cancelled",
 })
@@ -73,18 +71,12 @@ class OpenAIBatches(ProviderBatchAPI):
     async def find(
         self, provider_batch_id: str, lines: list[Line], since_s: float, taken: frozenset[str]
     ) -> RemoteBatch | None:
-        after: str | None = None
-        for _ in range(FIND_PAGES):
-            query = "?limit=100" + (f"&after={quote(after)}" if after else "")
-            page = await self.call_json("GET", self.path(self.batches_path + query))
-            for batch in page.get("data") or []:
-                if (batch.get("metadata") or {}).get(METADATA_KEY) == provider_batch_id:
-                    return self.remote(batch)
-                if float(batch.get("created_at") or 0) < since_s - 60:
-                    return None  # newest first: older than our first try, so it was never made
-            if not page.get("has_more") or not page.get("data"):
-                return None
-            after = page["data"][-1]["id"]
+        async for batch in self.listed(self.path(f"{self.batches_path}?limit=100"), items="data", cursor_param="after",
+                                       cursor=lambda page: page["data"][-1]["id"] if page.get("has_more") else None):
+            if (batch.get("metadata") or {}).get(METADATA_KEY) == provider_batch_id:
+                return self.remote(batch)
+            if float(batch.get("created_at") or 0) < since_s - 60:
+                return None  # newest first: older than our first try, so it was never made
         return None
 
     async def get(self, remote_id: str) -> RemoteBatch:

@@ -38,6 +38,15 @@ def ask(index: int) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": f"line {index}"}], "model": "gpt-4o-mini", "max_tokens": 32}
 
 
+def submitted(cluster: Cluster, count: int) -> str:
+    """A batch of `count` lines submitted with a window, once its provider batch is at the provider."""
+    cluster.start_workers(1)
+    with cluster.service() as service:
+        batch_id = service.submit_batch([ask(index) for index in range(count)], completion_window="24h")
+        wait_until(lambda: [r for r in service.provider_batches(batch_id) if r.remote_id], 30, "a submit")
+    return batch_id
+
+
 def assert_each_line_ran_once(cluster: Cluster, fake: FakeOpenAIBatches, batch_id: str, count: int) -> None:
     with cluster.service() as service:
         batch = service.wait(batch_id, timeout_s=90)
@@ -80,10 +89,7 @@ def test_a_worker_killed_while_polling_leaves_the_next_one_to_finish(tmp_path: P
     fake.timing = BatchTiming(validating_s=0.2, in_progress_s=4.0, window_s=30)
     cluster = cluster_for(tmp_path, fake)
     try:
-        cluster.start_workers(1)
-        with cluster.service() as service:
-            batch_id = service.submit_batch([ask(index) for index in range(20)], completion_window="24h")
-            wait_until(lambda: [r for r in service.provider_batches(batch_id) if r.remote_id], 30, "a submit")
+        batch_id = submitted(cluster, 20)
         cluster.workers[0].kill()
         time.sleep(1.0)
         cluster.start_workers(1)
@@ -96,10 +102,7 @@ def test_a_redis_restart_with_persistence_keeps_every_provider_batch(tmp_path: P
     fake.timing = BatchTiming(validating_s=0.2, in_progress_s=3.0, window_s=30)
     cluster = cluster_for(tmp_path, fake, persistence=True)
     try:
-        cluster.start_workers(1)
-        with cluster.service() as service:
-            batch_id = service.submit_batch([ask(index) for index in range(20)], completion_window="24h")
-            wait_until(lambda: [r for r in service.provider_batches(batch_id) if r.remote_id], 30, "a submit")
+        batch_id = submitted(cluster, 20)
         time.sleep(1.2)  # past the append-only file's once-a-second fsync
         cluster.redis.kill()
         time.sleep(1.0)
