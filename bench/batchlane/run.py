@@ -138,6 +138,7 @@ async def measure(config_path: Path, redis_url: str, database_url: str, url: str
             await asyncio.to_thread(drain_ledger(redis_url, database_url).close)
             record = await service.batch(batch_id)
             assert record is not None
+            provider_batches = await service.provider_batches(batch_id)
             figures[name] = {
                 "turnaround_s": round(turnaround_s, 1),
                 "succeeded": record.counts.get("succeeded", 0), "failed": record.counts.get("failed", 0),
@@ -149,6 +150,12 @@ async def measure(config_path: Path, redis_url: str, database_url: str, url: str
                 - before["sync_requests"],
                 "limiter_peak": {key: max((sample["limiter"][key] or 0) for sample in samples) for key in LIMITER_FIELDS},
                 **costs(database_url, batch_id),
+                # Seconds after submit_batch began (record.created_at) that each provider batch was taken
+                # in (its lines gathered), accepted by the provider, and ended (every line settled).
+                "provider_batch_times_s": [
+                    {step: round(at - record.created_at, 1) for step, at in (
+                        ("gathered", pb.created_at), ("submitted", pb.submitted_at), ("ended", pb.ended_at)) if at}
+                    for pb in provider_batches],
             }
         figures["cost_ratio"] = round(float(figures["batch_api"]["cost_usd"] / figures["normal_lane"]["cost_usd"]), 4)
         return figures
@@ -168,7 +175,8 @@ def report(figures: dict[str, Any], json_path: str) -> None:
               f"{row['provider_batches']} provider batches; calls: {calls}")
     print(f"  cost ratio (batch API / normal lane): {figures['cost_ratio']}")
     print(f"  turnaround / the fake's batch duration: {lane['turnaround_s'] / duration_s:.2f}; "
-          f"/ its window: {lane['turnaround_s'] / timing['window_s']:.2f}")
+          f"/ its window: {lane['turnaround_s'] / timing['window_s']:.2f}; "
+          f"provider batch steps (s after submit): {lane['provider_batch_times_s']}")
     print(f"  sync limits while the batch API ran: {lane['most_sync_calls_seen']} Chat Completions calls, "
           f"llmq limiter peak {lane['limiter_peak']}")
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
