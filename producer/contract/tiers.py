@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from llmq.contract.config import ProviderConfig
-    from llmq.contract.models import LLMRequest
+    from llmq.contract.models import JobRequest
 
 ServiceTier = Literal["standard", "flex"]
 #: What a usage row's `price_tier` says: the provider's batch API, its flex tier, else standard.
@@ -46,16 +46,20 @@ class ProviderBatchDefaults:
     window_s: float
     #: Gemini only: batches whose requests are at most this many bytes go inline, larger ones as a file.
     inline_max_bytes: int | None = None
+    #: The job kinds (`JobKind` values) its batch API takes.
+    kinds: frozenset[str] = frozenset({"chat"})
 
 
 #: Adapter types whose provider has a batch API llmq speaks (worker/batches/ has one module each).
-#: OpenAI: 50,000 requests and 200 MB per batch, window "24h". Azure OpenAI global batch: 100,000
-#: requests and 200 MB, 24 h target. Anthropic Message Batches: 100,000 requests or 256 MB, ended
+#: OpenAI: 50,000 requests and 200 MB per batch, window "24h", chat and embeddings. Azure OpenAI
+#: global batch: 100,000 requests and 200 MB, 24 h target. Anthropic Message Batches: 100,000 requests or 256 MB, ended
 #: within 24 h. Gemini batch mode: inline up to 20 MB, else a JSONL file (up to 2 GB), 24 h target;
 #: no documented count limit, so llmq cuts at 50,000.
 PROVIDER_BATCH_DEFAULTS: dict[str, ProviderBatchDefaults] = {
-    "openai": ProviderBatchDefaults(max_requests=50_000, max_bytes=200 * 1024 * 1024, window_s=DAY_S),
-    "azure_openai": ProviderBatchDefaults(max_requests=100_000, max_bytes=200 * 1024 * 1024, window_s=DAY_S),
+    "openai": ProviderBatchDefaults(max_requests=50_000, max_bytes=200 * 1024 * 1024, window_s=DAY_S,
+                                    kinds=frozenset({"chat", "embedding"})),
+    "azure_openai": ProviderBatchDefaults(max_requests=100_000, max_bytes=200 * 1024 * 1024, window_s=DAY_S,
+                                          kinds=frozenset({"chat", "embedding"})),
     "anthropic": ProviderBatchDefaults(max_requests=100_000, max_bytes=256 * 1024 * 1024, window_s=DAY_S),
     "gemini": ProviderBatchDefaults(
         max_requests=50_000, max_bytes=2 * 1024 * 1024 * 1024, window_s=DAY_S, inline_max_bytes=20 * 1024 * 1024
@@ -138,7 +142,7 @@ def provider_batch_limits(entry: ProviderConfig) -> ProviderBatchLimits | None:
 
 
 def provider_batch_refusal(
-    entry: ProviderConfig, request: LLMRequest, *, window_s: float, deadline_s: float
+    entry: ProviderConfig, request: JobRequest, *, window_s: float, deadline_s: float
 ) -> str | None:
     """Why a job cannot wait in this entry's provider batch (None: it can)."""
     limits = provider_batch_limits(entry)
@@ -146,6 +150,8 @@ def provider_batch_refusal(
         if entry.adapter_type in PROVIDER_BATCH_DEFAULTS:
             return f"provider {entry.name!r} has its batch API turned off (batch_api.enabled: false)"
         return f"provider {entry.name!r} (type {entry.adapter_type!r}) has no batch API llmq speaks"
+    if request.kind.value not in PROVIDER_BATCH_DEFAULTS[entry.adapter_type].kinds:
+        return f"the batch API of provider {entry.name!r} takes no {request.kind.value} jobs"
     if request.stream:
         return "a streamed request needs an answer as it is written; a provider batch answers at the end"
     if window_s < limits.window_s:

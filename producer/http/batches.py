@@ -12,12 +12,13 @@ after its last job ended writes the output file (one line per success) and the e
 a success's `response.body` is what the endpoint answers over HTTP (a `chat.completion` with
 its tool calls and JSON text, or an embeddings list).
 
-Lanes. OpenAI accepts only `completion_window: "24h"`, which is the jobs' deadline here: a
-request not done by then ends `batch_expired` in the error file. Which lane runs the batch
-is `batch_lane`'s choice, in this one place: the normal lane (the same queues as any job:
-done in minutes) by default; a caller names a lane with `metadata: {"llmq_lane": "normal"}`,
-and will name the half-price provider-batch lane `provider_batch` when that lane exists
-(until then asking for it is refused with a 400 naming `metadata.llmq_lane`).
+Lanes. OpenAI accepts only `completion_window: "24h"`. Which lane runs the batch is
+`batch_lane`'s choice, in this one place: the normal lane (the same queues as any job: done
+in minutes, the window being the jobs' deadline; a request not done by then ends
+`batch_expired` in the error file) by default, or named with `metadata: {"llmq_lane":
+"normal"}`; `{"llmq_lane": "provider_batch"}` submits the batch with the 24 h completion
+window, so each line whose entry has a batch API waits in the provider's, at half price
+(docs/batch-lane.md), and the rest run in the normal lane.
 """
 
 from __future__ import annotations
@@ -52,14 +53,8 @@ ERRORS_SHOWN = 100
 def batch_lane(metadata: dict[str, str] | None) -> str:
     """The lane a batch runs in: the one place it is chosen (see the module docstring)."""
     lane = (metadata or {}).get(LANE_METADATA_KEY, DEFAULT_LANE)
-    if lane == NORMAL_LANE:
+    if lane in (NORMAL_LANE, PROVIDER_BATCH_LANE):
         return lane
-    if lane == PROVIDER_BATCH_LANE:
-        raise InvalidRequestError(
-            "the half-price provider-batch lane is not served by this deployment yet; leave "
-            f"metadata.{LANE_METADATA_KEY} out (or set it to {NORMAL_LANE!r}) for the normal lane",
-            param=f"metadata.{LANE_METADATA_KEY}", code="lane_not_available",
-        )
     raise InvalidRequestError(
         f"metadata.{LANE_METADATA_KEY} must be {NORMAL_LANE!r} or {PROVIDER_BATCH_LANE!r} (got {lane!r})",
         param=f"metadata.{LANE_METADATA_KEY}",
@@ -102,9 +97,13 @@ class Batches:
         parsed = await self._parse(key, content or b"", endpoint)
         batch_id = new_id("batch")
         if not parsed.errors:
+            # The provider-batch lane: the window is the providers' (each job's deadline the window plus
+            # jobs.deadline_s, so a line the provider lets expire still runs in the normal lane).
+            via_providers = lane == PROVIDER_BATCH_LANE
             await self.service.submit_batch(
-                parsed.items, batch_id=batch_id, deadline_s=COMPLETION_WINDOWS_S[window],
+                parsed.items, batch_id=batch_id, deadline_s=None if via_providers else COMPLETION_WINDOWS_S[window],
                 caller_daily_usd=None if key.daily_usd is None else float(key.daily_usd),
+                completion_window=window if via_providers else None,
             )
         row = await asyncio.to_thread(self.batches.create, {
             "batch_id": batch_id, "owner": key.name, "input_file_id": input_file_id, "endpoint": endpoint,

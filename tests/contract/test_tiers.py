@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from llmq.contract.config import ConfigError, parse_config
-from llmq.contract.models import LLMRequest
+from llmq.contract.models import EmbeddingRequest, LLMRequest
 from llmq.contract.tiers import (
     DAY_S,
     PROVIDER_BATCH_DEFAULTS,
@@ -85,3 +85,7 @@ def test_which_jobs_may_wait_in_a_provider_batch() -> None:
     assert "streamed" in str(refusals["stream"])
     assert "batch_api.enabled: false" in str(refusals["off"])
     assert "no batch API" in str(refusals["none"])
+    embedding = EmbeddingRequest(input="hi", model="text-embedding-3-small")
+    assert provider_batch_refusal(openai, embedding, window_s=DAY_S, deadline_s=DAY_S) is None
+    claude = parse_config(CONFIG.replace("enabled: false", "enabled: true")).provider("anthropic")
+    assert "takes no embedding jobs" in str(provider_batch_refusal(claude, embedding, window_s=DAY_S, deadline_s=DAY_S))

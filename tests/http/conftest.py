@@ -13,6 +13,7 @@ import pytest
 from llmq.contract.models import JobRecord
 from tests.http.support import PRICING, FrontProcess, create_key
 from tests.support.fakes.openai import FakeOpenAI
+from tests.support.fakes.openai_batches import FakeOpenAIBatches
 from tests.support.harness import Cluster, fast_retry, openai_entry, service_config, start_cluster
 
 #: A provider entry with the response cache on (the stack's other entry, "fake", has it off).
@@ -51,10 +52,12 @@ class FrontStack:
 
 @pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FrontStack]:
-    fake = FakeOpenAI().start()
+    # With its batch API too, for the provider-batch lane; tended at test speed.
+    fake = FakeOpenAIBatches().start()
     root = tmp_path_factory.mktemp("front")
     providers = {
-        "fake": openai_entry(fake, models=["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"], pricing=PRICING),
+        "fake": openai_entry(fake, models=["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"], pricing=PRICING,
+                             batch_api={"gather_s": 0.3, "poll_min_s": 0.2, "poll_max_s": 0.5}),
         # The same server behind the response cache, for answers that come whole; a model of its own,
         # so the other models' routes stay one hop.
         CACHED_ENTRY: openai_entry(fake, models=[CACHED_MODEL], cache={"enabled": True}),

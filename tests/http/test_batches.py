@@ -170,7 +170,6 @@ def test_batches_list_newest_first_in_pages(stack: FrontStack) -> None:
 @pytest.mark.parametrize(("params", "param"), [
     ({"completion_window": "1h"}, "completion_window"),
     ({"endpoint": "/v1/completions"}, "endpoint"),
-    ({"metadata": {"llmq_lane": "provider_batch"}}, "metadata.llmq_lane"),
     ({"metadata": {"llmq_lane": "fast"}}, "metadata.llmq_lane"),
 ])
 def test_what_a_batch_cannot_be_is_refused_naming_the_param(stack: FrontStack, params: dict[str, Any], param: str) -> None:
@@ -187,6 +186,19 @@ def test_the_normal_lane_can_be_named(stack: FrontStack) -> None:
     batch = client.batches.create(input_file_id=upload(client, [line("a", "b")]), endpoint="/v1/chat/completions",
                                   completion_window="24h", metadata={"llmq_lane": "normal"})
     assert wait_for(client, batch.id).status == "completed"
+
+
+def test_the_provider_batch_lane_sends_the_lines_to_the_providers_batch_api(stack: FrontStack, fake: FakeOpenAI) -> None:
+    fake.reset()  # what earlier tests left on record
+    client = stack.client()
+    batch = client.batches.create(input_file_id=upload(client, [line("a", "b"), line("c", "d")]),
+                                  endpoint="/v1/chat/completions", completion_window="24h",
+                                  metadata={"llmq_lane": "provider_batch"})
+    assert wait_for(client, batch.id).status == "completed"
+    output = [json.loads(text) for text in client.files.content(wait_for(client, batch.id).output_file_id).text.splitlines()]
+    assert sorted(item["custom_id"] for item in output) == ["a", "c"]
+    [remote] = fake.batches.values()  # type: ignore[attr-defined]
+    assert len(remote.lines) == 2 and not [r for r in fake.sync_requests() if "chat" in r.path]  # type: ignore[attr-defined]
 
 
 def test_only_batch_files_are_taken(stack: FrontStack) -> None:

@@ -4,8 +4,9 @@ A batch API speaks for one provider entry through that entry's sync adapter (its
 headers, error mapping and answer parsing), so a line's answer is read exactly as a sync
 call's would be. A subclass writes:
 
-- `encode_line(line)`: the one function that turns an `LLMRequest` into the provider's batch
-  line; it calls the sync adapter's `build_body`, so it grows with the request contract
+- `encode_line(line)`: the one function that turns a job's request (an `LLMRequest`, or an
+  `EmbeddingRequest` where the provider batches embeddings) into the provider's batch line; it
+  calls the sync adapter's `build_body` (`build_embeddings_body`), so it grows with the contract
   (`endpoint(request)` says which endpoint a line goes to, e.g. OpenAI's
   `/v1/chat/completions` or `/v1/embeddings`: a provider batch holds lines of one endpoint);
 - `submit(...)`, `find(...)`, `get(...)`, `cancel(...)`: the batch's life at the provider,
@@ -30,7 +31,7 @@ from urllib.parse import quote
 
 import httpx
 
-from llmq.contract.models import LLMRequest, LLMResponse
+from llmq.contract.models import EmbeddingRequest, JobRequest, JobResponse
 from llmq.worker import errors
 from llmq.worker.providers.http import HTTPProvider
 
@@ -55,7 +56,7 @@ class Line:
     """One job as a line of a provider batch; `request.model` is the hop's model."""
 
     job_id: str
-    request: LLMRequest
+    request: JobRequest
 
     @property
     def key(self) -> str:
@@ -86,7 +87,7 @@ class LineResult:
     """One line's outcome: an answer, or the typed error a sync call would have raised."""
 
     key: str
-    response: LLMResponse | None = None
+    response: JobResponse | None = None
     error: errors.ProviderError | None = None
 
 
@@ -102,7 +103,7 @@ class ProviderBatchAPI(ABC):
 
     # --- the lines -------------------------------------------------------------------
 
-    def endpoint(self, request: LLMRequest) -> str:
+    def endpoint(self, request: JobRequest) -> str:
         """The endpoint a line of this request goes to; lines of one provider batch share it."""
         return ""
 
@@ -145,10 +146,12 @@ class ProviderBatchAPI(ABC):
     def headers(self) -> dict[str, str]:
         return self.adapter.build_headers(None, None)
 
-    def answer(self, line: Line, body: Any, request_id: str | None = None) -> LLMResponse:
+    def answer(self, line: Line, body: Any, request_id: str | None = None) -> JobResponse:
         """A line's answer, read by the sync adapter exactly as a sync call's body would be."""
-        headers = {self.adapter.request_id_headers[0]: request_id} if request_id else {}
-        return self.adapter.parse_response(line.request, body, httpx.Response(200, headers=headers))
+        response = httpx.Response(200, headers={self.adapter.request_id_headers[0]: request_id} if request_id else {})
+        if isinstance(line.request, EmbeddingRequest):
+            return self.adapter.parse_embeddings(line.request, body, response)
+        return self.adapter.parse_response(line.request, body, response)
 
     def line_error(self, line: Line, status_code: int, body: Any, request_id: str | None = None) -> errors.ProviderError:
         """A line's error, classed by the sync adapter as the same status and body would be."""

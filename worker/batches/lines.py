@@ -11,8 +11,8 @@ from contextlib import asynccontextmanager, suppress
 import redis.asyncio as aioredis
 
 from llmq.contract import keys
-from llmq.contract.jobs import RELEASE_LOCK
-from llmq.contract.models import Hop, LLMRequest
+from llmq.contract.jobs import RELEASE_LOCK, load_request
+from llmq.contract.models import EmbeddingRequest, Hop
 from llmq.worker.batches.base import Line
 
 #: Job hashes read per pipeline.
@@ -26,12 +26,14 @@ async def load_lines(client: aioredis.Redis, job_ids: list[str]) -> list[Line]:
         chunk = job_ids[start : start + READ_CHUNK]
         pipe = client.pipeline(transaction=False)
         for job_id in chunk:
-            pipe.hmget(keys.job(job_id), "request", "route", "route_index")
-        for job_id, (request, route, route_index) in zip(chunk, await pipe.execute()):
+            pipe.hmget(keys.job(job_id), "request", "route", "route_index", "kind")
+        for job_id, (request, route, route_index, kind) in zip(chunk, await pipe.execute()):
             if request and route:
                 hop = Hop.model_validate(json.loads(route)[int(route_index or 0)])
-                lines.append(Line(job_id, LLMRequest.model_validate_json(request).model_copy(
-                    update={"model": hop.model, "service_tier": None})))
+                loaded = load_request({"request": request, "kind": kind or ""})
+                update = {"model": hop.model} if isinstance(loaded, EmbeddingRequest) else {
+                    "model": hop.model, "service_tier": None}  # a batch line has no tier of its own
+                lines.append(Line(job_id, loaded.model_copy(update=update)))
     return lines
 
 

@@ -3,7 +3,8 @@
 Wire format (OpenAI API reference: Files, Batch; "Batch API" guide):
 
 - the input is a JSONL file uploaded with `POST /files` (multipart, `purpose=batch`), one line
-  per request: `{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body": {...}}`;
+  per request: `{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body": {...}}`
+  (`/v1/embeddings` for an embedding job: a batch holds lines of one endpoint);
 - `POST /batches` `{"input_file_id", "endpoint", "completion_window": "24h", "metadata"}`; the
   metadata carries the provider batch id, so a batch whose creation answer was lost is found
   again with `GET /batches` (newest first, `after` pages on);
@@ -26,7 +27,7 @@ from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-from llmq.contract.models import LLMRequest
+from llmq.contract.models import EmbeddingRequest, JobRequest
 from llmq.worker.batches.base import Line, LineResult, ProviderBatchAPI, RemoteBatch
 from llmq.worker.providers.azure_openai import AzureOpenAIProvider
 
@@ -44,12 +45,17 @@ class OpenAIBatches(ProviderBatchAPI):
     files_path: ClassVar[str] = "/files"
     batches_path: ClassVar[str] = "/batches"
 
-    def endpoint(self, request: LLMRequest) -> str:
-        return f"{self.url_prefix}/chat/completions"
+    def endpoint(self, request: JobRequest) -> str:
+        kind = "embeddings" if isinstance(request, EmbeddingRequest) else "chat/completions"
+        return f"{self.url_prefix}/{kind}"
 
     def encode_line(self, line: Line) -> dict[str, Any]:
-        body = self.adapter.build_body(line.request, stream=False)
-        return {"custom_id": line.key, "method": "POST", "url": self.endpoint(line.request), "body": body}
+        request = line.request
+        if isinstance(request, EmbeddingRequest):
+            body = self.adapter.build_embeddings_body(request)
+        else:
+            body = self.adapter.build_body(request, stream=False)
+        return {"custom_id": line.key, "method": "POST", "url": self.endpoint(request), "body": body}
 
     def path(self, path: str) -> str:
         return path

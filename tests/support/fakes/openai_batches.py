@@ -185,10 +185,12 @@ class FakeOpenAIBatches(FakeBatchAPI, FakeOpenAI):
         return file_id
 
     def _answer_line(self, job: FakeBatchJob, line: dict[str, Any]) -> Any:
-        """The fake's own Chat Completions answer for a line, as a sync call would get it."""
+        """The fake's own answer for a line (Chat Completions or embeddings), as a sync call would get it."""
         body = line["body"]
-        path = f"/openai/deployments/{body.get('model')}/chat/completions" if job.extra["azure"] else "/v1/chat/completions"
-        reply = FakeOpenAI._chat(self, RecordedRequest("POST", path, {}, {}, json.dumps(body).encode()))
+        kind = "embeddings" if str(line.get("url")).endswith("/embeddings") else "chat/completions"
+        path = f"/openai/deployments/{body.get('model')}/{kind}" if job.extra["azure"] else f"/v1/{kind}"
+        recorded = RecordedRequest("POST", path, {}, {}, json.dumps(body).encode())
+        reply = FakeOpenAI._embeddings(self, recorded) if kind == "embeddings" else FakeOpenAI._chat(self, recorded)
         return reply.body if isinstance(reply, Reply) else None
 
 

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import func, select
 
 from llmq.client.errors import RequestError
-from llmq.contract.models import JobState
+from llmq.contract.models import EmbeddingRequest, EmbeddingResponse, JobState
 from llmq.contract.schema import provider_batch_lines_table, provider_batches_table
 from llmq.worker.pricing import tier_cost
 from tests.reliability.support import assert_each_attempt_recorded_once, drain_ledger, wait_until
@@ -47,7 +47,8 @@ def fakes() -> Iterator[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, fakes: dict[str, Any]) -> Iterator[Cluster]:
     providers = {
-        "openai": openai_entry(fakes["openai"], batch_api={**BATCH_API, "max_requests": 40}),
+        "openai": openai_entry(fakes["openai"], models=["gpt-4o-mini", "text-embedding-3-small"],
+                               batch_api={**BATCH_API, "max_requests": 40}),
         "claude": {"type": "anthropic", "api_key": ANTHROPIC_KEY, "base_url": fakes["anthropic"].url,
                    "models": [CLAUDE], "default_model": CLAUDE, "batch_api": BATCH_API},
         "gemini": {"api_key": "fake-gemini-key", "base_url": fakes["gemini"].base_url,
@@ -201,6 +202,23 @@ def test_each_provider_familys_batch_api_serves_jobs_end_to_end(
     assert len(fakes[fake_name].batches) == 1 and fakes[fake_name].sync_requests() == []
     rows = ledger_usage(cluster, {job.job_id for job in jobs}, 3)
     assert {row["price_tier"] for row in rows} == {"batch"} and all(row["priced"] for row in rows)
+
+
+def test_embedding_jobs_wait_in_provider_batches_of_their_own_endpoint(cluster: Cluster, fakes: dict[str, Any]) -> None:
+    embeddings = [EmbeddingRequest(input=[f"text {index}", "more"], model="text-embedding-3-small", dimensions=4)
+                  for index in range(3)]
+    with cluster.service() as service:
+        batch_id = service.submit_batch([*embeddings, ask("a chat line")], completion_window="24h")
+        batch = service.wait(batch_id, timeout_s=60)
+        jobs = service.results(batch_id)
+    assert batch.counts[JobState.SUCCEEDED] == 4
+    vectors = [job.result for job in jobs if isinstance(job.result, EmbeddingResponse)]
+    assert len(vectors) == 3 and all(len(result.embeddings) == 2 and len(result.embeddings[0]) == 4
+                                     for result in vectors)
+    endpoints = sorted(job.extra["endpoint"] for job in fakes["openai"].batches.values())
+    assert endpoints == ["/v1/chat/completions", "/v1/embeddings"]  # one provider batch per endpoint
+    rows = ledger_usage(cluster, {job.job_id for job in jobs}, 4)
+    assert {row["price_tier"] for row in rows} == {"batch"}
 
 
 def test_status_shows_the_provider_batches_a_batch_waits_in(cluster: Cluster, fakes: dict[str, Any]) -> None:
