@@ -1,4 +1,4 @@
-# The llmq image: every service of docker-compose.yml (workers, beat, Flower) runs it.
+# The llmq image: every service of docker-compose.yml (workers, beat, Flower, the HTTP api) runs it.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -11,7 +11,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY producer ./producer
 COPY worker ./worker
-RUN pip install ".[postgres,bedrock]"
+RUN pip install ".[postgres,bedrock,serve]"
 COPY config ./config
 
 # Never run as root; LLMQ_HOME is the one writable place (beat's schedule, SQLite if no DATABASE_URL).

@@ -4,6 +4,7 @@ The package has four parts, and imports run one way:
 
     llmq.cli  ──>  llmq.client  ──>  llmq.contract
     llmq.cli  ──>  llmq.worker  ──>  llmq.contract
+    llmq.cli  ──>  llmq.http    ──>  llmq.client, llmq.contract (and llmq.worker.limiter)
 
 - `llmq.contract` (producer/contract/): what both sides agree on: the request and
   response models, the config, the Redis keyspace, the job state machine and its
@@ -13,8 +14,11 @@ The package has four parts, and imports run one way:
   the worker.
 - `llmq.worker` (worker/): the Celery app and pool, the engine, middleware, the
   limiter, providers and stores.
-- `llmq.cli` (producer/cli/): the `llmq` command, the only part that composes
-  client and worker.
+- `llmq.http` (producer/http/): OpenAI's API over HTTP (`llmq serve`) with API keys of
+  its own; it composes the client like the command line does, and takes from the worker
+  only the shared limiter (each key's requests/min and budget).
+- `llmq.cli` (producer/cli/): the `llmq` command, which composes client, worker and the
+  HTTP front.
 """
 
 from llmq.contract.models import JobState, LLMRequest, LLMResponse, Message, Usage

@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from llmq.cli.embedded import RedisServer
+from tests.support.pg import PostgresServer, postgres_or_skip
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AGENT_REQUESTS = REPO_ROOT.parent / "shared" / "data" / "agent_requests.jsonl"
@@ -20,6 +21,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis"), persistence=False).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the session (tests skip where initdb/postgres are not on PATH);
+    each test takes a schema or a database of its own."""
+    with postgres_or_skip() as server:
+        yield server
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ Reliability settings, chosen on purpose:
   message, as `task_acks_on_failure_or_timeout` makes a failure do.
 
 Beat (`celery -A llmq.worker.app beat`, started by `llmq up`) sends `llmq.health_check`
-for each provider entry to its queue (worker/health.py). Every log record of the
+for each provider entry to its queue (worker/health.py), and `llmq.provider_batches` for each
+entry with a batch API (worker/batches/: workers tend provider batches without it too). Every log record of the
 process carries the running job's id and no secret (worker/logs.py).
 
 Each provider entry has a queue per lane, `llm.<provider>` (batch) and
@@ -49,6 +50,8 @@ from kombu import Queue
 
 from llmq.contract import keys
 from llmq.contract.queueing import LANE_FIRST_ORDER, make_celery
+from llmq.worker.batches.tend import beat_schedule as provider_batch_beat_schedule
+from llmq.worker.batches.tend import provider_batch_loop
 from llmq.worker.errors import LLMQError
 from llmq.worker.health import beat_schedule as health_beat_schedule
 from llmq.worker.logs import configure as configure_logging
@@ -75,6 +78,8 @@ class WorkerApp(Celery):
     """A Celery app that knows the settings its worker process runs on."""
 
     settings: WorkerSettings
+    #: Loops the runtime runs beside its own, each given the runtime.
+    background_loops: tuple[Callable[[Runtime], Coroutine[Any, Any, None]], ...] = ()
 
 
 def create_app(settings: WorkerSettings | None = None) -> WorkerApp:
@@ -82,13 +87,14 @@ def create_app(settings: WorkerSettings | None = None) -> WorkerApp:
     config = settings.config
     app = make_celery(config, settings.redis_url, name="llmq-worker", app_class=WorkerApp)
     app.settings = settings
+    app.background_loops = (provider_batch_loop,)
     app.conf.update(WORKER_SETTINGS, task_queues=[Queue(queue) for name in config.providers for queue in keys.lane_queues(name)])
     # Interactive queues first at every fetch (contract/queueing.py, LaneFirstCycle).
     app.conf.broker_transport_options = {**app.conf.broker_transport_options, **LANE_FIRST_ORDER}
     _created.append(app)
     # Job ids on every log record, no secret in any (worker/logs.py); health checks from beat (worker/health.py).
     configure_logging(config.secrets())
-    app.conf.beat_schedule = health_beat_schedule(config)
+    app.conf.beat_schedule = {**health_beat_schedule(config), **provider_batch_beat_schedule(config)}
 
     async def generate_job(runtime: Runtime, job_id: str, dispatch: int) -> dict[str, Any]:
         from llmq.worker.engine import execute
@@ -106,9 +112,16 @@ def create_app(settings: WorkerSettings | None = None) -> WorkerApp:
 
         await run_health_check(runtime, provider)
 
+    async def tend_provider_batches(runtime: Runtime, provider: str) -> None:
+        from llmq.worker.batches.tend import tend
+
+        await tend(runtime, provider)
+
     # Each task body is a coroutine on the process's loop: `llmq_coroutine` starts it there
     # for worker/pool.py's pool; under another pool the task waits for it in its thread.
-    for name, body in ((keys.TASK_GENERATE, generate_job), (keys.TASK_HEALTH_CHECK, check_health)):
+    tasks = ((keys.TASK_GENERATE, generate_job), (keys.TASK_HEALTH_CHECK, check_health),
+             (keys.TASK_PROVIDER_BATCHES, tend_provider_batches))
+    for name, body in tasks:
         _register_coroutine_task(app, name, body)
     return app
 

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmq.contract import keys
+from llmq.contract.jobs import load_request
 from llmq.contract.labels import TaskLabel
-from llmq.contract.models import Hop, Lane, LLMRequest
+from llmq.contract.models import Hop, JobKind, JobRequest, JobState, Lane
 from llmq.worker import errors
 from llmq.worker.logs import redact
 
@@ -18,7 +19,7 @@ from llmq.worker.logs import redact
 class Attempt:
     job_id: str
     dispatch: int
-    request: LLMRequest
+    request: JobRequest
     route: list[Hop]
     route_index: int
     attempt: int
@@ -38,10 +39,17 @@ class Attempt:
     options: dict[str, Any] = field(default_factory=dict)
     #: Where middleware keeps what it needs between its hooks (a limiter's reservation, say).
     scratch: dict[str, Any] = field(default_factory=dict)
+    #: The state the job is in while this attempt runs: running (a call on a worker), or
+    #: in_provider_batch (a line of a provider batch, settled by worker/batches/settle.py).
+    holds: JobState = JobState.RUNNING
 
     @property
     def hop(self) -> Hop:
         return self.route[self.route_index]
+
+    @property
+    def kind(self) -> JobKind:
+        return self.request.kind
 
     @property
     def flow(self) -> str | None:
@@ -61,7 +69,7 @@ class Attempt:
         return cls(
             job_id=job["job_id"],
             dispatch=dispatch,
-            request=LLMRequest.model_validate_json(job["request"]),
+            request=load_request(job),
             route=[Hop.model_validate(hop) for hop in json.loads(job["route"])],
             route_index=int(job.get("route_index", 0)),
             attempt=int(job["attempt"]),

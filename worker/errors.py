@@ -15,10 +15,19 @@ exc`). Retry and fallback decide on the class alone, never on message text::
      │    ├── QuotaExceededError            llmq's daily quota/budget spent -> next provider
      │    ├── ProviderUnavailableError      llmq's circuit breaker is open  -> next provider
      │    ├── OverloadedError     503/529  provider busy                 -> same provider, later
+     │    │    └── FlexCapacityError           a flex-tier call refused for capacity
+     │    │                                    -> at once at the standard tier, if the job allows
      │    ├── ServerError              5xx                               -> same provider, later
      │    │    └── MalformedResponseError  unparseable body / stream cut short
      │    ├── ProviderTimeoutError          no answer within the timeout -> same provider, later
-     │    └── ProviderConnectionError       could not connect / reset    -> same provider, later
+     │    ├── ProviderConnectionError       could not connect / reset    -> same provider, later
+     │    ├── ProviderBatchError            a provider batch did not run the line (the batch
+     │    │    │                            failed or was cancelled) -> same provider, normal lane
+     │    │    └── ProviderBatchExpiredError    the line expired with the batch's window
+     │    └── OutputValidationError         JSON was asked for and the answer is not JSON, or does
+     │                                      not match the schema -> same provider again
+     │                                      (retry.invalid_output_retries times, default once),
+     │                                      then the next provider
      ├── JobCancelledError                  the caller cancelled the job
      └── DeadlineExceededError              the job's deadline passed
 
@@ -139,6 +148,31 @@ class ProviderConnectionError(ProviderError):
     retryable = True
 
 
+class FlexCapacityError(OverloadedError):
+    """A flex-tier call refused for lack of capacity (OpenAI's 429 "Resource Unavailable", Gemini's 503)."""
+
+
+class ProviderBatchError(ProviderError):
+    """A line of a provider batch that the batch did not run: it goes back on its route as a normal call."""
+
+    retryable = True
+
+
+class ProviderBatchExpiredError(ProviderBatchError):
+    """The line was still unanswered when the batch's window (the provider's, or the job's) ran out."""
+
+
+class OutputValidationError(ProviderError):
+    """The answer is not the JSON the request asked for. `parsed` is never handed back then.
+
+    Asked again at once on the same provider, `retry.invalid_output_retries` times (a model
+    that slipped once often answers well the next time), then the job moves along its route.
+    It says nothing of the provider's health, so the circuit breaker does not count it.
+    """
+
+    retryable = True
+
+
 class JobCancelledError(LLMQError):
     pass
 
@@ -154,7 +188,8 @@ ERRORS_BY_NAME: dict[str, type[LLMQError]] = {
         BadRequestError, ContextWindowExceededError, ContentFilteredError, RateLimitedError, QuotaExceededError,
         ProviderUnavailableError,
         OverloadedError, ServerError, MalformedResponseError, ProviderTimeoutError, ProviderConnectionError,
-        JobCancelledError, DeadlineExceededError,
+        OutputValidationError, FlexCapacityError, ProviderBatchError, ProviderBatchExpiredError, JobCancelledError,
+        DeadlineExceededError,
     )
 }
 

@@ -15,6 +15,13 @@ Three sources, in this order:
 
 A model found in none of them is unpriced: `(None, False)`, never a guess.
 
+Cheaper tiers (`tier_cost`): a line of a provider batch and a flex-tier call are priced from
+the table's own price for that tier where it has one (genai-prices' price variants for
+`processing: batch` and `service_tier: flex`), else at the entry's documented discount of the
+standard price (`batch_api.discount`, `flex.discount`, default 0.5), and a `pricing:` override
+or a local model likewise at the discount. The standard price is kept beside it, so the ledger
+shows what the cheaper tier saved.
+
 Token accounting. `Usage` is normalized by the adapters so that `prompt_tokens`
 includes `cached_read_tokens` and `cache_write_tokens`, and `completion_tokens`
 includes `reasoning_tokens`. genai-prices counts the same way (its
@@ -28,7 +35,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal, localcontext
 from functools import cache
 
@@ -37,6 +45,7 @@ from genai_prices.data_snapshot import get_snapshot
 
 from llmq.contract.config import ModelPrice
 from llmq.contract.models import Usage
+from llmq.contract.tiers import PriceTier
 from llmq.worker.providers.registry import adapter_class
 
 logger = logging.getLogger(__name__)
@@ -152,3 +161,63 @@ def _table_usage(usage: Usage) -> genai_prices.Usage:
         output_tokens=usage.completion_tokens,
         output_reasoning_tokens=usage.reasoning_tokens,
     )
+
+
+#: genai-prices' price context of each cheaper tier (its price variants' `when`).
+TIER_PRICE_CONTEXT: dict[str, dict[str, str]] = {"batch": {"processing": "batch"}, "flex": {"service_tier": "flex"}}
+
+
+@dataclass(frozen=True)
+class TierCost:
+    cost_usd: Decimal | None
+    priced: bool
+    #: What the call would have cost at the standard tier; None for standard calls.
+    standard_cost_usd: Decimal | None = None
+
+
+def tier_cost(
+    provider_type: str,
+    model: str,
+    usage: Usage,
+    *,
+    overrides: Mapping[str, ModelPrice],
+    local: bool,
+    tier: PriceTier,
+    discount: float,
+    at: datetime | None = None,
+) -> TierCost:
+    """The cost of one call at `tier`, and at the standard tier beside it (see the module docstring)."""
+    standard, priced = cost_usd(provider_type, model, usage, overrides=overrides, local=local, at=at)
+    if tier == "standard" or standard is None:
+        return TierCost(standard, priced)
+    from_table = None
+    if model not in overrides and not local:
+        from_table = _tier_cost_from_table(provider_type, model, usage, TIER_PRICE_CONTEXT[tier], at)
+    if from_table is None:
+        from_table = standard * Decimal(str(discount))
+    return TierCost(from_table, True, standard)
+
+
+def _tier_cost_from_table(
+    provider_type: str, model: str, usage: Usage, context: dict[str, str], at: datetime | None
+) -> Decimal | None:
+    """The table's price for a tier, only where the model has a price variant for it (never a standard price)."""
+    target = table_lookup(provider_type, model)
+    if target is None:
+        return None
+    provider_id, model_ref = target
+    try:
+        calculation = genai_prices.calc_price(
+            _table_usage(usage), model_ref, provider_id=provider_id, genai_request_timestamp=at, price_context=context,
+        )
+    except (LookupError, ValueError):
+        return None
+    moment = at or datetime.now(UTC)
+    # A model the table borrows from another provider (Azure's OpenAI models) is priced without variants.
+    own_model = any(model is calculation.model for model in calculation.provider.models)
+    variants = (calculation.model.price_variants or ()) if own_model else ()
+    has_variant = any(
+        variant.when == context and (variant.constraint is None or variant.constraint.active(moment))
+        for variant in variants
+    )
+    return calculation.total_price if has_variant else None

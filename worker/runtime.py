@@ -10,12 +10,14 @@ Background loops on the same event loop:
 - promoter: publishes delayed jobs (retries, rate-limited waits, fallbacks) when due
 - reaper: re-runs jobs whose worker stopped renewing its lease; fails jobs past their deadline
 - lease renewer: keeps this process's running jobs' leases fresh
+- any the app adds: worker/app.py adds the provider batch loop (worker/batches/tend.py)
 and a child process that drains the SQL outbox (worker/store/outbox.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -31,15 +33,16 @@ from celery import Celery
 
 from llmq.contract import keys
 from llmq.contract.jobs import EndedJob, JobStore
+from llmq.contract.provider_batches import ProviderBatchStore
 from llmq.contract.queueing import Message, async_redis, publish_events, publish_messages
 from llmq.worker.middleware.base import Middleware, MiddlewareChain
-from llmq.worker.outcome import ended_events
 from llmq.worker.middleware.budget import BudgetMiddleware
 from llmq.worker.middleware.cache import CacheMiddleware
 from llmq.worker.middleware.circuit import CircuitBreakerMiddleware
 from llmq.worker.middleware.metrics import MetricsMiddleware
 from llmq.worker.middleware.pool import PoolMiddleware
 from llmq.worker.middleware.ratelimit import RateLimitMiddleware
+from llmq.worker.outcome import ended_events
 from llmq.worker.providers.base import LLMProvider
 from llmq.worker.providers.registry import create_provider
 from llmq.worker.settings import WorkerSettings
@@ -50,6 +53,7 @@ T = TypeVar("T")
 
 PROMOTE_INTERVAL_S = 0.1
 REAP_INTERVAL_S = 1.0
+
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -96,6 +100,7 @@ class Runtime:
         self._thread.start()
         self.redis: aioredis.Redis = self.run(self._connect())
         self.jobs = JobStore(self.redis)
+        self.provider_batches = ProviderBatchStore(self.redis)
         self.middleware = MiddlewareChain(default_middleware())
         self.run(self._start_middleware())
         self._tasks: list[asyncio.Future[Any]] = []
@@ -157,7 +162,9 @@ class Runtime:
     # --- background ------------------------------------------------------------------
 
     def start_background(self) -> None:
-        for loop_function in (self._promote_loop, self._reap_loop, self._renew_loop, self._heartbeat_loop):
+        # The app may add loops of its own (worker/app.py: provider batches), each given this runtime.
+        extra = [functools.partial(loop, self) for loop in getattr(self.app, "background_loops", ())]
+        for loop_function in (self._promote_loop, self._reap_loop, self._renew_loop, self._heartbeat_loop, *extra):
             self._tasks.append(asyncio.run_coroutine_threadsafe(loop_function(), self.loop))
         self.outbox_flusher = outbox.start_process(self.redis_url)
 

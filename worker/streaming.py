@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from llmq.contract import keys
 from llmq.contract.models import LLMResponse
-from llmq.contract.streams import CHUNK, ERROR, FINAL, RESET
+from llmq.contract.streams import ERROR, FINAL, RESET, chunk_fields
 
 
 class StreamWriter:
@@ -30,8 +30,7 @@ class StreamWriter:
 
     async def chunk(self, response: LLMResponse, attempt: int) -> None:
         self.sent_chunks += 1
-        await self._add({"type": CHUNK, "content": response.content, "provider": response.provider,
-                         "model": response.model, "attempt": attempt})
+        await self._add(chunk_fields(response, attempt))
 
     async def reset(self, attempt: int, provider: str, model: str, error: dict[str, Any]) -> None:
         await self._add({"type": RESET, "attempt": attempt, "provider": provider, "model": model, "error": json.dumps(error)})
@@ -39,7 +38,7 @@ class StreamWriter:
     async def final(self, response: LLMResponse, attempt: int) -> None:
         if self.sent_chunks == 0 and response.content:  # answered whole (cache, or no streaming): one chunk
             await self.chunk(response, attempt)
-        await self._add({"type": FINAL, "response": response.model_dump_json()})
+        await self._add({"type": FINAL, "response": response.model_dump_json(exclude_none=True)})
 
     async def error(self, error: dict[str, Any]) -> None:
         await self._add({"type": ERROR, "error": json.dumps(error)})

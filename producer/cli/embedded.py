@@ -59,6 +59,7 @@ class RedisServer:
             self.port = free_port()
         args = [
             redis_server_binary(),
+            "-",  # the rest of the config from stdin: the password, kept off the command line `ps` shows
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.data_dir),
@@ -69,9 +70,10 @@ class RedisServer:
             "--loglevel", "warning",
             "--logfile", str(self.data_dir / "redis.log"),
         ]
-        if self.password:
-            args += ["--requirepass", self.password]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert self.process.stdin is not None
+        with self.process.stdin:
+            self.process.stdin.write(f"requirepass {self.password}\n".encode() if self.password else b"")
         self._wait_ready(timeout_s)
         return self
 

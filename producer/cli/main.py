@@ -2,7 +2,7 @@
 
 Each command group is a module with `add_commands(command)`: `jobs` (submit,
 status, results, cancel, chat, tail, models), `reports` (providers, usage),
-`worker`, `stack` (up) and `demo`. A new command is one function in one of them.
+`worker`, `stack` (up), `serve` (serve, keys: the HTTP front) and `demo`. A new command is one function in one of them.
 Commands that run worker code import it inside the command, so the client's
 commands start without it.
 """
@@ -15,7 +15,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from llmq.cli import demo, jobs, reports, stack, worker
+from llmq.cli import demo, jobs, reports, serve, stack, worker
 from llmq.cli.output import EXIT_ERROR, EXIT_USAGE, hint, one_line
 from llmq.contract.config import ConfigError
 
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="show details and tracebacks")
         return sub
 
-    for module in (jobs, reports, worker, stack, demo):
+    for module in (jobs, reports, worker, stack, serve, demo):
         module.add_commands(command)
     return parser
 

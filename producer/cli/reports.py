@@ -210,25 +210,31 @@ def cmd_usage(args: argparse.Namespace) -> int:
     store = Store(args.database_url)
     try:
         rows = store.usage_report(since=since, by=args.by)
+        quarantined = store.quarantined_count()
     finally:
         store.close()
     totals = usage_totals(rows)
     budgets = asyncio.run(budget_status(config)) if config.service.budgets.enabled else None
     if args.json:
-        print(json.dumps({"since": since, "by": args.by, "rows": rows, "totals": totals, "budgets": budgets},
-                         indent=2, default=str))
+        print(json.dumps({"since": since, "by": args.by, "rows": rows, "totals": totals, "budgets": budgets,
+                          "quarantined_rows": quarantined}, indent=2, default=str))
         return 0
     print_usage_table(rows, totals, args.by, since)
     if budgets:
         print_budgets(budgets)
+    if quarantined:
+        print(f"\nNeeds attention: {quarantined} ledger row(s) the database refused are set aside, each with its "
+              "error, in table llmq_quarantine (and Redis list "
+              f"{keys.OUTBOX_DEAD}); what they record is not in the figures above.")
     return 0
 
 
 def usage_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     totals: dict[str, Any] = {"requests": sum(row["requests"] for row in rows)}
-    for column in (*TOKEN_COLUMNS, "cache_write_tokens", "cached_hits", "unpriced"):
+    for column in (*TOKEN_COLUMNS, "cache_write_tokens", "cached_hits", "unpriced", "cheaper_tier"):
         totals[column] = sum(int(row.get(column) or 0) for row in rows)
-    totals["cost_usd"] = sum((Decimal(row["cost_usd"]) for row in rows), Decimal(0))
+    for column in ("cost_usd", "standard_cost_usd", "saved_usd"):
+        totals[column] = sum((Decimal(row.get(column) or 0) for row in rows), Decimal(0))
     return totals
 
 
@@ -237,13 +243,20 @@ def print_usage_table(rows: list[dict[str, Any]], totals: dict[str, Any], by: st
     print(header)
     columns = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "cached_hits", "unpriced")
     titles = ("requests", "prompt", "completion", "total", "cost USD", "cached", "unpriced")
+    if totals.get("cheaper_tier"):  # provider batches or flex ran some of it: what that saved
+        columns += ("standard_cost_usd", "saved_usd")
+        titles += ("standard USD", "saved USD")
     width = max([len(by), 5, *(len(str(row[by])) for row in rows)])
     print(f"  {by:<{width}} " + " ".join(f"{title:>12}" for title in titles))
     for row in [*rows, {by: "TOTAL", **totals}]:
-        cells = [f"{_money(row[c]) if c == 'cost_usd' else row[c]:>12}" for c in columns]
+        cells = [f"{_money(row[c]) if c.endswith('_usd') else row[c]:>12}" for c in columns]
         print(f"  {str(row[by] if row[by] is not None else '-'):<{width}} " + " ".join(cells))
     if totals["unpriced"]:
         print(f"  ({totals['unpriced']} rows had no known price and count as $0; add `pricing:` to their provider entry)")
+    if totals.get("cheaper_tier"):
+        share = totals["saved_usd"] / totals["standard_cost_usd"] if totals["standard_cost_usd"] else Decimal(0)
+        print(f"  ({totals['cheaper_tier']} requests ran through provider batches or the flex tier: "
+              f"${_money(totals['saved_usd'])} saved, {share:.0%} off the standard price of all rows shown)")
 
 
 def _money(value: Any) -> str:

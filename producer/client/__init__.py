@@ -5,6 +5,7 @@ it never imports the worker.
 """
 
 from llmq.client.errors import JobFailedError, RequestError
-from llmq.client.service import BatchItem, LLMService, SyncLLMService
+from llmq.client.service import BatchItem, LLMService
+from llmq.client.sync import SyncLLMService
 
 __all__ = ["BatchItem", "JobFailedError", "LLMService", "RequestError", "SyncLLMService"]

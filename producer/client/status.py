@@ -1,7 +1,8 @@
-"""The live status of each provider entry, read from the shared keyspace.
+"""The live status of each provider entry, and of the ledger's outbox, read from the shared keyspace.
 
 Workers write it (worker/middleware/lua/circuit.lua for the circuit breaker and the last error,
-worker/health.py for health checks, worker/middleware/pool.py for pools' splits); this module
+worker/health.py for health checks, worker/middleware/pool.py for pools' splits,
+worker/store/outbox.py for the outbox); this module
 only reads, so the producer never imports worker code. Times are epoch seconds.
 """
 
@@ -11,7 +12,9 @@ import json
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
+from llmq.client.waiting import read_heartbeats
 from llmq.contract import keys
 from llmq.contract.config import LLMConfig
 
@@ -21,7 +24,7 @@ RECENT_CHECKS = 10
 
 async def read_provider_status(client: aioredis.Redis, config: LLMConfig, recent: int = RECENT_CHECKS) -> dict[str, dict[str, Any]]:
     names, pools = list(config.providers), list(config.pools)
-    on_workers = await workers_configured(client)
+    on_workers = await read_workers_configured(client)
     async with client.pipeline(transaction=False) as pipe:
         pipe.time()
         for name in names:
@@ -51,16 +54,6 @@ def pool_split(config: LLMConfig, pool: str, counts: dict[str, str]) -> dict[str
     return {member: {"name": pool, "strategy": config.pools[pool].strategy, "calls": calls,
                      "share": round(calls / total, 4) if total else None, "since": since}
             for member, calls in served.items()}
-
-
-async def workers_configured(client: aioredis.Redis) -> frozenset[str]:
-    """Providers that live workers hold keys for (their heartbeats say), which this process may not."""
-    names: set[str] = set()
-    async for key in client.scan_iter(keys.WORKER_PREFIX + "*", count=500):
-        beat = await client.get(key)
-        if beat:
-            names.update(json.loads(beat).get("configured", []))
-    return frozenset(names)
 
 
 def _provider_status(
@@ -114,3 +107,34 @@ def _circuit(fields: dict[str, str], cooldown_s: float, now_s: float) -> dict[st
 
 def _seconds(epoch_ms: str | None) -> float | None:
     return int(epoch_ms) / 1000.0 if epoch_ms else None
+
+
+async def ledger_backlog(client: aioredis.Redis) -> dict[str, int]:
+    """The SQL ledger as the outbox sees it: `outbox` rows waiting for SQL, `needs_attention`
+    (rows the ledger refused, in the dead-letter list) and `quarantined_total` (refused so far)."""
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.llen(keys.OUTBOX)
+        pipe.llen(keys.OUTBOX_DEAD)
+        pipe.get(keys.OUTBOX_QUARANTINED)
+        outbox, dead, total = await pipe.execute()
+    return {"outbox": int(outbox), "needs_attention": int(dead), "quarantined_total": int(total or 0)}
+
+
+async def read_workers_configured(client: aioredis.Redis) -> frozenset[str]:
+    """Providers that live workers hold keys for, read from their heartbeats; none when Redis is away."""
+    try:
+        beats = await read_heartbeats(client)
+    except redis.exceptions.RedisError:
+        return frozenset()
+    return frozenset(name for beat in beats for name in beat.get("configured", []))
+
+
+async def read_cache_stats(client: aioredis.Redis, config: LLMConfig) -> dict[str, dict[str, float]]:
+    """Response-cache hits, misses and hit ratio per provider entry (last 7 days)."""
+    stats: dict[str, dict[str, float]] = {}
+    for name in config.providers:
+        raw = await client.hgetall(keys.cache_stats(name))
+        hits, misses = int(raw.get("hits", 0)), int(raw.get("misses", 0))
+        if hits or misses:
+            stats[name] = {"hits": hits, "misses": misses, "hit_ratio": round(hits / (hits + misses), 4)}
+    return stats

@@ -27,16 +27,16 @@ from pydantic import (
     model_validator,
 )
 
+from llmq.contract.capabilities import CapabilityOverride
+from llmq.contract.interpolation import interpolate
 from llmq.contract.scheduling import LaneSettings, PoolSettings, all_pools, chain_names, check_routes
+from llmq.contract.tiers import TierSettings
 from llmq.contract.validation import describe_config_error
 
 CONFIG_ENV = "LLMQ_CONFIG"
 DEFAULT_CONFIG_PATHS = (Path("config/llm_service.yaml"), Path("llm_service.yaml"))
 #: A link to config/llm_service.yaml that the wheel carries as a file.
 PACKAGED_CONFIG = Path(__file__).parents[1] / "data" / "llm_service.yaml"
-#: Where a local stack keeps its files (SQLite ledger, embedded Redis, logs): $LLMQ_HOME, else ./.llmq.
-HOME_ENV = "LLMQ_HOME"
-DEFAULT_HOME = ".llmq"
 
 #: Provider adapters, llmq's own among them, are the entry points of this group
 #: (pyproject.toml); the worker's registry loads them, this module only reads their names.
@@ -51,7 +51,6 @@ PROVIDER_TYPE_ALIASES = {"google": "gemini", "palm": "gemini", "azure": "azure_o
 
 #: Adapter options that hold credentials (Bedrock's AWS secret key and session token, ...).
 _SECRET_OPTION = re.compile(r"(secret|password|session_token|api_key|access_key)", re.IGNORECASE)
-_VAR_PATTERN = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
 
 
 class ConfigError(ValueError):
@@ -107,7 +106,7 @@ class CacheSettings(_Strict):
     only_deterministic: bool = True
 
 
-class ProviderConfig(_Strict):
+class ProviderConfig(_Strict, TierSettings):  # batch_api, service_tier, flex: contract/tiers.py
     type: str | None = None
     enabled: bool = True
     api_key: SecretStr | None = None
@@ -122,6 +121,9 @@ class ProviderConfig(_Strict):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     #: Adapter-specific settings (api_version, region, latency_s, ...); each adapter checks its own.
     options: dict[str, Any] = Field(default_factory=dict)
+    #: Model name or fnmatch pattern ("*": every model) -> capabilities laid over the adapter's
+    #: defaults (producer/data/capabilities.yaml), e.g. {"*": {tools: true}} for a vLLM started with tools.
+    capabilities: dict[str, CapabilityOverride] = Field(default_factory=dict)
 
     # Filled by the loader, never from YAML.
     name: str = Field(default="", exclude=True)
@@ -164,6 +166,9 @@ class RetrySettings(_Strict):
     backoff_max_s: float = Field(default=30.0, gt=0)
     #: A provider's `retry-after` is honoured up to this many seconds.
     retry_after_cap_s: float = Field(default=120.0, gt=0)
+    #: Times an answer that does not match the requested JSON schema is asked for again on the
+    #: same provider before the job moves on along its route (OutputValidationError).
+    invalid_output_retries: int = Field(default=1, ge=0, le=10)
 
 
 class JobSettings(_Strict):
@@ -212,6 +217,13 @@ class BudgetSettings(_Strict):
         return bool(self.per_caller_daily_usd or self.per_provider_daily_usd)
 
 
+class ClientSettings(_Strict):
+    """How callers (`LLMService`, the `llmq` command) wait on Redis."""
+
+    #: A wait under way gives up after Redis has not answered this long (s); its jobs are not lost.
+    redis_unreachable_s: float = Field(default=120.0, gt=0)
+
+
 class ServiceConfig(_Strict):
     #: A provider entry, or a pool named under `pools`.
     default_provider: str | None = None
@@ -226,6 +238,7 @@ class ServiceConfig(_Strict):
     jobs: JobSettings = Field(default_factory=JobSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
+    client: ClientSettings = Field(default_factory=ClientSettings)
     providers: dict[str, ProviderConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -298,11 +311,6 @@ class LLMConfig:
         return found
 
 
-def llmq_home() -> Path:
-    """The local stack's directory ($LLMQ_HOME, default ./.llmq), as an absolute path."""
-    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().resolve()
-
-
 def known_provider_types() -> set[str]:
     """Every `type:` a config may name: the adapters' entry-point names and the aliases.
 
@@ -310,28 +318,6 @@ def known_provider_types() -> set[str]:
     """
     names = {entry.name for entry in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)}
     return names | set(PROVIDER_TYPE_ALIASES) if names else set()
-
-
-def interpolate(value: Any, environ: dict[str, str], missing: dict[str, list[str]], path: str = "") -> Any:
-    """Replace `${VAR}` / `${VAR:-default}` in every string, recording unset variables by key path."""
-    if isinstance(value, dict):
-        return {key: interpolate(item, environ, missing, f"{path}.{key}" if path else str(key)) for key, item in value.items()}
-    if isinstance(value, list):
-        return [interpolate(item, environ, missing, f"{path}[{index}]") for index, item in enumerate(value)]
-    if not isinstance(value, str):
-        return value
-
-    def substitute(match: re.Match[str]) -> str:
-        name, default = match.group("name"), match.group("default")
-        found = environ.get(name)
-        if found:
-            return found
-        if default is not None:
-            return default
-        missing.setdefault(path, []).append(name)
-        return ""
-
-    return _VAR_PATTERN.sub(substitute, value)
 
 
 def resolve_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:

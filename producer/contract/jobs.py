@@ -17,21 +17,26 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 
 from llmq.contract import keys
+from llmq.contract.common import replace_lone_surrogates
+from llmq.contract.labels import TaskLabel
 from llmq.contract.models import (
+    REQUEST_MODELS,
+    RESPONSE_MODELS,
     BatchRecord,
     Hop,
+    JobKind,
     JobRecord,
+    JobRequest,
+    JobResponse,
     JobState,
     Lane,
-    LLMRequest,
-    LLMResponse,
 )
-from llmq.contract.labels import TaskLabel
 from llmq.contract.queueing import Message
 from llmq.contract.scripts import read_script
 
 WAITING_STATES = (JobState.QUEUED, JobState.RETRYING, JobState.RATE_LIMITED)
-ACTIVE_STATES = (*WAITING_STATES, JobState.RUNNING)
+#: Every state a job can still leave: a cancel or a deadline ends it from any of these.
+ACTIVE_STATES = (*WAITING_STATES, JobState.RUNNING, JobState.IN_PROVIDER_BATCH)
 #: A published job not claimed this long, on a queue that holds no message, is published again.
 PUBLISH_GRACE_MS = 30_000
 #: The same watchdog interval for jobs the promoter publishes (retries, fallbacks, re-runs).
@@ -46,6 +51,10 @@ PROMOTE_RECHECK_MS = 5_000
 RESTART_RECHECK_MS = 1_000
 
 
+#: Job option (`NewJob.options`) carrying the caller's own daily budget in USD (an HTTP front
+#: key's `--daily-usd`); the worker's budget middleware uses it before `per_caller_daily_usd`.
+CALLER_BUDGET_OPTION = "caller_daily_usd"
+
 #: Compare-and-delete for the locks several processes take (reaper, outbox flusher).
 RELEASE_LOCK = read_script(__file__, "release_lock.lua")
 
@@ -57,13 +66,21 @@ def _script(name: str) -> str:
 @dataclass
 class NewJob:
     job_id: str
-    request: LLMRequest
+    request: JobRequest
     route: list[Hop]
     batch_id: str | None = None
     custom_id: str | None = None
     deadline_s: float = 3600.0
     options: dict[str, Any] = field(default_factory=dict)
     lane: Lane = Lane.BATCH
+    #: Seconds the caller can wait for the answer (a completion window), if it said.
+    completion_window_s: float | None = None
+    #: The job waits in its first hop's provider batch intake instead of being published.
+    via_provider_batch: bool = False
+
+    @property
+    def first_state(self) -> JobState:
+        return JobState.IN_PROVIDER_BATCH if self.via_provider_batch else JobState.QUEUED
 
     @cached_property
     def label(self) -> TaskLabel:
@@ -80,7 +97,8 @@ class NewJob:
     def fields(self) -> list[str]:
         values = {
             "job_id": self.job_id,
-            "request": self.request.model_dump_json(),
+            "kind": self.request.kind.value,
+            "request": dump_request(self.request),
             "route": dump_route(self.route),
             "queue": self.queue,
             "lane": self.lane.value,
@@ -88,6 +106,8 @@ class NewJob:
             "custom_id": self.custom_id or "",
             "options": json.dumps(self.options),
             "label": self.label.stored(),
+            "completion_window_s": "" if self.completion_window_s is None else str(self.completion_window_s),
+            "provider_batch": "",
         }
         return [item for pair in values.items() for item in pair]
 
@@ -146,10 +166,11 @@ class JobStore:
                 keys=[
                     keys.job(job.job_id), keys.batch(batch_id), keys.batch_jobs(batch_id),
                     keys.batch_custom_ids(batch_id), keys.DELAYED, keys.DEADLINES, keys.OUTBOX,
+                    keys.provider_batch_intake(job.route[0].provider),
                 ],
                 args=[
                     job.job_id, batch_id, job.custom_id or "", int(job.deadline_s * 1000), PUBLISH_GRACE_MS,
-                    ttl_s + int(job.deadline_s), *job.fields(),
+                    ttl_s + int(job.deadline_s), job.first_state.value, *job.fields(),
                 ],
                 client=pipe,
             )
@@ -235,7 +256,7 @@ class JobStore:
                 "" if expected_dispatch is None else str(expected_dispatch), ",".join(state.value for state in allowed),
                 new_state.value,
                 delay_ms, "1" if new_dispatch else "0", ttl_s,
-                json.dumps(attempt) if attempt else "", json.dumps(rows) if rows else "", *flat,
+                _lua_json(attempt) if attempt else "", _lua_json(rows) if rows else "", *flat,
             ],
         )
         # 'missing': no such job (expired or never created).
@@ -301,13 +322,43 @@ class JobStore:
             await self.redis.zadd(keys.LEASES, {job_id: expiry for job_id in job_ids}, xx=True)
 
 
+def _lua_json(value: Any) -> str:
+    """JSON for a script that decodes it: Redis's cjson refuses a lone surrogate's escape, and a
+    provider's error message may hold one, which would leave the job unable to move."""
+    return json.dumps(replace_lone_surrogates(value))
+
+
+def dump_request(request: JobRequest) -> str:
+    """A request as the job record keeps it: fields left at None are left out (most are, in a plain chat)."""
+    return request.model_dump_json(exclude_none=True)
+
+
+def dump_response(response: JobResponse) -> str:
+    return response.model_dump_json(exclude_none=True)
+
+
+def job_kind(raw: dict[str, str]) -> JobKind:
+    """A job record's kind; a record written before kinds existed is a chat."""
+    return JobKind(raw.get("kind") or JobKind.CHAT.value)
+
+
+def load_request(raw: dict[str, str]) -> JobRequest:
+    return REQUEST_MODELS[job_kind(raw)].model_validate_json(raw["request"])
+
+
+def load_response(kind: JobKind, text: str) -> JobResponse:
+    return RESPONSE_MODELS[kind].model_validate_json(text)
+
+
 def parse_job(raw: dict[str, str], attempts: list[str]) -> JobRecord | None:
     if not raw or "request" not in raw:
         return None
+    kind = job_kind(raw)
     return JobRecord(
         job_id=raw["job_id"],
+        kind=kind,
         state=JobState(raw["state"]),
-        request=LLMRequest.model_validate_json(raw["request"]),
+        request=load_request(raw),
         route=[Hop.model_validate(hop) for hop in json.loads(raw["route"])],
         route_index=int(raw.get("route_index", 0)),
         attempt=int(raw.get("attempt", 0)),
@@ -318,9 +369,11 @@ def parse_job(raw: dict[str, str], attempts: list[str]) -> JobRecord | None:
         updated_at=_seconds(raw.get("updated_at")),
         finished_at=_seconds(raw.get("finished_at")),
         deadline_at=_seconds(raw.get("deadline_at")),
-        result=LLMResponse.model_validate_json(raw["result"]) if raw.get("result") else None,
+        result=load_response(kind, raw["result"]) if raw.get("result") else None,
         error=json.loads(raw["error"]) if raw.get("error") else None,
         attempts=[json.loads(item) for item in attempts],
+        provider_batch=raw.get("provider_batch") or None,
+        completion_window_s=float(raw["completion_window_s"]) if raw.get("completion_window_s") else None,
     )
 
 

@@ -77,6 +77,11 @@ DEADLINES = f"{PREFIX}:deadlines"
 OUTBOX = f"{PREFIX}:outbox"
 #: Lock held by the one process flushing the outbox at a time.
 OUTBOX_LOCK = f"{PREFIX}:outbox:lock"
+#: List of outbox rows the SQL ledger refused (a data error), each JSON {entry, row, error, at}:
+#: the rows that need attention. The same rows are in the ledger's quarantine table.
+OUTBOX_DEAD = f"{PREFIX}:outbox:dead"
+#: Counter: outbox rows quarantined so far (what the metrics sampler reports).
+OUTBOX_QUARANTINED = f"{PREFIX}:outbox:quarantined"
 #: Lock held by the one process sweeping leases and deadlines at a time.
 REAPER_LOCK = f"{PREFIX}:reaper:lock"
 #: RESTART_RECHECK_PREFIX + Redis run id: set by the one worker that rechecks published jobs after a restart.
@@ -216,3 +221,53 @@ def rate_limit_flows(bucket: str) -> str:
 def rate_limit_usage(scope: str) -> str:
     """Hash: the scope's requests and tokens in each of the last 60 one-second slots, for reports."""
     return f"{scope}:usage"
+
+
+def caller_requests(caller: str) -> str:
+    """String (epoch s, float): one caller's requests/min bucket for the HTTP front (worker/limiter/lua/caller_limits.lua)."""
+    return f"{PREFIX}:caller:{caller}:requests"
+
+
+#: Celery task that tends one provider entry's provider batches (sent by beat to the provider's queue).
+TASK_PROVIDER_BATCHES = "llmq.provider_batches"
+#: Prefix of every provider batch's keys: PROVIDER_BATCH_PREFIX + provider batch id (+ ":jobs").
+PROVIDER_BATCH_PREFIX = f"{PREFIX}:pbatch:"
+
+
+def provider_batch(provider_batch_id: str) -> str:
+    """Hash: one provider batch (contract/provider_batches.py): entry, model, state, remote id, counts, times."""
+    return PROVIDER_BATCH_PREFIX + provider_batch_id
+
+
+def provider_batch_jobs(provider_batch_id: str) -> str:
+    """List of the job ids of a provider batch, in line order."""
+    return f"{PROVIDER_BATCH_PREFIX}{provider_batch_id}:jobs"
+
+
+def provider_batch_lock(provider_batch_id: str) -> str:
+    """String: held by the one process submitting or polling this provider batch."""
+    return f"{PROVIDER_BATCH_PREFIX}{provider_batch_id}:lock"
+
+
+def provider_batch_intake(provider: str) -> str:
+    """Sorted set job_id -> epoch ms submitted: jobs with a completion window waiting to be grouped."""
+    return f"{PREFIX}:pbatch-intake:{provider}"
+
+
+def provider_batch_intake_lock(provider: str) -> str:
+    """String: held by the one process grouping a provider entry's intake into provider batches."""
+    return f"{PREFIX}:pbatch-intake:{provider}:lock"
+
+
+def provider_batches_open(provider: str) -> str:
+    """Sorted set provider_batch_id -> epoch ms of its next poll: a provider entry's unfinished provider batches."""
+    return f"{PREFIX}:pbatch-open:{provider}"
+
+
+#: batch(batch_id) + this: the set `batch_provider_batches` names (provider_batch_claim.lua completes it).
+BATCH_PROVIDER_BATCHES_SUFFIX = ":pbatches"
+
+
+def batch_provider_batches(batch_id: str) -> str:
+    """Set: the provider batches holding lines of an llmq batch (so cancelling the batch cancels them)."""
+    return batch(batch_id) + BATCH_PROVIDER_BATCHES_SUFFIX

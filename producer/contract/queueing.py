@@ -23,6 +23,7 @@ from redis.backoff import ExponentialBackoff
 
 from llmq.contract import keys
 from llmq.contract.config import LLMConfig
+from llmq.contract.home import read_stack_redis_url, stack_redis_url_path
 from llmq.contract.labels import TaskLabel
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,28 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def redis_url(explicit: str | None = None) -> str:
-    return explicit or os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
+    """`explicit`, else `$LLMQ_REDIS_URL`, else the Redis of the `llmq up` running here
+    (`$LLMQ_HOME/redis.url`), else the default local Redis."""
+    return explicit or os.environ.get(REDIS_URL_ENV) or read_stack_redis_url() or DEFAULT_REDIS_URL
+
+
+def redact_url(url: str) -> str:
+    """A URL fit to print: its password replaced by ***."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+def redis_url_source(explicit: str | None = None) -> str:
+    """Where `redis_url(explicit)` came from, for messages about a Redis that does not answer."""
+    if explicit:
+        return "given"
+    if os.environ.get(REDIS_URL_ENV):
+        return f"from {REDIS_URL_ENV}"
+    if read_stack_redis_url():
+        return f"from {stack_redis_url_path()}, written by `llmq up`"
+    return "the default"
 
 
 #: A Redis restart or a dropped link is ridden through: commands retry with backoff for ~30 s.

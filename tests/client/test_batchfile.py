@@ -83,18 +83,20 @@ def test_a_file_with_windows_line_ends_reads(tmp_path: Path, service: LLMService
         (b"\xff\xfe not text", "not valid JSON"),
         ('["custom_id", "body"]', "must be a JSON object with custom_id and body"),
         ('"just a string"', "must be a JSON object with custom_id and body"),
-        (line("a", method="POST", url="/v1/chat"), "unknown key 'method'; a line holds only custom_id and body"),
+        (line("a", response={}), "unknown key 'response'; a line holds custom_id, method, url and body"),
+        (line("a", method="POST", url="/v1/chat"), "url '/v1/chat' is not served; use one of: /v1/chat/completions, "
+                                                   "/v1/embeddings"),
         (json.dumps({"body": body()}), "custom_id must be a non-empty string of at most 256 characters"),
         (line(7), "custom_id must be a non-empty string of at most 256 characters"),
         (line(""), "custom_id must be a non-empty string of at most 256 characters"),
         (line("   "), "custom_id must be a non-empty string of at most 256 characters"),
         (line("x" * 257), "custom_id must be a non-empty string of at most 256 characters"),
         ('{"custom_id": "\\ud800", "body": {}}', "custom_id must be valid Unicode text (it holds a lone surrogate)"),
-        (json.dumps({"custom_id": "a"}), "body must be a JSON object of LLMRequest fields (messages, model, ...)"),
-        (json.dumps({"custom_id": "a", "body": "hi"}), "body must be a JSON object of LLMRequest fields"),
+        (json.dumps({"custom_id": "a"}), "body must be a JSON object: the request (messages, model, ..."),
+        (json.dumps({"custom_id": "a", "body": "hi"}), "body must be a JSON object: the request"),
     ],
     ids=[
-        "bad-json", "not-utf8", "array", "string", "unknown-key", "no-custom-id", "number-custom-id",
+        "bad-json", "not-utf8", "array", "string", "unknown-key", "unknown-url", "no-custom-id", "number-custom-id",
         "empty-custom-id", "blank-custom-id", "long-custom-id", "surrogate-custom-id", "no-body", "string-body",
     ],
 )
@@ -111,11 +113,11 @@ def test_a_bad_line_is_refused_with_its_number_and_reason(
         (body(temperature=5), "body: temperature: Input should be less than or equal to 2"),
         (
             {"messages": [{"role": "robot", "content": "x"}], "model": "gpt-4o-mini"},
-            "body: messages.0.role: Input should be 'system', 'user' or 'assistant'",
+            "body: messages.0.role: Input should be 'system', 'user', 'assistant' or 'tool'",
         ),
         ({"model": "gpt-4o-mini"}, "body: messages: Field required"),
         (body(stream="sometimes"), "body: stream: Input should be a valid boolean"),
-        (body(seed=1), "body: seed: Extra inputs are not permitted"),
+        (body(n=2), "body: n: Extra inputs are not permitted; llmq's request has no such field"),
         (body(model="mystery"), "body: model 'mystery': no configured provider serves it (configured: primary)"),
         (body(provider="elsewhere"), "body: provider 'elsewhere' is not in the config; use one of: primary"),
     ],
@@ -173,7 +175,7 @@ def test_a_file_with_no_requests_is_refused(tmp_path: Path, service: LLMService,
     path.write_bytes(content)
     with pytest.raises(RequestError) as refused:
         read_batch_file(path, service)
-    assert str(refused.value) == f"{path}: holds no requests (one JSON object per line: custom_id and body)"
+    assert str(refused.value) == f"{path}: holds no requests (one JSON object per line: custom_id, method, url and body)"
     assert refused.value.problems == []
 
 

@@ -7,6 +7,8 @@ On that graph: no import loops; the parts import only downward
 
     llmq.cli  ->  llmq.client  ->  llmq.contract
     llmq.cli  ->  llmq.worker  ->  llmq.contract
+    llmq.cli  ->  llmq.http    ->  llmq.client, llmq.contract, llmq.worker.limiter (and no other worker part)
+                  llmq.langchain  ->  llmq.client, llmq.contract (an optional extra: no other part imports it)
 
 no module or Lua script over MAX_LINES; pyproject.toml lists exactly the package
 folders; and nothing imports the folder names `producer` or `worker`.
@@ -32,10 +34,16 @@ MAX_LINES = 400
 OVER_THE_LIMIT_FOR_NOW: set[str] = set()
 #: part -> the parts it must never import.
 FORBIDDEN_IMPORTS = {
-    "llmq.contract": ("llmq.client", "llmq.cli", "llmq.worker"),
-    "llmq.client": ("llmq.worker", "llmq.cli"),
-    "llmq.worker": ("llmq.client", "llmq.cli"),
+    "llmq.contract": ("llmq.client", "llmq.cli", "llmq.worker", "llmq.http", "llmq.langchain"),
+    "llmq.client": ("llmq.worker", "llmq.cli", "llmq.http", "llmq.langchain"),
+    "llmq.worker": ("llmq.client", "llmq.cli", "llmq.http", "llmq.langchain"),
+    "llmq.http": ("llmq.cli", "llmq.langchain"),
+    "llmq.cli": ("llmq.langchain",),
+    # A caller's library like any other: what callers import, never the worker, the CLI or the front.
+    "llmq.langchain": ("llmq.worker", "llmq.cli", "llmq.http"),
 }
+#: The one part of the worker the HTTP front may import: the shared limiter (each key's own limits).
+HTTP_WORKER_PART = "llmq.worker.limiter"
 BARE_FOLDER_NAMES = frozenset({"producer", "worker"})
 
 
@@ -216,6 +224,16 @@ def test_parts_import_only_downward(part: str) -> None:
         if any(in_part(target, forbidden) for forbidden in FORBIDDEN_IMPORTS[part])
     ]
     assert not wrong, f"{part} must not import {', '.join(FORBIDDEN_IMPORTS[part])}:\n" + "\n".join(wrong)
+
+
+def test_the_http_front_uses_only_the_worker_s_limiter() -> None:
+    wrong = [
+        f"{module} imports {target} (line {line})"
+        for module, targets in sorted(import_graph().items()) if in_part(module, "llmq.http")
+        for target, line in sorted(targets.items())
+        if in_part(target, "llmq.worker") and not in_part(target, HTTP_WORKER_PART)
+    ]
+    assert not wrong, f"llmq.http may import only {HTTP_WORKER_PART} of the worker:\n" + "\n".join(wrong)
 
 
 def test_nothing_imports_the_bare_folder_names() -> None:

@@ -131,6 +131,26 @@ def drain_ledger(redis_url: str, database_url: str, timeout_s: float = 45.0) -> 
     return Store(database_url)
 
 
+def ledger_complete(redis_url: str, database_url: str, records: list[JobRecord]) -> bool:
+    """True once the workers' flushers have brought every row of `records` to SQL (checked without flushing)."""
+    if client(redis_url).llen(keys.OUTBOX):
+        return False
+    store = Store(database_url)
+    try:
+        assert_ledger_matches(store, records)
+    except AssertionError:
+        return False
+    finally:
+        store.close()
+    return True
+
+
+def ledger_rows(store: Store, records: Iterable[JobRecord]) -> int:
+    """How many rows the ledger holds for these jobs: a job row, and an attempt and a usage row per call."""
+    return sum((store.job(record.job_id) is not None) + len(store.attempts(record.job_id))
+               + len(store.usage_rows(record.job_id)) for record in records)
+
+
 def assert_ledger_matches(store: Store, records: list[JobRecord]) -> None:
     """SQL holds every job in its Redis state, one usage row per successful attempt and
     none twice: checked with GROUP BY, not only through the primary keys. A job that

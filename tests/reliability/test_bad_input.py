@@ -3,7 +3,9 @@ valid, then broken in one known way; every broken one must be refused with a mes
 naming the field (and the line, for files), nothing may be half-enqueued, and the
 valid neighbours must go through unchanged. Oversized input is refused, never cut.
 
-No workers: refusal happens in the caller's process, before Redis is touched.
+No workers for refusals: they happen in the caller's process, before Redis is touched.
+The last part sends what is not refused (hostile text in prompts, ids, metadata and
+answers) through a real worker into SQLite and PostgreSQL, and reads it back.
 """
 
 from __future__ import annotations
@@ -12,18 +14,20 @@ import copy
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from llmq.cli.embedded import RedisServer
 from llmq.client.batchfile import MAX_LINE_BYTES, read_batch_file
-from llmq.client.service import BatchItem, RequestError, SyncLLMService
+from llmq.client.service import BatchItem, RequestError
+from llmq.client.sync import SyncLLMService
 from llmq.contract import keys
 from llmq.contract.config import parse_config
 from llmq.contract.models import (
@@ -31,9 +35,15 @@ from llmq.contract.models import (
     MAX_MESSAGES,
     MAX_METADATA_BYTES,
     MAX_OUTPUT_TOKENS,
+    JobState,
     LLMRequest,
+    replace_lone_surrogates,
 )
-from tests.reliability.support import job_keys
+from llmq.worker.store.ledger import Store
+from tests.reliability.support import job_keys, ledger_complete, wait_until
+from tests.support.fakes.openai import FakeOpenAI
+from tests.support.harness import Cluster, openai_entry, service_config, start_cluster
+from tests.support.pg import PostgresServer
 
 MODELS = ["gpt-4o-mini", "gpt-4o"]
 ROLES = ["system", "user", "assistant"]
@@ -70,9 +80,11 @@ def raw_redis(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 # Lone surrogates are left out here: they are the subject of two tests of their own below.
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30)
+#: A metadata key: any text but NUL, which is refused (one of the mutations below).
+key = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=30)
 json_value = st.recursive(
     st.none() | st.booleans() | st.integers(-(10**9), 10**9) | st.floats(allow_nan=False, allow_infinity=False) | text,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(key, inner, max_size=3),
     max_leaves=6,
 )
 message = st.fixed_dictionaries({"role": st.sampled_from(ROLES), "content": text})
@@ -83,7 +95,7 @@ valid_request = st.fixed_dictionaries(
         "max_tokens": st.integers(1, MAX_OUTPUT_TOKENS),
         "stream": st.booleans(),
         "provider": st.just("primary"),
-        "metadata": st.dictionaries(text, json_value, max_size=3),
+        "metadata": st.dictionaries(key, json_value, max_size=3),
     },
 )
 
@@ -128,10 +140,11 @@ mutation = st.one_of(
     drop(["model"], "model: Field required"),
     put(["messages"], st.just([]), "messages: List should have at least 1 item"),
     put(["messages"], st.sampled_from(["hi", 3, None, {"role": "user"}]), "messages"),
-    put(["messages", 0, "role"], text.filter(lambda role: role not in ROLES) | st.none() | st.integers(), "messages.0.role"),
+    put(["messages", 0, "role"], text.filter(lambda role: role not in (*ROLES, "tool", "developer")) | st.none()
+        | st.integers(), "messages.0.role"),
     put(["messages", 0, "content"], st.integers() | st.none() | st.lists(st.integers(), max_size=2), "messages.0.content"),
     drop(["messages", 0, "content"], "messages.0.content"),
-    put(["messages", 0, "name"], json_value, "messages.0.name: Extra inputs are not permitted"),
+    put(["messages", 0, "nickname"], json_value, "messages.0.nickname: Extra inputs are not permitted"),
     put(["temperature"], st.floats().filter(lambda t: not 0 <= t <= 2) | st.sampled_from(["hot", "", None]),
         "temperature"),
     put(["max_tokens"], st.integers().filter(lambda n: not 1 <= n <= MAX_OUTPUT_TOKENS)
@@ -146,6 +159,7 @@ mutation = st.one_of(
     put(["stream"], st.lists(st.integers(), max_size=2) | st.dictionaries(text, text, max_size=1), "stream"),
     put(["metadata"], st.lists(st.integers(), max_size=2) | text | st.integers(), "metadata"),
     put(["metadata"], st.just({"blob": "x" * (MAX_METADATA_BYTES + 1)}), "metadata is"),
+    put(["metadata"], key.map(lambda name: {"outer": {name + "\x00": 1}}), "metadata: key"),
     put(["surprise"], json_value, "surprise: Extra inputs are not permitted"),
 )
 
@@ -352,3 +366,102 @@ def test_batch_items_are_refused_with_their_custom_ids(service: SyncLLMService, 
     with pytest.raises(RequestError, match=r"item 2 \(custom_id 'a'\): custom_id repeats item 1"):
         service.submit_batch(items)
     assert enqueued(raw_redis) == ([], [], 0)
+
+
+# --- stored faithfully: hostile text through a real worker into SQLite and PostgreSQL -------------
+#
+# What is not refused must come back as it went in: NUL and control characters in prompts,
+# custom ids and metadata values, and a provider answering with control characters, lone
+# surrogates (the one thing changed: each becomes U+FFFD, as it is not text) and very long text.
+# The fake answers with the JSON-decoded last message, so each prompt asks for its reply.
+
+#: Text with the characters a database or a driver trips on drawn often.
+hostile = st.text(
+    alphabet=st.one_of(st.characters(codec="utf-8"), st.sampled_from(["\x00", "\x01", "\x1b", "\x7f", "\r", "\ufffe",
+                                                                        "\uffff", "\u2028"])),
+    max_size=30,
+)
+#: A provider's answer: hostile text, lone surrogates, or long text.
+reply = st.one_of(
+    hostile,
+    st.lists(st.sampled_from(["\ud800", "\udfff", "\ud83d", "a\x00b", "\uffff0000"]), min_size=1, max_size=6).map("".join),
+    # Long, yet under the request limit once JSON-escaped in the prompt that asks for it.
+    st.tuples(hostile.filter(bool), st.integers(1_000, 4_000)).map(lambda repeat: repeat[0] * repeat[1]),
+)
+StoredItem = tuple[str, str, str]  # (prompt, reply, metadata value)
+STORED_EXAMPLES = settings(
+    max_examples=int(os.environ.get("RELIABILITY_EXAMPLES", "8")), deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+
+@pytest.fixture(scope="module")
+def echoing_fake() -> Iterator[FakeOpenAI]:
+    fake = FakeOpenAI().start()
+    fake.answer = json.loads
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def hostile_cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, echoing_fake: FakeOpenAI
+) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp(f"hostile-{request.param}")
+    database_url = None if request.param == "sqlite" else request.getfixturevalue("postgres").create_schema("hostile")
+    # Room for the long answers and the long prompts that ask for them (the fake has no limit of its own).
+    roomy = {"*": {"max_output_tokens": MAX_OUTPUT_TOKENS, "context_window": 10 * MAX_OUTPUT_TOKENS}}
+    cluster = start_cluster(root, service_config({"primary": openai_entry(echoing_fake, capabilities=roomy)}),
+                            database_url=database_url)
+    cluster.start_workers(1, concurrency=20)
+    yield cluster
+    cluster.stop()
+
+
+@STORED_EXAMPLES
+@given(items=st.lists(st.tuples(hostile, reply, hostile), min_size=1, max_size=4))
+@example(items=[("nul\x00 and\x1b[31m escapes", "a lone \ud800, a NUL \x00, the mark \uffff0000", "n\x00te"),
+                ("long", "forty thousand characters \x07 " * 1250, "")])
+def test_hostile_text_is_stored_faithfully_in_redis_and_the_ledger(
+    hostile_cluster: Cluster, items: list[StoredItem]
+) -> None:
+    prefix = uuid.uuid4().hex[:8]
+    batch = [
+        BatchItem(LLMRequest(messages=[{"role": "user", "content": prompt}, {"role": "user", "content": json.dumps(answer)}],
+                             model="gpt-4o-mini", max_tokens=MAX_OUTPUT_TOKENS,
+                             metadata={"caller": f"caller\x00{note}", "note": note}),
+                  custom_id=f"{prefix}\x01{index}\x1b{note}".replace("\x00", ""))
+        for index, (prompt, answer, note) in enumerate(items)
+    ]
+    with hostile_cluster.service() as service:
+        batch_id = service.submit_batch(batch)
+        finished = service.wait(batch_id, timeout_s=120)
+        records = service.results(batch_id)
+    assert finished.counts[JobState.SUCCEEDED] == len(items)
+    for record, item, (prompt, answer, note) in zip(records, batch, items):
+        assert record.custom_id == item.custom_id and record.request == item.request
+        assert record.result is not None and record.result.content == replace_lone_surrogates(answer)
+    wait_until(lambda: ledger_complete(hostile_cluster.redis_url, hostile_cluster.database_url, records), 60,
+               "the worker's flusher to write every row")
+    with Store(hostile_cluster.database_url) as store:
+        for record, item in zip(records, batch):
+            row = store.job(record.job_id)
+            assert row is not None
+            assert (row["custom_id"], row["content"], row["metadata"], row["caller"]) == (
+                item.custom_id, record.result.content, item.request.metadata, item.request.metadata["caller"])
+        assert store.quarantined_count() == 0
+
+
+def test_a_provider_error_holding_a_lone_surrogate_is_recorded_and_the_job_goes_on(
+    hostile_cluster: Cluster, echoing_fake: FakeOpenAI
+) -> None:
+    # Redis's Lua JSON decoder refuses "\ud800": recorded as it was, the attempt would never be.
+    echoing_fake.fail_next(500, body={"error": {"message": "upstream \ud800 broke", "type": "server_error"}})
+    with hostile_cluster.service() as service:
+        record = service.wait(service.submit(small(json.dumps("fine"), max_tokens=16)), timeout_s=60)
+    assert record.state is JobState.SUCCEEDED and record.result.content == "fine"
+    assert [attempt["outcome"] for attempt in record.attempts] == ["error", "succeeded"]
+    assert "upstream \ufffd broke" in record.attempts[0]["error_message"]
+    wait_until(lambda: ledger_complete(hostile_cluster.redis_url, hostile_cluster.database_url, [record]), 60,
+               "the worker's flusher to write every row")

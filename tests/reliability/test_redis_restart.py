@@ -20,7 +20,8 @@ from sqlalchemy import select
 
 from llmq import LLMRequest
 from llmq.cli.embedded import RedisServer
-from llmq.client.service import BatchItem, SyncLLMService
+from llmq.client.service import BatchItem
+from llmq.client.sync import SyncLLMService
 from llmq.contract.models import BatchRecord, JobRecord, JobState
 from llmq.worker.store.ledger import Store, jobs_table, usage_table
 from tests.reliability.support import (

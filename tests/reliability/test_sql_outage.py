@@ -22,7 +22,8 @@ from llmq import LLMRequest
 from llmq.contract import keys
 from llmq.contract.models import BatchRecord, JobState
 from llmq.worker.store.ledger import Store
-from tests.reliability.support import Figures, assert_ledger_matches, client, wait_until
+from tests.reliability.support import Figures, client, wait_until
+from tests.reliability.support import ledger_complete as support_ledger_complete
 from tests.support.fakes.openai import FakeOpenAI
 from tests.support.harness import Cluster, openai_entry, service_config, start_cluster
 from tests.support.pg import PostgresServer, postgres_or_skip
@@ -58,16 +59,7 @@ def outbox_rows(cluster: Cluster) -> int:
 
 def ledger_complete(cluster: Cluster, records: list) -> bool:
     """True once the workers' flusher has brought every row to SQL (checked without flushing)."""
-    if outbox_rows(cluster):
-        return False
-    store = Store(cluster.database_url)
-    try:
-        assert_ledger_matches(store, records)
-    except AssertionError:
-        return False
-    finally:
-        store.close()
-    return True
+    return support_ledger_complete(cluster.redis_url, cluster.database_url, records)
 
 
 # --- PostgreSQL stopped ----------------------------------------------------------------
@@ -93,6 +85,7 @@ def start_postgres_again(server: PostgresServer) -> None:
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:
+    """A server of this module's own (not the session's): these tests stop and start it."""
     with postgres_or_skip() as server:
         yield server
 

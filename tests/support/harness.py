@@ -20,7 +20,7 @@ import redis
 import yaml
 
 from llmq.cli.embedded import RedisServer
-from llmq.client.service import SyncLLMService
+from llmq.client.sync import SyncLLMService
 from llmq.contract import keys
 from llmq.contract.config import LLMConfig, ProviderConfig, load_config
 from llmq.worker.providers.base import LLMProvider

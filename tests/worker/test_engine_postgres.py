@@ -14,18 +14,13 @@ from llmq.worker.store.ledger import Store
 from llmq.worker.store.outbox import OutboxFlusher
 from tests.support.fakes.openai import DEFAULT_API_KEY, FakeOpenAI
 from tests.support.harness import Cluster, start_cluster
-from tests.support.pg import PostgresServer, postgres_or_skip
+from tests.support.pg import PostgresServer
 from tests.worker.test_engine import CONFIG, ask
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 BATCH_SIZE = 300
 
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    with postgres_or_skip() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

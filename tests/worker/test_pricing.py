@@ -12,7 +12,7 @@ from genai_prices import data_snapshot
 
 from llmq.contract.config import ModelPrice
 from llmq.contract.models import Usage
-from llmq.worker.pricing import cost_usd
+from llmq.worker.pricing import cost_usd, tier_cost
 from llmq.worker.providers import registry
 from llmq.worker.providers.mock import MockProvider
 
@@ -160,3 +160,51 @@ def test_inconsistent_usage_is_left_unpriced() -> None:
 def test_prices_come_from_the_bundled_table() -> None:
     cost_usd("openai", "gpt-4o", Usage.of(1, 1), overrides={}, local=False)
     assert data_snapshot.get_snapshot().from_auto_update is False
+
+
+# --- cheaper tiers: provider batch lines and flex calls -------------------------------------
+
+
+def variant_rates(provider_id: str, model: str, when: dict[str, str]) -> Any:
+    _, info = data_snapshot.get_snapshot().find_provider_model(model, None, provider_id, None)
+    return info.get_prices(datetime.now(UTC), when)
+
+
+def test_batch_lines_cost_the_tables_batch_price_with_the_standard_price_beside() -> None:
+    usage = Usage.of(1_000_000, 1_000_000)
+    batch = variant_rates("openai", "gpt-4o-mini", {"processing": "batch"})
+    price = tier_cost("openai", "gpt-4o-mini", usage, overrides={}, local=False, tier="batch", discount=0.9)
+    assert price.cost_usd == batch.input_mtok + batch.output_mtok  # the table's own batch price, not the discount
+    assert price.standard_cost_usd == cost_usd("openai", "gpt-4o-mini", usage, overrides={}, local=False)[0]
+    assert price.cost_usd * 2 == price.standard_cost_usd and price.priced
+
+
+def test_flex_calls_cost_the_tables_flex_price_where_it_has_one() -> None:
+    usage = Usage.of(2_000_000, 500_000)
+    flex = variant_rates("openai", "gpt-5-mini", {"service_tier": "flex"})
+    price = tier_cost("openai", "gpt-5-mini", usage, overrides={}, local=False, tier="flex", discount=0.9)
+    assert price.cost_usd == 2 * flex.input_mtok + flex.output_mtok / 2
+
+
+@pytest.mark.parametrize(("provider_type", "model"), [
+    ("anthropic", "claude-3-5-haiku-latest"),  # the table has no batch price for it
+    ("azure_openai", "gpt-4o-mini"),  # the table borrows OpenAI's model for Azure, without its variants
+])
+def test_without_a_price_in_the_table_a_cheaper_tier_costs_the_entrys_discount(provider_type: str, model: str) -> None:
+    usage = Usage.of(1_000_000, 1_000_000)
+    standard, _ = cost_usd(provider_type, model, usage, overrides={}, local=False)
+    price = tier_cost(provider_type, model, usage, overrides={}, local=False, tier="batch", discount=0.4)
+    assert standard is not None and price.cost_usd == standard * Decimal("0.4")
+    assert price.standard_cost_usd == standard
+
+
+def test_an_override_or_a_local_model_takes_the_discount_and_standard_calls_carry_no_standard_price() -> None:
+    usage = Usage.of(1_000_000, 0)
+    override = {"gpt-4o-mini": ModelPrice(input_per_mtok=1.0, output_per_mtok=2.0)}
+    price = tier_cost("openai", "gpt-4o-mini", usage, overrides=override, local=False, tier="batch", discount=0.5)
+    assert (price.cost_usd, price.standard_cost_usd) == (Decimal("0.5"), Decimal("1.0"))
+    local = tier_cost("ollama", "llama3", usage, overrides={}, local=True, tier="batch", discount=0.5)
+    assert (local.cost_usd, local.standard_cost_usd) == (0, 0)
+    standard = tier_cost("openai", "gpt-4o-mini", usage, overrides={}, local=False, tier="standard", discount=0.5)
+    assert standard.standard_cost_usd is None and standard.cost_usd == cost_usd(
+        "openai", "gpt-4o-mini", usage, overrides={}, local=False)[0]

@@ -6,11 +6,11 @@ estimate leans high.
 
 from __future__ import annotations
 
-from llmq.contract.models import LLMRequest
-from llmq.worker.tokens import estimate_prompt_tokens
+from llmq.contract.models import JobRequest
+from llmq.worker.tokens import estimate_request_prompt_tokens
 
 
-def estimate_request_tokens(request: LLMRequest) -> int:
-    """Tokens to reserve before a call: the prompt estimate plus `max_tokens`."""
-    messages: list[object] = list(request.messages)
-    return estimate_prompt_tokens(messages) + request.max_tokens
+def estimate_request_tokens(request: JobRequest) -> int:
+    """Tokens to reserve before a call: the prompt estimate (images, tool definitions and a JSON
+    schema included; an embedding job's inputs) plus `max_tokens` (0 for embeddings)."""
+    return estimate_request_prompt_tokens(request) + request.max_tokens

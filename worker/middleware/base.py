@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from llmq.contract.models import JobState, LLMResponse
+from llmq.contract.models import JobResponse, JobState
 from llmq.worker import errors
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ log = logging.getLogger("llmq.worker")
 
 @dataclass(frozen=True)
 class Serve:
-    response: LLMResponse
+    response: JobResponse
     cached: bool = True
 
 
@@ -63,7 +63,7 @@ class Middleware:
     async def before_attempt(self, attempt: Attempt) -> Verdict | None:
         return None
 
-    async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
+    async def after_success(self, attempt: Attempt, response: JobResponse, usage_row: dict[str, Any]) -> None:
         pass
 
     async def after_error(self, attempt: Attempt, error: errors.LLMQError) -> None:
@@ -100,7 +100,7 @@ class MiddlewareChain:
                 return verdict
         return None
 
-    async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
+    async def after_success(self, attempt: Attempt, response: JobResponse, usage_row: dict[str, Any]) -> None:
         for item in self.middleware:
             await self._quietly(item.after_success(attempt, response, usage_row), item)
 

@@ -1,6 +1,8 @@
 """Daily budgets per caller and per provider entry, as engine middleware.
 
-A caller is the request's `metadata["caller"]`. Spend is counted in Redis per
+A caller is the request's `metadata["caller"]` (set by the HTTP front to the name of the
+caller's API key). Its budget is the job's `caller_daily_usd` option when the job has one
+(the front passes the key's own `--daily-usd`), else `per_caller_daily_usd`. Spend is counted in Redis per
 UTC day (lua/budget.lua beside this module, whole micro-USD, on Redis's clock) from each usage
 row's cost, after the call; before a call the middleware compares what the
 caller and the provider have spent today with their budgets
@@ -27,7 +29,8 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from llmq.contract import keys
-from llmq.contract.models import JobState, LLMResponse
+from llmq.contract.jobs import CALLER_BUDGET_OPTION
+from llmq.contract.models import JobResponse, JobState
 from llmq.contract.scripts import read_script
 from llmq.worker import errors
 from llmq.worker.middleware.base import Defer, Middleware, Skip, Verdict
@@ -67,17 +70,20 @@ class BudgetMiddleware(Middleware):
         caller = attempt.request.metadata.get("caller")
         return str(caller) if caller not in (None, "") else None
 
-    def _caller_budget(self, caller: str | None) -> float | None:
+    def _caller_budget(self, attempt: Attempt, caller: str | None) -> float | None:
         if caller is None:
             return None
+        own = attempt.options.get(CALLER_BUDGET_OPTION)
+        if own is not None:
+            return float(own)
         budgets = self.settings.per_caller_daily_usd
         return budgets.get(caller, budgets.get(WILDCARD_CALLER))
 
     async def before_attempt(self, attempt: Attempt) -> Verdict | None:
-        if not self.settings.enabled:
+        if not self.settings.enabled and CALLER_BUDGET_OPTION not in attempt.options:
             return None
         provider, caller = attempt.hop.provider, self._caller(attempt)
-        caller_budget = self._caller_budget(caller)
+        caller_budget = self._caller_budget(attempt, caller)
         provider_budget = self.settings.per_provider_daily_usd.get(provider)
         if (caller_budget is None and provider_budget is None) or self._free(provider):
             return None
@@ -95,14 +101,15 @@ class BudgetMiddleware(Middleware):
             ))
         return Defer(int(next_day_s) + random.uniform(0, WAKE_SPREAD_S), JobState.RATE_LIMITED, reason="budget")
 
-    async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
-        if not self.settings.enabled:
+    async def after_success(self, attempt: Attempt, response: JobResponse, usage_row: dict[str, Any]) -> None:
+        own_budget = CALLER_BUDGET_OPTION in attempt.options
+        if not self.settings.enabled and not own_budget:
             return
         amount = micro_usd(usage_row.get("cost_usd"))
         if amount <= 0:
             return
         # Everyone's spend is counted while any budget exists, so a budget added mid-day sees the whole day.
-        caller = self._caller(attempt) if self.settings.per_caller_daily_usd else None
+        caller = self._caller(attempt) if self.settings.per_caller_daily_usd or own_budget else None
         await self._script(
             keys=[keys.budget_spend("caller", caller) if caller else "", keys.budget_spend("provider", attempt.hop.provider)],
             args=["add", amount, COUNTER_TTL_S],

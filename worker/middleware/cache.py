@@ -2,11 +2,14 @@
 
 On per provider (`cache: {enabled: true, ttl_s}`) or per request
 (`submit(..., cache=True)`); `cache=False` on a request opts out. By default only
-deterministic requests (temperature 0) are cached: caching a sampled answer
-would replay one sample forever. The key is a digest of the normalized request
-as the provider sees it (provider entry, model, messages, temperature,
-max_tokens), never the caller's metadata. A hit answers without a call and
-writes a usage row marked cached, at zero cost.
+deterministic requests (temperature 0, and every embedding job) are cached:
+caching a sampled answer would replay one sample forever. The key is a digest of
+the request as the provider sees it: the job kind, provider entry and model, and
+every field that changes the answer (messages with their parts and tool calls,
+temperature, max_tokens, response_format, tools, tool_choice, stop, seed, top_p,
+provider_options; an embedding's inputs and dimensions), never the caller's
+metadata or whether it streams. A hit answers without a call and writes a usage
+row marked cached, at zero cost.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from llmq.contract import keys
-from llmq.contract.models import LLMResponse
+from llmq.contract.jobs import dump_response, load_response
+from llmq.contract.models import JobResponse
 from llmq.worker.middleware.base import Middleware, Serve, Verdict
 
 if TYPE_CHECKING:
@@ -27,14 +31,18 @@ if TYPE_CHECKING:
 STATS_TTL_S = 7 * 24 * 3600
 
 
+#: Request fields that never change the answer.
+NOT_IN_KEY = frozenset({"model", "provider", "metadata", "stream"})
+
+
 def cache_key(attempt: Attempt) -> str:
     request = attempt.request
     normalized = {
+        "kind": request.kind.value,
         "provider": attempt.hop.provider,
         "model": attempt.hop.model,
-        "messages": [[message.role, message.content] for message in request.messages],
-        "temperature": request.temperature,
-        "max_tokens": request.max_tokens,
+        # Every other field, defaults included, so a field added later is in the key by itself.
+        **request.model_dump(mode="json", exclude=NOT_IN_KEY, exclude_none=True),
     }
     digest = hashlib.sha256(json.dumps(normalized, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     return keys.cache_entry(digest)
@@ -66,12 +74,12 @@ class CacheMiddleware(Middleware):
         await self.runtime.redis.expire(keys.cache_stats(attempt.hop.provider), STATS_TTL_S)
         if cached is None:
             return None
-        response = LLMResponse.model_validate_json(cached)
+        response = load_response(attempt.kind, cached)
         attempt.scratch["cache_hit"] = True
         return Serve(response.model_copy(update={"metadata": {**response.metadata, "cached": True}}))
 
-    async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
+    async def after_success(self, attempt: Attempt, response: JobResponse, usage_row: dict[str, Any]) -> None:
         ttl_s = self._ttl_s(attempt)
         if ttl_s is None or attempt.scratch.get("cache_hit"):
             return
-        await self.runtime.redis.set(cache_key(attempt), response.model_dump_json(), ex=ttl_s)
+        await self.runtime.redis.set(cache_key(attempt), dump_response(response), ex=ttl_s)

@@ -15,8 +15,8 @@ health checks count as calls and probe too.
 
 What counts as a failure: the errors that say the provider itself is unwell,
 i.e. the retryable ones (5xx, overloaded, timeouts, connection errors). Not a
-429 (the provider is up and the shared limiter already paces it), and not an
-error about the request or the key (400, 401, 404).
+429 (the provider is up and the shared limiter already paces it), not an answer
+that missed its JSON schema, and not an error about the request or the key (400, 401, 404).
 
 Round trips. A process that saw the circuit closed trusts that view for
 `CLEAN_VIEW_S` without asking Redis again, and reports its successes in batches
@@ -43,7 +43,7 @@ import redis.asyncio as aioredis
 
 from llmq.contract import keys
 from llmq.contract.config import HealthSettings
-from llmq.contract.models import JobState, LLMResponse
+from llmq.contract.models import JobResponse, JobState
 from llmq.contract.scripts import read_script
 from llmq.worker import errors
 from llmq.worker.logs import redact
@@ -157,7 +157,10 @@ def _outcome(found: dict[str, str]) -> Outcome:
 
 
 def counts_as_failure(error: errors.LLMQError) -> bool:
-    return isinstance(error, errors.ProviderError) and error.retryable and not isinstance(error, errors.RateLimitedError)
+    return (
+        isinstance(error, errors.ProviderError) and error.retryable
+        and not isinstance(error, (errors.RateLimitedError, errors.OutputValidationError))
+    )
 
 
 def has_later_hop(runtime: Runtime, attempt: Attempt) -> bool:
@@ -213,7 +216,7 @@ class CircuitBreakerMiddleware(Middleware):
         wait_s = permission.wait_s if permission.state == "open" else min(permission.wait_s, max(1.0, self.settings.cooldown_s / 4))
         return max(0.05, wait_s) * random.uniform(1.0, 1.25)
 
-    async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
+    async def after_success(self, attempt: Attempt, response: JobResponse, usage_row: dict[str, Any]) -> None:
         if usage_row.get("cached"):  # an answer from llmq's cache says nothing about the provider
             return
         provider = attempt.hop.provider

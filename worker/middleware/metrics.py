@@ -22,8 +22,12 @@ Series (labels: `provider` is the config entry, `model` the model of the hop):
   the waits that limits, budgets and open circuits imposed (as planned at the time)
 - `llmq_cache_hits_total{provider, model}`
 - `llmq_queue_depth{queue}`, `llmq_delayed_jobs`, `llmq_circuit_state{provider}`
-  (0 closed, 1 half-open, 2 open): sampled from Redis every few seconds. Every
-  worker samples the same shared numbers, so aggregate them with `max`, not `sum`.
+  (0 closed, 1 half-open, 2 open), `llmq_outbox_rows` (ledger rows waiting for
+  SQL), `llmq_ledger_dead_letter_rows` (rows the ledger refused that await
+  attention) and `llmq_ledger_rows_quarantined_total` (every row the outbox
+  flusher set aside, from its counter in Redis): sampled from Redis every few
+  seconds. Every worker samples the same shared numbers, so aggregate them with
+  `max`, not `sum`.
 
 This middleware runs first in the chain, so it sees every verdict of the ones after it.
 """
@@ -38,7 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llmq.contract import keys
-from llmq.contract.models import LLMResponse
+from llmq.contract.models import JobResponse
 from llmq.worker import errors
 from llmq.worker.middleware.base import Defer, Middleware, Skip
 
@@ -68,6 +72,9 @@ class Instruments:
     queue_depth: Any
     delayed: Any
     circuit: Any
+    outbox_rows: Any
+    dead_letter_rows: Any
+    quarantined: Any
 
 
 _instruments: Instruments | None = None
@@ -95,6 +102,9 @@ def instruments() -> Instruments | None:
         queue_depth=prom.Gauge("llmq_queue_depth", "Messages waiting in a provider queue", ["queue"]),
         delayed=prom.Gauge("llmq_delayed_jobs", "Jobs waiting in the delayed set (retries, limits)"),
         circuit=prom.Gauge("llmq_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", ["provider"]),
+        outbox_rows=prom.Gauge("llmq_outbox_rows", "Ledger rows waiting in the outbox for SQL"),
+        dead_letter_rows=prom.Gauge("llmq_ledger_dead_letter_rows", "Rows the ledger refused, awaiting attention"),
+        quarantined=prom.Counter("llmq_ledger_rows_quarantined", "Rows the outbox flusher set aside (data errors)"),
     )
     return _instruments
 
@@ -102,6 +112,8 @@ def instruments() -> Instruments | None:
 class MetricsMiddleware(Middleware):
     def __init__(self) -> None:
         self.instruments: Instruments | None = None
+        #: The flusher's count in Redis when last sampled: the counter grows by what it grew since.
+        self._quarantined_seen: int | None = None
 
     def start(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -129,7 +141,7 @@ class MetricsMiddleware(Middleware):
             attempt.scratch["metrics_started_at"] = time.monotonic()
         return None
 
-    async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
+    async def after_success(self, attempt: Attempt, response: JobResponse, usage_row: dict[str, Any]) -> None:
         found = self.instruments
         if found is None:
             return
@@ -197,9 +209,26 @@ class MetricsMiddleware(Middleware):
             for name in names:
                 pipe.hget(keys.circuit(name), "state")
             pipe.zcard(keys.DELAYED)
+            pipe.llen(keys.OUTBOX)
+            pipe.llen(keys.OUTBOX_DEAD)
+            pipe.get(keys.OUTBOX_QUARANTINED)
             replies = await pipe.execute()
+        self._sample_ledger(*replies[-3:])
+        replies = replies[:-3]
         for queue, depth in zip(queues, replies[: len(queues)]):
             found.queue_depth.labels(queue).set(int(depth))
         for name, state in zip(names, replies[len(queues) : len(queues) + len(names)]):
             found.circuit.labels(name).set(CIRCUIT_STATE_VALUES.get(state or "closed", 0))
         found.delayed.set(int(replies[-1]))
+
+    def _sample_ledger(self, outbox_rows: int, dead_letter_rows: int, quarantined: str | None) -> None:
+        found = self.instruments
+        assert found is not None
+        found.outbox_rows.set(int(outbox_rows))
+        found.dead_letter_rows.set(int(dead_letter_rows))
+        total = int(quarantined or 0)
+        # The flusher runs in a child process: its count lives in Redis, and this counter follows it.
+        grown = total - (self._quarantined_seen or 0)
+        if grown > 0:
+            found.quarantined.inc(grown)
+        self._quarantined_seen = total

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmq.contract import keys
 from llmq.contract.config import ProviderConfig, RateLimits
-from llmq.contract.models import Hop, JobState, LLMResponse
+from llmq.contract.models import Hop, JobResponse, JobState
 from llmq.worker import errors
 from llmq.worker.limiter.estimate import estimate_request_tokens
 from llmq.worker.limiter.limiter import Decision, RateLimiter
@@ -166,7 +166,7 @@ class RateLimitMiddleware(Middleware):
         await self.limiter.leave(hop.provider, hop.model, entry.rate_limits, lease_id(attempt),
                                  api_key_id=api_key_id(entry))
 
-    async def after_success(self, attempt: Attempt, response: LLMResponse, usage_row: dict[str, Any]) -> None:
+    async def after_success(self, attempt: Attempt, response: JobResponse, usage_row: dict[str, Any]) -> None:
         reserved = attempt.scratch.pop("rate_limit_reserved", None)
         if reserved is None:
             return
@@ -194,7 +194,7 @@ class RateLimitMiddleware(Middleware):
             )
 
 
-def _counted_tokens(attempt: Attempt, response: LLMResponse) -> int | None:
+def _counted_tokens(attempt: Attempt, response: JobResponse) -> int | None:
     """What a provider that keeps the reservation counted: its own prompt count plus max_tokens
     (None when it reported no prompt tokens: the reservation then stands)."""
     if response.usage.prompt_tokens <= 0:

@@ -2,17 +2,24 @@
 
 Wire format, checked against Anthropic's reference (docs.claude.com / platform.claude.com:
 api/messages, api/errors, api/versioning, api/models-list, api/rate-limits,
-build-with-claude/streaming, build-with-claude/prompt-caching) and the official
-Python SDK's types:
+build-with-claude/streaming, build-with-claude/prompt-caching, build-with-claude/structured-outputs,
+agents-and-tools/tool-use) and the official Python SDK's types:
 
 - Headers `x-api-key`, `anthropic-version: 2023-06-01`, `content-type: application/json`;
   ids come back in the `request-id` header (errors also carry `request_id` in the body).
 - There is no "system" role: system prompts go in the top-level `system` field.
   Turns alternate user/assistant; we merge consecutive same-role turns ourselves so the
-  request is valid however the caller split them. `max_tokens` is required.
+  request is valid however the caller split them. `max_tokens` is required. How each message,
+  part, tool and JSON request maps: `anthropic_format`.
 - `temperature` ranges 0.0..1.0 (OpenAI's reaches 2.0). A request above 1.0 is refused
   here with a BadRequestError naming the field, rather than silently clamped: the caller
-  asked for something this provider cannot do and should know.
+  asked for something this provider cannot do and should know. With `top_p` the temperature
+  is left out (the 4.5 models and later refuse both at once), and models the capability table
+  marks `reasoning` (those that refuse sampling settings) get neither.
+- JSON: by structured outputs (`output_config.format`) where the table says the model has
+  them (`native_json_schema`), else by a forced `json_answer` tool whose input is the answer.
+- No `seed`: Anthropic offers no repeatable sampling, and the field is left out (OpenAI's
+  own seed is best effort).
 - Errors: `{"type": "error", "error": {"type": ..., "message": ...}, "request_id": ...}`.
   A stream may also carry `event: error` after its 200 (e.g. `overloaded_error`).
 
@@ -32,8 +39,11 @@ from typing import Any, ClassVar
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmq.contract.models import LLMRequest, LLMResponse, Message, Usage
+from llmq.contract.capabilities import Capabilities, capabilities_for
+from llmq.contract.models import LLMRequest, LLMResponse, Usage
 from llmq.worker import errors
+from llmq.worker.providers.anthropic_format import output_format, to_anthropic_messages, tool_fields
+from llmq.worker.providers.features import ToolBlocks, ToolCallAssembler, answer_tool_for, tool_plan
 from llmq.worker.providers.http import HTTPProvider, StreamState, json_or_none
 
 API_VERSION = "2023-06-01"
@@ -55,17 +65,6 @@ ERROR_TYPES: dict[str, type[errors.ProviderError]] = {
     "overloaded_error": errors.OverloadedError,
 }
 
-#: Anthropic's `stop_reason` -> the finish reason every llmq adapter reports.
-FINISH_REASONS: dict[str, str] = {
-    "end_turn": "stop",
-    "stop_sequence": "stop",
-    "max_tokens": "length",
-    "model_context_window_exceeded": "length",
-    "tool_use": "tool_calls",
-    "pause_turn": "pause",
-    "refusal": "content_filter",
-}
-
 #: The one message text that tells a too-long prompt from any other 400 (Anthropic sends
 #: no distinct error type for it): "prompt is too long: 208310 tokens > 200000 maximum".
 CONTEXT_WINDOW_MESSAGE = "prompt is too long"
@@ -81,25 +80,35 @@ class AnthropicOptions(BaseModel):
 
 @dataclass
 class AnthropicStreamState(StreamState):
-    """What a stream has told us so far: the model, the usage, the stop reason."""
+    """What a stream has told us so far: the model, the usage, the stop reason, the tool-use blocks."""
 
     model: str = ""
     message_id: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
     stop_reason: str | None = None
+    blocks: ToolBlocks = field(default_factory=lambda: ToolBlocks(ToolCallAssembler()))
 
     def on_message_start(self, message: Mapping[str, Any]) -> None:
         self.model = str(message.get("model") or self.model)
         self.message_id = message.get("id")
         self.usage.update(_known(message.get("usage")))
 
-    def on_block_start(self, block: Mapping[str, Any]) -> str | None:
+    def on_block_start(self, index: int, block: Mapping[str, Any]) -> str | None:
+        if block.get("type") == "tool_use":
+            delta = self.blocks.start(index, block.get("id"), str(block.get("name") or ""))
+            self.deltas += [delta] if delta is not None else []
+            return None
         # A text block normally starts empty, but the API may put text in it.
         return str(block.get("text") or "") or None if block.get("type") == "text" else None
 
-    def on_block_delta(self, delta: Mapping[str, Any]) -> str | None:
-        # Only text_delta is answer text: thinking_delta and signature_delta belong to hidden
-        # reasoning, input_json_delta to tool calls, citations_delta to sources.
+    def on_block_delta(self, index: int, delta: Mapping[str, Any]) -> str | None:
+        # text_delta is answer text, and so is input_json_delta of the JSON answer tool; other
+        # tool input is a call's arguments. thinking_delta and signature_delta belong to hidden
+        # reasoning, citations_delta to sources.
+        if delta.get("type") == "input_json_delta":
+            text, call_delta = self.blocks.add(index, str(delta.get("partial_json") or ""))
+            self.deltas += [call_delta] if call_delta is not None else []
+            return text or None
         return str(delta.get("text") or "") or None if delta.get("type") == "text_delta" else None
 
     def on_message_delta(self, payload: Mapping[str, Any]) -> None:
@@ -120,6 +129,10 @@ class AnthropicProvider(HTTPProvider[AnthropicStreamState]):
     options_model = AnthropicOptions
     #: Inclusive temperature range the API accepts; routing may read it before choosing us.
     temperature_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
+    #: Messages API parameters llmq has no field for (checked against the SDK's MessageCreateParams).
+    allowed_provider_options: ClassVar[frozenset[str]] = frozenset({
+        "top_k", "metadata", "service_tier", "thinking", "inference_geo",
+    })
 
     options: AnthropicOptions
 
@@ -135,25 +148,44 @@ class AnthropicProvider(HTTPProvider[AnthropicStreamState]):
         return headers
 
     def build_body(self, request: LLMRequest, *, stream: bool) -> dict[str, Any]:
-        self.check_temperature(request)
-        system, turns = to_anthropic_messages(request.messages)
+        capabilities = capabilities_for(self.config, request.model)
+        system, turns = to_anthropic_messages(request.messages, cache=capabilities.prompt_cache)
         if not turns:
             raise errors.BadRequestError(
                 "Anthropic needs at least one user or assistant message besides the system prompt; "
                 "add a user message to `messages`",
                 provider=self.name, model=request.model,
             )
-        body: dict[str, Any] = {
-            "model": request.model,
-            "max_tokens": request.max_tokens,
-            "messages": turns,
-            "temperature": request.temperature,
-        }
+        body: dict[str, Any] = {"model": request.model, "max_tokens": request.max_tokens, "messages": turns}
+        body.update(self.sampling(request, capabilities))
         if system:
             body["system"] = system
         if stream:
             body["stream"] = True
+        if request.tools is not None or request.response_format is not None or request.stop or request.provider_options:
+            body.update(self.feature_fields(request, capabilities))
         return body
+
+    def sampling(self, request: LLMRequest, capabilities: Capabilities) -> dict[str, Any]:
+        """temperature, or top_p when given (newer models refuse both); neither for models that refuse them."""
+        if capabilities.reasoning:
+            return {}
+        if request.top_p is not None:
+            return {"top_p": request.top_p}
+        self.check_temperature(request)
+        return {"temperature": request.temperature}
+
+    def feature_fields(self, request: LLMRequest, capabilities: Capabilities) -> dict[str, Any]:
+        """Stop sequences, tools and tool choice, JSON output, and the allowed provider_options."""
+        fields: dict[str, Any] = dict(self.provider_options_of(request))
+        if request.stop:
+            fields["stop_sequences"] = [request.stop] if isinstance(request.stop, str) else list(request.stop)
+        native = capabilities.native_json_schema
+        fields.update(tool_fields(tool_plan(request, native_json=native), strict=native))
+        schema = request.response_format.schema_dict if request.response_format is not None else None
+        if native and schema is not None:
+            fields["output_config"] = output_format(schema)
+        return fields
 
     def check_temperature(self, request: LLMRequest) -> None:
         low, high = self.temperature_range
@@ -175,16 +207,21 @@ class AnthropicProvider(HTTPProvider[AnthropicStreamState]):
             )
         stop_reason = body.get("stop_reason")
         self.raise_if_refused(stop_reason, request.model, request_id)
-        # Thinking, tool_use and other blocks are not answer text.
-        text = "".join(
-            str(block.get("text") or "")
-            for block in body["content"]
-            if isinstance(block, dict) and block.get("type") == "text"
-        )
+        # Thinking and other blocks are not answer text; tool_use blocks are calls, or the JSON answer.
+        blocks = ToolBlocks(ToolCallAssembler(), answer_tool_for(self.config, request))
+        texts: list[str] = []
+        answers: list[str] = []
+        for index, block in enumerate(body["content"]):
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "text":
+                texts.append(str(block.get("text") or ""))
+            elif block.get("type") == "tool_use":
+                answers.append(blocks.whole(index, block.get("id"), str(block.get("name") or ""), block.get("input")))
         return self.response(
-            request, text, anthropic_usage(body["usage"]),
-            model=body.get("model"), finish_reason=finish_reason(stop_reason), stop_reason=stop_reason,
-            request_id=request_id, response_id=body.get("id"),
+            request, "".join(answers) if blocks.answered else "".join(texts), anthropic_usage(body["usage"]),
+            tool_calls=blocks.calls.calls(), model=body.get("model"), finish_reason=blocks.finish_reason(stop_reason),
+            stop_reason=stop_reason, request_id=request_id, response_id=body.get("id"),
         )
 
     def raise_if_refused(self, stop_reason: Any, model: str | None, request_id: str | None) -> None:
@@ -198,7 +235,9 @@ class AnthropicProvider(HTTPProvider[AnthropicStreamState]):
     # --- streaming ------------------------------------------------------------
 
     def new_stream_state(self, request: LLMRequest, request_id: str | None) -> AnthropicStreamState:
-        return AnthropicStreamState(request, request_id, model=request.model)
+        state = AnthropicStreamState(request, request_id, model=request.model)
+        state.blocks = ToolBlocks(state.tool_calls, answer_tool_for(self.config, request))
+        return state
 
     def parse_stream_event(self, event: tuple[str | None, str], state: AnthropicStreamState) -> str | None:
         name, data = event
@@ -209,14 +248,16 @@ class AnthropicProvider(HTTPProvider[AnthropicStreamState]):
         if kind == "message_start":
             state.on_message_start(payload.get("message") or {})
         elif kind == "content_block_start":
-            return state.on_block_start(payload.get("content_block") or {})
+            return state.on_block_start(int(payload.get("index") or 0), payload.get("content_block") or {})
         elif kind == "content_block_delta":
-            return state.on_block_delta(payload.get("delta") or {})
+            return state.on_block_delta(int(payload.get("index") or 0), payload.get("delta") or {})
+        elif kind == "content_block_stop":
+            return state.blocks.stop(int(payload.get("index") or 0)) or None
         elif kind == "message_delta":
             state.on_message_delta(payload)
         elif kind == "message_stop":
             state.finished = True
-        # `ping`, `content_block_stop` and event types added later (the versioning policy
+        # `ping` and event types added later (the versioning policy
         # allows new ones) carry nothing the answer needs.
         return None
 
@@ -231,8 +272,8 @@ class AnthropicProvider(HTTPProvider[AnthropicStreamState]):
             )
         self.raise_if_refused(state.stop_reason, request.model, state.request_id)
         return self.final_chunk(
-            request, anthropic_usage(state.usage),
-            model=state.model, finish_reason=finish_reason(state.stop_reason), stop_reason=state.stop_reason,
+            request, anthropic_usage(state.usage), tool_calls=state.tool_calls.calls(),
+            model=state.model, finish_reason=state.blocks.finish_reason(state.stop_reason), stop_reason=state.stop_reason,
             request_id=state.request_id, response_id=state.message_id,
         )
 
@@ -295,20 +336,6 @@ class AnthropicProvider(HTTPProvider[AnthropicStreamState]):
         return str(body["request_id"]) if isinstance(body, dict) and body.get("request_id") else None
 
 
-def to_anthropic_messages(messages: list[Message]) -> tuple[str | None, list[dict[str, str]]]:
-    """Split out the system prompt and merge consecutive same-role turns."""
-    system = [message.content for message in messages if message.role == "system" and message.content]
-    turns: list[dict[str, str]] = []
-    for message in messages:
-        if message.role == "system" or not message.content:
-            continue  # an empty turn adds nothing, and the API rejects empty content
-        if turns and turns[-1]["role"] == message.role:
-            turns[-1]["content"] += "\n\n" + message.content
-        else:
-            turns.append({"role": message.role, "content": message.content})
-    return ("\n\n".join(system) or None), turns
-
-
 def anthropic_usage(usage: Mapping[str, Any]) -> Usage:
     """Anthropic's usage object as llmq's Usage.
 
@@ -338,10 +365,6 @@ def _is_message(payload: Any) -> bool:
         and isinstance(payload.get("content"), list)
         and isinstance(payload.get("usage"), dict)
     )
-
-
-def finish_reason(stop_reason: Any) -> str | None:
-    return FINISH_REASONS.get(stop_reason, stop_reason) if stop_reason else None
 
 
 def _known(usage: Any) -> dict[str, Any]:

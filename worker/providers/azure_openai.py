@@ -1,7 +1,8 @@
 """Azure OpenAI: OpenAI's Chat Completions behind Azure deployments, keys and ids.
 
 `POST {endpoint}/openai/deployments/{deployment}/chat/completions?api-version=...`
-(Azure OpenAI REST reference, data plane inference). `base_url` is the resource
+and `.../embeddings?api-version=...` (Azure OpenAI REST reference, data plane inference);
+the bodies and every request feature are OpenAI's, so they come from `OpenAIProvider`. `base_url` is the resource
 endpoint, e.g. `https://my-resource.openai.azure.com`.
 
 Options (under `options:`), checked by `AzureOpenAIOptions`:
@@ -35,6 +36,7 @@ class AzureOpenAIProvider(OpenAIProvider):
     default_base_url = None  # every resource has its own endpoint
     requires_api_key = True
     price_provider_id = "azure"
+    supports_flex = False
     # APIM's id comes first: it is the one Azure support asks for.
     request_id_headers: ClassVar[tuple[str, ...]] = ("apim-request-id", "x-request-id")
     options_model: ClassVar[type[ChatCompletionsOptions]] = AzureOpenAIOptions
@@ -47,8 +49,14 @@ class AzureOpenAIProvider(OpenAIProvider):
         return self.options.deployments.get(model, model)
 
     def request_path(self, model: str, *, stream: bool) -> str:
+        return self.deployment_path(model, "chat/completions")
+
+    def embeddings_path(self, model: str) -> str | None:
+        return self.deployment_path(model, "embeddings")
+
+    def deployment_path(self, model: str, operation: str) -> str:
         deployment = quote(self.deployment_for(model), safe="")
-        return f"/openai/deployments/{deployment}/chat/completions?api-version={quote(self.options.api_version)}"
+        return f"/openai/deployments/{deployment}/{operation}?api-version={quote(self.options.api_version)}"
 
     def build_headers(self, model: str | None, job_id: str | None) -> dict[str, str]:
         key = self.require_api_key(model)

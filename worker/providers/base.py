@@ -20,7 +20,9 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 
 from llmq.contract.config import ProviderConfig
-from llmq.contract.models import LLMRequest, LLMResponse, Usage
+from llmq.contract.models import EmbeddingRequest, EmbeddingResponse, LLMRequest, LLMResponse, ToolCall, Usage
+from llmq.worker import errors
+from llmq.worker.providers.features import CANONICAL_FINISH_REASONS
 
 
 class LLMProvider(ABC):
@@ -42,8 +44,14 @@ class LLMProvider(ABC):
     #: The provider's id in genai-prices' table ("openai", "aws", ...). None: the `type:` name,
     #: when the table has a provider of that name (an outside adapter named groq or mistral).
     price_provider_id: ClassVar[str | None] = None
+    #: Sells a flex tier (`service_tier: flex`: batch prices, may refuse): worker/providers/flex.py.
+    supports_flex: ClassVar[bool] = False
     #: The pydantic model (extra="forbid") that checks the entry's `options:`; None: it takes none.
     options_model: ClassVar[type[BaseModel] | None] = None
+    #: The names a request's `provider_options` may carry to this provider (sent as given).
+    #: What each model can do (tools, JSON schema, vision, embeddings) is data the contract
+    #: reads without importing adapters: producer/data/capabilities.yaml, keyed by `type_name`.
+    allowed_provider_options: ClassVar[frozenset[str]] = frozenset()
 
     #: The entry's `options:`, checked by `options_model`.
     options: Any
@@ -78,6 +86,29 @@ class LLMProvider(ABC):
         part-way; never ends quietly with a short answer.
         """
 
+    async def embed(self, request: EmbeddingRequest, *, job_id: str | None = None) -> EmbeddingResponse:
+        """Vectors for `request.texts`, in order. Adapters of providers with an embeddings API override it."""
+        raise errors.BadRequestError(
+            f"provider {self.name!r} (type {self.type_name!r}) has no embeddings; route embedding jobs elsewhere",
+            provider=self.name, model=request.model,
+        )
+
+    def provider_options_of(
+        self, request: LLMRequest | EmbeddingRequest, *, allowed: frozenset[str] | None = None
+    ) -> dict[str, Any]:
+        """The request's `provider_options`, each checked against `allowed_provider_options` (or
+        `allowed`, for an adapter whose chat and embedding calls take different ones)."""
+        options = request.provider_options
+        names = self.allowed_provider_options if allowed is None else allowed
+        unknown = sorted(set(options) - names)
+        if unknown:
+            allowed_names = ", ".join(sorted(names)) or "none"
+            raise errors.BadRequestError(
+                f"provider_options.{unknown[0]} is not taken by provider type {self.type_name!r} (it takes: {allowed_names})",
+                provider=self.name, model=request.model,
+            )
+        return options
+
     async def get_available_models(self) -> list[str]:
         """Models the provider offers now; adapters with a discovery endpoint ask it, others trust the config."""
         return list(self.config.models)
@@ -89,20 +120,49 @@ class LLMProvider(ABC):
     async def aclose(self) -> None:
         """Release connections."""
 
-    def response(self, request: LLMRequest, content: str, usage: Usage, **metadata: Any) -> LLMResponse:
-        """Build a response that names this provider entry (not the adapter type)."""
+    def response(
+        self, request: LLMRequest, content: str, usage: Usage, *, tool_calls: list[ToolCall] | None = None,
+        **metadata: Any,
+    ) -> LLMResponse:
+        """Build a response that names this provider entry (not the adapter type).
+
+        A `finish_reason` already in llmq's four words becomes the response's field (it also
+        stays in metadata, as adapters have always reported it); map a native one with
+        `features.finish_reason` first.
+        """
         if self.simulated:
             metadata["simulated"] = True
+        reason = metadata.get("finish_reason")
         return LLMResponse(
             content=content,
             model=metadata.pop("model", None) or request.model,
             provider=self.name,
             usage=usage,
             metadata={key: value for key, value in metadata.items() if value is not None},
+            tool_calls=tool_calls or None,
+            finish_reason=reason if reason in CANONICAL_FINISH_REASONS else None,
         )
 
-    def final_chunk(self, request: LLMRequest, usage: Usage, **metadata: Any) -> LLMResponse:
-        return self.response(request, "", usage, final=True, **metadata)
+    def embedding_response(
+        self, request: EmbeddingRequest, vectors: list[list[float]], usage: Usage, **metadata: Any
+    ) -> EmbeddingResponse:
+        """Vectors in input order, naming this provider entry; refuses a count that does not match the inputs."""
+        if len(vectors) != len(request.texts):
+            raise errors.MalformedResponseError(
+                f"{len(vectors)} vectors came back for {len(request.texts)} inputs",
+                provider=self.name, model=request.model,
+            )
+        if self.simulated:
+            metadata["simulated"] = True
+        return EmbeddingResponse(
+            embeddings=vectors, model=metadata.pop("model", None) or request.model, provider=self.name, usage=usage,
+            metadata={key: value for key, value in metadata.items() if value is not None},
+        )
+
+    def final_chunk(
+        self, request: LLMRequest, usage: Usage, *, tool_calls: list[ToolCall] | None = None, **metadata: Any
+    ) -> LLMResponse:
+        return self.response(request, "", usage, final=True, tool_calls=tool_calls, **metadata)
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:

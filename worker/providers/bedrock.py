@@ -1,17 +1,23 @@
-"""AWS Bedrock through the Converse and ConverseStream APIs.
+"""AWS Bedrock through the Converse and ConverseStream APIs, and InvokeModel for embeddings.
 
 Wire format (botocore's bedrock-runtime 2023-09-30 service model, and the API reference
 at docs.aws.amazon.com/bedrock/latest/APIReference/API_runtime_Converse.html):
 
 - `POST {runtime}/model/{modelId}/converse` and `.../converse-stream`; the model id is
   percent-encoded in the path (ids contain ':' and ARNs '/').
-- Body: `messages` [{role, content: [{text}]}] alternating user/assistant, `system`
-  [{text}], `inferenceConfig` {maxTokens, temperature}.
-- Answer: `output.message.content[].text`, `stopReason`, `usage`, `metrics.latencyMs`;
+- Body: `messages` [{role, content: [blocks]}] alternating user/assistant, `system` [blocks],
+  `inferenceConfig` {maxTokens, temperature or topP, stopSequences}, `toolConfig`, `outputConfig`;
+  how each message, part, tool and JSON request maps: `bedrock_format`. JSON by
+  `outputConfig.textFormat` where the capability table says the model has it
+  (`native_json_schema`), else by a forced `json_answer` tool. Converse has no seed: it is left out.
+- Answer: `output.message.content[]` (text, toolUse), `stopReason`, `usage`, `metrics.latencyMs`;
   request id in `x-amzn-RequestId`. Bedrock's `inputTokens` leaves out cache reads and
   writes, so prompt_tokens adds them back (the normalization `llmq.worker.pricing` expects).
 - Streams are `application/vnd.amazon.eventstream` frames (botocore's EventStreamBuffer
-  decodes them). Errors: `{"message"}`, the error name in `x-amzn-ErrorType`.
+  decodes them): text and toolUse input arrive as contentBlockDelta pieces, a tool call
+  opens with contentBlockStart. Errors: `{"message"}`, the error name in `x-amzn-ErrorType`.
+- Embeddings: `POST {runtime}/model/{modelId}/invoke`, Titan Text Embeddings and Cohere Embed
+  bodies (`bedrock_embed`).
 
 Auth: a Bedrock API key (`api_key`, env AWS_BEARER_TOKEN_BEDROCK) is sent as
 `Authorization: Bearer`; without one every request is signed with SigV4 (service
@@ -25,6 +31,7 @@ Options (under `options:`): `region` (default us-east-1), `endpoint_url` (runtim
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -32,9 +39,11 @@ from urllib.parse import quote
 
 import httpx
 
+from llmq.contract.capabilities import Capabilities, capabilities_for
 from llmq.contract.config import ProviderConfig
-from llmq.contract.models import LLMRequest, LLMResponse, Usage
+from llmq.contract.models import EmbeddingRequest, EmbeddingResponse, LLMRequest, LLMResponse, Usage
 from llmq.worker import errors
+from llmq.worker.providers import bedrock_embed
 from llmq.worker.providers.base import retry_after_seconds
 from llmq.worker.providers.bedrock_aws import (
     AwsCredentials,
@@ -46,7 +55,24 @@ from llmq.worker.providers.bedrock_aws import (
     error_type_of,
     event_stream_frames,
 )
-from llmq.worker.providers.http import HTTPProvider, StreamState, json_or_none
+from llmq.worker.providers.bedrock_format import (
+    ConverseStreamState,
+    UnsupportedRequest,
+    bedrock_usage,
+    converse_messages,
+    inference_config,
+    output_config,
+    refine,
+    tool_config,
+)
+from llmq.worker.providers.features import (
+    ToolBlocks,
+    ToolCallAssembler,
+    answer_tool_for,
+    embedding_usage,
+    tool_plan,
+)
+from llmq.worker.providers.http import HTTPProvider, json_or_none
 
 #: Error names (x-amzn-ErrorType, or an in-stream `:exception-type` with its first
 #: letter raised) -> class and the status the service model gives them.
@@ -68,56 +94,25 @@ ERROR_TYPES: dict[str, tuple[type[errors.ProviderError], int]] = {
     "InternalServerException": (errors.ServerError, 500),
     "ServiceUnavailableException": (errors.OverloadedError, 503),
 }
-#: ValidationException texts that mean the prompt does not fit the model.
-CONTEXT_WINDOW_MARKERS = ("input is too long", "too many input tokens", "prompt is too long", "context window")
-#: The ValidationException Bedrock gives for a model id it does not know.
-UNKNOWN_MODEL_MARKERS = ("model identifier is invalid",)
-FINISH_REASONS = {
-    "end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
-    "model_context_window_exceeded": "length", "tool_use": "tool_calls",
-    "content_filtered": "content_filter", "guardrail_intervened": "content_filter",
-}
 FILTERED_STOP_REASONS = frozenset({"content_filtered", "guardrail_intervened"})
+#: ConverseRequest fields llmq has no field for, taken from a chat request's provider_options.
+CONVERSE_OPTIONS = frozenset({
+    "additionalModelRequestFields", "additionalModelResponseFieldPaths", "guardrailConfig", "performanceConfig",
+    "requestMetadata", "serviceTier",
+})
 
 
 @dataclass
-class ConverseStreamState(StreamState):
-    """What a ConverseStream has said so far; complete once messageStop and metadata came."""
-
-    has_text: bool = False
-    stop_reason: str | None = None
-    usage: dict[str, Any] | None = None
-    latency_ms: int | None = None
-
-    @property
-    def complete(self) -> bool:
-        return self.stop_reason is not None and self.usage is not None
-
-    def take(self, event_type: str, payload: dict[str, Any]) -> str:
-        """Fold one ConverseStream event in; the new answer text, if any."""
-        if event_type == "contentBlockDelta":
-            delta = payload.get("delta")
-            text = delta.get("text") if isinstance(delta, dict) else None
-            if isinstance(text, str) and text:
-                self.has_text = True
-                return text
-        elif event_type == "messageStop":
-            self.stop_reason = str(payload.get("stopReason") or "")
-        elif event_type == "metadata":
-            usage = payload.get("usage")
-            self.usage = usage if isinstance(usage, dict) else None
-            metrics = payload.get("metrics")
-            self.latency_ms = metrics.get("latencyMs") if isinstance(metrics, dict) else None
-        # messageStart, contentBlockStart/Stop and unknown future events carry no answer text.
-        return ""
-
-
 class BedrockProvider(HTTPProvider[ConverseStreamState]):
     type_name = "bedrock"
     description = "AWS Bedrock Converse API (Bedrock API key or SigV4 credentials)"
     price_provider_id = "aws"
     request_id_headers: ClassVar[tuple[str, ...]] = ("x-amzn-requestid",)
     options_model = BedrockOptions
+    #: Converse fields for chat requests; each embedding family's own for embedding requests.
+    allowed_provider_options: ClassVar[frozenset[str]] = (
+        CONVERSE_OPTIONS | bedrock_embed.TITAN_OPTIONS | bedrock_embed.COHERE_OPTIONS
+    )
 
     options: BedrockOptions
 
@@ -156,50 +151,71 @@ class BedrockProvider(HTTPProvider[ConverseStreamState]):
 
     def build_body(self, request: LLMRequest, *, stream: bool) -> dict[str, Any]:
         """Converse's body; consecutive same-role messages share one turn, as Bedrock requires."""
-        messages: list[dict[str, Any]] = []
-        for message in request.messages:
-            if message.role == "system":
-                continue
-            if messages and messages[-1]["role"] == message.role:
-                messages[-1]["content"].append({"text": message.content})
-            else:
-                messages.append({"role": message.role, "content": [{"text": message.content}]})
-        body: dict[str, Any] = {
-            "messages": messages,
-            "inferenceConfig": {"maxTokens": request.max_tokens, "temperature": request.temperature},
-        }
-        system = [{"text": message.content} for message in request.messages if message.role == "system"]
-        if system:
-            body["system"] = system
+        capabilities = capabilities_for(self.config, request.model)
+        try:
+            system, messages = converse_messages(request.messages, cache=capabilities.prompt_cache)
+            body: dict[str, Any] = {
+                "messages": messages, "inferenceConfig": inference_config(request, sampling=not capabilities.reasoning),
+            }
+            if system:
+                body["system"] = system
+            if request.uses_tools or request.response_format is not None or request.provider_options:
+                body.update(self.feature_fields(request, capabilities))
+        except UnsupportedRequest as exc:
+            raise errors.BadRequestError(str(exc), provider=self.name, model=request.model) from exc
         return body
+
+    def feature_fields(self, request: LLMRequest, capabilities: Capabilities) -> dict[str, Any]:
+        """toolConfig, outputConfig and the allowed provider_options."""
+        fields: dict[str, Any] = dict(self.provider_options_of(request, allowed=CONVERSE_OPTIONS))
+        native = capabilities.native_json_schema
+        history_has_tools = any(message.tool_calls or message.role == "tool" for message in request.messages)
+        config = tool_config(tool_plan(request, native_json=native), history_has_tools=history_has_tools, strict=native)
+        if config is not None:
+            fields["toolConfig"] = config
+        if native and request.response_format is not None and request.response_format.type == "json_schema":
+            fields["outputConfig"] = output_config(request)
+        return fields
 
     # --- answers ------------------------------------------------------------------
 
     def parse_response(self, request: LLMRequest, body: Any, response: httpx.Response) -> LLMResponse:
         request_id = self.request_id(response)
-        text, stop_reason = self.answer_text(body, request.model, request_id)
-        self.check_stop_reason(stop_reason, bool(text), request.model, request_id)
+        blocks = self.answer_blocks(body, request.model, request_id)
+        stop_reason = body.get("stopReason") if isinstance(body.get("stopReason"), str) else None
+        # Reasoning blocks are not answer text; toolUse blocks are calls, or the JSON answer.
+        tools = ToolBlocks(ToolCallAssembler(), answer_tool_for(self.config, request))
+        texts: list[str] = []
+        answers: list[str] = []
+        for index, block in enumerate(blocks):
+            if isinstance(block.get("text"), str):
+                texts.append(block["text"])
+            elif isinstance(block.get("toolUse"), dict):
+                tool_use = block["toolUse"]
+                name = str(tool_use.get("name") or "")
+                answers.append(tools.whole(index, tool_use.get("toolUseId"), name, tool_use.get("input")))
+        text = "".join(answers) if tools.answered else "".join(texts)
+        self.check_stop_reason(stop_reason, bool(text) or bool(tools.calls), request.model, request_id)
         metrics = body.get("metrics") if isinstance(body.get("metrics"), dict) else {}
         return self.response(
-            request, text, bedrock_usage(body["usage"]), finish_reason=finish_reason(stop_reason),
-            stop_reason=stop_reason, request_id=request_id, latency_ms=metrics.get("latencyMs"),
+            request, text, bedrock_usage(body["usage"]), tool_calls=tools.calls.calls(),
+            finish_reason=tools.finish_reason(stop_reason), stop_reason=stop_reason, request_id=request_id,
+            latency_ms=metrics.get("latencyMs"),
         )
 
-    def answer_text(self, data: Any, model: str, request_id: str | None) -> tuple[str, str | None]:
-        """The text blocks of a Converse answer (reasoning and tool blocks left out) and its stopReason."""
+    def answer_blocks(self, data: Any, model: str, request_id: str | None) -> list[dict[str, Any]]:
+        """The content blocks of a Converse answer, checked to be one."""
         output = data.get("output") if isinstance(data, dict) else None
         message = output.get("message") if isinstance(output, dict) else None
         if not isinstance(message, dict) or not isinstance(message.get("content"), list):
             raise self.malformed(f"Converse answer lacks output.message: {str(data)[:200]!r}", model, request_id)
         if not isinstance(data.get("usage"), dict):
             raise self.malformed(f"Converse answer lacks usage: {str(data)[:200]!r}", model, request_id)
-        blocks = [block for block in message["content"] if isinstance(block, dict)]
-        text = "".join(block["text"] for block in blocks if isinstance(block.get("text"), str))
-        stop_reason = data.get("stopReason")
-        return text, stop_reason if isinstance(stop_reason, str) else None
+        return [block for block in message["content"] if isinstance(block, dict)]
 
-    def check_stop_reason(self, stop_reason: Any, has_text: bool, model: str, request_id: str | None) -> None:
-        if has_text:
+    def check_stop_reason(self, stop_reason: Any, has_content: bool, model: str, request_id: str | None) -> None:
+        """No answer and a filter's or the context window's stop reason: an error, not an empty answer."""
+        if has_content:
             return
         if stop_reason in FILTERED_STOP_REASONS:
             raise errors.ContentFilteredError(
@@ -215,7 +231,9 @@ class BedrockProvider(HTTPProvider[ConverseStreamState]):
     # --- streams ------------------------------------------------------------------
 
     def new_stream_state(self, request: LLMRequest, request_id: str | None) -> ConverseStreamState:
-        return ConverseStreamState(request, request_id)
+        state = ConverseStreamState(request, request_id)
+        state.blocks = ToolBlocks(state.tool_calls, answer_tool_for(self.config, request))
+        return state
 
     async def stream_events(
         self, response: httpx.Response, state: ConverseStreamState
@@ -249,9 +267,10 @@ class BedrockProvider(HTTPProvider[ConverseStreamState]):
                 "ConverseStream ended before messageStop and metadata: the answer may be cut short",
                 request.model, request_id,
             )
-        self.check_stop_reason(state.stop_reason, state.has_text, request.model, request_id)
+        self.check_stop_reason(state.stop_reason, state.has_content, request.model, request_id)
         return self.final_chunk(
-            request, bedrock_usage(state.usage or {}), finish_reason=finish_reason(state.stop_reason),
+            request, bedrock_usage(state.usage or {}), tool_calls=state.tool_calls.calls(),
+            finish_reason=state.blocks.finish_reason(state.stop_reason),
             stop_reason=state.stop_reason, request_id=request_id, latency_ms=state.latency_ms,
         )
 
@@ -296,6 +315,53 @@ class BedrockProvider(HTTPProvider[ConverseStreamState]):
             return str(found) if found else None
         return None
 
+    # --- embeddings ---------------------------------------------------------------
+
+    async def embed(self, request: EmbeddingRequest, *, job_id: str | None = None) -> EmbeddingResponse:
+        """Titan (one text per InvokeModel call) or Cohere Embed (96 per call), calls run side by side."""
+        family = bedrock_embed.embedding_family(request.model)
+        if family is None:
+            return await super().embed(request, job_id=job_id)
+        problem = bedrock_embed.dimensions_problem(request.model, family, request.dimensions)
+        if problem:
+            raise errors.BadRequestError(
+                f"dimensions {request.dimensions}: {problem}", provider=self.name, model=request.model
+            )
+        titan = family == "titan"
+        allowed = bedrock_embed.TITAN_OPTIONS if titan else bedrock_embed.COHERE_OPTIONS
+        options = self.provider_options_of(request, allowed=allowed)
+        bodies = (bedrock_embed.titan_bodies if titan else bedrock_embed.cohere_bodies)(
+            request.model, request.texts, request.dimensions, options)
+        answers = await self.invoke_all(f"/model/{quote(request.model, safe='')}/invoke", bodies, request.model)
+        vectors: list[list[float]] = []
+        tokens = 0
+        for payload, response in answers:
+            found = bedrock_embed.vectors_of(family, payload)
+            if found is None:
+                raise self.malformed(f"InvokeModel answer has no embeddings: {str(payload)[:200]!r}",
+                                     request.model, self.request_id(response))
+            vectors += found
+            tokens += bedrock_embed.input_tokens(payload, response.headers.get(bedrock_embed.INPUT_TOKENS_HEADER))
+        usage, estimated = embedding_usage(request.texts, tokens)  # llmq's estimate if Bedrock counted none
+        return self.embedding_response(request, vectors, usage, request_id=self.request_id(answers[-1][1]), **estimated)
+
+    async def invoke_all(self, path: str, bodies: list[dict[str, Any]], model: str) -> list[tuple[Any, httpx.Response]]:
+        """InvokeModel once per body, a few at a time; the first failure cancels the rest and is raised."""
+        limit = asyncio.Semaphore(bedrock_embed.CONCURRENT_CALLS)
+
+        async def invoke(body: dict[str, Any]) -> tuple[Any, httpx.Response]:
+            async with limit:
+                return await self.post_json(path, body, model=model)
+
+        calls = [asyncio.ensure_future(invoke(body)) for body in bodies]
+        try:
+            return await asyncio.gather(*calls)
+        except BaseException:
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+            raise
+
     # --- discovery and health -----------------------------------------------------
 
     async def get_available_models(self) -> list[str]:
@@ -319,36 +385,3 @@ class BedrockProvider(HTTPProvider[ConverseStreamState]):
             await self.generate(
                 LLMRequest(messages=[{"role": "user", "content": "ping"}], model=model, max_tokens=1, temperature=0)
             )
-
-
-def refine(error_class: type[errors.ProviderError], message: str) -> type[errors.ProviderError]:
-    """ValidationException covers prompts too long and unknown models: give them their own class."""
-    if error_class is not errors.BadRequestError:
-        return error_class
-    lowered = message.lower()
-    if any(marker in lowered for marker in CONTEXT_WINDOW_MARKERS):
-        return errors.ContextWindowExceededError
-    if any(marker in lowered for marker in UNKNOWN_MODEL_MARKERS):
-        return errors.ModelNotFoundError
-    return error_class
-
-
-def bedrock_usage(usage: dict[str, Any]) -> Usage:
-    """Bedrock's TokenUsage as llmq's Usage, prompt_tokens counting cached tokens too."""
-    cache_read = _count(usage, "cacheReadInputTokens")
-    cache_write = _count(usage, "cacheWriteInputTokens")
-    prompt = _count(usage, "inputTokens") + cache_read + cache_write
-    completion = _count(usage, "outputTokens")
-    return Usage.of(
-        prompt, completion, total_tokens=max(_count(usage, "totalTokens"), prompt + completion),
-        cached_read_tokens=cache_read, cache_write_tokens=cache_write,
-    )
-
-
-def finish_reason(stop_reason: Any) -> str | None:
-    return FINISH_REASONS.get(stop_reason, stop_reason) if stop_reason else None
-
-
-def _count(usage: dict[str, Any], key: str) -> int:
-    value = usage.get(key)
-    return int(value) if isinstance(value, (int, float)) and value > 0 else 0

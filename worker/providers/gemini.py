@@ -15,8 +15,31 @@ Wire format (https://ai.google.dev/api/generate-content, https://ai.google.dev/a
   is the thought share of it, as `llmq.contract.models.Usage` documents.
 - Errors carry `{"error": {"code", "message", "status", "details": [...]}}`; no request-id
   header is documented, so successful answers report `responseId` instead.
-- Answer metadata: `finish_reason` (stop / length / content_filter / lower-cased other),
-  `native_finish_reason`, `response_id`, `served_model` (`modelVersion`), `thought_parts`.
+- Answer metadata: `finish_reason` (stop / length / tool_calls / content_filter / lower-cased
+  other), `native_finish_reason`, `response_id`, `served_model` (`modelVersion`), `thought_parts`.
+
+Request features (the mapping lives in `gemini_format` and `gemini_schema`):
+
+- tools: `tools: [{functionDeclarations: [{name, description, parameters}]}]`, the parameters
+  converted from JSON Schema to Gemini's OpenAPI subset (`gemini_schema`, which says what it
+  drops); `tool_choice` as `toolConfig.functionCallingConfig` (auto AUTO, none NONE, required
+  ANY, one function ANY with `allowedFunctionNames`)
+- calls: answers' `functionCall` parts become `tool_calls` (Gemini's id when it sends one, else
+  an id made from the response id, position and name); an assistant message's calls go back as
+  `functionCall` parts, and `tool` messages as `functionResponse` parts named after the call
+  they answer (`{"output": text}`), in the calls' order. Thought signatures cannot travel in
+  OpenAI's shape, so a replayed call carries Google's documented stand-in
+  (`gemini_format.SKIP_THOUGHT_SIGNATURE`)
+- JSON: `responseMimeType: application/json`, with the schema as `responseJsonSchema` (JSON
+  Schema as given) on models that take it (gemini-2.5 and later), else as `responseSchema`
+  (converted); option `structured_output` chooses
+- images: data: URLs as `inlineData`, https URLs as `fileData`
+- `stop` -> `stopSequences`, `seed`, `top_p` -> `topP`; `provider_options`: `safetySettings`
+  (top level), `topK`, `presencePenalty`, `frequencyPenalty` (in `generationConfig`); for
+  embeddings `taskType` and `title`
+- cache breakpoints: Gemini caches prompt prefixes implicitly (2.5 and later) and reports the
+  hits as `cachedContentTokenCount`; explicit `cachedContent` resources are not used
+- embeddings: `POST /models/{model}:batchEmbedContents`, one request per input text
 
 Options (under `options:` in the provider's config entry):
 
@@ -24,6 +47,8 @@ Options (under `options:` in the provider's config entry):
   returned as content
 - `thinking_budget` (int >= -1, default unset): cap on thinking tokens (-1 lets the model decide,
   0 turns thinking off on models that allow it)
+- `structured_output` ("response_json_schema" | "response_schema"; default by model): which
+  field carries a JSON schema
 """
 
 from __future__ import annotations
@@ -31,71 +56,53 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlencode
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
 
-from llmq.contract.models import LLMRequest, LLMResponse
+from llmq.contract.models import EmbeddingRequest, EmbeddingResponse, LLMRequest, LLMResponse
 from llmq.worker import errors
+from llmq.worker.providers.features import embedding_usage
+from llmq.worker.providers.flex import FlexTier
 from llmq.worker.providers.gemini_format import (
+    FAILED_CALL_FINISH_REASONS,
     FILTER_FINISH_REASONS,
     STATUS_CODES,
+    GeminiOptions,
+    GeminiStreamState,
     answer_metadata,
+    call_of,
+    calling_config,
     candidate_text,
     detail_reasons,
     error_object,
+    function_calls,
+    function_declaration,
+    gemini_contents,
     generate_content_models,
-    merged_contents,
+    model_resource,
     retry_delay_seconds,
     stream_records,
     unwrap,
     usage_from_metadata,
 )
-from llmq.worker.providers.http import HTTPProvider, StreamState, json_or_none
+from llmq.worker.providers.gemini_schema import gemini_schema
+from llmq.worker.providers.http import HTTPProvider, json_or_none
 
 _CONTEXT_WINDOW_MESSAGE = re.compile(r"exceeds the maximum number of tokens|input token count", re.IGNORECASE)
 #: Pages of `models.list` read before giving up (1000 models a page is the documented maximum).
 MAX_MODEL_PAGES = 20
+#: Models that take `responseJsonSchema` (JSON Schema itself): gemini-2.5 and later.
+JSON_SCHEMA_MODELS = re.compile(r"^(models/)?gemini-(2\.5|[3-9])")
+#: tool_choice -> functionCallingConfig.mode.
+#: provider_options that go into generationConfig; the rest of the allowed ones go to the top level.
+GENERATION_OPTIONS = frozenset({"topK", "presencePenalty", "frequencyPenalty"})
+#: provider_options an embedding request takes, per input.
+EMBEDDING_OPTIONS = frozenset({"taskType", "title"})
 
 
-class GeminiOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    include_thoughts: bool = False
-    thinking_budget: int | None = Field(default=None, ge=-1)
-
-
-@dataclass
-class GeminiStreamState(StreamState):
-    """What a stream has told so far: text seen, the latest usage, the finish reason."""
-
-    text_seen: bool = False
-    thought_parts: int = 0
-    native_finish: str | None = None
-    usage_metadata: dict[str, Any] | None = None
-    response_id: str | None = None
-    model_version: str | None = None
-
-    def take(self, chunk: dict[str, Any]) -> str:
-        """Record one chunk; return its new answer text."""
-        # usageMetadata is cumulative in each chunk, so the last one holds the totals.
-        self.usage_metadata = chunk.get("usageMetadata") or self.usage_metadata
-        self.response_id = chunk.get("responseId") or self.response_id
-        self.model_version = chunk.get("modelVersion") or self.model_version
-        candidates = chunk.get("candidates") or []
-        if not candidates or not isinstance(candidates[0], dict):
-            return ""
-        text, thoughts = candidate_text(candidates[0])
-        self.thought_parts += thoughts
-        self.native_finish = candidates[0].get("finishReason") or self.native_finish
-        self.text_seen = self.text_seen or bool(text)
-        return text
-
-
-class GeminiProvider(HTTPProvider[GeminiStreamState]):
+class GeminiProvider(FlexTier, HTTPProvider[GeminiStreamState]):
     type_name = "gemini"
     description = "Google Gemini API (generativelanguage.googleapis.com); also `type: google` / `palm`"
     requires_api_key = True
@@ -103,6 +110,9 @@ class GeminiProvider(HTTPProvider[GeminiStreamState]):
     price_provider_id = "google"
     default_base_url = "https://generativelanguage.googleapis.com/v1beta"
     options_model = GeminiOptions
+    flex_refusals = (errors.OverloadedError,)
+    allowed_provider_options: ClassVar[frozenset[str]] = frozenset({"safetySettings"}) | GENERATION_OPTIONS \
+        | EMBEDDING_OPTIONS
 
     options: GeminiOptions
 
@@ -115,26 +125,67 @@ class GeminiProvider(HTTPProvider[GeminiStreamState]):
         return {"x-goog-api-key": key} if key else {}
 
     def request_path(self, model: str, *, stream: bool) -> str:
-        # "gemini-2.0-flash", "models/gemini-2.0-flash" and "tunedModels/x" all name a resource.
-        resource = model if "/" in model else f"models/{model}"
+        resource = model_resource(model)
         return f"/{resource}:streamGenerateContent?alt=sse" if stream else f"/{resource}:generateContent"
 
     def build_body(self, request: LLMRequest, *, stream: bool) -> dict[str, Any]:
-        system_parts = [{"text": message.content} for message in request.messages if message.role == "system"]
-        contents = merged_contents(request.messages)
+        system_parts = [{"text": message.text} for message in request.messages if message.role == "system"]
+        contents = gemini_contents(request.messages)
         if not contents:
             raise errors.BadRequestError(
                 "Gemini needs at least one user or assistant message besides the system prompt",
                 provider=self.name, model=request.model,
             )
-        generation_config: dict[str, Any] = {"temperature": request.temperature, "maxOutputTokens": request.max_tokens}
-        thinking = self.thinking_config()
-        if thinking:
-            generation_config["thinkingConfig"] = thinking
-        body: dict[str, Any] = {"contents": contents, "generationConfig": generation_config}
+        options = self.chat_options(request)
+        body: dict[str, Any] = {"contents": contents, "generationConfig": self.generation_config(request, options)}
         if system_parts:
             body["systemInstruction"] = {"parts": system_parts}
+        if request.tools is not None:
+            body["tools"] = [{"functionDeclarations": [function_declaration(tool.function) for tool in request.tools]}]
+        if request.tool_choice is not None:
+            body["toolConfig"] = {"functionCallingConfig": calling_config(request.tool_choice)}
+        body.update({name: value for name, value in options.items() if name not in GENERATION_OPTIONS})
+        if request.service_tier == "flex":
+            body["service_tier"] = "FLEX"  # as the REST reference spells it
         return body
+
+    def chat_options(self, request: LLMRequest) -> dict[str, Any]:
+        options = self.provider_options_of(request)
+        for name in EMBEDDING_OPTIONS & set(options):
+            raise errors.BadRequestError(
+                f"provider_options.{name} is for embedding requests; a chat request to Gemini takes "
+                f"{', '.join(sorted(self.allowed_provider_options - EMBEDDING_OPTIONS))}",
+                provider=self.name, model=request.model,
+            )
+        return options
+
+    def generation_config(self, request: LLMRequest, options: dict[str, Any]) -> dict[str, Any]:
+        config: dict[str, Any] = {"temperature": request.temperature, "maxOutputTokens": request.max_tokens}
+        if request.stop is not None:
+            config["stopSequences"] = [request.stop] if isinstance(request.stop, str) else list(request.stop)
+        if request.seed is not None:
+            config["seed"] = request.seed
+        if request.top_p is not None:
+            config["topP"] = request.top_p
+        response_format = request.response_format
+        if response_format is not None and response_format.wants_json:
+            config["responseMimeType"] = "application/json"
+            schema = response_format.schema_dict
+            if schema is not None:
+                if self.takes_json_schema(request.model):
+                    config["responseJsonSchema"] = schema
+                else:
+                    config["responseSchema"] = gemini_schema(schema)
+        thinking = self.thinking_config()
+        if thinking:
+            config["thinkingConfig"] = thinking
+        config.update({name: value for name, value in options.items() if name in GENERATION_OPTIONS})
+        return config
+
+    def takes_json_schema(self, model: str) -> bool:
+        if self.options.structured_output is not None:
+            return self.options.structured_output == "response_json_schema"
+        return JSON_SCHEMA_MODELS.match(model) is not None
 
     def thinking_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {}
@@ -152,11 +203,13 @@ class GeminiProvider(HTTPProvider[GeminiStreamState]):
         self.raise_for_body(body, request.model)
         candidate = self.first_candidate(body, request.model)
         text, thought_parts = candidate_text(candidate)
+        calls = [call_of(call, body.get("responseId"), index) for index, call in enumerate(function_calls(candidate))]
         native_finish = candidate.get("finishReason")
-        self.raise_if_filtered(native_finish, text, request.model)
+        self.raise_if_unanswered(native_finish, bool(text or calls), request.model)
         return self.response(
-            request, text, usage_from_metadata(body.get("usageMetadata")),
-            **answer_metadata(native_finish, body.get("responseId"), body.get("modelVersion"), thought_parts),
+            request, text, usage_from_metadata(body.get("usageMetadata")), tool_calls=calls,
+            **answer_metadata(native_finish, body.get("responseId"), body.get("modelVersion"), thought_parts,
+                              called=bool(calls)),
         )
 
     def new_stream_state(self, request: LLMRequest, request_id: str | None) -> GeminiStreamState:
@@ -189,10 +242,12 @@ class GeminiProvider(HTTPProvider[GeminiStreamState]):
         model = state.request.model
         if state.native_finish is None:
             raise self.malformed("the stream ended before Gemini sent a finishReason (cut short)", model)
-        self.raise_if_filtered(state.native_finish, state.text_seen, model)
+        calls = state.tool_calls.calls()
+        self.raise_if_unanswered(state.native_finish, state.text_seen or bool(calls), model)
         return self.final_chunk(
-            state.request, usage_from_metadata(state.usage_metadata),
-            **answer_metadata(state.native_finish, state.response_id, state.model_version, state.thought_parts),
+            state.request, usage_from_metadata(state.usage_metadata), tool_calls=calls,
+            **answer_metadata(state.native_finish, state.response_id, state.model_version, state.thought_parts,
+                              called=bool(calls)),
         )
 
     # --- response checks --------------------------------------------------------
@@ -214,19 +269,51 @@ class GeminiProvider(HTTPProvider[GeminiStreamState]):
             raise self.malformed("the response has no candidates and no promptFeedback.blockReason", model)
         return candidates[0]
 
-    def raise_if_filtered(self, native_finish: str | None, has_text: bool | str, model: str) -> None:
-        # A filter that stopped the answer part-way leaves usable text: that is returned, labelled.
-        if native_finish in FILTER_FINISH_REASONS and not has_text:
+    def raise_if_unanswered(self, native_finish: str | None, answered: bool, model: str) -> None:
+        """A filter that left nothing, or a function call Gemini could not make, is no answer."""
+        if answered:
+            # A filter that stopped the answer part-way leaves usable text: that is returned, labelled.
+            return
+        if native_finish in FILTER_FINISH_REASONS:
             raise errors.ContentFilteredError(
                 f"Gemini withheld the answer (finishReason={native_finish})",
                 provider=self.name, model=model, status_code=200,
             )
+        if native_finish in FAILED_CALL_FINISH_REASONS:
+            raise self.malformed(f"Gemini could not make the function call it chose (finishReason={native_finish})",
+                                 model)
 
     def malformed(
         self, message: str, model: str | None, request_id: str | None = None
     ) -> errors.MalformedResponseError:
         # Everything malformed here came with a 200 (Google documents no request id header).
         return errors.MalformedResponseError(message, provider=self.name, model=model, status_code=200)
+
+    # --- embeddings -------------------------------------------------------------
+
+    def embeddings_path(self, model: str) -> str | None:
+        return f"/{model_resource(model)}:batchEmbedContents"
+
+    def build_embeddings_body(self, request: EmbeddingRequest) -> dict[str, Any]:
+        options = self.provider_options_of(request)
+        for name in set(options) - EMBEDDING_OPTIONS:
+            raise errors.BadRequestError(
+                f"provider_options.{name} is not taken by Gemini's batchEmbedContents (it takes: "
+                f"{', '.join(sorted(EMBEDDING_OPTIONS))})", provider=self.name, model=request.model,
+            )
+        common: dict[str, Any] = {"model": model_resource(request.model), **options}
+        if request.dimensions is not None:
+            common["outputDimensionality"] = request.dimensions
+        return {"requests": [{**common, "content": {"parts": [{"text": text}]}} for text in request.texts]}
+
+    def parse_embeddings(self, request: EmbeddingRequest, body: Any, response: httpx.Response) -> EmbeddingResponse:
+        embeddings = body.get("embeddings") if isinstance(body, dict) else None
+        if not isinstance(embeddings, list) or not all(
+                isinstance(item, dict) and isinstance(item.get("values"), list) for item in embeddings):
+            raise self.malformed(f"batchEmbedContents answer has no embeddings: {str(body)[:200]!r}", request.model)
+        # The Gemini API does not count embedding tokens in every answer: then llmq's estimate is the usage.
+        usage, said = embedding_usage(request.texts, int((body.get("usageMetadata") or {}).get("promptTokenCount") or 0))
+        return self.embedding_response(request, [item["values"] for item in embeddings], usage, **said)
 
     # --- errors ---------------------------------------------------------------
 

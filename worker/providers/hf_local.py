@@ -11,12 +11,21 @@ Selected by a `huggingface` entry with `options: {mode: pipeline, model_path: ..
 Generation runs in worker threads (`asyncio.to_thread`) so the event loop stays free, behind
 an `asyncio.Semaphore`. Usage is the real token count: prompt ids in, new ids out.
 Temperature 0 means greedy decoding.
+
+What it can honestly do (the capability table's `huggingface:pipeline` row says the same):
+plain chat; `top_p` and `stop` (transformers' `stop_strings`); JSON by asking for it in the
+prompt (`pipeline_messages`) and letting llmq validate the answer (`worker/output.py`), with no
+constrained decoding, so a small model may miss and be asked again. It refuses tools (a model's
+call syntax is its own, with nothing to parse it) and images; `seed` is not honoured (torch's
+generator is global to the process, shared by concurrent generations); there are no embeddings
+(an embedding model needs pooling this adapter does not read: serve it with TEI).
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -129,7 +138,7 @@ class TransformersPipelineProvider(LLMProvider):
 
     def _prompt_ids(self, loaded: _Loaded, request: LLMRequest) -> Any:
         tokenizer = loaded.tokenizer
-        messages = [{"role": message.role, "content": message.content} for message in request.messages]
+        messages = pipeline_messages(request, provider=self.name)
         if getattr(tokenizer, "chat_template", None):
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             # The template already wrote any special tokens the model expects.
@@ -161,6 +170,11 @@ class TransformersPipelineProvider(LLMProvider):
         }
         if request.temperature > 0:
             kwargs["temperature"] = request.temperature
+            if request.top_p is not None:
+                kwargs["top_p"] = request.top_p
+        if request.stop is not None:
+            kwargs["stop_strings"] = [request.stop] if isinstance(request.stop, str) else list(request.stop)
+            kwargs["tokenizer"] = tokenizer  # transformers matches stop strings through it
         return _Prepared(input_ids, kwargs)
 
     def _finish(self, loaded: _Loaded, prepared: _Prepared, output: Any) -> tuple[str, Usage, str]:
@@ -239,6 +253,29 @@ class TransformersPipelineProvider(LLMProvider):
             return (Path(self.options.model_path).expanduser() / "config.json").is_file()
         except Exception:  # a yes/no answer; the reason shows on the next real call
             return False
+
+
+def pipeline_messages(request: LLMRequest, *, provider: str) -> list[dict[str, str]]:
+    """The chat the model is given: each message's text, and, when JSON was asked for, the ask
+    (with the schema) at the end of the last user message, where every chat template keeps it.
+    Nothing constrains the decoding: llmq validates the answer. Tools and images are refused."""
+    if request.uses_tools or any(message.images for message in request.messages):
+        raise errors.BadRequestError(
+            "the in-process transformers pipeline takes neither tools nor images; route the request to a "
+            "provider whose capabilities have them", provider=provider, model=request.model,
+        )
+    messages = [{"role": message.role, "content": message.text} for message in request.messages]
+    response_format = request.response_format
+    if response_format is not None and response_format.wants_json:
+        schema = response_format.schema_dict
+        ask = "Answer with one JSON object and nothing else" + (
+            f", matching this JSON schema: {json.dumps(schema, separators=(',', ':'))}" if schema is not None else "")
+        last_user = max((index for index, message in enumerate(messages) if message["role"] == "user"), default=None)
+        if last_user is None:
+            messages.append({"role": "user", "content": ask + "."})
+        else:
+            messages[last_user] = {"role": "user", "content": f"{messages[last_user]['content']}\n\n{ask}."}
+    return messages
 
 
 def _stop_when_set(stop: threading.Event) -> Any:

@@ -9,7 +9,15 @@ hooks that have the same names in every adapter. Each one implements:
 - `new_stream_state(request, request_id)`: what a stream remembers between events
 - `parse_stream_event(event, state)`: one event -> its new answer text; the rest into `state`
 - `finish_stream(state)`: the final chunk, once the stream is known complete
+  (with `state.tool_calls.calls()`, the whole tool calls, when the answer made any)
 - `probe()`: the cheapest authenticated call, for `health_check`
+
+and, for a provider with an embeddings API, the three hooks `embed` is written over:
+`embeddings_path(model)`, `build_embeddings_body(request)` and
+`parse_embeddings(request, body, response)` (without them `embed` refuses the job).
+A stream's tool calls arrive in pieces: `parse_stream_event` hands each to
+`state.tool_calls.add(...)` (or `add_delta` for OpenAI's shape) and puts the delta it
+returns in `state.deltas`; the chunk that follows carries them to the caller.
 
 and overrides, where its provider differs from the default:
 
@@ -30,15 +38,17 @@ import json
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 import httpx
 
 from llmq.contract.config import ProviderConfig
-from llmq.contract.models import LLMRequest, LLMResponse, Usage
+from llmq.contract.messages import ToolCallDelta
+from llmq.contract.models import EmbeddingRequest, EmbeddingResponse, LLMRequest, LLMResponse, Usage
 from llmq.worker import errors
 from llmq.worker.providers.base import LLMProvider, retry_after_seconds
+from llmq.worker.providers.features import ToolCallAssembler
 from llmq.worker.providers.transport import AiohttpTransport
 
 #: OpenAI and Azure refuse a call whose client request id is not ASCII or is longer than this.
@@ -53,6 +63,10 @@ class StreamState:
     request_id: str | None = None
     #: The provider's end-of-answer marker arrived: stop reading.
     finished: bool = False
+    #: Tool calls streamed so far, assembled by index.
+    tool_calls: ToolCallAssembler = field(default_factory=ToolCallAssembler)
+    #: Tool-call pieces of the current event, for the next chunk to carry.
+    deltas: list[ToolCallDelta] = field(default_factory=list)
 
 
 StateT = TypeVar("StateT", bound=StreamState)
@@ -174,11 +188,36 @@ class HTTPProvider(LLMProvider, Generic[StateT]):
             state = self.new_stream_state(request, self.request_id(response))
             async for event in self.stream_events(response, state):
                 text = self.parse_stream_event(event, state)
-                if text:
+                if state.deltas:
+                    chunk = self.stream_chunk(state, text or "")
+                    yield chunk.model_copy(update={"tool_call_deltas": state.deltas})
+                    state.deltas = []
+                elif text:
                     yield self.stream_chunk(state, text)
                 if state.finished:
                     break
         yield self.finish_stream(state)
+
+    async def embed(self, request: EmbeddingRequest, *, job_id: str | None = None) -> EmbeddingResponse:
+        path = self.embeddings_path(request.model)
+        if path is None:
+            return await super().embed(request, job_id=job_id)
+        body = self.build_embeddings_body(request)
+        headers = self.build_headers(request.model, job_id)
+        payload, response = await self.post_json(path, body, model=request.model, headers=headers)
+        return self.parse_embeddings(request, payload, response)
+
+    # --- embeddings hooks (a provider without an embeddings API keeps these) ---------
+
+    def embeddings_path(self, model: str) -> str | None:
+        """The path of an embeddings call, relative to base_url; None: the provider has none."""
+        return None
+
+    def build_embeddings_body(self, request: EmbeddingRequest) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def parse_embeddings(self, request: EmbeddingRequest, body: Any, response: httpx.Response) -> EmbeddingResponse:
+        raise NotImplementedError
 
     async def health_check(self) -> bool:
         try:

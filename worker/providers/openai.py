@@ -9,10 +9,20 @@ its wire format really differs, one hook of `llmq.worker.providers.http.HTTPProv
 Options (under `options:`), checked by `OpenAIOptions` (extra keys are refused):
 
 - `organization`, `project`: sent as `OpenAI-Organization` / `OpenAI-Project`
-- `max_tokens_field` ("max_tokens" | "max_completion_tokens", default "max_tokens"):
-  newer OpenAI models (o-series, gpt-5) accept only `max_completion_tokens`
+- `max_tokens_field` ("max_tokens" | "max_completion_tokens"; default: by model, from the
+  capability table: `max_completion_tokens` for reasoning models (o-series, gpt-5), which
+  accept only that, else `max_tokens`, which every compatible server knows)
 - `stream_usage` (bool, default true): ask for the usage chunk when streaming
-- `send_temperature` (bool, default true): reasoning models refuse any value but the default
+- `send_temperature` (bool; default: by model, not for reasoning models, which refuse any
+  value but their own)
+
+Every request feature maps one to one, since llmq's request is Chat Completions' own shape:
+content parts (text, `image_url`; `cache_control` is dropped, as OpenAI caches prompts by
+itself), `tools`, `tool_choice`, assistant `tool_calls` and `tool` messages, `response_format`,
+`stop`, `seed`, `top_p`, and the `provider_options` in `allowed_provider_options`.
+Answers carry `tool_calls`; streams carry `delta.tool_calls` pieces and end with the whole
+calls; a structured-output `refusal` is a `ContentFilteredError`. Embeddings:
+`POST {base_url}/embeddings`.
 """
 
 from __future__ import annotations
@@ -24,8 +34,12 @@ from typing import Any, ClassVar, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict
 
-from llmq.contract.models import LLMRequest, LLMResponse, Usage
+from llmq.contract.capabilities import capabilities_for
+from llmq.contract.embeddings import decode_vector
+from llmq.contract.messages import Message, ToolCall
+from llmq.contract.models import EmbeddingRequest, EmbeddingResponse, LLMRequest, LLMResponse, Usage
 from llmq.worker import errors
+from llmq.worker.providers.flex import FlexTier
 from llmq.worker.providers.http import HTTPProvider, StreamState
 
 #: Billing errors OpenAI sends as 429 (error.type "insufficient_quota", or one of these codes).
@@ -56,9 +70,11 @@ class ChatCompletionsOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    #: None: by model (max_completion_tokens for reasoning models).
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] | None = None
     stream_usage: bool = True
-    send_temperature: bool = True
+    #: None: by model (not for reasoning models).
+    send_temperature: bool | None = None
 
 
 class OpenAIOptions(ChatCompletionsOptions):
@@ -74,7 +90,7 @@ class ChatStreamState(StreamState):
     response_id: str | None = None
 
 
-class OpenAIProvider(HTTPProvider[ChatStreamState]):
+class OpenAIProvider(FlexTier, HTTPProvider[ChatStreamState]):
     type_name = "openai"
     description = "OpenAI Chat Completions API"
     default_base_url = "https://api.openai.com/v1"
@@ -83,11 +99,21 @@ class OpenAIProvider(HTTPProvider[ChatStreamState]):
     price_provider_id = "openai"
     request_id_headers: ClassVar[tuple[str, ...]] = ("x-request-id",)
     client_request_id_header: ClassVar[str | None] = "X-Client-Request-Id"
+    flex_refusals = (errors.RateLimitedError,)
 
     options_model: ClassVar[type[ChatCompletionsOptions]] = OpenAIOptions
+    #: Chat Completions parameters llmq has no field for, taken from a request's provider_options.
+    allowed_provider_options: ClassVar[frozenset[str]] = frozenset({
+        "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "user",
+        "service_tier", "reasoning_effort", "verbosity", "parallel_tool_calls", "store", "metadata", "prediction",
+        "prompt_cache_key", "prompt_cache_retention", "safety_identifier", "web_search_options",
+    })
     #: Relative to base_url (httpx appends it to the base path).
     chat_completions_path: ClassVar[str] = "/chat/completions"
     models_path: ClassVar[str] = "/models"
+    embeddings_endpoint: ClassVar[str | None] = "/embeddings"
+    #: How vectors come back: base64 float32 (a quarter of the bytes), or "float" for servers without it.
+    embeddings_encoding: ClassVar[str] = "base64"
 
     options: ChatCompletionsOptions
 
@@ -117,18 +143,69 @@ class OpenAIProvider(HTTPProvider[ChatStreamState]):
         return self.chat_completions_path
 
     def build_body(self, request: LLMRequest, *, stream: bool) -> dict[str, Any]:
+        reasoning = capabilities_for(self.config, request.model).reasoning
+        max_tokens_field = self.options.max_tokens_field or ("max_completion_tokens" if reasoning else "max_tokens")
         body: dict[str, Any] = {
             "model": request.model,
-            "messages": [{"role": message.role, "content": message.content} for message in request.messages],
-            self.options.max_tokens_field: request.max_tokens,
+            "messages": [chat_message(message) for message in request.messages],
+            max_tokens_field: request.max_tokens,
             "stream": stream,
         }
-        if self.options.send_temperature:
+        if self.options.send_temperature if self.options.send_temperature is not None else not reasoning:
             body["temperature"] = request.temperature
+        if request.service_tier == "flex":
+            body["service_tier"] = "flex"
         if stream and self.options.stream_usage:
             # The usage then arrives in one last chunk whose `choices` is empty, before [DONE].
             body["stream_options"] = {"include_usage": True}
+        if request.tools is not None or request.response_format is not None or request.provider_options:
+            body.update(self.feature_fields(request))
+        for name in ("stop", "seed", "top_p"):
+            value = getattr(request, name)
+            if value is not None:
+                body[name] = value
         return body
+
+    def feature_fields(self, request: LLMRequest) -> dict[str, Any]:
+        """tools, tool_choice, response_format and the allowed provider_options, as Chat Completions takes them."""
+        fields: dict[str, Any] = dict(self.provider_options_of(request))
+        if request.tools is not None:
+            fields["tools"] = [tool.model_dump(exclude_none=True) for tool in request.tools]
+        if request.tool_choice is not None:
+            choice = request.tool_choice
+            fields["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump()
+        if request.response_format is not None:
+            fields["response_format"] = request.response_format.model_dump(exclude_none=True, by_alias=True)
+        return fields
+
+    # --- embeddings ---------------------------------------------------------------
+
+    def embeddings_path(self, model: str) -> str | None:
+        return self.embeddings_endpoint
+
+    def build_embeddings_body(self, request: EmbeddingRequest) -> dict[str, Any]:
+        options = self.provider_options_of(request)
+        body: dict[str, Any] = {"model": request.model, "input": request.texts, "encoding_format": self.embeddings_encoding}
+        if request.dimensions is not None:
+            body["dimensions"] = request.dimensions
+        return {**options, **body}
+
+    def parse_embeddings(self, request: EmbeddingRequest, body: Any, response: httpx.Response) -> EmbeddingResponse:
+        request_id = self.request_id(response)
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list) or not all(isinstance(item, dict) and "embedding" in item for item in data):
+            raise self.malformed(f"embeddings answer has no data array: {str(body)[:200]!r}", request.model, request_id)
+        ordered = sorted(data, key=lambda item: int(item.get("index") or 0))
+        vectors = [
+            decode_vector(item["embedding"]) if isinstance(item["embedding"], str) else item["embedding"]
+            for item in ordered
+        ]
+        usage = body.get("usage") or {}
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        return self.embedding_response(
+            request, vectors, Usage.of(prompt_tokens, 0, total_tokens=int(usage.get("total_tokens") or 0)),
+            request_id=request_id, served_model=body.get("model") or None,
+        )
 
     def build_headers(self, model: str | None, job_id: str | None) -> dict[str, str]:
         headers = super().build_headers(model, job_id)
@@ -155,11 +232,29 @@ class OpenAIProvider(HTTPProvider[ChatStreamState]):
         message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
         finish_reason = choice.get("finish_reason")
         self.check_finish_reason(finish_reason, request.model, request_id)
+        self.check_refusal(message.get("refusal"), request.model, request_id)
         return self.response(
             request, str(message.get("content") or ""), usage_from(body.get("usage")),
+            tool_calls=self.tool_calls_of(message, request.model, request_id),
             finish_reason=finish_reason, request_id=request_id,
             response_id=body.get("id") or None, served_model=body.get("model") or None,
         )
+
+    def tool_calls_of(self, message: dict[str, Any], model: str, request_id: str | None) -> list[ToolCall] | None:
+        raw = message.get("tool_calls")
+        if not raw:
+            return None
+        try:
+            return [ToolCall.model_validate(call) for call in raw]
+        except ValueError as exc:
+            raise self.malformed(f"tool_calls not in OpenAI's shape: {str(raw)[:200]!r}", model, request_id) from exc
+
+    def check_refusal(self, refusal: Any, model: str, request_id: str | None) -> None:
+        """A structured-output refusal is the model declining to answer, not an answer."""
+        if refusal:
+            raise errors.ContentFilteredError(
+                f"the model refused: {str(refusal)[:300]}", provider=self.name, model=model, request_id=request_id
+            )
 
     # --- streams ------------------------------------------------------------------
 
@@ -182,10 +277,19 @@ class OpenAIProvider(HTTPProvider[ChatStreamState]):
                 continue
             delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
             text += str(delta.get("content") or "")
+            for piece in delta.get("tool_calls") or ():
+                if isinstance(piece, dict):
+                    state.deltas.append(state.tool_calls.add_delta(self.tool_call_piece(piece, state)))
+            self.check_refusal(delta.get("refusal"), state.request.model, state.request_id)
             if choice.get("finish_reason"):
                 state.finish_reason = choice["finish_reason"]
                 self.check_finish_reason(state.finish_reason, state.request.model, state.request_id)
         return text
+
+    def tool_call_piece(self, piece: dict[str, Any], state: ChatStreamState) -> dict[str, Any]:
+        """One entry of a chunk's `delta.tool_calls`, before it is assembled; a dialect whose pieces
+        differ from OpenAI's (TGI: no real id) mends it here."""
+        return piece
 
     def parse_chunk(self, data: str, model: str, request_id: str | None) -> dict[str, Any]:
         chunk = self.parse_event_json(data, model, request_id, what="stream chunk")
@@ -199,7 +303,8 @@ class OpenAIProvider(HTTPProvider[ChatStreamState]):
                 "stream ended before its [DONE] marker: the answer is incomplete", state.request.model, state.request_id
             )
         return self.final_chunk(
-            state.request, state.usage, finish_reason=state.finish_reason, request_id=state.request_id,
+            state.request, state.usage, tool_calls=state.tool_calls.calls(),
+            finish_reason=state.finish_reason, request_id=state.request_id,
             response_id=state.response_id, served_model=state.served_model,
         )
 
@@ -245,6 +350,22 @@ class OpenAIProvider(HTTPProvider[ChatStreamState]):
 
     def redact(self, text: str) -> str:
         return _MASKED_SECRET.sub("[redacted]", super().redact(text))
+
+
+def chat_message(message: Message) -> dict[str, Any]:
+    """One message as Chat Completions takes it; a plain text message stays two keys."""
+    content = message.content
+    if isinstance(content, list):
+        # OpenAI caches prompt prefixes by itself and refuses keys it does not know: no cache_control.
+        content = [part.model_dump(exclude_none=True, exclude={"cache_control"}) for part in content]
+    out: dict[str, Any] = {"role": message.role, "content": content}
+    if message.tool_calls:
+        out["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        out["name"] = message.name
+    return out
 
 
 def error_object(body: Any) -> dict[str, Any]:

@@ -16,6 +16,9 @@ idempotent upsert keyed by the job id (jobs) or the job id and attempt number
 
 Only the fields a row carries are written; absent fields keep their stored value.
 
+Rows the database refuses are not retried forever: the flusher sets them aside
+in `llmq_quarantine` (`Store.quarantine`) with the error, and writes the rest.
+
 The tables are `llmq.contract.schema`.
 """
 
@@ -42,6 +45,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     make_url,
     or_,
     select,
@@ -60,8 +64,12 @@ from llmq.contract.schema import (
     jobs_table,
     metadata,
     normalize_url,
+    provider_batch_lines_table,
+    provider_batches_table,
+    quarantine_table,
     usage_table,
 )
+from llmq.worker.store.provider_batches import ENDED
 from llmq.worker.store.rows import OPEN_ATTEMPT_OUTCOMES, prepare_rows
 
 #: How long a SQLite writer waits for another process's write lock before failing.
@@ -96,6 +104,7 @@ class Store:
             if self.dialect == "postgresql":
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
             metadata.create_all(connection, checkfirst=True)
+            _add_new_columns(connection)
 
     @contextmanager
     def _write_transaction(self) -> Iterator[Connection]:
@@ -113,13 +122,14 @@ class Store:
         `ValueError` naming it and the field, and the batch is left unwritten.
         Writing the same batch again leaves the same rows.
         """
-        jobs, attempts, usage = prepare_rows(rows)
-        if not (jobs or attempts or usage):
+        prepared = prepare_rows(rows)
+        if not any(prepared):
             return
         with self._write_transaction() as connection:
-            self._upsert_jobs(connection, jobs)
-            self._upsert_attempts(connection, attempts)
-            self._insert_usage(connection, usage)
+            self._upsert_jobs(connection, prepared.jobs)
+            self._upsert_attempts(connection, prepared.attempts)
+            self._insert_usage(connection, prepared.usage)
+            self._upsert_provider_batches(connection, prepared.provider_batches, prepared.provider_batch_lines)
 
     def _insert_statement(self, table: Table) -> Any:
         module = sqlite if self.dialect == "sqlite" else postgresql
@@ -157,7 +167,43 @@ class Store:
             statement = self._insert_statement(usage_table).on_conflict_do_nothing(index_elements=["job_id", "attempt"])
             connection.execute(statement, group)
 
+    def _upsert_provider_batches(
+        self, connection: Connection, batches: list[dict[str, Any]], lines: list[dict[str, Any]]
+    ) -> None:
+        for group in _by_key_set(batches):
+            statement = self._insert_statement(provider_batches_table)
+            updates = {key: statement.excluded[key] for key in group[0] if key != "provider_batch_id"}
+            # An ended provider batch stays ended (worker/store/provider_batches.py).
+            may_replace = or_(provider_batches_table.c.state != ENDED, statement.excluded.state == ENDED)
+            statement = statement.on_conflict_do_update(index_elements=["provider_batch_id"], set_=updates,
+                                                        where=may_replace)
+            connection.execute(statement, group)
+        for group in _by_key_set(lines):
+            statement = self._insert_statement(provider_batch_lines_table)
+            connection.execute(statement.on_conflict_do_nothing(index_elements=["provider_batch_id", "job_id"]), group)
+
+    def quarantine(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Set aside rows the ledger refused: `{quarantine_id, job_id, kind, entry, row_json, error}` each.
+
+        Quarantining the same `quarantine_id` again leaves one row.
+        """
+        rows = [dict(row) for row in rows]
+        if not rows:
+            return
+        statement = self._insert_statement(quarantine_table).on_conflict_do_nothing(index_elements=["quarantine_id"])
+        with self._write_transaction() as connection:
+            connection.execute(statement, rows)
+
     # -- reads ----------------------------------------------------------------
+
+    def quarantined(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest rows set aside, newest first."""
+        query = select(quarantine_table).order_by(quarantine_table.c.quarantined_at.desc()).limit(limit)
+        return self._all(query)
+
+    def quarantined_count(self) -> int:
+        with self.engine.connect() as connection:
+            return int(connection.execute(select(func.count()).select_from(quarantine_table)).scalar_one())
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         query = select(jobs_table).where(jobs_table.c.job_id == job_id)
@@ -179,8 +225,10 @@ class Store:
         """Usage and cost per provider, model, caller or UTC day, ordered by that key.
 
         Each row: the key (named after `by`), requests, token sums, `cost_usd`
-        (exact `Decimal`, unpriced rows count as nothing), `cached_hits`
-        (answers from llmq's cache) and `unpriced` (rows with no known price).
+        (exact `Decimal`, unpriced rows count as nothing), `standard_cost_usd` (what the same calls
+        cost at the standard tier: batch and flex rows at their standard price), `saved_usd`
+        (the difference), `cheaper_tier` (rows run through a provider batch or the flex tier),
+        `cached_hits` (answers from llmq's cache) and `unpriced` (rows with no known price).
         """
         if by not in REPORT_GROUPINGS:
             raise ValueError(f"cannot group usage by {by!r}; use one of: {', '.join(REPORT_GROUPINGS)}")
@@ -216,6 +264,8 @@ def _report_columns() -> list[Any]:
     columns: list[Any] = [func.count().label("requests")]
     columns += [func.sum(usage_table.c[name]).label(name) for name in _TOKEN_SUMS]
     columns.append(func.sum(usage_table.c.cost_usd).label("cost_usd"))
+    columns.append(func.sum(func.coalesce(usage_table.c.standard_cost_usd, usage_table.c.cost_usd)).label("standard"))
+    columns.append(func.sum(case((usage_table.c.standard_cost_usd.is_not(None), 1), else_=0)).label("cheaper_tier"))
     columns.append(func.sum(case((usage_table.c.cached, 1), else_=0)).label("cached_hits"))
     columns.append(func.sum(case((usage_table.c.priced, 0), else_=1)).label("unpriced"))
     return columns
@@ -225,10 +275,25 @@ def _report_row(row: dict[str, Any], by: str) -> dict[str, Any]:
     report = {by: row[by], "requests": int(row["requests"])}
     # PostgreSQL's SUM over integers comes back as bigint or numeric: make them ints.
     report.update({name: int(row[name] or 0) for name in _TOKEN_SUMS})
-    report["cost_usd"] = row["cost_usd"] if row["cost_usd"] is not None else Decimal(0).quantize(USD_QUANTUM)
+    zero = Decimal(0).quantize(USD_QUANTUM)
+    report["cost_usd"] = row["cost_usd"] if row["cost_usd"] is not None else zero
+    report["standard_cost_usd"] = row["standard"] if row["standard"] is not None else zero
+    report["saved_usd"] = report["standard_cost_usd"] - report["cost_usd"]
+    report["cheaper_tier"] = int(row["cheaper_tier"] or 0)
     report["cached_hits"] = int(row["cached_hits"] or 0)
     report["unpriced"] = int(row["unpriced"] or 0)
     return report
+
+
+def _add_new_columns(connection: Connection) -> None:
+    """Columns added to a table after a ledger was created (nullable ones only): ALTER TABLE ADD COLUMN."""
+    found = inspect(connection)
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in found.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(dialect=connection.dialect)
+                connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 def _attempt_open(outcome: Any) -> Any:

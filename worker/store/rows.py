@@ -13,9 +13,11 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, NamedTuple
 
 from llmq.contract.models import JobState
+from llmq.worker.store.provider_batches import PROVIDER_BATCH_FIELDS, PROVIDER_BATCH_LINE_FIELDS
+from llmq.worker.store.provider_batches import may_replace as provider_batch_may_replace
 
 #: Attempt outcomes that mean "not finished yet"; a finished attempt never reverts to one.
 OPEN_ATTEMPT_OUTCOMES = frozenset({"started", "running"})
@@ -171,6 +173,8 @@ USAGE_FIELDS: dict[str, Coerce] = {
     "cache_write_tokens": _count,
     "reasoning_tokens": _count,
     "cost_usd": usd,
+    "price_tier": _text,
+    "standard_cost_usd": usd,
     "priced": _flag,
     "cached": _flag,
     "simulated": _flag,
@@ -180,12 +184,27 @@ USAGE_FIELDS: dict[str, Coerce] = {
     "created_at": timestamp,
 }
 
-FIELDS_BY_KIND: dict[str, dict[str, Coerce]] = {"job": JOB_FIELDS, "attempt": ATTEMPT_FIELDS, "usage": USAGE_FIELDS}
+FIELDS_BY_KIND: dict[str, dict[str, Coerce]] = {
+    "job": JOB_FIELDS, "attempt": ATTEMPT_FIELDS, "usage": USAGE_FIELDS,
+    "provider_batch": PROVIDER_BATCH_FIELDS, "provider_batch_line": PROVIDER_BATCH_LINE_FIELDS,
+}
 REQUIRED_BY_KIND: dict[str, tuple[str, ...]] = {
     "job": ("job_id", "state"),
     "attempt": ("job_id", "attempt"),
     "usage": ("job_id", "attempt"),
+    "provider_batch": ("provider_batch_id", "state"),
+    "provider_batch_line": ("provider_batch_id", "job_id"),
 }
+
+
+class PreparedRows(NamedTuple):
+    """One batch of outbox rows, checked and folded to one row per key."""
+
+    jobs: list[dict[str, Any]]
+    attempts: list[dict[str, Any]]
+    usage: list[dict[str, Any]]
+    provider_batches: list[dict[str, Any]]
+    provider_batch_lines: list[dict[str, Any]]
 
 
 def check_row(index: int, raw: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -224,10 +243,8 @@ def _complete(kind: str, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def prepare_rows(
-    rows: Iterable[Mapping[str, Any]],
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Check every row, then fold the batch to one row per key: (jobs, attempts, usage).
+def prepare_rows(rows: Iterable[Mapping[str, Any]]) -> PreparedRows:
+    """Check every row, then fold the batch to one row per key.
 
     Folding applies the same rules as the SQL upserts, in batch order, so one
     statement never has to touch a row twice.
@@ -235,15 +252,21 @@ def prepare_rows(
     jobs: dict[str, dict[str, Any]] = {}
     attempts: dict[tuple[str, int], dict[str, Any]] = {}
     usage: dict[tuple[str, int], dict[str, Any]] = {}
+    batches: dict[str, dict[str, Any]] = {}
+    lines: dict[tuple[str, str], dict[str, Any]] = {}
     for index, raw in enumerate(rows):
         kind, row = check_row(index, raw)
         if kind == "job":
             _fold(jobs, row["job_id"], row, _job_may_replace)
         elif kind == "attempt":
             _fold(attempts, (row["job_id"], row["attempt"]), row, _attempt_may_replace)
-        else:
+        elif kind == "usage":
             usage.setdefault((row["job_id"], row["attempt"]), row)
-    return list(jobs.values()), list(attempts.values()), list(usage.values())
+        elif kind == "provider_batch":
+            _fold(batches, row["provider_batch_id"], row, provider_batch_may_replace)
+        else:
+            lines.setdefault((row["provider_batch_id"], row["job_id"]), row)
+    return PreparedRows(*(list(folded.values()) for folded in (jobs, attempts, usage, batches, lines)))
 
 
 def _fold(

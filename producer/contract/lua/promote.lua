@@ -34,7 +34,8 @@ for _, job_id in ipairs(due) do
   local job_key = ARGV[3] .. job_id
   local fields = redis.call('HMGET', job_key, 'state', 'dispatch', 'queue', 'published', 'label', 'attempt')
   local state, dispatch, queue, published = fields[1], fields[2], fields[3], fields[4]
-  if (not state) or state == 'succeeded' or state == 'running' then
+  -- A job in a provider batch has no message to publish (worker/batches/ settles it).
+  if (not state) or state == 'succeeded' or state == 'running' or state == 'in_provider_batch' then
     redis.call('ZREM', KEYS[1], job_id)
   elseif state == 'failed' or state == 'cancelled' then
     if ARGV[5] == '1' then

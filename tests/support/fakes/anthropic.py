@@ -14,6 +14,9 @@ api/rate-limits and build-with-claude/streaming pages):
 - `GET /v1/models` with `limit` / `after_id` / `before_id` pagination.
 - Every reply carries `request-id` and the `anthropic-ratelimit-*` headers (resets as
   RFC 3339); a 429 adds `retry-after`; error bodies carry `request_id` too.
+- Tools, tool results, images, cache breakpoints and structured outputs as the API takes and
+  answers them (`anthropic_features`); a tool call streams as `content_block_start` (tool_use)
+  and `input_json_delta` pieces, the first one empty, as the API sends them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,15 @@ import json
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from tests.support.fakes.anthropic_features import (
+    body_problem,
+    json_answer,
+    last_user_text,
+    prompt_and_prefix,
+    tool_input,
+    tool_to_call,
+    tool_use_id,
+)
 from tests.support.fakes.base import (
     FakeProviderServer,
     RecordedRequest,
@@ -35,7 +47,9 @@ from tests.support.fakes.base import (
 )
 
 API_KEY = "sk-ant-fake-key"
-MODELS = ("claude-3-5-sonnet-20241022", "claude-3-5-haiku-20241022", "claude-3-opus-20240229")
+MODELS = ("claude-3-5-sonnet-20241022", "claude-3-5-haiku-20241022", "claude-3-opus-20240229", "claude-sonnet-4-5-20250929")
+#: Models with structured outputs (`output_config.format`); the others refuse it.
+STRUCTURED_OUTPUT_MODELS = frozenset({"claude-sonnet-4-5-20250929"})
 
 #: Status -> (error.type, message), as Anthropic sends them.
 ERRORS: dict[int, tuple[str, str]] = {
@@ -69,6 +83,13 @@ class FakeAnthropic(FakeProviderServer):
         self.drop_events: set[str] = set()
         #: Largest page `GET /v1/models` returns, whatever `limit` asks for.
         self.max_models_page = 1000
+        self.structured_output_models = set(STRUCTURED_OUTPUT_MODELS)
+        #: Answers to send instead of made-up JSON: the text under output_config, or a forced tool's input.
+        self.json_answers: list[str] = []
+        #: Text the model writes before a tool call it chooses itself (Claude often explains first).
+        self.tool_preamble: str | None = None
+        #: Prompt prefixes written to the cache so far (the next identical one is read from it).
+        self.cached_prefixes: set[str] = set()
         self._ids = itertools.count(1)
 
     def reset(self) -> None:
@@ -79,6 +100,10 @@ class FakeAnthropic(FakeProviderServer):
         self.stop_reason = "end_turn"
         self.drop_events = set()
         self.max_models_page = 1000
+        self.structured_output_models = set(STRUCTURED_OUTPUT_MODELS)
+        self.json_answers = []
+        self.tool_preamble = None
+        self.cached_prefixes = set()
 
     # --- routing ----------------------------------------------------------------
 
@@ -111,9 +136,10 @@ class FakeAnthropic(FakeProviderServer):
         if self.context_window_tokens is not None and prompt_tokens > self.context_window_tokens:
             message = f"prompt is too long: {prompt_tokens} tokens > {self.context_window_tokens} maximum"
             return self._error(400, request, "invalid_request_error", message)
+        prompt = self.prompt_usage(body)
         if body.get("stream"):
-            return StreamReply(self._stream_chunks(body), headers=self.headers())
-        return Reply(200, self.message(body), headers=self.headers())
+            return StreamReply(self._stream_chunks(body, prompt), headers=self.headers())
+        return Reply(200, self.message(body, prompt), headers=self.headers())
 
     def _check_body(self, request: RecordedRequest, body: Any) -> Reply | None:
         def bad(message: str) -> Reply:
@@ -137,39 +163,52 @@ class FakeAnthropic(FakeProviderServer):
             return bad("temperature: range: 0..1")
         if body.get("model") not in self.models:
             return self._error(404, request, "not_found_error", f"model: {body.get('model')}")
-        return None
+        problem = body_problem(body, structured_output_models=self.structured_output_models)
+        return bad(problem) if problem else None
 
     # --- replies ----------------------------------------------------------------
 
     def input_tokens(self, body: dict[str, Any]) -> int:
-        """Prompt tokens after the cache (Anthropic's `input_tokens` excludes cached ones)."""
-        texts = [str(body.get("system") or "")] + [str(message.get("content")) for message in body["messages"]]
-        return sum(count_words(text) for text in texts if text)
+        """The whole prompt's tokens: words, and a flat figure per image."""
+        return prompt_and_prefix(body)[0]
 
-    def answer(self, body: dict[str, Any]) -> tuple[str, str, int]:
-        """(text, stop_reason, output tokens), cut at max_tokens the way the API does."""
-        last_user = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
-        text = fake_reply_text(str(last_user), self.name)
+    def prompt_usage(self, body: dict[str, Any]) -> dict[str, int]:
+        """Anthropic's prompt counts: `input_tokens` after the last breakpoint, the prefix up to it
+        written to the cache or read from it (and the knobs' counts on top)."""
+        total, prefix, key = prompt_and_prefix(body)
+        read = write = 0
+        if key is not None:
+            read, write = (prefix, 0) if key in self.cached_prefixes else (0, prefix)
+            self.cached_prefixes.add(key)
+        return {"input_tokens": total - prefix, "cache_creation_input_tokens": write + self.cache_write_tokens,
+                "cache_read_input_tokens": read + self.cache_read_tokens}
+
+    def answer(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], str, int]:
+        """(content blocks, stop_reason, output tokens), text cut at max_tokens the way the API does."""
+        prompt = last_user_text(body)
+        tool = tool_to_call(body)
+        if tool is not None:
+            call = {"type": "tool_use", "id": tool_use_id(body), "name": tool["name"],
+                    "input": tool_input(body, tool, prompt, self.json_answers)}
+            chose = (body.get("tool_choice") or {}).get("type", "auto") == "auto"
+            preamble = [{"type": "text", "text": self.tool_preamble}] if self.tool_preamble and chose else []
+            words = sum(count_words(block.get("text") or json.dumps(block.get("input"))) for block in [*preamble, call])
+            return [*preamble, call], "tool_use", words
+        text = json_answer(body, prompt, self.json_answers) or fake_reply_text(prompt, self.name)
         words = text.split(" ")
         if len(words) > body["max_tokens"]:
-            return " ".join(words[: body["max_tokens"]]), "max_tokens", body["max_tokens"]
-        return text, self.stop_reason, len(words) + (count_words(THINKING_TEXT) if self.thinking else 0)
+            return [{"type": "text", "text": " ".join(words[: body["max_tokens"]])}], "max_tokens", body["max_tokens"]
+        thinking = count_words(THINKING_TEXT) if self.thinking else 0
+        return [{"type": "text", "text": text}], self.stop_reason, len(words) + thinking
 
-    def usage(self, body: dict[str, Any], output_tokens: int) -> dict[str, Any]:
-        usage: dict[str, Any] = {
-            "input_tokens": self.input_tokens(body),
-            "cache_creation_input_tokens": self.cache_write_tokens,
-            "cache_read_input_tokens": self.cache_read_tokens,
-            "output_tokens": output_tokens,
-            "service_tier": "standard",
-        }
+    def usage(self, prompt: dict[str, int], output_tokens: int) -> dict[str, Any]:
+        usage: dict[str, Any] = {**prompt, "output_tokens": output_tokens, "service_tier": "standard"}
         if self.thinking:
             usage["output_tokens_details"] = {"thinking_tokens": count_words(THINKING_TEXT)}
         return usage
 
-    def message(self, body: dict[str, Any]) -> dict[str, Any]:
-        text, stop_reason, output_tokens = self.answer(body)
-        content: list[dict[str, Any]] = [{"type": "text", "text": text}]
+    def message(self, body: dict[str, Any], prompt: dict[str, int] | None = None) -> dict[str, Any]:
+        content, stop_reason, output_tokens = self.answer(body)
         if self.thinking:
             content.insert(0, {"type": "thinking", "thinking": THINKING_TEXT, "signature": "EqQBCgIYAhIM"})
         return {
@@ -180,25 +219,20 @@ class FakeAnthropic(FakeProviderServer):
             "content": content,
             "stop_reason": stop_reason,
             "stop_sequence": None,
-            "usage": self.usage(body, output_tokens),
+            "usage": self.usage(prompt or self.prompt_usage(body), output_tokens),
         }
 
-    def _stream_chunks(self, body: dict[str, Any]) -> list[bytes]:
-        text, stop_reason, output_tokens = self.answer(body)
-        start = self.message(body) | {"content": [], "stop_reason": None, "usage": self.usage(body, 1)}
+    def _stream_chunks(self, body: dict[str, Any], prompt: dict[str, int] | None = None) -> list[bytes]:
+        prompt = prompt or self.prompt_usage(body)
+        content, stop_reason, output_tokens = self.answer(body)
+        start = {"id": f"msg_fake{next(self._ids):06d}", "type": "message", "role": "assistant", "model": body["model"],
+                 "content": [], "stop_reason": None, "stop_sequence": None, "usage": self.usage(prompt, 1)}
         events: list[tuple[str, dict[str, Any]]] = [("message_start", {"type": "message_start", "message": start})]
-        index = 0
-        if self.thinking:
-            events += _thinking_block_events(index)
-            index += 1
-        text_block = {"type": "text", "text": ""}
-        events.append(("content_block_start", {"type": "content_block_start", "index": index, "content_block": text_block}))
-        events.append(("ping", {"type": "ping"}))
-        for piece in split_words(text, 4):
-            text_delta = {"type": "text_delta", "text": piece}
-            events.append(("content_block_delta", {"type": "content_block_delta", "index": index, "delta": text_delta}))
-        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
-        final_usage = {key: value for key, value in self.usage(body, output_tokens).items() if key != "service_tier"}
+        blocks = ([{"type": "thinking"}] if self.thinking else []) + content
+        for index, block in enumerate(blocks):
+            events += _block_events(index, block)
+        events.insert(2, ("ping", {"type": "ping"}))  # after the first content_block_start, as the docs show
+        final_usage = {key: value for key, value in self.usage(prompt, output_tokens).items() if key != "service_tier"}
         delta = {"stop_reason": stop_reason, "stop_sequence": None}
         events.append(("message_delta", {"type": "message_delta", "delta": delta, "usage": final_usage}))
         events.append(("message_stop", {"type": "message_stop"}))
@@ -270,15 +304,23 @@ class FakeAnthropic(FakeProviderServer):
         return self.input_tokens(body) + int(body.get("max_tokens") or 0)
 
 
-def _thinking_block_events(index: int) -> list[tuple[str, dict[str, Any]]]:
-    """An extended-thinking block: its text arrives as thinking_delta, then a signature_delta."""
-    block = {"type": "thinking", "thinking": "", "signature": ""}
-    deltas = [
-        {"type": "thinking_delta", "thinking": THINKING_TEXT},
-        {"type": "signature_delta", "signature": "EqQBCgIYAhIM"},
-    ]
+def _block_events(index: int, block: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """One content block as the stream sends it: start (empty), its deltas, stop."""
+    if block["type"] == "thinking":  # its text arrives as thinking_delta, then a signature_delta
+        opened: dict[str, Any] = {"type": "thinking", "thinking": "", "signature": ""}
+        deltas: list[dict[str, Any]] = [{"type": "thinking_delta", "thinking": THINKING_TEXT},
+                                        {"type": "signature_delta", "signature": "EqQBCgIYAhIM"}]
+    elif block["type"] == "tool_use":  # the input arrives as JSON text in pieces, the first one empty
+        opened = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
+        arguments = json.dumps(block["input"])
+        deltas = [{"type": "input_json_delta", "partial_json": arguments[start : start + 9]}
+                  for start in range(0, len(arguments), 9)]
+        deltas.insert(0, {"type": "input_json_delta", "partial_json": ""})
+    else:
+        opened = {"type": "text", "text": ""}
+        deltas = [{"type": "text_delta", "text": piece} for piece in split_words(block["text"], 4)]
     return [
-        ("content_block_start", {"type": "content_block_start", "index": index, "content_block": block}),
+        ("content_block_start", {"type": "content_block_start", "index": index, "content_block": opened}),
         *[("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}) for delta in deltas],
         ("content_block_stop", {"type": "content_block_stop", "index": index}),
     ]

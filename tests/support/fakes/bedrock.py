@@ -6,7 +6,9 @@ a SigV4 signature that it recomputes with botocore for the secret it knows, answ
 Streams are real `application/vnd.amazon.eventstream` frames, encoded here by hand
 (prelude, string headers of type 7, payload, CRC32s) so the adapter's botocore decoder
 cross-checks this encoder. Errors carry `{"message"}`, `x-amzn-ErrorType` and
-`x-amzn-RequestId`, as the service does.
+`x-amzn-RequestId`, as the service does. Tools, images, cache points, structured output and
+the embedding models' InvokeModel (`bedrock_features`): a tool call streams as a
+contentBlockStart (toolUse) and contentBlockDelta input pieces, as ConverseStream sends it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,20 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote, urlencode
 
+from tests.support.fakes.bedrock_features import (
+    CLAUDE_3,
+    CLAUDE_4_5,
+    EMBEDDING_MODELS,
+    LLAMA_3,
+    NOVA_MICRO,
+    converse_problem,
+    embedding_problem,
+    embedding_reply,
+    json_text,
+    last_text,
+    prompt_usage,
+    tool_use,
+)
 from tests.support.fakes.base import (
     FakeProviderServer,
     RecordedRequest,
@@ -33,7 +49,7 @@ TEST_API_KEY = "bedrock-api-key-TEST-0000"
 #: A made-up key pair in AWS's documented example format; never a real one.
 TEST_ACCESS_KEY_ID = "AKIAIOSFODNN7EXAMPLE"
 TEST_SECRET_ACCESS_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
-DEFAULT_MODELS = ("anthropic.claude-3-haiku-20240307-v1:0", "amazon.nova-micro-v1:0", "meta.llama3-8b-instruct-v1:0")
+DEFAULT_MODELS = (CLAUDE_3, NOVA_MICRO, LLAMA_3, CLAUDE_4_5)
 ERROR_NAMESPACE = "http://internal.amazon.com/coral/com.amazon.bedrock/"
 _SIGV4_HEADER = re.compile(
     r"^AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<date>\d{8})/(?P<region>[^/]+)/(?P<service>[^/]+)/aws4_request, "
@@ -104,6 +120,7 @@ class FakeBedrock(FakeProviderServer):
         #: Access key id -> the session token it must come with (temporary credentials).
         self.session_tokens = dict(session_tokens or {})
         self.models = list(models)
+        self.embedding_models = list(EMBEDDING_MODELS)
         # Knobs for the next replies.
         self.stop_reason = "end_turn"
         self.reply_text: str | None = None
@@ -112,12 +129,19 @@ class FakeBedrock(FakeProviderServer):
         self.stream_exception = "modelStreamErrorException"
         self.omit_final_events = False
         self.corrupt_crc = False
+        #: Answers to send instead of made-up JSON: the text under outputConfig, or a forced tool's input.
+        self.json_answers: list[str] = []
+        #: Prompt prefixes written to the cache so far (the next identical one is read from it).
+        self.cached_prefixes: set[str] = set()
+        #: InvokeModel answers carry X-Amzn-Bedrock-Input-Token-Count (a proxy may drop it).
+        self.token_count_header = True
 
     def reset(self) -> None:
         super().reset()
         self.stop_reason, self.reply_text = "end_turn", None
         self.cache_read_tokens = self.cache_write_tokens = 0
         self.stream_exception, self.omit_final_events, self.corrupt_crc = "modelStreamErrorException", False, False
+        self.json_answers, self.cached_prefixes, self.token_count_header = [], set(), True
 
     def fail_with(self, error_type: str, status: int, message: str, times: int = 1) -> None:
         """The next calls fail with this Bedrock error name, status and message."""
@@ -131,64 +155,82 @@ class FakeBedrock(FakeProviderServer):
             return denied
         if request.method == "GET" and request.path == "/foundation-models":
             return self.list_models(request)
-        match = re.fullmatch(r"/model/(?P<model>[^/]+)/(?P<operation>converse|converse-stream)", request.path)
+        match = re.fullmatch(r"/model/(?P<model>[^/]+)/(?P<operation>converse|converse-stream|invoke)", request.path)
         if request.method != "POST" or match is None:
             return error("UnknownOperationException", 404, "Unknown operation")
         model = unquote(match["model"])
+        if match["operation"] == "invoke":
+            return self.invoke(model, request)
         if model not in self.models:
             return error("ValidationException", 400, "The provided model identifier is invalid.")
-        problem = validate_body(request.body)
+        problem = converse_problem(request.body, model)
         if problem:
             return error("ValidationException", 400, problem)
-        text, stop_reason = self.answer(request.body)
+        content, stop_reason = self.answer(request.body)
+        prompt = prompt_usage(request.body, self.cached_prefixes)
         if match["operation"] == "converse":
-            return Reply(200, self.converse_reply(request.body, text, stop_reason), headers=_id_headers())
+            return Reply(200, self.converse_reply(prompt, content, stop_reason), headers=_id_headers())
         return StreamReply(
-            self.stream_chunks(request.body, text, stop_reason),
+            self.stream_chunks(prompt, content, stop_reason),
             headers=_id_headers(), content_type="application/vnd.amazon.eventstream",
         )
 
-    def answer(self, body: dict[str, Any]) -> tuple[str, str]:
-        last_block = body["messages"][-1]["content"][-1]["text"]
-        text = self.reply_text if self.reply_text is not None else fake_reply_text(last_block, self.name)
+    def answer(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+        """(content blocks, stopReason): a tool call, or text cut at maxTokens."""
+        call = tool_use(body, self.json_answers)
+        if call is not None:
+            return [call], "tool_use"
+        text = self.reply_text if self.reply_text is not None else (
+            json_text(body, self.json_answers) or fake_reply_text(last_text(body), self.name))
         max_tokens = body.get("inferenceConfig", {}).get("maxTokens")
         words = text.split(" ")
         if max_tokens is not None and len(words) > max_tokens:
-            return " ".join(words[:max_tokens]), "max_tokens"
-        return text, self.stop_reason
+            return [{"text": " ".join(words[:max_tokens])}], "max_tokens"
+        return ([{"text": text}] if text else []), self.stop_reason
 
-    def usage(self, body: dict[str, Any], text: str) -> dict[str, int]:
-        texts = [block["text"] for block in body.get("system", [])]
-        texts += [block["text"] for message in body["messages"] for block in message["content"]]
-        prompt = " ".join(texts)
-        usage = {"inputTokens": count_words(prompt), "outputTokens": count_words(text) if text else 0}
-        usage["totalTokens"] = usage["inputTokens"] + usage["outputTokens"] + self.cache_read_tokens + self.cache_write_tokens
-        if self.cache_read_tokens or self.cache_write_tokens:
-            usage.update(cacheReadInputTokens=self.cache_read_tokens, cacheWriteInputTokens=self.cache_write_tokens)
+    def usage(self, prompt: dict[str, int], content: list[dict[str, Any]]) -> dict[str, int]:
+        output = sum(count_words(block["text"] if "text" in block else json.dumps(block["toolUse"]["input"])) for block in content)
+        read = prompt["cacheReadInputTokens"] + self.cache_read_tokens
+        write = prompt["cacheWriteInputTokens"] + self.cache_write_tokens
+        usage = {"inputTokens": prompt["inputTokens"], "outputTokens": output,
+                 "totalTokens": prompt["inputTokens"] + output + read + write}
+        if read or write:
+            usage.update(cacheReadInputTokens=read, cacheWriteInputTokens=write)
         return usage
 
-    def converse_reply(self, body: dict[str, Any], text: str, stop_reason: str) -> dict[str, Any]:
-        content = [{"text": text}] if text else []
+    def converse_reply(self, prompt: dict[str, int], content: list[dict[str, Any]], stop_reason: str) -> dict[str, Any]:
         return {
             "output": {"message": {"role": "assistant", "content": content}},
             "stopReason": stop_reason,
-            "usage": self.usage(body, text),
+            "usage": self.usage(prompt, content),
             "metrics": {"latencyMs": 123},
         }
 
-    def stream_chunks(self, body: dict[str, Any], text: str, stop_reason: str) -> list[bytes]:
+    def stream_chunks(self, prompt: dict[str, int], content: list[dict[str, Any]], stop_reason: str) -> list[bytes]:
         frames = [event("messageStart", {"role": "assistant"})]
-        frames += [event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": piece}})
-                   for piece in _pieces(text)]
-        frames.append(event("contentBlockStop", {"contentBlockIndex": 0}))
+        for index, block in enumerate(content):
+            frames += _block_frames(index, block)
         if not self.omit_final_events:
             frames.append(event("messageStop", {"stopReason": stop_reason}))
-            frames.append(event("metadata", {"usage": self.usage(body, text), "metrics": {"latencyMs": 321}}))
+            frames.append(event("metadata", {"usage": self.usage(prompt, content), "metrics": {"latencyMs": 321}}))
         if self.corrupt_crc:
             frames[1] = frames[1][:-1] + bytes([frames[1][-1] ^ 0xFF])
         # Split one frame across two chunks: the decoder must reassemble frames.
         first, rest = frames[0], frames[1:]
         return [first[:7], first[7:], *rest]
+
+    def invoke(self, model: str, request: RecordedRequest) -> Reply:
+        """InvokeModel for the embedding models, with the token count in its header as Bedrock sends it."""
+        if model not in self.embedding_models:
+            return error("ValidationException", 400, "The provided model identifier is invalid.")
+        problem = embedding_problem(model, request.body)
+        if problem:
+            return error("ValidationException", 400, problem)
+        reply, tokens = embedding_reply(model, request.body)
+        headers = {**_id_headers(), "X-Amzn-Bedrock-Invocation-Latency": "42"}
+        if self.token_count_header:
+            headers["X-Amzn-Bedrock-Input-Token-Count"] = str(tokens)
+        return Reply(200, reply, headers=headers)
 
     def stream_error_reply(self, request: RecordedRequest) -> StreamReply:
         if self.stream_exception == "error-frame":  # the event-stream protocol's own error message
@@ -203,7 +245,7 @@ class FakeBedrock(FakeProviderServer):
     def list_models(self, request: RecordedRequest) -> Reply:
         wanted = (request.query.get("byOutputModality") or [None])[0]
         summaries = [_summary(model, "TEXT") for model in self.models]
-        summaries.append(_summary("amazon.titan-embed-text-v2:0", "EMBEDDING"))
+        summaries += [_summary(model, "EMBEDDING") for model in self.embedding_models]
         if wanted:
             summaries = [item for item in summaries if wanted in item["outputModalities"]]
         return Reply(200, {"modelSummaries": summaries}, headers=_id_headers())
@@ -274,40 +316,6 @@ def recompute_signature(request: RecordedRequest, parsed: re.Match[str], secret:
     return canonical, string_to_sign, signer.signature(string_to_sign, aws_request)
 
 
-MUST_START_WITH_USER = (
-    "A conversation must start with a user message. Try again with a conversation that starts with a user message."
-)
-MUST_ALTERNATE = (
-    "A conversation must alternate between user and assistant roles. Make sure the conversation alternates "
-    "between user and assistant roles and try again."
-)
-EMPTY_CONTENT = (
-    "The content field in the Message object is empty. Add a ContentBlock object to the content field and try again."
-)
-
-
-def validate_body(body: Any) -> str | None:
-    """The ValidationException message Bedrock gives for a body of the wrong shape, if any."""
-    if not isinstance(body, dict):
-        return "Malformed input request, please reformat your input and try again."
-    unknown = set(body) - {"messages", "system", "inferenceConfig", "additionalModelRequestFields", "toolConfig"}
-    if unknown:
-        return f"Malformed input request: extraneous key [{sorted(unknown)[0]}] is not permitted"
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return MUST_START_WITH_USER
-    for index, message in enumerate(messages):
-        if message.get("role") != ("user" if index % 2 == 0 else "assistant"):
-            return MUST_ALTERNATE
-        if not message.get("content") or not all(isinstance(block.get("text"), str) for block in message["content"]):
-            return EMPTY_CONTENT
-    if not all(isinstance(block, dict) and isinstance(block.get("text"), str) for block in body.get("system", [])):
-        return "Malformed input request: system must be a list of SystemContentBlock"
-    if set(body.get("inferenceConfig", {})) - {"maxTokens", "temperature", "topP", "stopSequences"}:
-        return "Malformed input request: unknown key in inferenceConfig"
-    return None
-
-
 def error(error_type: str, status: int, message: str) -> Reply:
     return Reply(status, {"message": message}, headers=_error_headers(error_type))
 
@@ -329,6 +337,21 @@ def _summary(model: str, modality: str) -> dict[str, Any]:
         "responseStreamingSupported": modality == "TEXT", "customizationsSupported": [],
         "inferenceTypesSupported": ["ON_DEMAND"], "modelLifecycle": {"status": "ACTIVE"},
     }
+
+
+def _block_frames(index: int, block: dict[str, Any]) -> list[bytes]:
+    """One content block as ConverseStream sends it: text pieces; or a toolUse start, then its input in pieces."""
+    if "text" in block:
+        frames = [event("contentBlockDelta", {"contentBlockIndex": index, "delta": {"text": piece}})
+                  for piece in _pieces(block["text"])]
+    else:
+        tool = block["toolUse"]
+        start = {"toolUse": {"toolUseId": tool["toolUseId"], "name": tool["name"]}}
+        arguments = json.dumps(tool["input"])
+        frames = [event("contentBlockStart", {"contentBlockIndex": index, "start": start})]
+        frames += [event("contentBlockDelta", {"contentBlockIndex": index, "delta": {"toolUse": {"input": arguments[at : at + 9]}}})
+                   for at in range(0, len(arguments), 9)]
+    return [*frames, event("contentBlockStop", {"contentBlockIndex": index})]
 
 
 def _pieces(text: str, parts: int = 4) -> list[str]:

@@ -18,6 +18,12 @@ What a test can steer:
   after a 200) or "sse" (`data: {"error": ...}`)
 - `page_size_cap`: models per page, to exercise pagination
 - `drop_finish_reason`: streams end cleanly without a finishReason
+- features (`gemini_features`): with `tools` the answer is a `functionCall` (ids only when
+  `function_call_ids`, as Gemini 3 sends them) until the last turn is a `functionResponse`, whose
+  output it answers; `responseMimeType: application/json` gets JSON made from the schema, unless
+  `json_answers` holds replies to send instead; images count 258 prompt tokens;
+  `POST /v1beta/models/{model}:batchEmbedContents` answers vectors (`usageMetadata` only with
+  `embedding_usage`); the 400s Gemini gives for schemas, parts and function responses it refuses
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import re
 import uuid
 from typing import Any
 
+from tests.support.fakes import gemini_features as features
 from tests.support.fakes.base import (
     FakeProviderServer,
     RecordedRequest,
@@ -61,9 +68,11 @@ STATUS_BODIES: dict[int, tuple[str, str]] = {
 _REQUEST_FIELDS = {"contents", "systemInstruction", "generationConfig", "safetySettings", "tools", "toolConfig",
                    "cachedContent", "labels"}
 _GENERATION_FIELDS = {"temperature", "maxOutputTokens", "topP", "topK", "candidateCount", "stopSequences", "seed",
-                      "responseMimeType", "responseSchema", "thinkingConfig", "presencePenalty", "frequencyPenalty",
+                      "responseMimeType", "responseSchema", "responseJsonSchema", "thinkingConfig", "presencePenalty", "frequencyPenalty",
                       "responseLogprobs", "logprobs"}
-_MODEL_PATH = re.compile(r"/models/(?P<model>[^/:]+):(?P<method>generateContent|streamGenerateContent)")
+_MODEL_PATH = re.compile(
+    r"/models/(?P<model>[^/:]+):(?P<method>generateContent|streamGenerateContent|batchEmbedContents)"
+)
 
 
 def google_error(status: int, message: str, status_name: str | None = None, details: list[Any] | None = None) -> Any:
@@ -119,7 +128,7 @@ class FakeGemini(FakeProviderServer):
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.api_key = api_key
-        self.models = list(models if models is not None else DEFAULT_MODELS)
+        self.built_models = list(models if models is not None else DEFAULT_MODELS)
         self.reset_knobs()
 
     def reset(self) -> None:
@@ -127,6 +136,7 @@ class FakeGemini(FakeProviderServer):
         self.reset_knobs()
 
     def reset_knobs(self) -> None:
+        self.models = list(self.built_models)
         self.page_size_cap = 1000
         self.context_window_tokens = 1_048_576
         self.cached_tokens = 0
@@ -135,6 +145,12 @@ class FakeGemini(FakeProviderServer):
         self.stream_error_framing = "raw"
         #: End streams cleanly but without a finishReason (a stream closed early by a proxy).
         self.drop_finish_reason = False
+        #: Contents to answer the next JSON requests with, first in first out (then: from the schema).
+        self.json_answers: list[str] = []
+        #: Give function calls an `id`, as Gemini 3 does.
+        self.function_call_ids = False
+        #: Report usageMetadata in batchEmbedContents answers.
+        self.embedding_usage = False
 
     @property
     def base_url(self) -> str:
@@ -153,13 +169,15 @@ class FakeGemini(FakeProviderServer):
         if request.method != "POST" or match is None:
             return _reply(404, google_error(404, f"Method not found: {request.method} {request.path}"))
         model, method = match["model"], match["method"]
+        if method == "batchEmbedContents":
+            return self.embed(model, request)
         if not any(entry["name"] == f"models/{model}" and "generateContent" in entry["supportedGenerationMethods"]
                    for entry in self.models):
             return _reply(404, google_error(404, f"models/{model} is not found for API version v1beta, or is not "
                                                  "supported for generateContent. Call ListModels to see the list of "
                                                  "available models and their supported methods."))
         body = request.body
-        problem = _invalid_request(body)
+        problem = _invalid_request(body) or features.check_features(body, model)
         if problem is not None:
             return _reply(400, google_error(400, problem))
         prompt_tokens = _prompt_tokens(body)
@@ -171,6 +189,14 @@ class FakeGemini(FakeProviderServer):
         if request.query.get("alt") == ["sse"]:
             return StreamReply([_sse_record(chunk) for chunk in chunks], headers={"x-content-type-options": "nosniff"})
         return _reply(200, chunks)  # without alt=sse Google streams one JSON array
+
+    def embed(self, model: str, request: RecordedRequest) -> Reply:
+        if not any(entry["name"] == f"models/{model}" and "embedContent" in entry["supportedGenerationMethods"]
+                   for entry in self.models):
+            return _reply(404, google_error(404, f"models/{model} is not found for API version v1beta, or is not "
+                                                 "supported for embedContent."))
+        status, body = features.embeddings_reply(request.body, model, with_usage=self.embedding_usage)
+        return _reply(status, body)
 
     def refuse_key(self, request: RecordedRequest) -> Reply | None:
         key = request.header("x-goog-api-key") or (request.query.get("key") or [None])[0]
@@ -195,6 +221,9 @@ class FakeGemini(FakeProviderServer):
         if any(UNSAFE_REPLY_MARKER in text for text in texts):
             candidate = {"finishReason": "SAFETY", "index": 0, "safetyRatings": _ratings("HIGH")}
             return [{"candidates": [candidate], "usageMetadata": self.usage(prompt_tokens, 0, 0), **common}]
+        call = features.function_call(body, with_ids=self.function_call_ids)
+        if call is not None:
+            return self.call_chunks(call, prompt_tokens, common, streaming=streaming)
         reply, finish = self.reply_text(body)
         pieces = list(split_words(reply, 4)) if streaming else [reply]
         thought = (body.get("generationConfig") or {}).get("thinkingConfig", {}).get("includeThoughts")
@@ -212,10 +241,25 @@ class FakeGemini(FakeProviderServer):
             chunks.append({"candidates": [candidate], "usageMetadata": usage, **common})
         return chunks
 
+    def call_chunks(self, call: dict[str, Any], prompt_tokens: int, common: dict[str, Any], *,
+                    streaming: bool) -> list[dict[str, Any]]:
+        """A function call answer: the call in its own part (and, streamed, its own chunk), finishReason STOP."""
+        usage = self.usage(prompt_tokens, count_words(json.dumps(call["args"])), 0)
+        candidate = {"content": {"parts": [{"functionCall": call}], "role": "model"}, "index": 0}
+        if not streaming:
+            return [{"candidates": [{**candidate, "finishReason": "STOP"}], "usageMetadata": usage, **common}]
+        last = {"content": {"parts": [{"text": ""}], "role": "model"}, "finishReason": "STOP", "index": 0}
+        return [{"candidates": [candidate], "usageMetadata": {"promptTokenCount": prompt_tokens}, **common},
+                {"candidates": [last], "usageMetadata": usage, **common}]
+
     def reply_text(self, body: dict[str, Any]) -> tuple[str, str]:
         user_turns = [content for content in body["contents"] if content.get("role", "user") == "user"]
-        prompt = user_turns[-1]["parts"][-1].get("text", "") if user_turns else ""
-        reply = fake_reply_text(prompt, self.name)
+        texts = [part["text"] for part in user_turns[-1]["parts"] if "text" in part] if user_turns else []
+        prompt = texts[-1] if texts else ""
+        reply = fake_reply_text(features.function_output(body) or prompt, self.name)
+        made_json = features.json_text(body, reply)
+        if made_json is not None:
+            return (self.json_answers.pop(0) if self.json_answers else made_json), "STOP"
         limit = (body.get("generationConfig") or {}).get("maxOutputTokens")
         words = reply.split(" ")
         if isinstance(limit, int) and limit < len(words):
@@ -313,11 +357,11 @@ def _all_texts(body: dict[str, Any]) -> list[str]:
     contents = list(body.get("contents") or [])
     if isinstance(body.get("systemInstruction"), dict):
         contents.append(body["systemInstruction"])
-    return [str(part.get("text", "")) for content in contents for part in content.get("parts") or []]
+    return [str(part["text"]) for content in contents for part in content.get("parts") or [] if "text" in part]
 
 
 def _prompt_tokens(body: dict[str, Any]) -> int:
-    return sum(count_words(text) for text in _all_texts(body))
+    return sum(count_words(text) for text in _all_texts(body)) + features.image_tokens(body)
 
 
 def _invalid_request(body: Any) -> str | None:

@@ -8,6 +8,18 @@ One server speaks three dialects, chosen by path and `flavor`:
 - `POST /openai/deployments/{deployment}/chat/completions?api-version=...` and
   `GET /openai/models?api-version=...`: Azure OpenAI, with its `api-key` header and
   its own error bodies and request-id headers.
+- `POST /v1/embeddings` and `POST /openai/deployments/{deployment}/embeddings`: vectors
+  as floats or base64 float32 (`encoding_format`), `dimensions` honoured.
+
+Request features, as OpenAI serves them: with `tools` (and `tool_choice` not "none") the
+answer is a call of the named or first tool, arguments made from its parameter schema,
+until the last message is a `tool` result, which it answers (a tool round trip); a
+`response_format` gets JSON made from the schema (or `{"answer": ...}` for json_object),
+unless `json_answers` holds replies to send instead (to test answers that do not match);
+image parts count 85 prompt tokens each; streams carry `delta.tool_calls` pieces. Bodies
+are checked as OpenAI checks them: unknown keys in content parts (`cache_control`), an
+image outside a user message, and `max_tokens` or `temperature` on a reasoning model
+(o-series, gpt-5) get OpenAI's 400s.
 
 Bodies, stream chunks, error bodies and headers follow the providers' documented
 shapes (OpenAI API reference "Debugging requests" and "Error codes"; Azure OpenAI
@@ -18,10 +30,14 @@ checks: `FakeOpenAI(api_key="sk-...")`; a wrong key gets OpenAI's real
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import secrets
+import struct
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from tests.support.fakes.base import (
@@ -151,7 +167,10 @@ _TGI_ERRORS: dict[int, dict[str, Any]] = {
 
 class FakeOpenAI(FakeProviderServer):
     """OpenAI-family fake. Knobs beyond the base: `cached_tokens`, `reasoning_tokens`,
-    `finish_reason` (forces one, e.g. "content_filter"), `models`, `deployments`."""
+    `finish_reason` (forces one, e.g. "content_filter"), `models`, `deployments`, and
+    `answer`: the reply's text from the last message's content instead of the usual
+    fake text (e.g. `json.loads`, so a prompt can ask for any reply, lone surrogates,
+    NUL and megabytes included; the reply goes out JSON-escaped, as a provider's does)."""
 
     name = "openai"
 
@@ -174,8 +193,11 @@ class FakeOpenAI(FakeProviderServer):
         self.cached_tokens = 0
         self.reasoning_tokens = 0
         self.finish_reason: str | None = None
+        self.answer: Callable[[str], str] | None = None
         #: Azure deployments that exist; empty means every name exists.
         self.deployments: set[str] = set()
+        #: Contents to answer the next JSON requests with, first in first out (then: from the schema).
+        self.json_answers: list[str] = []
 
     # --- routing ------------------------------------------------------------------
 
@@ -189,6 +211,8 @@ class FakeOpenAI(FakeProviderServer):
             return Reply(200, self._model_list(), self._headers(request))
         if request.method == "POST" and request.path == "/v1/chat/completions":
             return self._chat(request)
+        if request.method == "POST" and request.path == "/v1/embeddings":
+            return self._embeddings(request)
         return self.error_reply(404, request)
 
     def _route_azure(self, request: RecordedRequest) -> Reply | StreamReply:
@@ -203,10 +227,10 @@ class FakeOpenAI(FakeProviderServer):
         if request.method == "GET" and request.path == "/openai/models":
             return Reply(200, self._model_list(), self._headers(request))
         parts = request.path.split("/")
-        if len(parts) == 6 and parts[2] == "deployments" and parts[4:] == ["chat", "completions"]:
+        if len(parts) >= 5 and parts[2] == "deployments" and parts[4:] in (["chat", "completions"], ["embeddings"]):
             if self.deployments and parts[3] not in self.deployments:
                 return self.error_reply(404, request)
-            return self._chat(request)
+            return self._chat(request) if parts[4] == "chat" else self._embeddings(request)
         return Reply(404, {"error": {"code": "404", "message": "Resource not found"}}, self._headers(request))
 
     def _check_bearer(self, request: RecordedRequest) -> Reply | None:
@@ -257,8 +281,10 @@ class FakeOpenAI(FakeProviderServer):
     def _answer(self, request: RecordedRequest) -> tuple[str, str, dict[str, Any]]:
         body = request.body or {}
         messages = body.get("messages") or [{"content": ""}]
-        prompt = str(messages[-1].get("content", ""))
-        text = fake_reply_text(prompt, self._dialect(request))
+        prompt = message_text(messages[-1])
+        text = self.answer(prompt) if self.answer is not None else fake_reply_text(prompt, self._dialect(request))
+        if (body.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
+            text = self._json_answer(body["response_format"], text)
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         finish = "stop"
         if limit is not None and count_words(text) > int(limit):
@@ -296,21 +322,46 @@ class FakeOpenAI(FakeProviderServer):
             return "azure_openai"
         return "huggingface" if self.flavor == "tgi" else "openai"
 
+    def _json_answer(self, response_format: dict[str, Any], text: str) -> str:
+        if self.json_answers:
+            return self.json_answers.pop(0)
+        if response_format["type"] == "json_object":
+            return json.dumps({"answer": text})
+        return json.dumps(value_for_schema(response_format["json_schema"]["schema"], text))
+
+    def _tool_call(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The call a model makes: the named (or first) tool, until the last message is a tool's result."""
+        tools, choice = body.get("tools") or [], body.get("tool_choice", "auto")
+        if not tools or choice == "none" or body["messages"][-1].get("role") == "tool":
+            return None
+        name = choice["function"]["name"] if isinstance(choice, dict) else tools[0]["function"]["name"]
+        tool = next(tool for tool in tools if tool["function"]["name"] == name)
+        arguments = value_for_schema(tool["function"].get("parameters") or {"type": "object"}, message_text(body["messages"][-1]))
+        digest = hashlib.sha256(json.dumps(body["messages"]).encode()).hexdigest()[:24]
+        return {"id": f"call_{digest}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
     def _chat(self, request: RecordedRequest) -> Reply | StreamReply:
         body = request.body or {}
         if not isinstance(body.get("messages"), list) or not body["messages"]:
             return self.error_reply(400, request)
+        refused = self._refuse_body(body)
+        if refused is not None:
+            return Reply(400, refused, self._headers(request))
         text, finish, usage = self._answer(request)
+        call = self._tool_call(body)
+        if call is not None:
+            text, finish = "", "tool_calls"
+            usage = self._usage(prompt_tokens(body["messages"]), count_words(call["function"]["arguments"]))
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            chunks = list(self._chunks(request, text, finish, usage if include_usage else None))
+            chunks = list(self._chunks(request, text, finish, usage if include_usage else None, call))
             return StreamReply(chunks, headers=self._headers(request))
+        message: dict[str, Any] = {"role": "assistant", "content": text or None, "refusal": None}
+        if call is not None:
+            message["tool_calls"] = [call]
         completion = {
             **self._envelope(request, "chat.completion"),
-            "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None, "finish_reason": finish,
-            }],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
             "usage": usage,
         }
         if request.path.startswith("/openai/"):
@@ -326,8 +377,59 @@ class FakeOpenAI(FakeProviderServer):
             "system_fingerprint": "3.0.1-native" if self.flavor == "tgi" else "fp_" + secrets.token_hex(5),
         }
 
+    def _refuse_body(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The 400s OpenAI gives for a body it does not take (its real messages)."""
+        model = str(body.get("model") or "")
+        reasoning = model.startswith(("o1", "o3", "o4", "gpt-5"))
+        if reasoning and "max_tokens" in body:
+            return openai_error(
+                "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' "
+                "instead.", "invalid_request_error", "unsupported_parameter", "max_tokens",
+            )
+        if reasoning and body.get("temperature", 1) != 1:
+            return openai_error(
+                "Unsupported value: 'temperature' does not support 0.2 with this model. Only the default (1) value "
+                "is supported.", "invalid_request_error", "unsupported_value", "temperature",
+            )
+        for index, message in enumerate(body["messages"]):
+            for number, part in enumerate(message.get("content") if isinstance(message.get("content"), list) else ()):
+                extra = sorted(set(part) - {"type", "text", "image_url"})
+                if extra:
+                    where = f"messages[{index}].content[{number}].{extra[0]}"
+                    return openai_error(f"Unrecognized request argument supplied: {where}", "invalid_request_error",
+                                        None, where)
+                if part.get("type") == "image_url" and message.get("role") != "user":
+                    return openai_error(
+                        f"Invalid 'messages[{index}]'. Image URLs are only allowed for messages with role 'user', "
+                        f"but this message with role '{message.get('role')}' contains an image URL.",
+                        "invalid_request_error", "invalid_value", f"messages[{index}]",
+                    )
+        return None
+
+    def _embeddings(self, request: RecordedRequest) -> Reply:
+        body = request.body or {}
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(text, str) and text for text in texts):
+            body = openai_error("'$.input' is invalid. Please check the API reference: "
+                                "https://platform.openai.com/docs/api-reference.", "invalid_request_error", None)
+            return Reply(400, body, self._headers(request))
+        dimensions = int(body.get("dimensions") or 8)
+        data = []
+        for index, text in enumerate(texts):
+            vector = fake_vector(text, dimensions)
+            encoded: Any = vector
+            if body.get("encoding_format") == "base64":
+                encoded = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": encoded})
+        tokens = sum(count_words(text) for text in texts)
+        reply = {"object": "list", "data": data, "model": body.get("model"),
+                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return Reply(200, reply, self._headers(request))
+
     def _chunks(
-        self, request: RecordedRequest, text: str, finish: str, usage: dict[str, Any] | None
+        self, request: RecordedRequest, text: str, finish: str, usage: dict[str, Any] | None,
+        call: dict[str, Any] | None = None,
     ) -> Iterator[bytes]:
         envelope = self._envelope(request, "chat.completion.chunk")
         if request.path.startswith("/openai/"):
@@ -339,6 +441,14 @@ class FakeOpenAI(FakeProviderServer):
         yield sse({**envelope, "choices": [_choice(first, None)], **empty_usage})
         for piece in split_words(text, 4) if text else []:
             yield sse({**envelope, "choices": [_choice({"content": piece}, None)], **empty_usage})
+        if call is not None:
+            # As OpenAI streams a call: id, type and name with empty arguments, then the arguments in pieces.
+            head = {"index": 0, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
+            yield sse({**envelope, "choices": [_choice({"tool_calls": [head]}, None)], **empty_usage})
+            arguments = call["function"]["arguments"]
+            for start in range(0, len(arguments), 7):
+                piece = {"index": 0, "function": {"arguments": arguments[start : start + 7]}}
+                yield sse({**envelope, "choices": [_choice({"tool_calls": [piece]}, None)], **empty_usage})
         yield sse({**envelope, "choices": [_choice({}, finish)], **empty_usage})
         if usage is not None:
             yield sse({**envelope, "choices": [], "usage": usage})
@@ -411,8 +521,39 @@ class FakeOpenAI(FakeProviderServer):
 
 
 def prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    """The fake's prompt token count, as its usage reports it: the words of every message."""
-    return sum(count_words(str(message.get("content", ""))) for message in messages if isinstance(message, dict))
+    """The fake's prompt token count, as its usage reports it: the words of every message, 85 an image."""
+    total = 0
+    for message in messages:
+        if isinstance(message, dict):
+            parts = message.get("content") if isinstance(message.get("content"), list) else []
+            total += count_words(message_text(message)) + 85 * sum(part.get("type") == "image_url" for part in parts)
+    return total
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """A message's text: its string content, or its text parts joined."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return str(content or "")
+
+
+def fake_vector(text: str, dimensions: int) -> list[float]:
+    """The fake's embedding of a text: the same numbers every time, exact in float32."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return [((digest[index % len(digest)] - 128) / 128.0) for index in range(dimensions)]
+
+
+def value_for_schema(schema: dict[str, Any], text: str) -> Any:
+    """A JSON value that fits a simple schema (objects, arrays, enums, scalars), strings from `text`."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type", "object")
+    if kind == "object":
+        return {name: value_for_schema(child, text) for name, child in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [value_for_schema(schema.get("items") or {}, text)]
+    return {"integer": 1, "number": 1.5, "boolean": True, "null": None}.get(kind, text[:40] or "text")
 
 
 def _choice(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:

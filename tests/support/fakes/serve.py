@@ -33,6 +33,10 @@ FAKES = {
     "anthropic": "tests.support.fakes.anthropic:FakeAnthropic",
     "gemini": "tests.support.fakes.gemini:FakeGemini",
     "ollama": "tests.support.fakes.ollama:FakeOllama",
+    # The same, with their batch APIs (and flex tiers): tests/support/fakes/*_batches.py.
+    "openai-batches": "tests.support.fakes.openai_batches:FakeOpenAIBatches",
+    "anthropic-batches": "tests.support.fakes.anthropic_batches:FakeAnthropicBatches",
+    "gemini-batches": "tests.support.fakes.gemini_batches:FakeGeminiBatches",
 }
 
 

@@ -1,4 +1,5 @@
-"""The fake OpenAI server that the OpenAI, Azure OpenAI and OpenAI-compatible adapters' tests share."""
+"""The fake servers several test modules share: OpenAI's (the OpenAI, Azure OpenAI and
+OpenAI-compatible adapters' tests) and Anthropic's (the adapter's tests and its features' tests)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.fakes.anthropic import FakeAnthropic
 from tests.support.fakes.openai import FakeOpenAI
 
 
@@ -21,3 +23,16 @@ def fake_openai(openai_server: FakeOpenAI) -> FakeOpenAI:
     """The shared server as it was built: no requests, faults, limits or knobs left by another test."""
     openai_server.reset()
     return openai_server
+
+
+@pytest.fixture(scope="package")
+def anthropic_server() -> Iterator[FakeAnthropic]:
+    with FakeAnthropic() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake_anthropic(anthropic_server: FakeAnthropic) -> FakeAnthropic:
+    """The shared Anthropic fake with no requests, faults or knobs left by another test."""
+    anthropic_server.reset()
+    return anthropic_server

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -139,3 +140,62 @@ def test_models_and_health() -> None:
     assert run(provider.get_available_models()) == ["mock-small"]
     assert run(provider.health_check()) is True
     assert provider.local and provider.simulated and not provider.requires_api_key
+
+
+# --- request features, simulated ------------------------------------------------------------
+
+TOOL = {"type": "function", "function": {"name": "mine", "parameters": {
+    "type": "object", "properties": {"block": {"type": "string", "enum": ["iron", "coal"]}, "count": {"type": "integer",
+                                                                                                    "minimum": 1}},
+    "required": ["block", "count"]}}}
+
+
+def test_tools_round_trip_call_then_answer() -> None:
+    provider = mock()
+    first = run(provider.generate(request(tools=[TOOL])))
+    assert first.finish_reason == "tool_calls" and first.metadata["simulated"]
+    assert first.tool_calls is not None and first.tool_calls[0].parsed_arguments() == {"block": "iron", "count": 1}
+    followup = request(tools=[TOOL], messages=[
+        {"role": "user", "content": "Plan my next Minecraft task"},
+        {"role": "assistant", "tool_calls": [first.tool_calls[0].model_dump()]},
+        {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "mined 1 iron"},
+    ])
+    final = run(provider.generate(followup))
+    assert final.finish_reason == "stop" and final.tool_calls is None and "mined 1 iron" in final.content
+    assert run(provider.generate(request(tools=[TOOL]))).tool_calls == first.tool_calls  # deterministic
+
+
+def test_streamed_tool_calls_come_as_deltas_and_end_whole() -> None:
+    chunks = run(collect(mock(), request(tools=[TOOL])))
+    deltas = [delta for chunk in chunks[:-1] for delta in chunk.tool_call_deltas or ()]
+    assert deltas[0].id and deltas[0].function.name == "mine"
+    final = chunks[-1]
+    assert final.tool_calls and final.tool_calls[0].function.arguments == "".join(
+        delta.function.arguments or "" for delta in deltas)
+
+
+def test_json_answers_match_the_schema_every_time() -> None:
+    from jsonschema import Draft202012Validator
+
+    schema = {"type": "object", "properties": {
+        "steps": {"type": "array", "minItems": 2, "items": {"$ref": "#/$defs/step"}},
+        "when": {"type": "string", "format": "date-time"}, "score": {"type": "number", "exclusiveMinimum": 0},
+        "note": {"anyOf": [{"type": "null"}, {"type": "string", "minLength": 20}]}},
+        "required": ["steps", "when", "score", "note"], "additionalProperties": False,
+        "$defs": {"step": {"type": "object", "properties": {"action": {"type": "string", "maxLength": 5}}}}}
+    req = request(response_format={"type": "json_schema", "json_schema": {"name": "plan", "schema": schema}})
+    answer = run(mock().generate(req))
+    Draft202012Validator(schema).validate(json.loads(answer.content))
+    assert answer.content == run(mock().generate(req)).content and answer.metadata["simulated"]
+    assert json.loads(run(mock().generate(request(response_format={"type": "json_object"}))).content)["answer"]
+
+
+def test_embeddings_are_deterministic_unit_vectors_labelled_simulated() -> None:
+    from llmq.contract.models import EmbeddingRequest
+
+    embed = EmbeddingRequest(input=["iron", "coal"], model="mock-small", dimensions=6)
+    response = run(mock().embed(embed))
+    assert len(response.embeddings) == 2 and all(len(vector) == 6 for vector in response.embeddings)
+    assert all(abs(sum(value * value for value in vector) - 1) < 1e-9 for vector in response.embeddings)
+    assert response.embeddings == run(mock().embed(embed)).embeddings and response.metadata["simulated"]
+    assert response.usage.prompt_tokens == 2

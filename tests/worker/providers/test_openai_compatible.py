@@ -11,8 +11,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from llmq.contract.capabilities import capabilities_for
 from llmq.contract.config import ProviderConfig
-from llmq.contract.models import LLMRequest, LLMResponse
+from llmq.contract.models import EmbeddingRequest, LLMRequest, LLMResponse
 from llmq.worker import errors
 from llmq.worker.providers.huggingface import HuggingFaceProvider
 from llmq.worker.providers.openai import OpenAIProvider
@@ -23,7 +24,7 @@ from llmq.worker.providers.openai_compatible import (
 )
 from llmq.worker.providers.registry import adapter_class, create_provider
 from tests.support.fakes.base import fake_reply_text
-from tests.support.fakes.openai import FakeOpenAI, tgi_context_body
+from tests.support.fakes.openai import FakeOpenAI, fake_vector, tgi_context_body
 from tests.support.harness import run_adapter
 
 T = TypeVar("T")
@@ -266,3 +267,30 @@ def test_pipeline_mode_returns_the_in_process_provider(monkeypatch: pytest.Monke
     assert isinstance(provider, StandIn) and built == [entry]
     assert isinstance(create_provider(entry), StandIn)
 
+
+
+# --- capabilities and embeddings of the OpenAI-compatible locals ------------------------------
+
+
+@pytest.mark.parametrize(("kind", "tools", "json_object", "json_schema"), [
+    ("vllm", False, True, True), ("lmstudio", True, False, True), ("localai", True, True, True),
+])
+def test_local_capabilities_follow_each_servers_documentation(kind: str, tools: bool, json_object: bool,
+                                                              json_schema: bool) -> None:
+    entry = config(kind, None)
+    found = capabilities_for(entry, "llama-3.1-8b")
+    assert (found.tools, found.json_object, found.json_schema, found.vision, found.embeddings) == (
+        tools, json_object, json_schema, False, False)
+    assert capabilities_for(entry, "Qwen2-VL-7B-Instruct").vision and capabilities_for(entry, "llava-1.6").vision
+    embedding = capabilities_for(entry, "nomic-embed-text-v1.5")
+    assert embedding.embeddings and not (embedding.chat or embedding.tools)
+
+
+@pytest.mark.parametrize(("kind", "adapter", "default_url"), LOCAL_TYPES)
+def test_local_embeddings_ask_for_float_vectors(fake_local: FakeOpenAI, kind: str, adapter: type,
+                                                default_url: str) -> None:
+    request = EmbeddingRequest(input=["mine iron ore"], model="nomic-embed-text-v1.5")
+    response = run(config(kind, fake_local.url + "/v1"), lambda provider: provider.embed(request))
+    assert fake_local.requests[-1].body == {"model": "nomic-embed-text-v1.5", "input": ["mine iron ore"],
+                                            "encoding_format": "float"}
+    assert response.embeddings == [fake_vector("mine iron ore", 8)]

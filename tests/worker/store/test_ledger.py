@@ -13,23 +13,9 @@ from typing import Any
 import pytest
 
 from llmq.worker.store.ledger import Store, database_url, normalize_url
-from tests.support.pg import PostgresServer, postgres_or_skip
+from tests.support.pg import PostgresServer
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    with postgres_or_skip() as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    server: PostgresServer = request.getfixturevalue("postgres")
-    return server.create_schema("store")
 
 
 @pytest.fixture

@@ -56,7 +56,7 @@ def refusal(*rows: dict[str, Any]) -> str:
 
 
 def test_a_batch_folds_to_one_row_per_job_attempt_and_usage_key() -> None:
-    jobs, attempts, usages = prepare_rows([
+    jobs, attempts, usages, *_ = prepare_rows([
         job("j1", JobState.QUEUED), job("j2", JobState.QUEUED), attempt("j1", 1, "failed"),
         job("j1", JobState.RUNNING), attempt("j1", 2, "succeeded"), attempt("j1", 1, "failed"),
         usage("j1", 2), usage("j1", 2), usage("j2", 1),
@@ -153,8 +153,8 @@ def test_numbers_are_read_strictly() -> None:
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        ({"job_id": "j1"}, "row 1: kind must be one of job, attempt, usage, got None"),
-        ({"kind": "jobs", "job_id": "j1"}, "row 1: kind must be one of job, attempt, usage, got 'jobs'"),
+        ({"job_id": "j1"}, "row 1: kind must be one of job, attempt, usage, provider_batch, provider_batch_line, got None"),
+        ({"kind": "jobs", "job_id": "j1"}, "row 1: kind must be one of job, attempt, usage, provider_batch, provider_batch_line, got 'jobs'"),
         (job("j1", JobState.QUEUED, colour="red", size=1), "row 1 (job): unknown field(s) colour, size; known: "),
         ({"kind": "job", "job_id": "j1"}, "row 1 (job): missing required field(s) state"),
         (attempt("j1", None, "failed"), "row 1 (attempt): missing required field(s) attempt"),
