@@ -125,7 +125,6 @@ class RateLimitMiddleware(Middleware):
                 f"daily quota {decision.limit} of provider {attempt.hop.provider!r} is spent",
                 provider=attempt.hop.provider, model=attempt.hop.model,
             ))
-        # A little jitter, so jobs told the same wait do not all come back in the same instant.
         # Back a little before its turn (the delayed set and the broker take about that long), then
         # the last of the wait is spent here, so the turn is taken when it comes. A little jitter, so
         # jobs told the same wait do not all come back in the same instant.
