@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--strategy", choices=("headroom", "weighted", "latency"), default="headroom")
     parser.add_argument("--mode", choices=("bucket", "window"), default="bucket",
                         help="how the fakes enforce their limits (default bucket: strict, one second of burst)")
+    parser.add_argument("--base-rpm", type=int, default=BASE_LIMITS[0], help="the smallest member's requests/min")
+    parser.add_argument("--base-tpm", type=int, default=BASE_LIMITS[1], help="the smallest member's tokens/min")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--latency-s", type=float, default=0.3)
@@ -49,8 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def member_limits(count: int) -> dict[str, tuple[int, int]]:
-    rpm, tpm = BASE_LIMITS
+def member_limits(count: int, rpm: int, tpm: int) -> dict[str, tuple[int, int]]:
     return {f"member_{index + 1}": (rpm * (index + 1), tpm * (index + 1)) for index in range(count)}
 
 
@@ -69,7 +70,7 @@ def pool_config(fakes: dict[str, ServedFake], limits: dict[str, tuple[int, int]]
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    limits = member_limits(args.members)
+    limits = member_limits(args.members, args.base_rpm, args.base_tpm)
     workload = build(args.requests)
     rpm, tpm = sum(r for r, _ in limits.values()), sum(t for _, t in limits.values())
     minimum_s = workload.minimum_s(rpm, tpm)
