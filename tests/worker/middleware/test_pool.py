@@ -14,6 +14,7 @@ import redis
 from llmq import LLMRequest
 from llmq.contract import keys
 from llmq.contract.labels import TaskLabel
+from llmq.contract.config import RateLimits
 from llmq.contract.models import JobState
 from llmq.worker.limiter.limiter import RateLimiter
 from llmq.worker.limiter.limits import pause_key
@@ -102,6 +103,7 @@ def test_a_job_another_member_can_take_now_does_not_wait(tmp_path_factory: pytes
 
             # A job set aside in small's line; then small's circuit opens and spare is free.
             _pause(cluster, "spare", 30.0)
+            _drain(cluster, "small", RateLimits(requests_per_minute=20, enforced_as="token_bucket"))
             waiting_id = service.submit(ask("waiting"))
             _wait_for_state(service, waiting_id, JobState.RATE_LIMITED)
             record = client.hgetall(keys.job(waiting_id))
@@ -138,6 +140,28 @@ def _pause(cluster: Cluster, provider: str, seconds: float) -> None:
             await client.aclose()
 
     asyncio.run(pause())
+
+
+def _drain(cluster: Cluster, provider: str, limits: RateLimits) -> None:
+    """Take what `provider`'s bucket holds now, so its next call waits for the refill (3 s at 20
+    requests/min: longer than a worker waits in place), whenever the calls before it ran."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    async def drain() -> None:
+        client = aioredis.Redis.from_url(cluster.redis_url)
+        limiter = RateLimiter(client)
+        try:
+            for number in range(100):
+                decision = await limiter.acquire(provider, "gpt-4o-mini", limits, 16, lease_id=f"drain:{number}",
+                                                 join=False)
+                if not decision.granted:
+                    return
+        finally:
+            await client.aclose()
+
+    asyncio.run(drain())
 
 
 def _wait_for_state(service: object, job_id: str, state: JobState, timeout_s: float = 20.0) -> None:
