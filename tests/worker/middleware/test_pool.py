@@ -13,8 +13,8 @@ import redis
 
 from llmq import LLMRequest
 from llmq.contract import keys
-from llmq.contract.labels import TaskLabel
 from llmq.contract.config import RateLimits
+from llmq.contract.labels import TaskLabel
 from llmq.contract.models import JobState
 from llmq.worker.limiter.limiter import RateLimiter
 from llmq.worker.limiter.limits import pause_key
