@@ -109,6 +109,8 @@ async def _call(runtime: Runtime, attempt: Attempt) -> JobResponse:
             response = await _stream(runtime, attempt, provider.stream_generate(request, job_id=attempt.job_id))
         else:
             response = await provider.generate(request, job_id=attempt.job_id)
+    if provider.supports_flex:  # the tier it ran at, where llmq chooses one: a refused flex call raised
+        response.metadata["service_tier"] = request.service_tier
     # Costs one attribute read when no JSON was asked for.
     return check_output(request, response) if request.response_format is not None else response
 

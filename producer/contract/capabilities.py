@@ -4,7 +4,9 @@ Defaults come from the table `producer/data/capabilities.yaml`, keyed by adapter
 `<type>:<options.mode>`, where a mode changes what the adapter can do) and model family (data, not code: the contract reads it without importing any adapter); a
 config entry lays its own `capabilities:` over them, per model name or fnmatch pattern
 (`"*"` for every model). Routing and fallback skip a hop whose model lacks what the
-request needs, and a request no hop can serve is refused at submit.
+request needs, or whose context window surely cannot hold it (the prompt's fewest possible
+tokens, `llmq.contract.token_floor`, plus max_tokens where the window counts the answer), and a
+request no hop can serve is refused at submit.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+
+from llmq.contract.token_floor import prompt_token_floor
 
 if TYPE_CHECKING:
     from llmq.contract.config import ProviderConfig
@@ -43,6 +47,7 @@ class CapabilityOverride(BaseModel):
     native_json_schema: bool | None = None
     context_window: int | None = Field(default=None, gt=0)
     max_output_tokens: int | None = Field(default=None, gt=0)
+    window_includes_output: bool | None = None
 
 
 class Capabilities(BaseModel):
@@ -66,16 +71,30 @@ class Capabilities(BaseModel):
     native_json_schema: bool = False
     context_window: int | None = None
     max_output_tokens: int | None = None
+    #: The answer's max_tokens counts against context_window (OpenAI, vLLM). False where the window
+    #: is the prompt's limit alone (Gemini) or the provider lowers max_tokens to fit (older Claude).
+    window_includes_output: bool = True
 
     def lacks(self, needs: Needs) -> list[str]:
         """What of `needs` this model cannot give, in words for a refusal."""
-        if needs.features == _CHAT_ONLY and self.chat:  # the plain request: only the output room to check
+        if needs.features == _CHAT_ONLY and self.chat:  # the plain request: only the room to check
             missing = []
         else:
             missing = [feature for feature in needs.features if not getattr(self, feature)]
         if self.max_output_tokens is not None and needs.output_tokens > self.max_output_tokens:
             missing.append(f"max_tokens {needs.output_tokens} (at most {self.max_output_tokens})")
+        if self.context_window is not None and needs.prompt_tokens_floor:
+            missing += self._lacks_room(needs, self.context_window)
         return missing
+
+    def _lacks_room(self, needs: Needs, context_window: int) -> list[str]:
+        """Room, when the window surely cannot hold the prompt (and the answer, where it counts)."""
+        output_tokens = needs.output_tokens if self.window_includes_output else 0
+        if needs.prompt_tokens_floor + output_tokens <= context_window:
+            return []
+        answer = f" plus max_tokens {output_tokens}" if output_tokens else ""
+        return [f"room: its context window of {context_window} tokens cannot hold a prompt of at least "
+                f"{needs.prompt_tokens_floor} tokens{answer}"]
 
     def summary(self) -> str:
         """One line for `llmq models`: the features it has, then its limits."""
@@ -87,11 +106,13 @@ class Capabilities(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class Needs:
-    """What a request needs of a model: features, and room for its output (a dataclass: routing
-    builds one per request)."""
+    """What a request needs of a model: features, and room for its prompt and output (a dataclass:
+    routing builds one per request)."""
 
     features: tuple[str, ...]
     output_tokens: int = 0
+    #: The fewest tokens the prompt can take (`token_floor`); 0 for embeddings, whose window is per input.
+    prompt_tokens_floor: int = 0
 
 
 @cache
@@ -138,7 +159,9 @@ def capabilities_for(entry: ProviderConfig, model: str) -> Capabilities:
 
 
 def needs_of(request: JobRequest) -> Needs:
-    """What a request needs: embeddings for an embedding job; for chat, each feature it uses."""
+    """What a request needs: embeddings for an embedding job (an embedding model's window holds each
+    input apart, and some truncate: routing leaves it to the call); for chat, each feature it uses and
+    room for the prompt's fewest tokens and max_tokens."""
     from llmq.contract.models import JobKind
 
     if request.kind is JobKind.EMBEDDING:
@@ -153,7 +176,8 @@ def needs_of(request: JobRequest) -> Needs:
         features.append(response_format.type)
     if not plain and any(message.images for message in messages):
         features.append("vision")
-    return Needs(features=tuple(features), output_tokens=request.max_tokens)
+    return Needs(features=tuple(features), output_tokens=request.max_tokens,
+                 prompt_tokens_floor=prompt_token_floor(messages))
 
 
 _CHAT_ONLY = ("chat",)

@@ -342,6 +342,11 @@ def job_kind(raw: dict[str, str]) -> JobKind:
     return JobKind(raw.get("kind") or JobKind.CHAT.value)
 
 
+def job_lane(raw: dict[str, str]) -> Lane:
+    """A job record's lane; a record written before lanes existed waited in the one queue, now the batch lane."""
+    return Lane(raw.get("lane") or Lane.BATCH.value)
+
+
 def load_request(raw: dict[str, str]) -> JobRequest:
     return REQUEST_MODELS[job_kind(raw)].model_validate_json(raw["request"])
 
@@ -364,7 +369,7 @@ def parse_job(raw: dict[str, str], attempts: list[str]) -> JobRecord | None:
         attempt=int(raw.get("attempt", 0)),
         batch_id=raw.get("batch_id") or None,
         custom_id=raw.get("custom_id") or None,
-        lane=Lane(raw.get("lane") or Lane.BATCH.value),
+        lane=job_lane(raw),
         created_at=_seconds(raw.get("created_at")),
         updated_at=_seconds(raw.get("updated_at")),
         finished_at=_seconds(raw.get("finished_at")),

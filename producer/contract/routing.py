@@ -5,8 +5,9 @@ configured providers that serve the model, in config order; then the default pro
 and the fallback chain, each with its stand-in model. Providers that are not
 configured (missing key, disabled) are skipped, and so is every hop whose model
 lacks what the request needs (tools, a JSON schema, vision, embeddings, room for
-max_tokens: `llmq.contract.capabilities`), stand-ins included. A request no hop
-can serve is refused, naming what it needs and each entry considered.
+max_tokens, a context window that can hold the prompt's fewest possible tokens:
+`llmq.contract.capabilities`), stand-ins included. A request no hop can serve is
+refused, naming what it needs and each entry considered.
 
 A pool expands where any of its members would stand: its members' hops side by side,
 each marked with the pool, so the worker runs the job on whichever has the most room
@@ -74,7 +75,8 @@ def _no_route_message(model: str, needs: Needs, refused: list[str], config: LLMC
         return (
             f"model {model!r}: no configured provider can serve this request, which needs "
             f"{', '.join(needs.features)}; considered: {'; '.join(refused)}; fix: ask for a model that has it, "
-            "or set the entry's capabilities in the config if the model has it (docs/requests.md)"
+            "or set the entry's capabilities in the config if the model has it; where room lacks, shorten the "
+            "prompt, lower max_tokens or ask for a model with a larger context window (docs/requests.md)"
         )
     configured = config.configured_providers()
     return (

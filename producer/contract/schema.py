@@ -65,8 +65,8 @@ USD_SCALE = 10
 USD_QUANTUM = Decimal(1).scaleb(-USD_SCALE)
 TERMINAL_STATE_NAMES = tuple(sorted(state.value for state in TERMINAL_STATES))
 
-ReportGrouping = Literal["provider", "model", "caller", "day", "price_tier"]
-REPORT_GROUPINGS: tuple[ReportGrouping, ...] = ("provider", "model", "caller", "day", "price_tier")
+ReportGrouping = Literal["provider", "model", "caller", "day", "price_tier", "kind", "lane"]
+REPORT_GROUPINGS: tuple[ReportGrouping, ...] = ("provider", "model", "caller", "day", "price_tier", "kind", "lane")
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -209,6 +209,9 @@ jobs_table = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("created_at", UTCDateTime, nullable=False, default=_utcnow),
     Column("finished_at", UTCDateTime),
+    #: The job's kind (`chat`, `embedding`) and lane (`interactive`, `batch`); NULL in rows written before them.
+    Column("kind", EscapedString),
+    Column("lane", EscapedString),
     Index("ix_llmq_jobs_batch_id", "batch_id"),
     Index("ix_llmq_jobs_state", "state"),
     Index("ix_llmq_jobs_created_at", "created_at"),

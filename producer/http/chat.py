@@ -5,7 +5,9 @@ OpenAI's Chat Completions (docs/requests.md), so every body field that is an `LL
 field passes through as is: messages with their text and image parts, tool calls and tool
 results, `tools`, `tool_choice`, `response_format`, `stop`, `seed`, `top_p`,
 `max_completion_tokens`, and llmq's own `provider` and `provider_options` (the SDKs'
-`extra_body`); the contract's verdict names the `param` (bodies.py).
+`extra_body`); the contract's verdict names the `param` (bodies.py). `service_tier` is read in
+OpenAI's words (`SERVICE_TIERS`): `flex` is the contract's flex tier, `auto` and `default` the
+provider entry's own tier; a tier the contract cannot honour (`priority`, `scale`) is refused.
 
 A field OpenAI has and llmq's request lacks is refused with a 400 naming it, unless its
 value is the one that asks for nothing (`n: 1`, `presence_penalty: 0`, `logprobs: false`,
@@ -20,7 +22,8 @@ dropped here rather than refused by the contract.
 
 The other direction: `completion_body`, `chunk_body`, `chunk_delta` and `usage_body` write
 OpenAI's `chat.completion` and `chat.completion.chunk` objects from `LLMResponse`s. A JSON
-answer's content is the JSON text, as OpenAI sends it (the SDKs parse it themselves).
+answer's content is the JSON text, as OpenAI sends it (the SDKs parse it themselves), and
+`service_tier` the tier the answer ran at where its result records one (`answer_service_tier`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any
 
 from llmq.contract.messages import ToolCall
 from llmq.contract.models import LLMRequest, LLMResponse, Usage
+from llmq.contract.tiers import ServiceTier
 from llmq.http.bodies import body_object, job_metadata, split_body, unrecognized, validated
 from llmq.http.errors import InvalidRequestError
 
@@ -63,7 +67,6 @@ LACKING: dict[str, Lacking] = {
     "logit_bias": Lacking((None, {})),
     "parallel_tool_calls": Lacking((None, True)),
     "store": Lacking((None, False)),
-    "service_tier": Lacking((None, "auto", "default")),
     "reasoning_effort": Lacking(),
     "verbosity": Lacking(),
     "prediction": Lacking(),
@@ -71,8 +74,13 @@ LACKING: dict[str, Lacking] = {
     "prompt_cache_key": Lacking(),
     "safety_identifier": Lacking(),
 }
+#: OpenAI's `service_tier` words the contract can honour, and the tier each asks for (None: the
+#: provider entry's own, `service_tier:` in its config, else standard).
+SERVICE_TIERS: dict[str, ServiceTier | None] = {"auto": None, "default": None, "flex": "flex"}
+#: The contract's tiers in OpenAI's words, for the answer's `service_tier`.
+OPENAI_TIER_NAMES: dict[str, str] = {"standard": "default", "flex": "flex"}
 #: Fields the front reads itself and never hands to the contract as they are.
-FRONT_FIELDS = frozenset({"stream", "stream_options", "metadata", "user"})
+FRONT_FIELDS = frozenset({"stream", "stream_options", "metadata", "user", "service_tier"})
 CONTRACT_FIELDS = frozenset(LLMRequest.model_fields) - FRONT_FIELDS
 #: Keys of an answer's message the SDKs send back with it, with the values that carry nothing
 #: (None: any value, being derived from the answer: `parsed` from content).
@@ -105,6 +113,9 @@ def chat_request(body: Any, *, caller: str, stream_allowed: bool = True) -> Chat
         fields["messages"] = [_message(message) for message in fields["messages"]]
     fields["stream"] = stream
     fields["metadata"] = job_metadata(body, caller)
+    tier = _service_tier(body.get("service_tier"))
+    if tier is not None:
+        fields["service_tier"] = tier
     include_usage = _include_usage(body.get("stream_options"), stream)
     return ChatCall(validated(LLMRequest, fields), stream, include_usage)
 
@@ -120,6 +131,20 @@ def _check_lacking(name: str, value: Any) -> None:
             f"{' or send ' + harmless[0] if harmless else ''}{lacking.instead.format(name=name)}",
             param=name, code="unsupported_parameter",
         )
+
+
+def _service_tier(value: Any) -> ServiceTier | None:
+    """The contract's tier for OpenAI's `service_tier` (None: not given, or the entry's own)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value in SERVICE_TIERS:
+        return SERVICE_TIERS[value]
+    raise InvalidRequestError(
+        f"service_tier {value!r}: llmq runs a call at its provider entry's own tier or at the flex tier; send "
+        "'flex' (OpenAI and Gemini entries, at batch prices: docs/batch-lane.md#flex), 'auto' or 'default' "
+        "(the entry's own tier), or leave it out",
+        param="service_tier", code="unsupported_value",
+    )
 
 
 def _message(message: Any) -> Any:
@@ -171,21 +196,24 @@ def completion_body(job_id: str, response: LLMResponse, created_s: float | None 
         "model": response.model,
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(response)}],
         "usage": usage_body(response.usage),
+        "service_tier": answer_service_tier(response),
         "system_fingerprint": None,
     }
 
 
 def chunk_body(
     job_id: str, model: str, created_s: int, *, delta: dict[str, Any] | None = None, finish: str | None = None,
-    usage: Usage | None = None,
+    usage: Usage | None = None, service_tier: str | None = None,
 ) -> dict[str, Any]:
-    """One `chat.completion.chunk`: a delta, the closing chunk (`finish`), or the usage chunk (no choices)."""
+    """One `chat.completion.chunk`: a delta, the closing chunk (`finish`), or the usage chunk (no choices).
+    `service_tier` is known once the answer is whole: the closing and usage chunks carry it."""
     choices = [] if usage is not None else [
         {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
     ]
     return {
         "id": job_id, "object": "chat.completion.chunk", "created": created_s, "model": model,
-        "system_fingerprint": None, "choices": choices, "usage": usage_body(usage) if usage is not None else None,
+        "service_tier": service_tier, "system_fingerprint": None, "choices": choices,
+        "usage": usage_body(usage) if usage is not None else None,
     }
 
 
@@ -217,3 +245,12 @@ def usage_body(usage: Usage) -> dict[str, Any]:
 
 def finish_reason(response: LLMResponse) -> str:
     return response.finish_reason or "stop"
+
+
+def answer_service_tier(response: LLMResponse) -> str | None:
+    """The tier the answer ran at, in OpenAI's words, where its result records one (OpenAI and Gemini
+    entries: the worker notes it); None for a cache hit, which ran nowhere."""
+    tier = response.metadata.get("service_tier")
+    if not isinstance(tier, str) or response.metadata.get("cached"):
+        return None
+    return OPENAI_TIER_NAMES.get(tier)

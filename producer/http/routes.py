@@ -16,6 +16,7 @@ from llmq.contract.models import EmbeddingResponse, JobRecord, JobRequest, JobSt
 from llmq.http.apikeys import APIKey
 from llmq.http.chat import (
     ChatCall,
+    answer_service_tier,
     chat_request,
     chunk_body,
     chunk_delta,
@@ -122,9 +123,10 @@ async def _events(
             elif chunk.metadata.get("final"):
                 if chunk.tool_calls and not called:  # calls that came whole, streamed as OpenAI streams calls
                     yield _sse(chunk_body(job_id, model, created, delta=whole_calls_delta(chunk.tool_calls)))
-                yield _sse(chunk_body(job_id, model, created, finish=finish_reason(chunk)))
+                tier = answer_service_tier(chunk)
+                yield _sse(chunk_body(job_id, model, created, finish=finish_reason(chunk), service_tier=tier))
                 if call.include_usage:
-                    yield _sse(chunk_body(job_id, model, created, usage=chunk.usage))
+                    yield _sse(chunk_body(job_id, model, created, usage=chunk.usage, service_tier=tier))
                 ended = True
                 yield "data: [DONE]\n\n"
                 return

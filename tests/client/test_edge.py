@@ -103,3 +103,35 @@ def test_a_providers_lone_surrogate_becomes_a_replacement_character_and_the_rest
     assert response.content == "ok \U0001f600 \ufffd nul\x00"  # a proper pair is a character, kept
     assert (response.model, response.metadata) == ("m\ufffd", {"finish": "\ufffd"})
     assert LLMResponse.model_validate_json(response.model_dump_json()) == response
+
+
+WINDOWS_CONFIG = """
+llm_service:
+  providers:
+    small:
+      type: mock
+      models: [m]
+      capabilities: {"*": {context_window: 4000}}
+    large:
+      type: mock
+      models: [m]
+      capabilities: {"*": {context_window: 20000}}
+"""
+
+
+def test_submit_routes_past_a_window_that_cannot_hold_the_prompt_and_refuses_one_no_window_holds(
+    redis_url: str,
+) -> None:
+    ask = {"model": "m", "max_tokens": 500, "messages": [{"role": "user", "content": " ".join(["ore"] * 5000)}]}
+    with SyncLLMService(parse_config(WINDOWS_CONFIG), redis_url=redis_url) as windows:
+        job_id = windows.submit(ask)
+        assert [hop.provider for hop in windows.poll(job_id).route] == ["large"]
+        too_long = {**ask, "messages": [{"role": "user", "content": " ".join(["ore"] * 25_000)}]}
+        with pytest.raises(RequestError) as refused:
+            windows.submit(too_long, job_id="too-long")
+        assert windows.poll("too-long") is None  # nothing enqueued
+    message = str(refused.value)
+    assert message.startswith("request: model 'm': no configured provider can serve this request")
+    for entry, window in (("small", 4000), ("large", 20000)):
+        assert (f"{entry}/m lacks room: its context window of {window} tokens cannot hold a prompt of at least "
+                "25000 tokens plus max_tokens 500") in message

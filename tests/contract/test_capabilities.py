@@ -57,6 +57,7 @@ def test_defaults_come_from_the_table_by_adapter_and_model_family() -> None:
     assert default_capabilities("example", "x").model_dump(exclude_none=True) == {
         "chat": True, "tools": False, "json_object": False, "json_schema": False, "vision": False,
         "prompt_cache": False, "embeddings": False, "reasoning": False, "native_json_schema": False,
+        "window_includes_output": True,
     }
 
 

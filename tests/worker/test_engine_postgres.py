@@ -61,6 +61,8 @@ def test_a_batch_of_hundreds_lands_in_redis_and_in_postgresql(cluster: Cluster, 
         assert {row["job_id"] for row in usage} == {job.job_id for job in jobs}
         assert sum(row["total_tokens"] for row in usage) == sum(job.result.usage.total_tokens for job in jobs)
         assert {store.job(job.job_id)["state"] for job in jobs} == {"succeeded"}
+        assert {(store.job(job.job_id)["kind"], store.job(job.job_id)["lane"]) for job in jobs} == {("chat", "batch")}
+        assert [(row["lane"], row["requests"]) for row in store.usage_report(by="lane")] == [("batch", BATCH_SIZE)]
         # One SQL row per attempt, whatever the attempt's outcome, never two.
         assert all(len(store.attempts(job.job_id)) == len(job.attempts) for job in jobs)
     finally:

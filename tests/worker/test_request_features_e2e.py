@@ -107,9 +107,14 @@ def test_a_batch_file_mixing_json_tools_and_embeddings(
     assert lines_out["index"]["response"]["embeddings"] == index.embeddings  # numbers, not base64
 
     OutboxFlusher(cluster.redis_url, cluster.database_url).drain(timeout_s=30)
-    usage = Store(cluster.database_url).usage_rows(records["index"].job_id)
+    with Store(cluster.database_url) as store:
+        usage = store.usage_rows(records["index"].job_id)
+        ledger = {name: store.job(record.job_id) or {} for name, record in records.items()}
     assert usage[0]["prompt_tokens"] == 4 and usage[0]["priced"]
     assert usage[0]["cost_usd"] == Decimal("0.02") * 4 / 1_000_000  # text-embedding-3-small, genai-prices
+    # Each job's kind and lane, from its record through the outbox (a batch waits in the batch lane).
+    assert {name: (row.get("kind"), row.get("lane")) for name, row in ledger.items()} == {
+        "judge": ("chat", "batch"), "act": ("chat", "batch"), "index": ("embedding", "batch")}
 
 
 def test_an_answer_that_misses_its_schema_is_retried_once_then_moves_on(
@@ -127,6 +132,10 @@ def test_an_answer_that_misses_its_schema_is_retried_once_then_moves_on(
     assert len(local.requests) == 2 and len(cloud.requests) == 1
     outcomes = [(attempt["provider"], attempt.get("error_type")) for attempt in job.attempts]
     assert outcomes == [("local", "OutputValidationError"), ("local", "OutputValidationError"), ("cloud", None)]
+    OutboxFlusher(cluster.redis_url, cluster.database_url).drain(timeout_s=30)
+    with Store(cluster.database_url) as store:
+        row = store.job(job_id) or {}
+    assert (row.get("kind"), row.get("lane")) == ("chat", "interactive")  # one request: the interactive lane
 
 
 def test_tool_calls_stream_through_the_queue_as_deltas(cluster: Cluster) -> None:

@@ -76,6 +76,8 @@ from llmq.worker.store.rows import OPEN_ATTEMPT_OUTCOMES, prepare_rows
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: Serializes table creation when several workers start against one PostgreSQL.
 SCHEMA_LOCK_KEY = 0x6C6C6D71  # "llmq"
+#: Report groupings read from the usage row's job (`llmq_jobs`), not from the usage row itself.
+JOB_GROUPINGS = frozenset({"kind", "lane"})
 
 
 class Store:
@@ -222,7 +224,9 @@ class Store:
         return self._all(query)
 
     def usage_report(self, since: datetime | None = None, by: ReportGrouping = "provider") -> list[dict[str, Any]]:
-        """Usage and cost per provider, model, caller or UTC day, ordered by that key.
+        """Usage and cost per provider, model, caller, UTC day, price tier, or the job's kind or lane
+        (read from the job's row: None where it has none, or one written before the columns existed),
+        ordered by that key.
 
         Each row: the key (named after `by`), requests, token sums, `cost_usd`
         (exact `Decimal`, unpriced rows count as nothing), `standard_cost_usd` (what the same calls
@@ -232,11 +236,18 @@ class Store:
         """
         if by not in REPORT_GROUPINGS:
             raise ValueError(f"cannot group usage by {by!r}; use one of: {', '.join(REPORT_GROUPINGS)}")
-        key = self._day_expression() if by == "day" else usage_table.c[by]
+        key = self._report_key(by)
         query = select(key.label(by), *_report_columns()).group_by(key).order_by(key)
+        if by in JOB_GROUPINGS:
+            query = query.select_from(usage_table.outerjoin(jobs_table, jobs_table.c.job_id == usage_table.c.job_id))
         if since is not None:
             query = query.where(usage_table.c.created_at >= since)
         return [_report_row(row, by) for row in self._all(query)]
+
+    def _report_key(self, by: ReportGrouping) -> Any:
+        if by == "day":
+            return self._day_expression()
+        return jobs_table.c[by] if by in JOB_GROUPINGS else usage_table.c[by]
 
     def _day_expression(self) -> Any:
         created_at = usage_table.c.created_at

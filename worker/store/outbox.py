@@ -44,7 +44,7 @@ import redis
 from sqlalchemy import exc as sql_errors
 
 from llmq.contract import keys
-from llmq.contract.jobs import RELEASE_LOCK
+from llmq.contract.jobs import RELEASE_LOCK, job_kind, job_lane
 from llmq.contract.scripts import read_script
 
 log = logging.getLogger("llmq.outbox")
@@ -359,6 +359,9 @@ def job_row(raw: dict[str, str]) -> dict[str, Any]:
         "attempts": int(raw.get("attempt", 0)),
         "created_at": int(raw["created_at"]) / 1000.0,
         "finished_at": int(raw["finished_at"]) / 1000.0 if raw.get("finished_at") else None,
+        # The row's own `kind` says it is a job row: the job's kind travels as `job_kind`.
+        "job_kind": job_kind(raw).value,
+        "lane": job_lane(raw).value,
     }
 
 

@@ -8,6 +8,7 @@ message naming the row and the field, and nothing of it is half-written.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -15,7 +16,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, NamedTuple
 
-from llmq.contract.models import JobState
+from llmq.contract.models import JobKind, JobState, Lane
 from llmq.worker.store.provider_batches import PROVIDER_BATCH_FIELDS, PROVIDER_BATCH_LINE_FIELDS
 from llmq.worker.store.provider_batches import may_replace as provider_batch_may_replace
 
@@ -78,12 +79,22 @@ def _flag(value: Any) -> bool:
     raise TypeError(f"expected true or false, got {value!r}")
 
 
-def _state(value: Any) -> str:
-    try:
-        return JobState(value).value
-    except ValueError:
-        names = ", ".join(state.value for state in JobState)
-        raise ValueError(f"unknown job state {value!r}; use one of: {names}") from None
+def _member_of(enum_class: type[enum.Enum], what: str) -> Coerce:
+    """A coercion to one of the enum's values (a job's state, kind or lane), naming them when it is not."""
+
+    def coerce(value: Any) -> str | None:
+        if value is None:
+            return None
+        try:
+            return str(enum_class(value).value)
+        except ValueError:
+            names = ", ".join(str(member.value) for member in enum_class)
+            raise ValueError(f"unknown {what} {value!r}; use one of: {names}") from None
+
+    return coerce
+
+
+_state = _member_of(JobState, "job state")
 
 
 def _json_object(value: Any) -> dict[str, Any] | None:
@@ -143,6 +154,9 @@ JOB_FIELDS: dict[str, Coerce] = {
     "attempts": _count,
     "created_at": timestamp,
     "finished_at": timestamp,
+    # The job's kind, stored in the `kind` column (the row's own `kind` says it is a job row).
+    "job_kind": _member_of(JobKind, "job kind"),
+    "lane": _member_of(Lane, "lane"),
 }
 
 ATTEMPT_FIELDS: dict[str, Coerce] = {
@@ -231,6 +245,8 @@ def check_row(index: int, raw: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def _complete(kind: str, row: dict[str, Any]) -> dict[str, Any]:
+    if kind == "job" and "job_kind" in row:
+        row["kind"] = row.pop("job_kind")
     if kind == "job" and "caller" not in row and isinstance(row.get("metadata"), dict):
         row["caller"] = _label(row["metadata"].get("caller"))
     if kind == "usage":

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import inspect, text
 
 from llmq.worker.store.ledger import Store, database_url, normalize_url
 from tests.support.pg import PostgresServer
@@ -264,3 +265,49 @@ def test_store_accepts_a_plain_postgresql_url(postgres: PostgresServer) -> None:
         assert opened.dialect == "postgresql"
         opened.write([job_row("job-1", "queued")])
         assert opened.job("job-1") is not None
+
+
+# --- each job's kind and lane ------------------------------------------------------------------
+
+
+def kinds_and_lanes() -> list[dict[str, Any]]:
+    """Four jobs, one usage row each: a chat in each lane, an embedding job, and a usage row with no job row."""
+    return [
+        job_row("chat-interactive", "succeeded", job_kind="chat", lane="interactive"), usage_row("chat-interactive"),
+        job_row("chat-batch", "succeeded", job_kind="chat", lane="batch"), usage_row("chat-batch", cost_usd="1"),
+        job_row("index", "succeeded", job_kind="embedding", lane="batch"),
+        usage_row("index", model="text-embedding-3-small", completion_tokens=0, total_tokens=100),
+        usage_row("job-row-not-flushed-yet", cost_usd="2"),
+    ]
+
+
+def test_each_jobs_kind_and_lane_are_recorded_and_usage_groups_by_them(store: Store) -> None:
+    store.write(kinds_and_lanes())
+    assert {name: (store.job(name) or {}).get("kind") for name in ("chat-batch", "index")} == {
+        "chat-batch": "chat", "index": "embedding"}
+    assert store.job("chat-interactive")["lane"] == "interactive"  # type: ignore[index]
+    by_kind = {row["kind"]: (row["requests"], row["completion_tokens"], row["cost_usd"])
+               for row in store.usage_report(by="kind")}
+    assert by_kind == {"chat": (2, 40, Decimal("1.000027")), "embedding": (1, 0, Decimal("0.000027")),
+                       None: (1, 20, Decimal(2))}
+    by_lane = {row["lane"]: row["requests"] for row in store.usage_report(by="lane")}
+    assert by_lane == {"interactive": 1, "batch": 2, None: 1}
+    assert store.usage_report(by="lane", since=T0 + timedelta(days=1)) == []
+
+
+def test_a_ledger_made_before_kind_and_lane_gains_them_and_keeps_its_rows(store_url: str) -> None:
+    with Store(store_url) as older:  # the tables as an older version made them: no kind, no lane
+        with older.engine.begin() as connection:
+            for name in ("kind", "lane"):
+                connection.execute(text(f'ALTER TABLE llmq_jobs DROP COLUMN "{name}"'))
+        assert {"kind", "lane"}.isdisjoint(column["name"] for column in inspect(older.engine).get_columns("llmq_jobs"))
+        older.write([job_row("old-job", "succeeded", requested_model="gpt-4o-mini"), usage_row("old-job")])
+    with Store(store_url) as store:
+        assert {"kind", "lane"} <= {column["name"] for column in inspect(store.engine).get_columns("llmq_jobs")}
+        old = store.job("old-job")
+        assert old is not None and (old["kind"], old["lane"], old["requested_model"]) == (None, None, "gpt-4o-mini")
+        store.write(kinds_and_lanes())
+        assert {row["kind"]: row["requests"] for row in store.usage_report(by="kind")} == {
+            "chat": 2, "embedding": 1, None: 2}
+    with Store(store_url) as again:  # opening it again adds nothing twice
+        assert again.job("index")["kind"] == "embedding"  # type: ignore[index]

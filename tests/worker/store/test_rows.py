@@ -140,6 +140,12 @@ def test_the_caller_comes_from_the_jobs_metadata_as_text() -> None:
     assert check_row(0, usage("j1", caller=["a", 1]))[1]["caller"] == '["a", 1]'
 
 
+def test_a_jobs_kind_goes_to_the_kind_column_beside_its_lane() -> None:
+    # The row's own `kind` says it is a job row, so the job's kind travels as `job_kind`.
+    kind, row = check_row(0, job("j1", JobState.QUEUED, job_kind="embedding", lane="interactive"))
+    assert kind == "job" and (row["kind"], row["lane"]) == ("embedding", "interactive") and "job_kind" not in row
+
+
 def test_numbers_are_read_strictly() -> None:
     _, row = check_row(0, attempt("j1", 2.0, "failed", status_code="429", latency_ms=812.6))
     assert (row["attempt"], row["status_code"], row["latency_ms"]) == (2, 429, 813)
@@ -160,6 +166,9 @@ def test_numbers_are_read_strictly() -> None:
         (attempt("j1", None, "failed"), "row 1 (attempt): missing required field(s) attempt"),
         (usage(None), "row 1 (usage): missing required field(s) job_id"),
         (job("j1", "paused"), "row 1 (job) field 'state': unknown job state 'paused'; use one of: queued, running,"),
+        (job("j1", JobState.QUEUED, job_kind="image"),
+         "row 1 (job) field 'job_kind': unknown job kind 'image'; use one of: chat, embedding"),
+        (job("j1", JobState.QUEUED, lane="express"), "row 1 (job) field 'lane': unknown lane 'express'; use one of: interactive, batch"),
         (usage("j1", cost_usd="-1"), "row 1 (usage) field 'cost_usd': expected a finite amount >= 0, got '-1'"),
         (usage("j1", cost_usd="NaN"), "row 1 (usage) field 'cost_usd': expected a finite amount >= 0"),
         (usage("j1", cost_usd="lots"), "row 1 (usage) field 'cost_usd': expected a decimal amount, got 'lots'"),
