@@ -80,9 +80,9 @@ def run_config(config: str, bodies: list[dict[str, Any]], *, workers: int, concu
     """The batch through `workers` llmq workers on `config` (YAML text), submitted once they idle."""
     with idle_workers(config, workers=workers, concurrency=concurrency, checkout=checkout, python=python) as (
             cluster, started):
-        cpu_before = sum(_cpu_s(worker.pid) for worker in started)
+        cpu_before = workers_cpu_s(started)
         result = asyncio.run(_submit_and_wait(cluster, bodies, timeout_s))
-        result.notes["worker CPU s"] = round(sum(_cpu_s(worker.pid) for worker in started) - cpu_before, 1)
+        result.notes["worker CPU s"] = round(workers_cpu_s(started) - cpu_before, 1)
         return result
 
 
@@ -107,17 +107,37 @@ def idle_workers(config: str, *, workers: int, concurrency: int, checkout: Path 
 async def _submit_and_wait(cluster: Cluster, bodies: list[dict[str, Any]], timeout_s: float) -> LlmqResult:
     service = LLMService(cluster.config, redis_url=cluster.redis_url)
     try:
-        began = time.time()
-        batch_id = await service.submit_batch([{**body, "metadata": {"caller": "bench"}} for body in bodies])
-        submitted_s = time.time() - began
-        try:
-            await service.wait(batch_id, timeout_s=timeout_s)
-        except TimeoutError:
-            pass  # what did not finish is counted as lost below
-        jobs = await service.results(batch_id)
-        dispatches = await _dispatches(service, [job.job_id for job in jobs])
+        submitted = await submit_bench_batch(service, bodies)
+        return await batch_outcome(service, submitted, timeout_s)
     finally:
         await service.aclose()
+
+
+@dataclass(frozen=True)
+class SubmittedBatch:
+    batch_id: str
+    requests: int
+    #: Epoch s before `submit_batch` was called (the makespan counts from here), and how long it took.
+    began: float
+    submit_s: float
+
+
+async def submit_bench_batch(service: LLMService, bodies: list[dict[str, Any]]) -> SubmittedBatch:
+    """The batch through `submit_batch` (its default lane), every request of one caller, "bench"."""
+    began = time.time()
+    batch_id = await service.submit_batch([{**body, "metadata": {"caller": "bench"}} for body in bodies])
+    return SubmittedBatch(batch_id, len(bodies), began, time.time() - began)
+
+
+async def batch_outcome(service: LLMService, batch: SubmittedBatch, timeout_s: float) -> LlmqResult:
+    """Wait for the batch (up to `timeout_s`), then its makespan, what succeeded, failed or was lost, and notes."""
+    try:
+        await service.wait(batch.batch_id, timeout_s=timeout_s)
+    except TimeoutError:
+        pass  # what did not finish is counted as lost below
+    jobs = await service.results(batch.batch_id)
+    dispatches = await _dispatches(service, [job.job_id for job in jobs])
+    began = batch.began
     succeeded = [job for job in jobs if job.state == JobState.SUCCEEDED]
     failed = sum(1 for job in jobs if job.state == JobState.FAILED)
     finished = [job.finished_at for job in jobs if job.finished_at]
@@ -125,8 +145,8 @@ async def _submit_and_wait(cluster: Cluster, bodies: list[dict[str, Any]], timeo
     calls = [attempt for job in jobs for attempt in job.attempts]
     served = Counter(job.result.provider for job in succeeded if job.result is not None)
     return LlmqResult(
-        makespan_s, len(succeeded), failed, len(bodies) - len(succeeded) - failed,
-        {"submit s": round(submitted_s, 2), "dispatches per job": round(dispatches / max(1, len(jobs)), 2),
+        makespan_s, len(succeeded), failed, batch.requests - len(succeeded) - failed,
+        {"submit s": round(batch.submit_s, 2), "dispatches per job": round(dispatches / max(1, len(jobs)), 2),
          "calls per job": round(len(calls) / max(1, len(jobs)), 3),
          # From the start of submit_batch: the first call, and the last call's end.
          "first call s": round(min((call["started_at"] for call in calls), default=0.0) - began, 2),
@@ -157,6 +177,11 @@ def _wait_until_idle(pids: list[int], busy_share: float = 0.1, timeout_s: float 
         if after - before < busy_share * 0.5:
             return
         before = after
+
+
+def workers_cpu_s(workers: list[QuietWorker]) -> float:
+    """CPU seconds the worker processes (and their waited-for children) have used."""
+    return sum(_cpu_s(worker.pid) for worker in workers)
 
 
 def _cpu_s(pid: int) -> float:

@@ -43,22 +43,28 @@ from tests.support.fakes.openai import DEFAULT_API_KEY
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=600)
-    parser.add_argument("--rpm", type=int, default=1200)
-    parser.add_argument("--tpm", type=int, default=240_000)
+    add_fleet_arguments(parser, rpm=1200, tpm=240_000)
+    parser.add_argument("--enforced-as", choices=("minute_window", "token_bucket"), default=None,
+                        help="the entry's rate_limits.enforced_as (default: not set, the entry's default)")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="run this many CPU-bound processes beside the workers (a loaded machine: more jitter)")
+    parser.add_argument("--json", metavar="PATH", default=str(OUT / "jitter.json"))
+    return parser.parse_args(argv)
+
+
+def add_fleet_arguments(parser: argparse.ArgumentParser, *, rpm: int, tpm: int) -> None:
+    """The options of a run against the strict-bucket fake: its limits (the entry's too), latency, the
+    workers (of this checkout or `--checkout`), rounds."""
+    parser.add_argument("--rpm", type=int, default=rpm)
+    parser.add_argument("--tpm", type=int, default=tpm)
     parser.add_argument("--burst-s", type=float, default=1.0, help="seconds of each limit the fake's buckets hold")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=100, help="slots per worker process")
     parser.add_argument("--latency-s", type=float, default=0.3, help="fake's least latency (s)")
     parser.add_argument("--latency-jitter-s", type=float, default=0.7, help="fake's extra latency, uniform (s)")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--enforced-as", choices=("minute_window", "token_bucket"), default=None,
-                        help="the entry's rate_limits.enforced_as (default: not set, the entry's default)")
     parser.add_argument("--checkout", type=Path, default=None, help="llmq checkout whose workers run (default this one)")
     parser.add_argument("--python", default=sys.executable, help="that checkout's Python")
-    parser.add_argument("--busy", type=int, default=0,
-                        help="run this many CPU-bound processes beside the workers (a loaded machine: more jitter)")
-    parser.add_argument("--json", metavar="PATH", default=str(OUT / "jitter.json"))
-    return parser.parse_args(argv)
 
 
 def strict_minimum_span_s(admitted: dict[str, float], limits: dict[str, int], burst_s: float) -> float:
