@@ -62,7 +62,9 @@ def beat_schedule(config: LLMConfig) -> dict[str, dict[str, Any]]:
             "task": keys.TASK_HEALTH_CHECK,
             "schedule": interval_s,
             "args": (name,),
-            "options": {"queue": keys.queue_name(name), "routing_key": keys.queue_name(name), "expires": interval_s},
+            # The interactive queue: polled first, so a check never waits behind a batch backlog.
+            "options": {"queue": keys.queue_name(name, "interactive"), "routing_key": keys.queue_name(name, "interactive"),
+                        "expires": interval_s},
         }
         for name, entry in config.providers.items()
         if entry.enabled

@@ -235,7 +235,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
         request = {"messages": messages, "model": model, "temperature": args.temperature, "max_tokens": args.max_tokens,
                    "stream": True, "provider": args.provider, "metadata": {"caller": "llmq-chat"}}
-        await service.require_live_worker(request)  # else the answer would never come: say so now
+        await service.require_live_worker(request, args.lane)  # else the answer would never come: say so now
         return await _print_stream(service.stream_generate(request, lane=args.lane, on_notice=_notices(service)))
 
     return _run(args, run)

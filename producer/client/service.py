@@ -104,11 +104,14 @@ class LLMService:
         """RedisUnreachableError unless Redis answers within `CONNECT_TIMEOUT_S` (not the job client's ~30 s)."""
         await ping(self.poller.redis, f"{redact_url(self.redis_url)} ({self._redis_url_source})", CONNECT_TIMEOUT_S)
 
-    async def require_live_worker(self, request: LLMRequest | Mapping[str, Any]) -> None:
-        """Raise NoLiveWorkerError when no live worker consumes a queue of any hop of the request's route."""
+    async def require_live_worker(
+        self, request: LLMRequest | Mapping[str, Any], lane: Lane | str = Lane.INTERACTIVE
+    ) -> None:
+        """Raise NoLiveWorkerError when no live worker consumes the lane's queue of any hop of the
+        request's route (a worker older than lanes consumes only the batch queues)."""
         await self.workers_configured()
         route = plan_route(self.prepare(request), self.config, self._workers_configured)
-        await require_served([keys.queue_name(hop.provider) for hop in route], self.poller.redis)
+        await require_served([keys.queue_name(hop.provider, Lane(lane)) for hop in route], self.poller.redis)
 
     # --- the ADR's interface ----------------------------------------------------------
 

@@ -61,7 +61,7 @@ Notify = Callable[[WaitNotice | None], None]
 def no_worker_text(queues: Iterable[str], *, what: str = "on") -> str:
     """The one message for queues no live worker consumes, with how to start one."""
     queues = list(queues)
-    names = ",".join(queue.removeprefix(keys.QUEUE_PREFIX) for queue in queues)
+    names = ",".join(dict.fromkeys(keys.queue_provider(queue) for queue in queues))  # a worker takes both lanes
     return (f"no live worker {what} {', '.join(queues)}; start one with `llmq worker --queues {names}`, "
             "or the whole stack with `llmq up`")
 
@@ -204,7 +204,7 @@ class WaitWatch:
         if isinstance(record, JobRecord):
             if record.state.value not in WAITING_STATES:
                 return set()
-            return {keys.queue_name(record.route[record.route_index].provider)}
+            return {keys.queue_name(record.route[record.route_index].provider, record.lane)}
         start = self._window
         job_ids = await self.jobs.redis.lrange(keys.batch_jobs(record.batch_id), start, start + JOBS_PER_CHECK - 1)
         self._window = start + JOBS_PER_CHECK if len(job_ids) == JOBS_PER_CHECK else 0

@@ -37,7 +37,7 @@ def test_chat_with_no_live_worker_says_so_and_what_to_start(tmp_path: Path, redi
     result = cli_on(tmp_path, redis_url)("chat", "hello", timeout_s=60)
     assert result.returncode == 1 and result.stdout == ""
     assert one_line_error(result) == (
-        "llmq: error: no live worker serves any hop of this route: llm.steady; start one with "
+        "llmq: error: no live worker serves any hop of this route: llm.steady.interactive; start one with "
         "`llmq worker --queues steady`, or the whole stack with `llmq up`")
     assert redis.Redis.from_url(redis_url).keys(keys.job("") + "*") == []  # nothing was left queued
 

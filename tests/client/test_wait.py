@@ -59,7 +59,8 @@ def test_a_wait_says_which_queue_has_no_live_worker(cluster: Cluster) -> None:
             service.wait(job_id, timeout_s=1.0, on_notice=notices.append)
         served = service.wait(service.submit(ask("gpt-4")), timeout_s=30, on_notice=notices.append)
         service.cancel(job_id)
-    assert notices[0] == WaitNotice("no_live_worker", "no live worker on llm.parked; start one with "
+    # A single request waits in the interactive lane's queue; a worker takes both lanes of `parked`.
+    assert notices[0] == WaitNotice("no_live_worker", "no live worker on llm.parked.interactive; start one with "
                                     "`llmq worker --queues parked`, or the whole stack with `llmq up`")
     assert served.state is JobState.SUCCEEDED
     assert notices[1:] == []  # the served job's wait had nothing to say
@@ -82,7 +83,7 @@ def test_an_interactive_call_learns_at_once_that_no_worker_serves_its_route(clus
         with pytest.raises(NoLiveWorkerError) as refused:
             service.require_live_worker(ask())
         service.require_live_worker(ask("gpt-4"))  # served: no error
-    assert refused.value.queues == ["llm.parked"]
+    assert refused.value.queues == ["llm.parked.interactive"]
     assert "`llmq worker --queues parked`" in str(refused.value) and "`llmq up`" in str(refused.value)
 
 

@@ -195,3 +195,15 @@ def test_an_unreachable_idle_provider_is_opened_by_health_checks_and_shown_by_ll
     live = json.loads(capsys.readouterr().out)
     assert live["primary"]["circuit"]["state"] == "closed" and live["primary"]["available"] is True
     assert live["backup"]["last_check"]["ok"] is True
+
+
+def test_beat_sends_health_checks_to_the_interactive_queue_polled_first() -> None:
+    """A check (and so a half-open circuit's probe) never waits behind a backlog of batch messages."""
+    from llmq.contract import keys
+    from llmq.contract.config import parse_config
+    from llmq.worker.health import beat_schedule
+
+    config = parse_config("llm_service:\n  providers:\n    openai: {api_key: sk-test}\n    anthropic: {enabled: false}\n")
+    schedule = beat_schedule(config)
+    assert [entry["options"]["queue"] for entry in schedule.values()] == [keys.queue_name("openai", "interactive")]
+    assert keys.queue_name("openai", "interactive") == "llm.openai.interactive"
