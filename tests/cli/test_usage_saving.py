@@ -4,7 +4,6 @@ beside what was paid, and the saving, from the SQL ledger as the command reads i
 from __future__ import annotations
 
 import subprocess
-import sys
 from decimal import Decimal
 from pathlib import Path
 

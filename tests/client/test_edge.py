@@ -19,8 +19,8 @@ import redis
 from llmq.client.batchfile import read_batch_file
 from llmq.client.service import BatchItem, RequestError
 from llmq.client.sync import SyncLLMService
-from llmq.contract.config import parse_config
 from llmq.contract.common import MAX_METADATA_DEPTH
+from llmq.contract.config import parse_config
 from llmq.contract.models import LLMRequest, LLMResponse
 
 CONFIG = """

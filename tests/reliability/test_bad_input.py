@@ -43,7 +43,6 @@ from llmq.worker.store.ledger import Store
 from tests.reliability.support import job_keys, ledger_complete, wait_until
 from tests.support.fakes.openai import FakeOpenAI
 from tests.support.harness import Cluster, openai_entry, service_config, start_cluster
-from tests.support.pg import PostgresServer
 
 MODELS = ["gpt-4o-mini", "gpt-4o"]
 ROLES = ["system", "user", "assistant"]

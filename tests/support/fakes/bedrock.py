@@ -22,6 +22,14 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote, urlencode
 
+from tests.support.fakes.base import (
+    FakeProviderServer,
+    RecordedRequest,
+    Reply,
+    StreamReply,
+    count_words,
+    fake_reply_text,
+)
 from tests.support.fakes.bedrock_features import (
     CLAUDE_3,
     CLAUDE_4_5,
@@ -35,14 +43,6 @@ from tests.support.fakes.bedrock_features import (
     last_text,
     prompt_usage,
     tool_use,
-)
-from tests.support.fakes.base import (
-    FakeProviderServer,
-    RecordedRequest,
-    Reply,
-    StreamReply,
-    count_words,
-    fake_reply_text,
 )
 
 TEST_API_KEY = "bedrock-api-key-TEST-0000"
