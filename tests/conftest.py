@@ -46,3 +46,23 @@ def _no_ambient_provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.endswith("_API_KEY") or name.startswith(("AWS_", "LLMQ_")):
             monkeypatch.delenv(name, raising=False)
+
+
+#: Packages whose modules share a package-scoped stack (tests/http: a worker and `llmq serve`).
+WHOLE_PACKAGES = ("tests/http/",)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`--dist loadfile` (pyproject's addopts) hands xdist's processes a module at a time, so that a
+    module's servers start once, in one process; here a package of WHOLE_PACKAGES goes whole."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModuleOrPackageScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return next((package for package in WHOLE_PACKAGES if module.startswith(package)), module)
+
+    return ModuleOrPackageScheduling(config, log)
