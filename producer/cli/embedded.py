@@ -32,10 +32,28 @@ def redis_server_binary() -> str:
         return found
 
 
+#: Ports a RedisServer that chooses its own tries before it gives up.
+PORT_ATTEMPTS = 5
+
+
+class PortInUseError(RuntimeError):
+    """Another process holds the port a server was to listen on."""
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def port_taken(port: int) -> bool:
+    """Whether something listens on (or otherwise holds) this loopback port."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
 
 
 @dataclass
@@ -54,9 +72,24 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
+        """Start and wait until this server answers. A port of its own choosing that another process
+        takes first (between free_port() and the bind) is given up for another; a port it was
+        given, or had before a restart, is kept: PortInUseError when it is taken."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if not self.port:
-            self.port = free_port()
+        choose = not self.port
+        for attempt in range(PORT_ATTEMPTS if choose else 1):
+            if choose:
+                self.port = free_port()
+            try:
+                self._spawn()
+                self._wait_ready(timeout_s)
+                return self
+            except PortInUseError:
+                if attempt == PORT_ATTEMPTS - 1 or not choose:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _spawn(self) -> None:
         args = [
             redis_server_binary(),
             "-",  # the rest of the config from stdin: the password, kept off the command line `ps` shows
@@ -74,23 +107,29 @@ class RedisServer:
         assert self.process.stdin is not None
         with self.process.stdin:
             self.process.stdin.write(f"requirepass {self.password}\n".encode() if self.password else b"")
-        self._wait_ready(timeout_s)
-        return self
 
     def _wait_ready(self, timeout_s: float) -> None:
+        """Return once this process answers on its port: the server that answers there must have
+        its data dir here, for another one may hold the port (then this one exits, unable to bind)."""
+        assert self.process is not None
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if client.ping():
-                    client.close()
-                    return
-            except redis.exceptions.ConnectionError:
-                if self.process is not None and self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited at start; see {self.data_dir / 'redis.log'}") from None
+        try:
+            while True:
+                try:
+                    if Path(client.config_get("dir")["dir"]).resolve() == self.data_dir.resolve() and client.ping():
+                        return
+                except (redis.exceptions.ConnectionError, redis.exceptions.ResponseError):
+                    pass  # not up (or still loading its data), or another server holds the port
+                if self.process.poll() is not None:
+                    if port_taken(self.port):
+                        raise PortInUseError(f"port {self.port} is taken by another process; see {self.data_dir / 'redis.log'}")
+                    raise RuntimeError(f"redis-server exited at start; see {self.data_dir / 'redis.log'}")
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not answer within {timeout_s}s on port {self.port}") from None
+                    raise RuntimeError(f"redis-server did not answer within {timeout_s}s on port {self.port}")
                 time.sleep(0.05)
+        finally:
+            client.close()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:
