@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def redis_server_binary() -> str:
         return found
 
 
-#: Ports a RedisServer that chooses its own tries before it gives up.
+#: Free ports a server that chooses its own tries before it gives up (start_on_own_port).
 PORT_ATTEMPTS = 5
 
 
@@ -56,6 +57,39 @@ def port_taken(port: int) -> bool:
         return False
 
 
+def start_on_own_port(port: int, start: Callable[[int], None]) -> int:
+    """`start(port)` (a server started on that port and waited for) on `port`, or when it is 0 on a
+    free one, and on another when another process takes that one before the server binds it (as
+    happens when many servers start at once): PortInUseError from `start` says so. Returns the port."""
+    for attempt in range(1 if port else PORT_ATTEMPTS):
+        chosen = port or free_port()
+        try:
+            start(chosen)
+            return chosen
+        except PortInUseError:
+            if port or attempt == PORT_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def wait_until_answering(
+    process: subprocess.Popen[bytes], port: int, ours_answers: Callable[[], bool], timeout_s: float, name: str,
+    details: Callable[[], str],
+) -> None:
+    """Return once `ours_answers()`: the server on `port` is the one `process` runs, for another may
+    hold the port (then `process` exits, unable to bind it: PortInUseError). RuntimeError when it
+    exits otherwise or does not answer within `timeout_s`; `details()` is added to either."""
+    deadline = time.monotonic() + timeout_s
+    while not ours_answers():
+        if process.poll() is not None:
+            if port_taken(port):
+                raise PortInUseError(f"port {port} is taken by another process; {details()}")
+            raise RuntimeError(f"{name} exited at start; {details()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not answer within {timeout_s}s on port {port}; {details()}")
+        time.sleep(0.05)
+
+
 @dataclass
 class RedisServer:
     """A redis-server process on loopback, with or without persistence (AOF)."""
@@ -72,22 +106,18 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
-        """Start and wait until this server answers. A port of its own choosing that another process
-        takes first (between free_port() and the bind) is given up for another; a port it was
-        given, or had before a restart, is kept: PortInUseError when it is taken."""
+        """Start and wait until this server answers: on its port when it has one (given, or had before
+        a restart), else on a free one (start_on_own_port)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        choose = not self.port
-        for attempt in range(PORT_ATTEMPTS if choose else 1):
-            if choose:
-                self.port = free_port()
-            try:
-                self._spawn()
-                self._wait_ready(timeout_s)
-                return self
-            except PortInUseError:
-                if attempt == PORT_ATTEMPTS - 1 or not choose:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        self.port = start_on_own_port(self.port, lambda port: self._start_on(port, timeout_s))
+        return self
+
+    def _start_on(self, port: int, timeout_s: float) -> None:
+        self.port = port
+        self._spawn()
+        assert self.process is not None
+        wait_until_answering(self.process, port, self._answers, timeout_s, "redis-server",
+                             lambda: f"see {self.data_dir / 'redis.log'}")
 
     def _spawn(self) -> None:
         args = [
@@ -108,26 +138,13 @@ class RedisServer:
         with self.process.stdin:
             self.process.stdin.write(f"requirepass {self.password}\n".encode() if self.password else b"")
 
-    def _wait_ready(self, timeout_s: float) -> None:
-        """Return once this process answers on its port: the server that answers there must have
-        its data dir here, for another one may hold the port (then this one exits, unable to bind)."""
-        assert self.process is not None
+    def _answers(self) -> bool:
+        """Whether the server on this port runs on this data dir, and answers (its data loaded)."""
         client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + timeout_s
         try:
-            while True:
-                try:
-                    if Path(client.config_get("dir")["dir"]).resolve() == self.data_dir.resolve() and client.ping():
-                        return
-                except (redis.exceptions.ConnectionError, redis.exceptions.ResponseError):
-                    pass  # not up (or still loading its data), or another server holds the port
-                if self.process.poll() is not None:
-                    if port_taken(self.port):
-                        raise PortInUseError(f"port {self.port} is taken by another process; see {self.data_dir / 'redis.log'}")
-                    raise RuntimeError(f"redis-server exited at start; see {self.data_dir / 'redis.log'}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not answer within {timeout_s}s on port {self.port}")
-                time.sleep(0.05)
+            return Path(client.config_get("dir")["dir"]).resolve() == self.data_dir.resolve() and bool(client.ping())
+        except (redis.exceptions.ConnectionError, redis.exceptions.ResponseError):
+            return False  # not up (or still loading its data), or another server holds the port
         finally:
             client.close()
 

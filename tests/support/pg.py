@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 
-from llmq.cli.embedded import PORT_ATTEMPTS, PortInUseError, free_port, port_taken
+from llmq.cli.embedded import start_on_own_port, wait_until_answering
 
 SUPERUSER = "llmq"
 FALLBACK_ACCOUNT = "llmq-test"
@@ -108,24 +108,18 @@ class PostgresServer:
              "--no-instructions", "-E", "UTF8", "--no-locale"],
             check=True, capture_output=True, env=self._env(), cwd=self.root, **self._run_as(),
         )
-        # A free port may be taken by another process before the server binds it (the suite's
-        # parallel processes start many servers): then another one.
-        choose = not self.port
-        for attempt in range(PORT_ATTEMPTS if choose else 1):
-            self.port = free_port() if choose else self.port
-            self._spawn()
-            try:
-                self._wait_ready(timeout_s)
-                return self
-            except PortInUseError:
-                if attempt == PORT_ATTEMPTS - 1 or not choose:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        self.port = start_on_own_port(self.port, lambda port: self._start_on(port, timeout_s))
+        return self
+
+    def _start_on(self, port: int, timeout_s: float) -> None:
+        self.port = port
+        self.start_again(timeout_s)
 
     def start_again(self, timeout_s: float = 30.0) -> None:
         """Once stopped: the same data directory and port, without a new initdb."""
         self._spawn()
-        self._wait_ready(timeout_s)
+        assert self.process is not None
+        wait_until_answering(self.process, self.port, self._answers, timeout_s, "postgres", lambda: f"\n{self.log_tail()}")
 
     def _env(self) -> dict[str, str]:
         return {**os.environ, "LC_ALL": "C", "TZ": "UTC"}
@@ -142,28 +136,16 @@ class PostgresServer:
         )
         log.close()
 
-    def _wait_ready(self, timeout_s: float) -> None:
-        """Return once this server answers on its port: the one that answers there must run on
-        this data directory, for another may hold the port (then this one exits, unable to bind)."""
+    def _answers(self) -> bool:
+        """Whether the server on this port runs on this data directory."""
         import psycopg
 
-        assert self.process is not None
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with psycopg.connect(self.url().replace("+psycopg", ""), connect_timeout=2) as connection:
-                    row = connection.execute("SHOW data_directory").fetchone()
-                if row is not None and Path(row[0]).resolve() == self.data_dir.resolve():
-                    return
-            except psycopg.Error:
-                pass  # not up yet, or another server holds the port
-            if self.process.poll() is not None:
-                if port_taken(self.port):
-                    raise PortInUseError(f"port {self.port} is taken by another process:\n{self.log_tail()}")
-                raise RuntimeError(f"postgres exited at start:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"postgres not ready after {timeout_s}s:\n{self.log_tail()}")
-            time.sleep(0.05)
+        try:
+            with psycopg.connect(self.url().replace("+psycopg", ""), connect_timeout=2) as connection:
+                row = connection.execute("SHOW data_directory").fetchone()
+        except psycopg.Error:
+            return False  # not up yet, or another server holds the port
+        return row is not None and Path(row[0]).resolve() == self.data_dir.resolve()
 
     def log_tail(self, lines: int = 20) -> str:
         path = self.root / "postgres.log"
