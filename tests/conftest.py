@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,17 +63,31 @@ def _no_ambient_provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
 WHOLE_PACKAGES = ("tests/http/",)
 
 
+def xdist_scope(nodeid: str) -> str:
+    """What xdist hands to one process whole: a test's module, or its package in WHOLE_PACKAGES, so
+    that a module's (package's) servers start once, in one process."""
+    module = nodeid.split("::", 1)[0]
+    return next((package for package in WHOLE_PACKAGES if module.startswith(package)), module)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
-    """`--dist loadfile` (pyproject's addopts) hands xdist's processes a module at a time, so that a
-    module's servers start once, in one process; here a package of WHOLE_PACKAGES goes whole."""
+    """`--dist loadfile` (pyproject's addopts), by xdist_scope rather than by module alone."""
     if config.getoption("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
 
-    class ModuleOrPackageScheduling(LoadFileScheduling):
+    class ScopeScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = super()._split_scope(nodeid)
-            return next((package for package in WHOLE_PACKAGES if module.startswith(package)), module)
+            return xdist_scope(nodeid)
 
-    return ModuleOrPackageScheduling(config, log)
+    return ScopeScheduling(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Scopes with a `slow` test first, then the others with the most tests first: xdist hands them out
+    in this order (`--no-loadscope-reorder`), so the long scenarios start early and the short modules
+    fill the processes' ends."""
+    slow = {xdist_scope(item.nodeid) for item in items if item.get_closest_marker("slow")}
+    sizes = Counter(xdist_scope(item.nodeid) for item in items)
+    items.sort(key=lambda item: (xdist_scope(item.nodeid) not in slow, -sizes[xdist_scope(item.nodeid)]))
