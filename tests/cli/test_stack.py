@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from llmq.cli.embedded import free_port
 from llmq.client.sync import SyncLLMService
 from llmq.contract import keys
 from llmq.contract.config import load_config
@@ -86,8 +87,9 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     cwd = tmp_path_factory.mktemp("up")
     write_config(cwd / "llm_service.yaml", CONFIG)  # found in the working directory, like the README's
     out, err = cwd / "up.out", cwd / "up.err"
-    process = subprocess.Popen([*llmq_command(), "up", "--no-flower"], cwd=cwd, env=clean_env(),
-                               stdout=out.open("wb"), stderr=err.open("wb"), start_new_session=True)
+    # The HTTP front on a free port: its default (8000) may be another `llmq up`'s, on a shared machine.
+    process = subprocess.Popen([*llmq_command(), "up", "--no-flower", "--serve-port", str(free_port())], cwd=cwd,
+                               env=clean_env(), stdout=out.open("wb"), stderr=err.open("wb"), start_new_session=True)
     running = Up(process, cwd, out, err)
     try:
         wait_until(lambda: "Ctrl-C stops everything." in out.read_text() or process.poll() is not None, 60,

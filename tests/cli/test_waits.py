@@ -12,7 +12,7 @@ from pathlib import Path
 
 import redis
 
-from llmq.cli.embedded import RedisServer, free_port
+from llmq.cli.embedded import RedisServer
 from llmq.contract import keys
 from llmq.worker.store.outbox import OutboxFlusher
 from tests.cli.test_cli import Cli, clean_env, line, llmq_command, one_line_error, write_jsonl
@@ -42,8 +42,8 @@ def test_chat_with_no_live_worker_says_so_and_what_to_start(tmp_path: Path, redi
     assert redis.Redis.from_url(redis_url).keys(keys.job("") + "*") == []  # nothing was left queued
 
 
-def test_a_missing_redis_is_one_clear_line(tmp_path: Path) -> None:
-    url = f"redis://127.0.0.1:{free_port()}/0"
+def test_a_missing_redis_is_one_clear_line(tmp_path: Path, closed_port: int) -> None:
+    url = f"redis://127.0.0.1:{closed_port}/0"
     cli = cli_on(tmp_path, url)
     for args in (("chat", "hello"), ("status",), ("submit", str(write_jsonl(tmp_path / "a.jsonl", [line("a")])))):
         result = cli(*args, timeout_s=60)

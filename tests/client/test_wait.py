@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llmq.cli.embedded import RedisServer, free_port
+from llmq.cli.embedded import RedisServer
 from llmq.client.errors import NoLiveWorkerError, RedisUnreachableError
 from llmq.client.service import LLMService
 from llmq.client.sync import SyncLLMService
@@ -87,9 +87,9 @@ def test_an_interactive_call_learns_at_once_that_no_worker_serves_its_route(clus
     assert "`llmq worker --queues parked`" in str(refused.value) and "`llmq up`" in str(refused.value)
 
 
-def test_ping_says_at_once_that_redis_is_not_there() -> None:
+def test_ping_says_at_once_that_redis_is_not_there(closed_port: int) -> None:
     config = parse_config(CONFIG % 120)
-    with SyncLLMService(config, redis_url=f"redis://127.0.0.1:{free_port()}/0") as service:
+    with SyncLLMService(config, redis_url=f"redis://127.0.0.1:{closed_port}/0") as service:
         with pytest.raises(RedisUnreachableError, match=r"cannot reach Redis at redis://127\.0\.0\.1:\d+/0 \(given\) "
                                                         r"within 2 s .*start the stack with `llmq up`"):
             service.ping()

@@ -3,6 +3,7 @@ scripts' handling of jobs that wait in a provider batch, against a real redis-se
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -97,6 +98,7 @@ def test_a_job_in_a_provider_batch_can_be_cancelled_and_fails_past_its_deadline(
         await store.create_many([windowed("job-0"), windowed("job-1", deadline_s=0.001)], TTL_S)
         await ProviderBatchStore(store.redis).claim("pb-a", "openai", ["job-0", "job-1"], FIELDS, first_poll_ms=0)
         assert await store.cancel("job-0", TTL_S)
+        await asyncio.sleep(0.01)  # past job-1's deadline on Redis's clock, however quick the calls above
         _, failed = await store.reap(100, TTL_S)
         assert failed == ["job-1"]
         counts = (await store.batch("batch-1")).counts  # type: ignore[union-attr]

@@ -75,13 +75,16 @@ def crash_redis(cluster: Cluster) -> None:
     cluster.redis.start()
 
 
-def wait_through_outage(service: SyncLLMService, batch_id: str, timeout_s: float) -> tuple[BatchRecord, int]:
-    """`service.wait`, polled again when Redis is away (see test_a_waiting_caller_rides_through_a_redis_crash)."""
+def wait_through_outage(service: SyncLLMService, batch_id: str, timeout_s: float,
+                        worker: WorkerProcess) -> tuple[BatchRecord, int]:
+    """`service.wait`, polled again when Redis is away (see test_a_waiting_caller_rides_through_a_redis_crash),
+    until the worker is gone (until_consumer_gone)."""
     errors = 0
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            record = service.wait(batch_id, timeout_s=max(0.1, deadline - time.monotonic()))
+            record = service.wait(batch_id, timeout_s=max(0.1, deadline - time.monotonic()),
+                                  on_progress=until_consumer_gone(worker))
             assert isinstance(record, BatchRecord)
             return record, errors
         except redis.exceptions.ConnectionError:
@@ -106,10 +109,28 @@ def assert_none_stranded_before_claim(records: list[JobRecord]) -> None:
     assert not stranded, f"{len(stranded)} job(s) never claimed, failed at their deadline"
 
 
+def consumer_gone(worker: WorkerProcess) -> bool:
+    """The worker exited, or its Celery consumer raised an unrecoverable error while reconnecting."""
+    exited = worker.process is None or worker.process.poll() is not None
+    return exited or "Unrecoverable error" in worker.log_path.read_text(errors="replace")
+
+
+def until_consumer_gone(worker: WorkerProcess) -> Callable[[BatchRecord], None]:
+    """`service.wait`'s on_progress: TimeoutError, as at the wait's timeout, as soon as the worker is gone
+    for good with the batch unfinished, rather than once the timeout is out (the test then skips:
+    skip_if_consumer_lost)."""
+
+    def check(batch: BatchRecord) -> None:
+        if not batch.done and consumer_gone(worker):
+            raise TimeoutError("the worker is gone: its batch will not finish")
+
+    return check
+
+
 def skip_if_consumer_lost(worker: WorkerProcess) -> None:
     """Temporary: Celery's consumer may not survive a Redis crash (https://github.com/celery/celery/issues/10205)."""
     log = worker.log_path.read_text(errors="replace")
-    if worker.process is None or worker.process.poll() is not None or "Unrecoverable error" in log:
+    if consumer_gone(worker):
         reason = "the worker process exited: its Celery consumer raised an unrecoverable error while reconnecting"
     elif log.count("Connected to redis") < 2:
         reason = "the worker stayed up, heartbeat and all, but its Celery consumer never reconnected"
@@ -136,7 +157,7 @@ def test_with_persistence_the_batch_completes_across_a_redis_crash(tmp_path: Pat
             crashed_at = time.monotonic()
             crash.start()
             try:
-                batch, caller_errors = wait_through_outage(service, batch_id, timeout_s=60)
+                batch, caller_errors = wait_through_outage(service, batch_id, timeout_s=60, worker=worker)
             except TimeoutError:
                 skip_if_consumer_lost(worker)
                 raise
@@ -210,7 +231,7 @@ def test_without_persistence_the_ledger_shows_what_was_lost(tmp_path: Path, fake
             again = [item for item in batch if item.custom_id not in finished]
             after_outage(lambda: service.submit_batch(again, batch_id=batch_id))
             try:
-                service.wait(batch_id, timeout_s=60)
+                service.wait(batch_id, timeout_s=60, on_progress=until_consumer_gone(cluster.workers[0]))
             except TimeoutError:
                 skip_if_consumer_lost(cluster.workers[0])
                 raise

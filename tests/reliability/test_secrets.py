@@ -206,7 +206,9 @@ def test_the_canary_key_appears_nowhere(cluster: Cluster) -> None:
     assert any("Incorrect API key provided" in text for text in places["sql rows"])  # the 401 text is kept, masked
 
 
-@pytest.mark.parametrize("line", [f'apikey: "{CANARY}"', f'api_key: ["{CANARY}"]', f'api-key: "{CANARY}"'])
+# Ids of their own: the canary is random per process, and every xdist worker must collect the same ids.
+@pytest.mark.parametrize("line", [f'apikey: "{CANARY}"', f'api_key: ["{CANARY}"]', f'api-key: "{CANARY}"'],
+                         ids=["apikey", "api_key-list", "api-key"])
 def test_a_config_error_never_prints_a_key(line: str) -> None:
     with pytest.raises(ConfigError) as refused:
         parse_config(f"llm_service:\n  providers:\n    openai:\n      {line}\n")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,18 +70,6 @@ def stop_postgres(server: PostgresServer) -> None:
     server.process.wait(15)
 
 
-def start_postgres_again(server: PostgresServer) -> None:
-    """The same data directory and port as tests/support/pg.py's start(), without a new initdb."""
-    log = open(server.root / "postgres.log", "ab")  # noqa: SIM115 - the server owns it
-    server.process = subprocess.Popen(
-        ["postgres", "-D", str(server.data_dir), "-p", str(server.port), "-k", str(server.socket_dir),
-         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=server.root, **server._run_as(),
-    )
-    log.close()
-    server._wait_ready(30)
-
-
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:
     """A server of this module's own (not the session's): these tests stop and start it."""
@@ -108,7 +95,7 @@ def test_jobs_complete_while_postgres_is_down_and_reach_it_when_it_returns(
             Store(cluster.database_url)
         time.sleep(max(0.0, 4.0 - (time.monotonic() - stopped_at)))
         down_s = time.monotonic() - stopped_at
-        start_postgres_again(postgres)
+        postgres.start_again()
         restarted_at = time.monotonic()
         wait_until(lambda: ledger_complete(cluster, records), 60, "the workers to flush the outbox to PostgreSQL")
         catch_up_s = time.monotonic() - restarted_at

@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 
-from llmq.cli.embedded import free_port
+from llmq.cli.embedded import start_on_own_port, wait_until_answering
 
 SUPERUSER = "llmq"
 FALLBACK_ACCOUNT = "llmq-test"
@@ -103,40 +103,49 @@ class PostgresServer:
         if self.account is not None:
             for path in (self.root, self.socket_dir):
                 os.chown(path, self.account.pw_uid, self.account.pw_gid)
-        self.port = self.port or free_port()
-        env = {**os.environ, "LC_ALL": "C", "TZ": "UTC"}
         subprocess.run(
             ["initdb", "-D", str(self.data_dir), "-U", SUPERUSER, "--auth=trust", "--no-sync",
              "--no-instructions", "-E", "UTF8", "--no-locale"],
-            check=True, capture_output=True, env=env, cwd=self.root, **self._run_as(),
+            check=True, capture_output=True, env=self._env(), cwd=self.root, **self._run_as(),
         )
-        log = open(self.root / "postgres.log", "wb")  # noqa: SIM115 - the server owns it until stop()
+        self.port = start_on_own_port(self.port, lambda port: self._start_on(port, timeout_s))
+        return self
+
+    def _start_on(self, port: int, timeout_s: float) -> None:
+        self.port = port
+        self.start_again(timeout_s)
+
+    def start_again(self, timeout_s: float = 30.0) -> None:
+        """Once stopped: the same data directory and port, without a new initdb."""
+        self._spawn()
+        assert self.process is not None
+        wait_until_answering(self.process, self.port, self._answers, timeout_s, "postgres", lambda: f"\n{self.log_tail()}")
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "LC_ALL": "C", "TZ": "UTC"}
+
+    def _spawn(self) -> None:
+        log = open(self.root / "postgres.log", "ab")  # noqa: SIM115 - the server owns it until stop()
         self.process = subprocess.Popen(
             ["postgres", "-D", str(self.data_dir), "-p", str(self.port), "-k", str(self.socket_dir),
              "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
              "-c", "full_page_writes=off",
              # A server zone other than UTC, so tests prove times are converted, not assumed.
              "-c", "TimeZone=Asia/Kolkata"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root, **self._run_as(),
+            stdout=log, stderr=subprocess.STDOUT, env=self._env(), cwd=self.root, **self._run_as(),
         )
         log.close()
-        self._wait_ready(timeout_s)
-        return self
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def _answers(self) -> bool:
+        """Whether the server on this port runs on this data directory."""
         import psycopg
 
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"postgres exited at start:\n{self.log_tail()}")
-            try:
-                psycopg.connect(self.url().replace("+psycopg", ""), connect_timeout=2).close()
-                return
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"postgres not ready after {timeout_s}s:\n{self.log_tail()}") from None
-                time.sleep(0.05)
+        try:
+            with psycopg.connect(self.url().replace("+psycopg", ""), connect_timeout=2) as connection:
+                row = connection.execute("SHOW data_directory").fetchone()
+        except psycopg.Error:
+            return False  # not up yet, or another server holds the port
+        return row is not None and Path(row[0]).resolve() == self.data_dir.resolve()
 
     def log_tail(self, lines: int = 20) -> str:
         path = self.root / "postgres.log"

@@ -240,7 +240,7 @@ def ask(model: str, custom_id: str) -> BatchItem:
 
 
 @pytest.fixture(scope="module")
-def scenario(cluster: Cluster, finished_jobs: list[Any]) -> Scenario:
+def scenario(cluster: Cluster, flower: Flower, finished_jobs: list[Any]) -> Scenario:
     """A success, a fallback (401, then another provider), a refused request (400), a cancel while
     the provider call runs, a cancel while the job waits out a 429 (no message anywhere), and a job
     whose deadline passes while it waits (failed by the reaper)."""
@@ -253,6 +253,9 @@ def scenario(cluster: Cluster, finished_jobs: list[Any]) -> Scenario:
         assert wait_for(lambda: service.poll(job_ids["cancelled-1"]).state is JobState.RUNNING)
         assert service.cancel(job_ids["cancelled-1"]) == 1
         assert wait_for(lambda: service.poll(job_ids["waiting-1"]).state is JobState.RATE_LIMITED)
+        # Its task has ended too (its RETRY reached Flower): no message anywhere when it is cancelled. (Cancelled
+        # sooner, the worker that found it ended could say REVOKED before that task's RETRY, which replaces it.)
+        flower_task(flower, job_ids["waiting-1"], "RETRY")
         assert service.cancel(job_ids["waiting-1"]) == 1
         batch = service.wait(batch_id, timeout_s=60)
         late = service.wait(late_job_id, timeout_s=30)

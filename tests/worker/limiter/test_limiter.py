@@ -444,19 +444,20 @@ def test_penalize_pauses_every_process_by_provider_model_or_key(pool: ProcessPoo
     limits = RateLimits(requests_per_minute=6000)
 
     async def body(limiter: RateLimiter) -> None:
-        await limiter.penalize("pen", 3.0)
+        # Pauses far longer than the calls that check them take, even on a loaded machine.
+        await limiter.penalize("pen", 30.0)
         for decision in in_every_process(pool, _acquire_once, redis_url, "pen", "m", limits):
-            assert (decision.granted, decision.limit) == (False, "paused") and 0 < decision.wait_s <= 3.0
-        await limiter.penalize("p", 5.0, model="big")
-        await limiter.penalize("p", 5.0, api_key_id="k1")
+            assert (decision.granted, decision.limit) == (False, "paused") and 0 < decision.wait_s <= 30.0
+        await limiter.penalize("p", 30.0, model="big")
+        await limiter.penalize("p", 30.0, api_key_id="k1")
         assert (await limiter.acquire("p", "big", limits, 1, lease_id="a")).limit == "paused"
         assert (await limiter.acquire("p", "small", limits, 1, lease_id="b")).granted
         assert (await limiter.acquire("p", "small", limits, 1, api_key_id="k1", lease_id="c")).limit == "paused"
         assert (await limiter.acquire("p", "small", limits, 1, api_key_id="k2", lease_id="d")).granted
 
         # A pause only lengthens, and ends when it says.
-        end = await limiter.penalize("q", 0.3)
-        assert await limiter.penalize("q", 0.1) == end
+        end = await limiter.penalize("q", 2.0)
+        assert await limiter.penalize("q", 0.5) == end
         waiting = await limiter.acquire("q", "m", limits, 1, lease_id="e")
         assert waiting.limit == "paused" and waiting.at_s + waiting.wait_s == pytest.approx(end, abs=1e-5)
         await asyncio.sleep(waiting.wait_s + 0.05)
@@ -517,18 +518,19 @@ def test_header_observer_pauses_the_model_fleet_wide(redis_url: str) -> None:
 
     async def body(limiter: RateLimiter) -> None:
         observe = limiter.observer_for("openai", asyncio.get_running_loop())
-        observe("gpt", httpx.Headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s"}))
-        observe("gpt", httpx.Headers({"x-ratelimit-remaining-requests": "9", "x-ratelimit-reset-requests": "1s"}))
+        # Pauses far longer than the calls that check them take, even on a loaded machine.
+        observe("gpt", httpx.Headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "20s"}))
+        observe("gpt", httpx.Headers({"x-ratelimit-remaining-requests": "9", "x-ratelimit-reset-requests": "10s"}))
         observe("gpt", {"x-ratelimit-remaining-requests": "not a number"})
         await limiter.flush()
         other = RateLimiter(limiter.redis)  # another worker sees the same pause
         paused = await other.acquire("openai", "gpt", limits, 1, lease_id="a")
-        assert paused.limit == "paused" and 1.0 < paused.wait_s <= 2.0
+        assert paused.limit == "paused" and 10.0 < paused.wait_s <= 20.0
         assert (await other.acquire("openai", "gpt-mini", limits, 1, lease_id="b")).granted
-        observe(None, {"retry-after": "3"})  # no model: the whole provider pauses
+        observe(None, {"retry-after": "30"})  # no model: the whole provider pauses
         await limiter.flush()
         provider_paused = await other.acquire("openai", "gpt-mini", limits, 1, lease_id="c")
-        assert provider_paused.limit == "paused" and 2.0 < provider_paused.wait_s <= 3.0
+        assert provider_paused.limit == "paused" and 20.0 < provider_paused.wait_s <= 30.0
 
     run_with_limiter(redis_url, body)
 

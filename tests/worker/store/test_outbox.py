@@ -13,7 +13,6 @@ import redis
 from sqlalchemy import event
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError, ProgrammingError, StatementError
 
-from llmq.cli.embedded import free_port
 from llmq.contract import keys
 from llmq.worker.store.ledger import Store
 from llmq.worker.store.outbox import CHUNK_ROWS, OutboxFlusher, is_data_error
@@ -115,10 +114,10 @@ def test_quarantining_the_same_row_again_keeps_one(store_url: str) -> None:
 
 @pytest.mark.postgres
 def test_a_lost_connection_is_waited_out_and_a_data_error_is_not(
-    redis_url: str, connection: redis.Redis, postgres: PostgresServer
+    redis_url: str, connection: redis.Redis, postgres: PostgresServer, closed_port: int
 ) -> None:
     entries = fill(connection, {7: "out of range"})
-    unreachable = f"postgresql+psycopg://llmq@127.0.0.1:{free_port()}/postgres"  # nothing listens: refused
+    unreachable = f"postgresql+psycopg://llmq@127.0.0.1:{closed_port}/postgres"  # nothing listens: refused
     waiting = OutboxFlusher(redis_url, unreachable)
     try:
         for _ in range(3):
