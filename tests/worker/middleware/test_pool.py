@@ -106,9 +106,13 @@ def test_a_job_another_member_can_take_now_does_not_wait(tmp_path_factory: pytes
 
             # A job set aside in small's line; then small's circuit opens and spare is free.
             _pause(cluster, "spare", 30.0)
-            _drain(cluster, "small", RateLimits(requests_per_minute=20, enforced_as="token_bucket"))
+            # small's bucket emptied and a caller first in its interactive line: whenever a worker
+            # takes the job, small's turn for it is seconds away (longer than a worker waits in place).
+            small_limits = RateLimits(requests_per_minute=20, enforced_as="token_bucket")
+            _in_line(cluster, "small", small_limits, join=True)
             waiting_id = service.submit(ask("waiting"))
             _wait_for_state(service, waiting_id, JobState.RATE_LIMITED)
+            _in_line(cluster, "small", small_limits, join=False)  # that caller leaves the line
             record = client.hgetall(keys.job(waiting_id))
             assert record["queue"] == keys.queue_name("small", "interactive") and record["waiting_for"]
             client.hset(keys.circuit("small"), mapping={"state": "open", "opened_at": int(time.time() * 1000)})
@@ -145,26 +149,31 @@ def _pause(cluster: Cluster, provider: str, seconds: float) -> None:
     asyncio.run(pause())
 
 
-def _drain(cluster: Cluster, provider: str, limits: RateLimits) -> None:
-    """Take what `provider`'s bucket holds now, so its next call waits for the refill (3 s at 20
-    requests/min: longer than a worker waits in place), whenever the calls before it ran."""
+def _in_line(cluster: Cluster, provider: str, limits: RateLimits, *, join: bool) -> None:
+    """join: take what `provider`'s bucket holds, then stand first in its interactive line as `holder`;
+    else: `holder` leaves the line."""
     import asyncio
 
     import redis.asyncio as aioredis
 
-    async def drain() -> None:
+    async def act() -> None:
         client = aioredis.Redis.from_url(cluster.redis_url)
         limiter = RateLimiter(client)
         try:
+            if not join:
+                await limiter.leave(provider, "gpt-4o-mini", limits, "holder")
+                return
             for number in range(100):
-                decision = await limiter.acquire(provider, "gpt-4o-mini", limits, 16, lease_id=f"drain:{number}",
-                                                 join=False)
+                decision = await limiter.acquire(provider, "gpt-4o-mini", limits, 16, lease_id=f"holder:{number}",
+                                                 lane="interactive", join=False)
                 if not decision.granted:
-                    return
+                    break
+            refused = await limiter.acquire(provider, "gpt-4o-mini", limits, 16, lease_id="holder", lane="interactive")
+            assert not refused.granted
         finally:
             await client.aclose()
 
-    asyncio.run(drain())
+    asyncio.run(act())
 
 
 def _wait_for_state(service: object, job_id: str, state: JobState, timeout_s: float = 20.0) -> None:
