@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -27,17 +27,10 @@ T = TypeVar("T")
 MODEL = "gemini-2.0-flash"
 
 
-@pytest.fixture(scope="module")
-def fake_server() -> Iterator[FakeGemini]:
-    # One server for the module: stopping one waits out serve_forever's 0.5 s poll.
-    with FakeGemini() as server:
-        yield server
-
-
 @pytest.fixture
-def fake(fake_server: FakeGemini) -> FakeGemini:
-    fake_server.reset()
-    return fake_server
+def fake(fake_gemini: FakeGemini) -> FakeGemini:
+    """The package's shared FakeGemini server (conftest.py), reset for this test."""
+    return fake_gemini
 
 
 def config(fake: FakeGemini, **overrides: Any) -> ProviderConfig:

@@ -4,7 +4,7 @@ JSON output (responseSchema / responseJsonSchema), image parts, sampling fields,
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -28,17 +28,10 @@ LOOKUP_TOOL = {"type": "function", "function": {"name": "lookup", "description":
                                                 "parameters": {"type": "object", "properties": {"word": {"type": "string"}}}}}
 
 
-@pytest.fixture(scope="module")
-def gemini_server() -> Iterator[FakeGemini]:
-    with FakeGemini() as server:
-        yield server
-
-
 @pytest.fixture
-def fake(gemini_server: FakeGemini) -> FakeGemini:
-    """The module's server as it was built: no requests, knobs or models left by another test."""
-    gemini_server.reset()
-    return gemini_server
+def fake(fake_gemini: FakeGemini) -> FakeGemini:
+    """The package's shared FakeGemini server (conftest.py), reset for this test."""
+    return fake_gemini
 
 
 def chat(**fields: Any) -> LLMRequest:

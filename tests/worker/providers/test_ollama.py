@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -22,19 +22,10 @@ T = TypeVar("T")
 SECRET = "ollama-proxy-secret-123"
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeOllama]:
-    # One server per module: stopping one waits out serve_forever's 0.5 s poll.
-    started = FakeOllama()
-    started.start()
-    yield started
-    started.stop()
-
-
 @pytest.fixture
-def fake(server: FakeOllama) -> FakeOllama:
-    server.reset()
-    return server
+def fake(fake_ollama: FakeOllama) -> FakeOllama:
+    """The package's shared FakeOllama server (conftest.py), reset for this test."""
+    return fake_ollama
 
 
 def config(base_url: str | None, **overrides: Any) -> ProviderConfig:

@@ -4,7 +4,7 @@ schema, images, sampling options, and /api/embed."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -24,16 +24,10 @@ from tests.worker.providers.test_openai_features import PLAN_SCHEMA, PNG_1X1, WE
 T = TypeVar("T")
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeOllama]:
-    with FakeOllama() as started:
-        yield started
-
-
 @pytest.fixture
-def fake(server: FakeOllama) -> FakeOllama:
-    server.reset()
-    return server
+def fake(fake_ollama: FakeOllama) -> FakeOllama:
+    """The package's shared FakeOllama server (conftest.py), reset for this test."""
+    return fake_ollama
 
 
 def run(fake: FakeOllama, action: Callable[[OllamaProvider], Awaitable[T]], **overrides: Any) -> T:
