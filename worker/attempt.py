@@ -12,6 +12,7 @@ from llmq.contract.jobs import load_request
 from llmq.contract.labels import TaskLabel
 from llmq.contract.models import Hop, JobKind, JobRequest, JobState, Lane
 from llmq.worker import errors
+from llmq.worker.limiter.estimate import estimate_request_tokens
 from llmq.worker.logs import redact
 
 
@@ -57,6 +58,14 @@ class Attempt:
         batch; None for neither (such jobs share one flow)."""
         caller = self.request.metadata.get("caller")
         return str(caller) if caller is not None else self.batch_id
+
+    def estimated_tokens(self, model: str) -> int:
+        """What a call of this job reserves at `model` (prompt estimate + max_tokens), counted once
+        per model: a pool ranks its members by it, then the limiter reserves it at the one chosen."""
+        estimates: dict[str, int] = self.scratch.setdefault("estimated_tokens", {})
+        if model not in estimates:
+            estimates[model] = estimate_request_tokens(self.request.model_copy(update={"model": model}))
+        return estimates[model]
 
     def hop_fields(self, hop: Hop) -> dict[str, str]:
         """The job record's fields that name the hop a job is on: its queue and what Flower shows."""

@@ -35,7 +35,6 @@ from llmq.contract import keys
 from llmq.contract.jobs import dump_route
 from llmq.contract.models import JobState, LLMResponse
 from llmq.contract.routing import pool_group
-from llmq.worker.limiter.estimate import estimate_request_tokens
 from llmq.worker.limiter.limiter import Ask, Headroom, RateLimiter
 from llmq.worker.limiter.limits import any_configured
 from llmq.worker.middleware.base import Middleware, Verdict
@@ -106,7 +105,7 @@ class PoolMiddleware(Middleware):
     async def rank(self, attempt: Attempt, candidates: list[int]) -> list[Member]:
         """The candidates (route indexes), best first, by the pool's strategy."""
         hops = [attempt.route[index] for index in candidates]
-        tokens = [estimate_request_tokens(attempt.request.model_copy(update={"model": hop.model})) for hop in hops]
+        tokens = [attempt.estimated_tokens(hop.model) for hop in hops]
         headrooms = await self._probe(attempt, hops, tokens)
         circuits = await self._circuits_open([hop.provider for hop in hops])
         pool = self.runtime.config.pools.get(attempt.hop.pool or "")

@@ -26,7 +26,6 @@ from llmq.contract import keys
 from llmq.contract.config import ProviderConfig, RateLimits
 from llmq.contract.models import Hop, JobResponse, JobState
 from llmq.worker import errors
-from llmq.worker.limiter.estimate import estimate_request_tokens
 from llmq.worker.limiter.limiter import Decision, RateLimiter
 from llmq.worker.limiter.limits import any_configured
 from llmq.worker.middleware.base import Defer, Middleware, Skip, Verdict
@@ -92,7 +91,7 @@ class RateLimitMiddleware(Middleware):
         limits = self._limits(attempt)
         if not any_configured(limits):
             return None
-        estimate = estimate_request_tokens(attempt.request.model_copy(update={"model": attempt.hop.model}))
+        estimate = attempt.estimated_tokens(attempt.hop.model)
         # A pool's job trying this member while it keeps its place in another member's line.
         placed_at: Hop | None = attempt.scratch.get(PLACED_AT)
         held_s = 0.0
