@@ -21,6 +21,7 @@ from llmq.worker.limiter.limits import pause_key
 from tests.support.fakes.openai import FakeOpenAI
 from tests.support.fakes.serve import serve_fake
 from tests.support.harness import Cluster, fast_retry, openai_entry, providers_json, service_config, start_cluster
+from tests.support.limiter import run_with_limiter
 
 #: Jobs in the shared batch: six seconds' worth at the members' limits together.
 JOBS = 180
@@ -135,45 +136,26 @@ def test_a_job_another_member_can_take_now_does_not_wait(tmp_path_factory: pytes
 
 
 def _pause(cluster: Cluster, provider: str, seconds: float) -> None:
-    import asyncio
-
-    import redis.asyncio as aioredis
-
-    async def pause() -> None:
-        client = aioredis.Redis.from_url(cluster.redis_url)
-        try:
-            await RateLimiter(client).penalize(provider, seconds)
-        finally:
-            await client.aclose()
-
-    asyncio.run(pause())
+    run_with_limiter(cluster.redis_url, lambda limiter: limiter.penalize(provider, seconds))
 
 
 def _in_line(cluster: Cluster, provider: str, limits: RateLimits, *, join: bool) -> None:
     """join: take what `provider`'s bucket holds, then stand first in its interactive line as `holder`;
     else: `holder` leaves the line."""
-    import asyncio
 
-    import redis.asyncio as aioredis
+    async def act(limiter: RateLimiter) -> None:
+        if not join:
+            await limiter.leave(provider, "gpt-4o-mini", limits, "holder")
+            return
+        for number in range(100):
+            decision = await limiter.acquire(provider, "gpt-4o-mini", limits, 16, lease_id=f"holder:{number}",
+                                             lane="interactive", join=False)
+            if not decision.granted:
+                break
+        refused = await limiter.acquire(provider, "gpt-4o-mini", limits, 16, lease_id="holder", lane="interactive")
+        assert not refused.granted
 
-    async def act() -> None:
-        client = aioredis.Redis.from_url(cluster.redis_url)
-        limiter = RateLimiter(client)
-        try:
-            if not join:
-                await limiter.leave(provider, "gpt-4o-mini", limits, "holder")
-                return
-            for number in range(100):
-                decision = await limiter.acquire(provider, "gpt-4o-mini", limits, 16, lease_id=f"holder:{number}",
-                                                 lane="interactive", join=False)
-                if not decision.granted:
-                    break
-            refused = await limiter.acquire(provider, "gpt-4o-mini", limits, 16, lease_id="holder", lane="interactive")
-            assert not refused.granted
-        finally:
-            await client.aclose()
-
-    asyncio.run(act())
+    run_with_limiter(cluster.redis_url, act)
 
 
 def _wait_for_state(service: object, job_id: str, state: JobState, timeout_s: float = 20.0) -> None:
